@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh Debian machine: `make run` and `make test`.
+PYTHON := /usr/bin/python3
+VENV := .venv
+APT_PACKAGES := python3-venv python3-openssl python3-cryptography python3-yaml libssl-dev gcc curl \
+	softhsm2 opensc libengine-pkcs11-openssl openssl iproute2
+BENCH_APT_PACKAGES := haproxy nginx-light wrk nghttp2-client
+
+.PHONY: install run test fuzz soak bench clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	APT_PACKAGES="$(APT_PACKAGES)" PYTHON=$(PYTHON) VENV=$(VENV) scripts/install.sh
+	touch $@
+
+run: install
+	$(VENV)/bin/python examples/run_demo.py
+
+test: install
+	$(VENV)/bin/python -m pytest -q tests
+
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/python -m pytest -q tests/hostile
+
+soak: install
+	SOAK_SCALE=10 $(VENV)/bin/python -m pytest -q tests/soak
+
+bench: install
+	APT_PACKAGES="$(BENCH_APT_PACKAGES)" PYTHON=$(PYTHON) VENV=$(VENV) scripts/install.sh
+	$(VENV)/bin/python -m bench
+
+clean:
+	rm -rf $(VENV) examples/certs bench/results/*.tmp

@@ -1,0 +1,170 @@
+"""The one routing model both route sources produce and the data plane consumes.
+
+Everything here is a frozen dataclass holding plain values: the routes-file loader
+(`config.routes_file`) and the Kubernetes translator (`ingress_watch.translate`) build a
+`Configuration`; the proxy compiles it into lookup structures and TLS contexts and swaps it in
+with one assignment. Nothing in this module performs I/O.
+
+Secrets (private key PEM, engine URIs that may carry a PIN) are excluded from `repr` so that
+logging a model object can never leak them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class PathType(enum.Enum):
+    """Ingress v1 path types. ImplementationSpecific is matched like Prefix (documented)."""
+
+    EXACT = "Exact"
+    PREFIX = "Prefix"
+    IMPLEMENTATION_SPECIFIC = "ImplementationSpecific"
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named pool of endpoints; the balancer spreads requests over `endpoints`."""
+
+    name: str
+    endpoints: tuple[Address, ...]
+
+
+@dataclass(frozen=True)
+class PathRule:
+    path: str
+    path_type: PathType
+    backend: str  # key into Configuration.backends
+
+
+@dataclass(frozen=True)
+class VirtualHost:
+    """Rules for one host pattern: "" = any host, "*.example.com" = exactly one extra label."""
+
+    host: str
+    paths: tuple[PathRule, ...]
+    redirect_to_https: bool = False
+
+
+@dataclass(frozen=True)
+class PemKey:
+    """A private key held in memory as PEM (PKCS#1 or PKCS#8)."""
+
+    pem: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """A private key that stays inside an OpenSSL engine, named by an engine URI."""
+
+    uri: str = field(repr=False)
+
+
+KeySource = PemKey | EngineKey
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A certificate chain, its key, and the SNI names it serves (patterns like VirtualHost.host)."""
+
+    chain_pem: bytes = field(repr=False)
+    key: KeySource
+    hosts: tuple[str, ...]
+    origin: str  # where it came from, for messages: "routes.yaml:12:7" or "Secret ns/name"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """An OpenSSL ENGINE to load, like HAProxy's `ssl-engine <id> [algo ...]`."""
+
+    id: str
+    so_path: str | None = None
+    ctrl: tuple[tuple[str, str], ...] = ()
+    algorithms: tuple[str, ...] = ("ALL",)
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class CryptoSettings:
+    """Process-wide crypto set-up: loaded once in the control plane, before contexts are built."""
+
+    engine: EngineSettings | None = None
+    async_mode: bool = False
+    providers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. Defaults follow common edge-proxy practice (HAProxy/nginx ballpark)."""
+
+    connect: float = 5.0  # TCP connect to a backend endpoint
+    handshake: float = 10.0  # TLS handshake with a client
+    header_read: float = 10.0  # first byte to end of a request head (slowloris guard)
+    idle: float = 60.0  # keep-alive connection with no request in progress
+    backend_response: float = 60.0  # request sent to response head received, and between body reads
+    drain: float = 30.0  # SIGTERM: time for requests in flight to finish
+
+
+@dataclass(frozen=True)
+class Listeners:
+    https: Address
+    http: Address | None = None
+    admin: Address | None = None
+
+
+@dataclass(frozen=True)
+class Hsts:
+    max_age: int = 31536000
+    include_subdomains: bool = False
+    preload: bool = False
+
+    def header_value(self) -> str:
+        value = f"max-age={self.max_age}"
+        if self.include_subdomains:
+            value += "; includeSubDomains"
+        if self.preload:
+            value += "; preload"
+        return value
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """Hosts → paths → backend names, plus the backends themselves."""
+
+    virtual_hosts: tuple[VirtualHost, ...]
+    backends: tuple[Backend, ...]
+    default_backend: str | None = None
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """Everything one published generation of the proxy serves."""
+
+    routes: RouteTable
+    certificates: tuple[Certificate, ...] = ()
+    default_certificate: Certificate | None = None
+    crypto: CryptoSettings = CryptoSettings()
+    timeouts: Timeouts = Timeouts()
+    hsts: Hsts | None = None
+    access_log_json: bool = False
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input, reported with where it is and how to fix it."""
+
+    location: str  # "routes.yaml:12:7" or "Ingress default/web"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}"
