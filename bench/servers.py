@@ -1,0 +1,357 @@
+"""The processes of a run: the backend, and the three proxies under test with equivalent settings.
+
+Every process starts in its own session under `taskset`, logs to a file in the run's work
+directory, and is stopped (SIGTERM to its process group, then SIGKILL) when its context exits, also
+on Ctrl-C or an exception. A proxy that fails to start raises `ProxyUnavailable` with the tail of
+its log, so the run goes on and the report shows why that column is empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from bench.certs import SERVER_NAME, CertSet, KeyType
+from bench.machine import BOTH_CPUS, GENERATOR_CPUS, PROXY_CPUS, free_port
+
+SMALL_PATH = "/"
+SMALL_BODY = b"ok"
+LARGE_PATH = "/1m"
+LARGE_BODY_SIZE = 1024 * 1024
+START_TIMEOUT_SECONDS = 20.0
+STOP_TIMEOUT_SECONDS = 5.0
+# Well above what any row opens (2,000 idle connections + generator connections); HAProxy needs
+# two descriptors per connection and the hard RLIMIT_NOFILE here is 20,000.
+MAX_CONNECTIONS = 8000
+# Idle connections must outlive the idle-RSS row; keep-alive connections the longest row.
+IDLE_TIMEOUT_SECONDS = 120
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ProxyUnavailable(Exception):
+    """The proxy did not start or did not answer correctly; the message says why."""
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    key_type: KeyType
+    resumption: bool  # False: server-side session cache and tickets off where the proxy allows it
+    workers: int  # threads (HAProxy), worker processes (nginx), --workers (ingress-proxy)
+
+    @property
+    def cpus(self) -> str:
+        return PROXY_CPUS if self.workers == 1 else BOTH_CPUS
+
+
+@dataclass(frozen=True)
+class RunContext:
+    workdir: Path
+    certs: CertSet
+    backend_port: int
+
+
+@dataclass(frozen=True)
+class RunningProxy:
+    name: str
+    pid: int
+    port: int
+    notes: tuple[str, ...]  # settings that differ from the row's intent, shown in the report
+
+
+@contextlib.contextmanager
+def launch(
+    name: str, argv: list[str], cpus: str, workdir: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        try:
+            process = subprocess.Popen(
+                ["taskset", "-c", cpus, *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+            )
+        except OSError as error:
+            raise ProxyUnavailable(f"{name}: cannot run {argv[0]}: {error}") from error
+    try:
+        yield process, log_path
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    for stop_signal in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, stop_signal)
+        try:
+            process.wait(STOP_TIMEOUT_SECONDS)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def log_tail(log_path: Path, lines: int = 3) -> str:
+    text = log_path.read_text(errors="replace").strip().splitlines()
+    return " | ".join(text[-lines:]) if text else "(empty log)"
+
+
+def wait_until(
+    ready: Callable[[], bool], process: subprocess.Popen[bytes], log_path: Path, what: str
+) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ProxyUnavailable(
+                f"{what} exited with status {process.returncode}: {log_tail(log_path)}"
+            )
+        if ready():
+            return
+        time.sleep(0.05)
+    raise ProxyUnavailable(f"{what} not ready after {START_TIMEOUT_SECONDS:.0f} s: {log_tail(log_path)}")
+
+
+def https_get(port: int, path: str, ca: Path) -> tuple[int, int]:
+    """One verified HTTPS request: (status, body length)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", port, context=context, timeout=5
+    )
+    connection._server_hostname = SERVER_NAME  # type: ignore[attr-defined]  # SNI + verification name
+    try:
+        connection.request("GET", path, headers={"Host": SERVER_NAME})
+        response = connection.getresponse()
+        return response.status, len(response.read())
+    finally:
+        connection.close()
+
+
+def answers_correctly(port: int, ca: Path) -> bool:
+    try:
+        return https_get(port, SMALL_PATH, ca) == (200, len(SMALL_BODY))
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def check_bodies(name: str, port: int, ca: Path) -> None:
+    """Both paths must come back complete before the proxy is measured."""
+    for path, expected_length in ((SMALL_PATH, len(SMALL_BODY)), (LARGE_PATH, LARGE_BODY_SIZE)):
+        try:
+            status, length = https_get(port, path, ca)
+        except (OSError, http.client.HTTPException) as error:
+            raise ProxyUnavailable(f"{name}: GET {path} failed: {error}") from error
+        if (status, length) != (200, expected_length):
+            raise ProxyUnavailable(
+                f"{name}: GET {path} gave status {status} with {length} bytes, "
+                f"expected 200 with {expected_length}"
+            )
+
+
+_NGINX_COMMON = """\
+daemon off;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
+worker_processes {workers};
+worker_rlimit_nofile {max_files};
+events {{ worker_connections {max_connections}; }}
+http {{
+    access_log off;
+    default_type text/plain;
+    sendfile on;
+    keepalive_requests 1000000;
+    keepalive_timeout {idle}s;
+    client_header_timeout {idle}s;
+    client_body_temp_path {directory}/client_body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+{server}
+}}
+"""
+
+
+def _nginx_argv(directory: Path, server_block: str, workers: int) -> list[str]:
+    directory.mkdir(mode=0o755, exist_ok=True)
+    config = directory / "nginx.conf"
+    config.write_text(
+        _NGINX_COMMON.format(
+            directory=directory,
+            workers=workers,
+            max_connections=MAX_CONNECTIONS,
+            max_files=2 * MAX_CONNECTIONS,
+            idle=IDLE_TIMEOUT_SECONDS,
+            server=server_block,
+        )
+    )
+    return ["nginx", "-p", str(directory), "-c", str(config), "-e", str(directory / "error.log")]
+
+
+@contextlib.contextmanager
+def backend(workdir: Path) -> Iterator[int]:
+    """nginx on the generator core: `/` answers "ok", `/1m` sends 1 MiB from tmpfs."""
+    port = free_port()
+    large_file = workdir / "1m.bin"
+    large_file.write_bytes(os.urandom(LARGE_BODY_SIZE))
+    server_block = f"""\
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location = {SMALL_PATH} {{ return 200 "{SMALL_BODY.decode()}"; }}
+        location = {LARGE_PATH} {{ alias {large_file}; }}
+    }}"""
+    argv = _nginx_argv(workdir / "backend", server_block, workers=1)
+    with launch("backend", argv, GENERATOR_CPUS, workdir) as (process, log_path):
+
+        def ready() -> bool:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                connection.request("GET", SMALL_PATH)
+                return connection.getresponse().status == 200
+            except OSError:
+                return False
+
+        wait_until(ready, process, log_path, "backend nginx")
+        yield port
+
+
+class Proxy(Protocol):
+    name: str
+
+    def start(
+        self, settings: ProxySettings, run: RunContext
+    ) -> contextlib.AbstractContextManager[RunningProxy]: ...
+
+
+class HAProxy:
+    name = "haproxy"
+
+    @contextlib.contextmanager
+    def start(self, settings: ProxySettings, run: RunContext) -> Iterator[RunningProxy]:
+        port = free_port()
+        directory = run.workdir / "haproxy"
+        directory.mkdir(mode=0o755, exist_ok=True)
+        config = directory / "haproxy.cfg"
+        cert = run.certs.by_key_type[settings.key_type].combined
+        cache = "" if settings.resumption else "    tune.ssl.cachesize 0\n"
+        tickets = "" if settings.resumption else " no-tls-tickets"
+        config.write_text(
+            f"""\
+global
+    nbthread {settings.workers}
+    maxconn {MAX_CONNECTIONS}
+{cache}
+defaults
+    mode http
+    maxconn {MAX_CONNECTIONS}
+    timeout connect 5s
+    timeout client {IDLE_TIMEOUT_SECONDS}s
+    timeout server {IDLE_TIMEOUT_SECONDS}s
+    timeout http-keep-alive {IDLE_TIMEOUT_SECONDS}s
+
+frontend bench
+    bind 127.0.0.1:{port} ssl crt {cert}{tickets}
+    default_backend app
+
+backend app
+    server app 127.0.0.1:{run.backend_port}
+"""
+        )
+        argv = ["haproxy", "-db", "-f", str(config)]
+        with launch(self.name, argv, settings.cpus, run.workdir) as (process, log_path):
+            wait_until(lambda: answers_correctly(port, run.certs.ca), process, log_path, self.name)
+            check_bodies(self.name, port, run.certs.ca)
+            yield RunningProxy(self.name, process.pid, port, notes=())
+
+
+class Nginx:
+    name = "nginx"
+
+    @contextlib.contextmanager
+    def start(self, settings: ProxySettings, run: RunContext) -> Iterator[RunningProxy]:
+        port = free_port()
+        files = run.certs.by_key_type[settings.key_type]
+        cache = "shared:bench:20m" if settings.resumption else "off"
+        tickets = "on" if settings.resumption else "off"
+        server_block = f"""\
+    upstream app {{
+        server 127.0.0.1:{run.backend_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {files.cert};
+        ssl_certificate_key {files.key};
+        ssl_session_cache {cache};
+        ssl_session_tickets {tickets};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}"""
+        argv = _nginx_argv(run.workdir / "nginx", server_block, settings.workers)
+        with launch(self.name, argv, settings.cpus, run.workdir) as (process, log_path):
+            wait_until(lambda: answers_correctly(port, run.certs.ca), process, log_path, self.name)
+            check_bodies(self.name, port, run.certs.ca)
+            yield RunningProxy(self.name, process.pid, port, notes=())
+
+
+class IngressProxy:
+    name = "ingress-proxy"
+    executable = REPO / ".venv" / "bin" / "ingress-proxy"
+
+    @contextlib.contextmanager
+    def start(self, settings: ProxySettings, run: RunContext) -> Iterator[RunningProxy]:
+        port, admin_port = free_port(), free_port()
+        directory = run.workdir / "ingress-proxy"
+        directory.mkdir(mode=0o755, exist_ok=True)
+        files = run.certs.by_key_type[settings.key_type]
+        routes = directory / "routes.yaml"
+        routes.write_text(
+            f"""\
+listen: {{https: "127.0.0.1:{port}", admin: "127.0.0.1:{admin_port}"}}
+tls:
+  certificates: [{{cert: "{files.cert}", key: "{files.key}"}}]
+routes: [{{host: "", paths: [{{path: /, type: Prefix, backend: app}}]}}]
+backends: {{app: {{endpoints: ["127.0.0.1:{run.backend_port}"]}}}}
+"""
+        )
+        argv = [str(self.executable), "serve", "--routes", str(routes)]
+        if settings.workers != 1:
+            argv += ["--workers", str(settings.workers)]
+        notes = () if settings.resumption else (
+            "resumption stays on (not configurable yet); the client offers no session",
+        )
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with launch(self.name, argv, settings.cpus, run.workdir, environment) as (process, log_path):
+
+            def ready() -> bool:
+                try:
+                    connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=2)
+                    connection.request("GET", "/readyz")
+                    return connection.getresponse().status == 200 and answers_correctly(
+                        port, run.certs.ca
+                    )
+                except (OSError, http.client.HTTPException):
+                    return False
+
+            wait_until(ready, process, log_path, self.name)
+            check_bodies(self.name, port, run.certs.ca)
+            yield RunningProxy(self.name, process.pid, port, notes=notes)
+
+
+PROXIES: tuple[Proxy, ...] = (IngressProxy(), HAProxy(), Nginx())
+assert sys.platform.startswith("linux"), "the benchmark reads /proc and uses taskset"
