@@ -1,0 +1,206 @@
+"""Server-side TLS over memory BIOs: an explicit state machine, no sockets.
+
+Theory of operation
+-------------------
+A `ServerTls` wraps one pyOpenSSL `SSL.Connection` created with no socket, so OpenSSL reads
+ciphertext from one memory BIO and writes ciphertext to another. The connection shell feeds
+socket bytes to `receive()`, which returns whatever plaintext they unlocked; it hands response
+bytes to `send()`; after either it collects `outgoing()` ciphertext and writes it to the socket in
+one call. This module never touches a socket or the event loop, so it is tested by pumping two
+in-memory peers into each other.
+
+States and the only transitions allowed (see `_ALLOWED`):
+
+    HANDSHAKING ──► OPEN ──► CLOSED
+         │           │
+         └─────┬─────┘
+               ▼
+            BROKEN      (a TLS error: an alert may still be waiting in outgoing())
+
+The hot path calls OpenSSL through pyOpenSSL's cffi `lib` directly (SSL_read/SSL_write/BIO_*)
+into one reused buffer: pyOpenSSL's `recv`/`bio_read` allocate a fresh buffer per call and raise
+exceptions for the ordinary "want more bytes" case, which costs several microseconds per record.
+
+Async offload (`SSL_MODE_ASYNC`, HAProxy's `ssl-mode-async`): an engine may pause the private-key
+operation of a handshake; `SSL_do_handshake` then fails with SSL_ERROR_WANT_ASYNC (9), which
+pyOpenSSL 23 does not know. We keep `waiting_for_async` set, the shell watches the job's wait
+fds, and calls `resume_handshake()` when one fires, which repeats exactly the paused call.
+Rules learnt the hard way (shared/NOTES.md §1): clear the error queue before every retry (a
+stale error turns WANT_ASYNC into SSL_ERROR_SSL), never call SSL_read while a handshake job is
+paused, and never free a connection whose job is paused — the shell keeps it alive until the job
+finishes, even after the client went away.
+
+Closing: a connection dropped without both shutdown flags makes OpenSSL evict its session from
+the cache, so every close (clean or not) sets SENT|RECEIVED ("quiet shutdown") after sending our
+close_notify when the session is healthy; sessions stay resumable.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from OpenSSL import SSL
+from OpenSSL._util import ffi, lib
+
+SSL_ERROR_WANT_ASYNC = 9  # not in pyOpenSSL 23's cffi bindings
+_READ_CHUNK = 256 * 1024
+_shared_buffer = ffi.new("char[]", _READ_CHUNK)  # one event-loop thread: safe to reuse
+
+
+class TlsState(enum.Enum):
+    HANDSHAKING = "handshaking"
+    OPEN = "open"
+    CLOSED = "closed"
+    BROKEN = "broken"
+
+
+_ALLOWED = {
+    TlsState.HANDSHAKING: {TlsState.OPEN, TlsState.CLOSED, TlsState.BROKEN},
+    TlsState.OPEN: {TlsState.CLOSED, TlsState.BROKEN},
+    TlsState.CLOSED: set(),
+    TlsState.BROKEN: set(),
+}
+
+
+class TlsFailure(Exception):
+    """The TLS session cannot continue; `reason` is OpenSSL's, short, for logs and metrics."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _error_queue_reason() -> str:
+    reasons = []
+    while code := lib.ERR_get_error():
+        lib.ERR_error_string_n(code, _shared_buffer, 256)
+        text = ffi.string(_shared_buffer).decode("latin-1")
+        reasons.append(text.rsplit(":", 1)[-1] or text)
+    return "; ".join(reasons) or "protocol error"
+
+
+class ServerTls:
+    __slots__ = ("connection", "state", "waiting_for_async", "_ssl", "_into_ssl", "_from_ssl")
+
+    def __init__(self, context: SSL.Context) -> None:
+        self.connection = SSL.Connection(context, None)
+        self.connection.set_accept_state()
+        self.state = TlsState.HANDSHAKING
+        self.waiting_for_async = False
+        self._ssl = self.connection._ssl
+        self._into_ssl = self.connection._into_ssl
+        self._from_ssl = self.connection._from_ssl
+
+    def _move(self, new_state: TlsState) -> None:
+        if new_state not in _ALLOWED[self.state]:
+            raise AssertionError(f"TLS state {self.state.name} cannot become {new_state.name}")
+        self.state = new_state
+
+    def _break(self) -> TlsFailure:
+        self._move(TlsState.BROKEN)
+        return TlsFailure(_error_queue_reason())
+
+    # -- ciphertext in ------------------------------------------------------------------------
+
+    def receive(self, ciphertext: bytes) -> bytes:
+        """Take bytes from the socket; return the plaintext they complete (maybe b"")."""
+        if self.state in (TlsState.CLOSED, TlsState.BROKEN):
+            return b""
+        lib.BIO_write(self._into_ssl, ciphertext, len(ciphertext))
+        if self.state is TlsState.HANDSHAKING:
+            if self.waiting_for_async:
+                return b""  # the paused job resumes when its fd fires, not on new input
+            self._advance_handshake()
+            if self.state is not TlsState.OPEN:
+                return b""
+        return self._read_plaintext()
+
+    def resume_handshake(self) -> bytes:
+        """An async job's wait fd fired: repeat the paused SSL_do_handshake."""
+        self.waiting_for_async = False
+        self._advance_handshake()
+        if self.state is TlsState.OPEN:
+            return self._read_plaintext()
+        return b""
+
+    def _advance_handshake(self) -> None:
+        lib.ERR_clear_error()
+        result = lib.SSL_do_handshake(self._ssl)
+        if result == 1:
+            self._move(TlsState.OPEN)
+            return
+        error = lib.SSL_get_error(self._ssl, result)
+        if error == lib.SSL_ERROR_WANT_READ:
+            return
+        if error == SSL_ERROR_WANT_ASYNC:
+            self.waiting_for_async = True
+            return
+        raise self._break()
+
+    def _read_plaintext(self) -> bytes:
+        pieces = []
+        while True:
+            count = lib.SSL_read(self._ssl, _shared_buffer, _READ_CHUNK)
+            if count > 0:
+                pieces.append(ffi.buffer(_shared_buffer, count)[:])
+                continue
+            error = lib.SSL_get_error(self._ssl, count)
+            if error == lib.SSL_ERROR_WANT_READ:
+                break
+            if error == lib.SSL_ERROR_ZERO_RETURN:  # the peer's close_notify
+                self._move(TlsState.CLOSED)
+                break
+            raise self._break()
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    # -- plaintext out ------------------------------------------------------------------------
+
+    def send(self, plaintext: bytes) -> None:
+        """Encrypt `plaintext` into the outgoing BIO (a memory BIO always takes all of it)."""
+        if self.state is not TlsState.OPEN:
+            raise TlsFailure(f"cannot send in state {self.state.value}")
+        written = lib.SSL_write(self._ssl, plaintext, len(plaintext))
+        if written != len(plaintext):
+            raise self._break()
+
+    def outgoing(self) -> bytes:
+        """Ciphertext waiting to go to the socket (handshake records, alerts, application data)."""
+        pending = lib.BIO_ctrl_pending(self._from_ssl)
+        if not pending:
+            return b""
+        pieces = []
+        while pending > 0:
+            count = lib.BIO_read(self._from_ssl, _shared_buffer, min(pending, _READ_CHUNK))
+            if count <= 0:
+                break
+            pieces.append(ffi.buffer(_shared_buffer, count)[:])
+            pending -= count
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Queue our close_notify (if the session is healthy) and keep the session resumable."""
+        if self.waiting_for_async:
+            raise AssertionError("a connection with a paused async job must not be closed")
+        if self.state is TlsState.OPEN:
+            lib.ERR_clear_error()
+            lib.SSL_shutdown(self._ssl)
+        self.connection.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+        if self.state in (TlsState.HANDSHAKING, TlsState.OPEN):
+            self._move(TlsState.CLOSED)
+
+    # -- facts for logs and metrics -----------------------------------------------------------
+
+    @property
+    def server_name(self) -> str | None:
+        name = self.connection.get_servername()
+        return name.decode("ascii", "replace") if name else None
+
+    @property
+    def version(self) -> str:
+        return self.connection.get_protocol_version_name()
+
+    @property
+    def resumed(self) -> bool:
+        return bool(lib.SSL_session_reused(self._ssl))
