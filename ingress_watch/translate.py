@@ -1,0 +1,673 @@
+"""Kubernetes objects → the routing model, as a pure function of a `Snapshot`.
+
+Theory of operation
+-------------------
+`translate(snapshot, options)` reads raw API objects and returns a `Configuration` plus the
+problems it met, as data. It performs no I/O and reads no clock; everything it emits is sorted,
+so the same objects in any order give an identical result and the watch loop can skip publishing
+when nothing changed. One bad Ingress, Secret or ConfigMap key becomes a `Problem` naming the
+object and the fix; the part it spoils is left out and everything else is still served.
+
+The rules (shared/NOTES.md §4), in the order they are applied:
+
+- Liveness: objects carrying `metadata.deletionTimestamp` are ignored, whatever their kind.
+- Class: an Ingress is ours when `spec.ingressClassName` names an IngressClass whose
+  `spec.controller` is `options.controller_class`; else when the legacy
+  `kubernetes.io/ingress.class` annotation equals `options.ingress_class`; else (no class at
+  all) when one of our IngressClasses is annotated `ingressclass.kubernetes.io/is-default-class:
+  "true"` or `options.watch_ingress_without_class` is set. `options.watch_namespace` restricts
+  Ingresses to one namespace.
+- Age: Ingresses are processed oldest first (`creationTimestamp`, then namespace/name); on any
+  conflict the older one wins and the younger gets a Problem.
+- Hosts: lower-cased; precise, `*.one-label` wildcard, or empty (= any host). A rule with a host
+  but no `http` produces nothing.
+- Paths: an empty path means "/". Conflicts are detected the way `proxy.router` matches, not
+  just on identical (path, type): Prefix and ImplementationSpecific (matched like Prefix) with a
+  trailing "/" ignored share one key, Exact has its own. Two rules with one key and different
+  backends conflict; the same backend twice is harmless and both rules are kept. A path whose
+  backend cannot be resolved is skipped before it claims its key, so a younger Ingress's valid
+  rule for the same path is served rather than nothing.
+- Default backend: the oldest Ingress whose `spec.defaultBackend` resolves wins.
+- Backends are named "namespace/service:port" (port as written: number or name), which
+  `resolve_endpoints` parses back. Endpoints come from EndpointSlices labelled
+  `kubernetes.io/service-name`: the slice port whose name equals the Service port's name (both
+  unnamed counts as equal), the first address of each endpoint (Kubernetes treats the others as
+  fungible), endpoints with `conditions.ready: false` skipped (absent = ready), FQDN slices
+  ignored. The ClusterIP is never used. A Service with no ready endpoints still yields its
+  backend with `endpoints=()`, so the data plane answers 503 rather than 404.
+- TLS: one Certificate per Secret (`origin="Secret ns/name"`), hosts merged over every Ingress
+  that references it. When `spec.tls[].hosts` is empty the certificate's DNS SANs are used: they
+  are the only names it can prove, so serving it for any other name would fail verification. A
+  host claimed by two different Secrets stays with the older Ingress's Secret.
+- `ssl-redirect` (ConfigMap, default false, overridden by the per-Ingress annotation
+  `ingress.kubernetes.io/ssl-redirect` of the oldest Ingress routing that host) only redirects
+  virtual hosts that some certificate covers: redirecting to HTTPS a host served only by the
+  default (possibly self-signed) certificate would lock clients out. The catch-all host "" never
+  redirects for the same reason.
+- ConfigMap keys use haproxy-ingress spelling; durations are HAProxy-style integers with a unit
+  (us, ms, s, m, h, d) and, as in HAProxy, a bare number means milliseconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from config.model import (
+    Address,
+    Backend,
+    Certificate,
+    Configuration,
+    CryptoSettings,
+    EngineSettings,
+    Hsts,
+    PathRule,
+    PathType,
+    PemKey,
+    Problem,
+    RouteTable,
+    Timeouts,
+    VirtualHost,
+)
+from ingress_watch.snapshot import Snapshot
+
+INGRESS_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
+DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
+SSL_REDIRECT_ANNOTATION = "ingress.kubernetes.io/ssl-redirect"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+TLS_SECRET_TYPE = "kubernetes.io/tls"
+
+PATH_TYPES = {path_type.value: path_type for path_type in PathType}
+# HAProxy's `ssl-engine ... algo` list (ENGINE_set_default method flags).
+ENGINE_ALGORITHMS = frozenset(
+    {"ALL", "RSA", "DSA", "EC", "DH", "RAND", "CIPHERS", "DIGESTS", "PKEY", "PKEY_CRYPTO", "PKEY_ASN1"}
+)
+DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DURATION = re.compile(r"(\d+)(us|ms|s|m|h|d)?")
+PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class TranslateOptions:
+    ingress_class: str = "ingress-proxy"
+    controller_class: str = "ingress-proxy.dev/controller"
+    watch_ingress_without_class: bool = False
+    watch_namespace: str | None = None
+    default_ssl_certificate: tuple[str, str] | None = None  # (namespace, name) of a TLS Secret
+
+
+@dataclass(frozen=True)
+class Translation:
+    configuration: Configuration
+    problems: tuple[Problem, ...]  # location: "Ingress ns/name", "Secret ns/name", "ConfigMap ns/name"
+    claimed_ingresses: tuple[tuple[str, str], ...]  # (namespace, name) of Ingresses of our class, sorted
+
+
+class _Rejected(Exception):
+    """One object or field cannot be used; the message says why and how to fix it."""
+
+
+def translate(snapshot: Snapshot, options: TranslateOptions) -> Translation:
+    index = _ObjectIndex(snapshot)
+    problems: list[Problem] = []
+    settings = _read_configmap(index.configmap, problems)
+    ingresses = _claimed_ingresses(snapshot, options)
+
+    backends: dict[str, Backend] = {}
+    hosts: dict[str, _HostRoutes] = {}
+    default_backend: str | None = None
+    default_backend_owner = ""
+    certificates = _CertificateCollector(index, problems)
+
+    for ingress in ingresses:
+        location = f"Ingress {_ref(ingress)}"
+        namespace = _namespace(ingress)
+        spec = ingress.get("spec") or {}
+        redirect = _ssl_redirect_annotation(ingress, location, problems)
+
+        if spec.get("defaultBackend") is not None:
+            if default_backend is not None:
+                problems.append(Problem(location, (
+                    f"spec.defaultBackend ignored: the older Ingress {default_backend_owner} already sets the "
+                    "default backend; remove one of them"
+                )))
+            else:
+                try:
+                    backend = index.resolve_backend(namespace, spec["defaultBackend"])
+                except _Rejected as rejected:
+                    problems.append(Problem(location, f"spec.defaultBackend: {rejected}"))
+                else:
+                    backends[backend.name] = backend
+                    default_backend, default_backend_owner = backend.name, _ref(ingress)
+
+        for rule_number, rule in enumerate(spec.get("rules") or ()):
+            where = f"spec.rules[{rule_number}]"
+            host = (rule.get("host") or "").lower()
+            if not _valid_host_pattern(host):
+                problems.append(Problem(location, (
+                    f"{where}.host {host!r}: a wildcard must be the whole first label, like *.example.com; rule skipped"
+                )))
+                continue
+            http = rule.get("http")
+            if not http:
+                continue
+            routes = hosts.setdefault(host, _HostRoutes())
+            routes.note_redirect(redirect, _ref(ingress), host, location, problems)
+            for path_number, path_spec in enumerate(http.get("paths") or ()):
+                path_where = f"{where}.http.paths[{path_number}]"
+                try:
+                    path_rule = _path_rule(index, namespace, path_spec, backends)
+                except _Rejected as rejected:
+                    problems.append(Problem(location, f"{path_where}: {rejected}"))
+                    continue
+                routes.add(path_rule, _ref(ingress), host, path_where, location, problems)
+
+        for tls_number, tls in enumerate(spec.get("tls") or ()):
+            certificates.add(ingress, tls_number, tls)
+
+    default_certificate = None
+    if options.default_ssl_certificate is not None:
+        namespace, name = options.default_ssl_certificate
+        try:
+            material = _load_tls_secret(index.secrets.get((namespace, name)))
+        except _Rejected as rejected:
+            problems.append(Problem(f"Secret {namespace}/{name}", f"default SSL certificate: {rejected}"))
+        else:
+            default_certificate = material.certificate(hosts=(), origin=f"Secret {namespace}/{name}")
+
+    issued = certificates.result()
+    virtual_hosts = []
+    for host, routes in sorted(hosts.items()):
+        if not routes.rules:
+            continue
+        redirect = routes.redirect if routes.redirect is not None else settings.ssl_redirect
+        covered = _covered_by_certificate(host, issued)
+        if routes.redirect and not covered:
+            problems.append(Problem(f"Ingress {routes.redirect_owner}", (
+                f"{SSL_REDIRECT_ANNOTATION} is true but no certificate covers host {host!r}; "
+                "add the host to spec.tls so it can be served over HTTPS"
+            )))
+        rules = tuple(sorted(set(routes.rules), key=lambda rule: (rule.path, rule.path_type.value, rule.backend)))
+        virtual_hosts.append(VirtualHost(host, rules, redirect_to_https=redirect and covered))
+
+    used_backends = {rule.backend for virtual_host in virtual_hosts for rule in virtual_host.paths}
+    if default_backend is not None:
+        used_backends.add(default_backend)
+    configuration = Configuration(
+        routes=RouteTable(
+            virtual_hosts=tuple(virtual_hosts),
+            backends=tuple(backends[name] for name in sorted(used_backends)),
+            default_backend=default_backend,
+        ),
+        certificates=issued,
+        default_certificate=default_certificate,
+        crypto=settings.crypto,
+        timeouts=settings.timeouts,
+        hsts=settings.hsts,
+    )
+    return Translation(
+        configuration=configuration,
+        problems=tuple(sorted(set(problems), key=lambda problem: (problem.location, problem.message))),
+        claimed_ingresses=tuple(sorted((_namespace(ingress), _name(ingress)) for ingress in ingresses)),
+    )
+
+
+def resolve_endpoints(snapshot: Snapshot, backends: tuple[Backend, ...]) -> tuple[Backend, ...]:
+    """The same backends, in the same order, with endpoints re-read from `snapshot`.
+
+    The fast path for EndpointSlice changes: routes and certificates stay as they are. A backend
+    whose Service or port has gone gets `endpoints=()` (503) until the next full translation
+    reports why; a name this module did not produce is returned unchanged.
+    """
+    index = _ObjectIndex(snapshot)
+    resolved = []
+    for backend in backends:
+        reference = _ServiceReference.parse(backend.name)
+        if reference is None:
+            resolved.append(backend)
+            continue
+        try:
+            endpoints = index.endpoints(reference)
+        except _Rejected:
+            endpoints = ()
+        resolved.append(Backend(backend.name, endpoints))
+    return tuple(resolved)
+
+
+# --- objects ---------------------------------------------------------------------------------
+
+
+def _metadata(obj: dict) -> dict:
+    return obj.get("metadata") or {}
+
+
+def _namespace(obj: dict) -> str:
+    return _metadata(obj).get("namespace") or ""
+
+
+def _name(obj: dict) -> str:
+    return _metadata(obj).get("name") or ""
+
+
+def _ref(obj: dict) -> str:
+    return f"{_namespace(obj)}/{_name(obj)}"
+
+
+def _live(obj: dict) -> bool:
+    return not _metadata(obj).get("deletionTimestamp")
+
+
+def _age(obj: dict) -> tuple[bool, str, str, str]:
+    """Oldest first; an object without a creationTimestamp counts as the youngest."""
+    created = _metadata(obj).get("creationTimestamp")
+    return (created is None, created or "", _namespace(obj), _name(obj))
+
+
+def _claimed_ingresses(snapshot: Snapshot, options: TranslateOptions) -> list[dict]:
+    our_classes = {
+        _name(ingress_class): ingress_class
+        for ingress_class in snapshot.ingress_classes
+        if _live(ingress_class) and (ingress_class.get("spec") or {}).get("controller") == options.controller_class
+    }
+    default_class_is_ours = any(
+        (_metadata(ingress_class).get("annotations") or {}).get(DEFAULT_CLASS_ANNOTATION) == "true"
+        for ingress_class in our_classes.values()
+    )
+
+    def is_ours(ingress: dict) -> bool:
+        if not _live(ingress):
+            return False
+        if options.watch_namespace is not None and _namespace(ingress) != options.watch_namespace:
+            return False
+        class_name = (ingress.get("spec") or {}).get("ingressClassName")
+        if class_name:
+            return class_name in our_classes
+        legacy_class = (_metadata(ingress).get("annotations") or {}).get(INGRESS_CLASS_ANNOTATION)
+        if legacy_class:
+            return legacy_class == options.ingress_class
+        return default_class_is_ours or options.watch_ingress_without_class
+
+    return sorted(filter(is_ours, snapshot.ingresses), key=_age)
+
+
+@dataclass(frozen=True)
+class _ServiceReference:
+    namespace: str
+    service: str
+    port: int | str  # Service port number or name, as the Ingress wrote it
+
+    @property
+    def backend_name(self) -> str:
+        return f"{self.namespace}/{self.service}:{self.port}"
+
+    @classmethod
+    def parse(cls, backend_name: str) -> _ServiceReference | None:
+        """Inverse of `backend_name`: namespaces, Service names and port names hold no '/' or ':'."""
+        namespace, slash, rest = backend_name.partition("/")
+        service, colon, port = rest.partition(":")
+        if not (slash and colon and namespace and service and port):
+            return None
+        return cls(namespace, service, int(port) if port.isdigit() else port)
+
+
+class _ObjectIndex:
+    """Live objects looked up by what the translation asks for."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.services = {(_namespace(s), _name(s)): s for s in snapshot.services if _live(s)}
+        self.secrets = {(_namespace(s), _name(s)): s for s in snapshot.secrets if _live(s)}
+        self.slices: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        for endpoint_slice in snapshot.endpoint_slices:
+            service = (_metadata(endpoint_slice).get("labels") or {}).get(SERVICE_NAME_LABEL)
+            if service and _live(endpoint_slice):
+                self.slices[(_namespace(endpoint_slice), service)].append(endpoint_slice)
+        self.configmap = snapshot.configmap if snapshot.configmap is not None and _live(snapshot.configmap) else None
+
+    def resolve_backend(self, namespace: str, backend_spec: dict) -> Backend:
+        if backend_spec.get("resource") is not None:
+            kind = (backend_spec["resource"] or {}).get("kind", "?")
+            raise _Rejected(f"resource backends ({kind}) are not supported; use backend.service")
+        service = backend_spec.get("service")
+        if not service or not service.get("name"):
+            raise _Rejected("backend has no service.name; name a Service and its port")
+        port = service.get("port") or {}
+        if port.get("number") is not None:
+            port_key: int | str = int(port["number"])
+        elif port.get("name"):
+            port_key = str(port["name"])
+        else:
+            raise _Rejected(f"backend service {service['name']} has no port.number or port.name; add one")
+        reference = _ServiceReference(namespace, service["name"], port_key)
+        return Backend(reference.backend_name, self.endpoints(reference))
+
+    def endpoints(self, reference: _ServiceReference) -> tuple[Address, ...]:
+        service_ref = f"{reference.namespace}/{reference.service}"
+        service = self.services.get((reference.namespace, reference.service))
+        if service is None:
+            raise _Rejected(f"Service {service_ref} not found; create it or fix backend.service.name")
+        spec = service.get("spec") or {}
+        if spec.get("type") == "ExternalName":
+            raise _Rejected(
+                f"Service {service_ref} is of type ExternalName, which is not supported; use a Service with endpoints"
+            )
+        ports = spec.get("ports") or ()
+        field_name = "port" if isinstance(reference.port, int) else "name"
+        service_port = next((port for port in ports if port.get(field_name) == reference.port), None)
+        if service_port is None:
+            known = ", ".join(f"{port.get('name') or '(unnamed)'}={port.get('port')}" for port in ports) or "none"
+            raise _Rejected(
+                f"Service {service_ref} has no port {field_name} {reference.port!r} (its ports: {known}); "
+                "fix backend.service.port"
+            )
+        port_name = service_port.get("name") or ""
+        found: set[tuple[int, int, int, str]] = set()  # (IP version, IP as int, port, text) sorts numerically
+        for endpoint_slice in self.slices.get((reference.namespace, reference.service), ()):
+            if endpoint_slice.get("addressType") not in ("IPv4", "IPv6"):
+                continue
+            slice_ports = endpoint_slice.get("ports") or ()
+            target = next((port.get("port") for port in slice_ports if (port.get("name") or "") == port_name), None)
+            if target is None:
+                continue
+            for endpoint in endpoint_slice.get("endpoints") or ():
+                if (endpoint.get("conditions") or {}).get("ready") is False or not endpoint.get("addresses"):
+                    continue
+                try:
+                    ip = ipaddress.ip_address(endpoint["addresses"][0])
+                except ValueError:
+                    continue
+                found.add((ip.version, int(ip), int(target), str(ip)))
+        return tuple(Address(text, port) for _, _, port, text in sorted(found))
+
+
+def _valid_host_pattern(host: str) -> bool:
+    if "*" not in host:
+        return True
+    return host.startswith("*.") and "*" not in host[2:] and bool(host[2:].strip("."))
+
+
+def _path_rule(index: _ObjectIndex, namespace: str, path_spec: dict, backends: dict[str, Backend]) -> PathRule:
+    path = path_spec.get("path") or "/"
+    if not path.startswith("/"):
+        raise _Rejected(f"path {path!r} must start with '/'")
+    path_type = PATH_TYPES.get(path_spec.get("pathType") or "")
+    if path_type is None:
+        raise _Rejected(f"pathType {path_spec.get('pathType')!r} must be one of {', '.join(PATH_TYPES)}")
+    backend = index.resolve_backend(namespace, path_spec.get("backend") or {})
+    backends[backend.name] = backend
+    return PathRule(path, path_type, backend.name)
+
+
+def _match_key(rule: PathRule) -> tuple[bool, str]:
+    """Rules with one key match exactly the same requests in `proxy.router`."""
+    if rule.path_type is PathType.EXACT:
+        return (True, rule.path)
+    return (False, rule.path.rstrip("/"))
+
+
+@dataclass
+class _HostRoutes:
+    """Paths for one host gathered over Ingresses visited oldest first."""
+
+    rules: list[PathRule] = field(default_factory=list)
+    owners: dict[tuple[bool, str], tuple[str, str]] = field(default_factory=dict)  # key → (Ingress, backend)
+    redirect: bool | None = None  # explicit ssl-redirect annotation of the oldest Ingress that has one
+    redirect_owner: str = ""
+
+    def add(self, rule: PathRule, ingress: str, host: str, where: str, location: str, problems: list[Problem]) -> None:
+        owner, backend = self.owners.setdefault(_match_key(rule), (ingress, rule.backend))
+        if backend != rule.backend:
+            problems.append(Problem(location, (
+                f"{where}: path {rule.path!r} ({rule.path_type.value}) on host {host or '*'!r} is already routed to "
+                f"{backend} by Ingress {owner}, which wins (older or listed first); change the path or remove one"
+            )))
+            return
+        self.rules.append(rule)
+
+    def note_redirect(
+        self, redirect: bool | None, ingress: str, host: str, location: str, problems: list[Problem]
+    ) -> None:
+        if redirect is None:
+            return
+        if self.redirect is None:
+            self.redirect, self.redirect_owner = redirect, ingress
+        elif self.redirect != redirect and self.redirect_owner != ingress:
+            problems.append(Problem(location, (
+                f"{SSL_REDIRECT_ANNOTATION}={str(redirect).lower()} is overridden on host {host or '*'!r} by the "
+                f"older Ingress {self.redirect_owner} ({str(self.redirect).lower()}); make them agree"
+            )))
+
+
+def _ssl_redirect_annotation(ingress: dict, location: str, problems: list[Problem]) -> bool | None:
+    raw = (_metadata(ingress).get("annotations") or {}).get(SSL_REDIRECT_ANNOTATION)
+    if raw is None:
+        return None
+    try:
+        return _parse_bool(raw)
+    except _Rejected as rejected:
+        problems.append(Problem(location, f"annotation {SSL_REDIRECT_ANNOTATION}: {rejected}; annotation ignored"))
+        return None
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TlsMaterial:
+    chain_pem: bytes
+    key_pem: bytes
+    dns_names: tuple[str, ...]
+
+    def certificate(self, hosts: tuple[str, ...], origin: str) -> Certificate:
+        return Certificate(self.chain_pem, PemKey(self.key_pem), hosts, origin)
+
+
+def _load_tls_secret(secret: dict | None) -> _TlsMaterial:
+    if secret is None:
+        raise _Rejected("not found; create it (kubectl create secret tls) or fix secretName")
+    if secret.get("type") != TLS_SECRET_TYPE:
+        raise _Rejected(
+            f"type is {secret.get('type')!r}, expected {TLS_SECRET_TYPE}; recreate it with kubectl create secret tls"
+        )
+    data = secret.get("data") or {}
+    decoded = {}
+    for key, content in (("tls.crt", "PEM certificate chain"), ("tls.key", "PEM private key")):
+        if not data.get(key):
+            raise _Rejected(f"has no {key}; store the {content} there")
+        try:
+            decoded[key] = base64.b64decode(data[key], validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            raise _Rejected(f"{key} is not valid base64; store it base64-encoded under data") from None
+    try:
+        chain = [x509.load_pem_x509_certificate(block) for block in PEM_CERTIFICATE.findall(decoded["tls.crt"])]
+    except ValueError as error:
+        raise _Rejected(f"tls.crt holds a PEM certificate that does not parse ({error}); re-export the chain") from None
+    if not chain:
+        raise _Rejected("tls.crt holds no PEM certificate (-----BEGIN CERTIFICATE-----); re-export the chain as PEM")
+    try:
+        key = serialization.load_pem_private_key(decoded["tls.key"], password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise _Rejected("tls.key is not an unencrypted PEM private key (PKCS#1 or PKCS#8); re-export the key") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if key.public_key().public_bytes(der, spki) != chain[0].public_key().public_bytes(der, spki):
+        raise _Rejected("tls.key does not match the first certificate in tls.crt; store the key of that certificate")
+    try:
+        san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns_names = tuple(sorted({name.lower() for name in san.get_values_for_type(x509.DNSName)}))
+    except x509.ExtensionNotFound:
+        dns_names = ()
+    return _TlsMaterial(decoded["tls.crt"], decoded["tls.key"], dns_names)
+
+
+class _CertificateCollector:
+    """One Certificate per Secret; each host served by the Secret of the oldest Ingress naming it."""
+
+    def __init__(self, index: _ObjectIndex, problems: list[Problem]) -> None:
+        self._index = index
+        self._problems = problems
+        self._loaded: dict[tuple[str, str], _TlsMaterial | _Rejected] = {}
+        self._hosts: dict[str, set[str]] = {}  # Secret ref → hosts
+        self._material: dict[str, _TlsMaterial] = {}
+        self._host_owner: dict[str, tuple[str, str]] = {}  # host → (Secret ref, Ingress ref)
+
+    def add(self, ingress: dict, tls_number: int, tls: dict) -> None:
+        secret_name = tls.get("secretName")
+        if not secret_name:
+            return  # these hosts get the default certificate, as the Ingress API specifies
+        location = f"Ingress {_ref(ingress)}"
+        key = (_namespace(ingress), secret_name)
+        secret_ref = f"{key[0]}/{key[1]}"
+        if key not in self._loaded:
+            try:
+                self._loaded[key] = _load_tls_secret(self._index.secrets.get(key))
+            except _Rejected as rejected:
+                self._loaded[key] = rejected
+        material = self._loaded[key]
+        if isinstance(material, _Rejected):
+            self._problems.append(Problem(location, f"Secret {secret_ref}: {material} (spec.tls[{tls_number}])"))
+            return
+        hosts = [host.lower() for host in tls.get("hosts") or ()] or list(material.dns_names)
+        if not hosts:
+            self._problems.append(Problem(location, (
+                f"Secret {secret_ref}: spec.tls[{tls_number}] lists no hosts and the certificate has no DNS names; "
+                "add spec.tls[].hosts"
+            )))
+            return
+        for host in hosts:
+            owner_secret, owner_ingress = self._host_owner.setdefault(host, (secret_ref, _ref(ingress)))
+            if owner_secret != secret_ref:
+                self._problems.append(Problem(location, (
+                    f"Secret {secret_ref}: host {host!r} is already served by Secret {owner_secret} of the older "
+                    f"Ingress {owner_ingress}; remove it from one spec.tls"
+                )))
+                continue
+            self._material[secret_ref] = material
+            self._hosts.setdefault(secret_ref, set()).add(host)
+
+    def result(self) -> tuple[Certificate, ...]:
+        return tuple(
+            self._material[secret_ref].certificate(tuple(sorted(hosts)), origin=f"Secret {secret_ref}")
+            for secret_ref, hosts in sorted(self._hosts.items())
+        )
+
+
+def _covered_by_certificate(host: str, certificates: tuple[Certificate, ...]) -> bool:
+    if not host:
+        return False
+    parent = host.partition(".")[2]
+    for certificate in certificates:
+        for pattern in certificate.hosts:
+            if pattern == host or (pattern.startswith("*.") and not host.startswith("*.") and pattern[2:] == parent):
+                return True
+    return False
+
+
+# --- ConfigMap -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _GlobalSettings:
+    crypto: CryptoSettings = CryptoSettings()
+    timeouts: Timeouts = Timeouts()
+    hsts: Hsts | None = None
+    ssl_redirect: bool = False
+
+
+def _parse_bool(raw: str) -> bool:
+    value = str(raw).strip().lower()
+    if value not in ("true", "false"):
+        raise _Rejected(f"{raw!r} is not a boolean; use \"true\" or \"false\"")
+    return value == "true"
+
+
+def _parse_duration(raw: str) -> float:
+    match = DURATION.fullmatch(str(raw).strip())
+    if match is None:
+        raise _Rejected(f"{raw!r} is not a duration; use an integer and a unit (us, ms, s, m, h, d) like 500ms, 5s, 1m")
+    seconds = int(match[1]) * DURATION_UNITS[match[2] or "ms"]
+    if seconds <= 0:
+        raise _Rejected(f"{raw!r} must be greater than zero")
+    return seconds
+
+
+def _parse_seconds(raw: str) -> int:
+    value = str(raw).strip()
+    if not value.isdigit():
+        raise _Rejected(f"{raw!r} is not a whole number of seconds")
+    return int(value)
+
+
+def _parse_engine(raw: str) -> EngineSettings | None:
+    words = str(raw).split()
+    if not words:
+        return None
+    if len(words) == 1:
+        return EngineSettings(id=words[0])
+    if len(words) != 3 or words[1] != "algo":
+        raise _Rejected(f"{raw!r} is not '<engine-id>' or '<engine-id> algo <ALG,...>' (e.g. qatengine algo RSA,EC)")
+    algorithms = tuple(name.strip().upper() for name in words[2].split(",") if name.strip())
+    unknown = sorted(set(algorithms) - ENGINE_ALGORITHMS)
+    if unknown or not algorithms:
+        raise _Rejected(
+            f"unknown algorithm(s) {', '.join(unknown) or '(none)'}; use some of {', '.join(sorted(ENGINE_ALGORITHMS))}"
+        )
+    return EngineSettings(id=words[0], algorithms=algorithms)
+
+
+_T = TypeVar("_T")
+SUPPORTED_CONFIGMAP_KEYS = (
+    "hsts", "hsts-include-subdomains", "hsts-max-age", "hsts-preload", "ssl-engine", "ssl-mode-async", "ssl-redirect",
+    "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server",
+)
+
+
+def _read_configmap(configmap: dict | None, problems: list[Problem]) -> _GlobalSettings:
+    if configmap is None:
+        return _GlobalSettings()
+    location = f"ConfigMap {_ref(configmap)}"
+    data = configmap.get("data") or {}
+
+    def read(key: str, parse: Callable[[str], _T], default: _T) -> _T:
+        if key not in data:
+            return default
+        try:
+            return parse(data[key])
+        except _Rejected as rejected:
+            problems.append(Problem(location, f"{key}: {rejected}; using the default"))
+            return default
+
+    for key in sorted(set(data) - set(SUPPORTED_CONFIGMAP_KEYS)):
+        supported = ", ".join(SUPPORTED_CONFIGMAP_KEYS)
+        problems.append(Problem(location, f"{key}: unknown key, ignored; supported keys: {supported}"))
+
+    defaults = Timeouts()
+    timeouts = Timeouts(
+        connect=read("timeout-connect", _parse_duration, defaults.connect),
+        handshake=defaults.handshake,
+        header_read=read("timeout-http-request", _parse_duration, defaults.header_read),
+        idle=read("timeout-client", _parse_duration, defaults.idle),
+        backend_response=read("timeout-server", _parse_duration, defaults.backend_response),
+        drain=defaults.drain,
+    )
+    crypto = CryptoSettings(
+        engine=read("ssl-engine", _parse_engine, None),
+        async_mode=read("ssl-mode-async", _parse_bool, False),
+    )
+    hsts_defaults = Hsts()
+    hsts = Hsts(
+        max_age=read("hsts-max-age", _parse_seconds, hsts_defaults.max_age),
+        include_subdomains=read("hsts-include-subdomains", _parse_bool, hsts_defaults.include_subdomains),
+        preload=read("hsts-preload", _parse_bool, hsts_defaults.preload),
+    )
+    enabled_hsts = hsts if read("hsts", _parse_bool, False) else None
+    return _GlobalSettings(crypto, timeouts, enabled_hsts, read("ssl-redirect", _parse_bool, False))
