@@ -1,0 +1,358 @@
+"""Process-wide crypto set-up: OpenSSL providers, an ENGINE, and private keys kept inside it.
+
+Theory of operation. Everything here runs in the control plane, once per distinct
+`CryptoSettings`, before any TLS context is built:
+
+1. `check_engine_support` proves that pyOpenSSL is linked to a shared libcrypto with the ENGINE
+   API and that `ctypes.CDLL("libcrypto.so.3")` is that same library instance (an error pushed
+   through ctypes must show up in pyOpenSSL's error queue). PyPI's pyOpenSSL/cryptography wheels
+   carry a static OpenSSL without ENGINE support: nothing an engine does could reach them.
+2. Providers are loaded with `OSSL_PROVIDER_load` (process-global, kept for the process lifetime).
+3. The engine is loaded by id, or through the `dynamic` engine from `so_path`; the ctrl commands
+   run in the order given, then `ENGINE_init` and `ENGINE_set_default(e, flags)` with the flags
+   named by `algorithms` (HAProxy's `ssl-engine <id> algo RSA,EC`). The defaults must be set
+   BEFORE keys are loaded: OpenSSL 3 binds a legacy key to the default engine when the key is
+   created, and a key loaded earlier stays in software.
+4. `use_private_key` installs each certificate's key into a context: PEM keys the usual way,
+   `engine:<URI>` keys with `ENGINE_load_private_key`, so key material never enters Python.
+   A UI method that answers nothing is passed, so a missing PIN fails instead of prompting on a tty.
+
+Failure policy: an engine that does not load with `required: false` logs one warning (engine id
+and reason) and the runtime serves with software crypto; with `required: true` start-up fails with
+the same message. PINs (`pin-value=` in URIs, ctrl values) never appear in messages or logs.
+
+pyOpenSSL 23's cffi `lib` lacks `ENGINE_set_default`, `ENGINE_unregister_*`, `UI_null` and
+`OPENSSL_info`: those go through ctypes, which is safe because of step 1.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import re
+from typing import Any
+
+from OpenSSL import SSL, crypto
+from OpenSSL import _util as pyopenssl_binding
+
+from config.model import CryptoSettings, EngineKey, EngineSettings, KeySource, PemKey
+
+log = logging.getLogger(__name__)
+
+ENGINE_KEY_PREFIX = "engine:"
+
+# ENGINE_METHOD_* from <openssl/engine.h>, under HAProxy's `ssl-engine ... algo` names.
+ALGORITHM_FLAGS: dict[str, int] = {
+    "RSA": 0x0001,
+    "DSA": 0x0002,
+    "DH": 0x0004,
+    "RAND": 0x0008,
+    "CIPHERS": 0x0040,
+    "DIGESTS": 0x0080,
+    "PKEY": 0x0200 | 0x0400,
+    "PKEY_CRYPTO": 0x0200,
+    "PKEY_ASN1": 0x0400,
+    "EC": 0x0800,
+    "ALL": 0xFFFF,
+}
+# ENGINE_unregister_<suffix> for each flag, so `close` gives the methods back to software.
+_UNREGISTER_BY_FLAG: dict[int, str] = {
+    0x0001: "RSA",
+    0x0002: "DSA",
+    0x0004: "DH",
+    0x0008: "RAND",
+    0x0040: "ciphers",
+    0x0080: "digests",
+    0x0200: "pkey_meths",
+    0x0400: "pkey_asn1_meths",
+    0x0800: "EC",
+}
+# The ENGINE API symbols whose absence means "this pyOpenSSL cannot use engines".
+REQUIRED_ENGINE_SYMBOLS = (
+    "ENGINE_by_id",
+    "ENGINE_ctrl_cmd_string",
+    "ENGINE_init",
+    "ENGINE_finish",
+    "ENGINE_free",
+    "ENGINE_load_private_key",
+    "SSL_CTX_use_PrivateKey",
+)
+_OPENSSL_INFO_ENGINES_DIR = 1002
+_OPENSSL_INFO_MODULES_DIR = 1003
+_ERR_LIB_USER = 128
+_PIN_VALUE = re.compile(r"(pin-value=)[^;?&]*", re.IGNORECASE)
+
+
+class CryptoSetupError(Exception):
+    """One line: what failed, why, and how to fix it. Never carries a PIN."""
+
+
+def redact(text: str) -> str:
+    """`text` with every `pin-value=...` replaced, safe for logs, metrics and errors."""
+    return _PIN_VALUE.sub(r"\1***", text)
+
+
+def _load_libcrypto() -> ctypes.CDLL:
+    libcrypto = ctypes.CDLL("libcrypto.so.3")
+    pointer, text, integer, uint = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint
+    signatures: dict[str, tuple[list[Any], Any]] = {
+        "ENGINE_set_default": ([pointer, uint], integer),
+        "ENGINE_get_id": ([pointer], text),
+        "UI_null": ([], pointer),
+        "OPENSSL_info": ([integer], text),
+        "OSSL_PROVIDER_load": ([pointer, text], pointer),
+        "OSSL_PROVIDER_available": ([pointer, text], integer),
+        "ERR_new": ([], None),
+        "ERR_set_error": ([integer, integer, text], None),
+    }
+    for suffix in _UNREGISTER_BY_FLAG.values():
+        signatures[f"ENGINE_unregister_{suffix}"] = ([pointer], None)
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(libcrypto, name)
+        function.argtypes = argtypes
+        function.restype = restype
+    return libcrypto
+
+
+_libcrypto = _load_libcrypto()
+
+
+def check_engine_support(binding_lib: Any = None) -> None:
+    """Raise CryptoSetupError unless pyOpenSSL's OpenSSL can drive engines from this process.
+
+    `binding_lib` defaults to pyOpenSSL's cffi `lib`; tests pass a stand-in. The real failing case
+    is pyOpenSSL/cryptography installed from PyPI wheels (static OpenSSL, no ENGINE API).
+    """
+    lib = pyopenssl_binding.lib if binding_lib is None else binding_lib
+    fix = (
+        "fix: run with Debian's python3-openssl/python3-cryptography (a venv made with "
+        "/usr/bin/python3 -m venv --system-site-packages, no pip pyOpenSSL/cryptography)"
+    )
+    if not getattr(lib, "Cryptography_HAS_ENGINE", 0):
+        raise CryptoSetupError(f"pyOpenSSL's OpenSSL was built without ENGINE support; {fix}")
+    missing = [name for name in REQUIRED_ENGINE_SYMBOLS if not hasattr(lib, name)]
+    if missing:
+        raise CryptoSetupError(f"pyOpenSSL's OpenSSL binding lacks {', '.join(missing)}; {fix}")
+    lib.ERR_clear_error()
+    _libcrypto.ERR_new()
+    _libcrypto.ERR_set_error(ctypes.c_int(_ERR_LIB_USER), ctypes.c_int(1), None)
+    if not lib.ERR_get_error():
+        raise CryptoSetupError(
+            "pyOpenSSL uses a different OpenSSL than the system libcrypto.so.3 (statically "
+            f"linked wheel?); {fix}"
+        )
+
+
+def openssl_errors() -> str:
+    """Drain this thread's OpenSSL error queue into one short, de-duplicated, redacted line."""
+    lib, ffi = pyopenssl_binding.lib, pyopenssl_binding.ffi
+    reasons: list[str] = []
+    while code := lib.ERR_get_error():
+        reason_pointer = lib.ERR_reason_error_string(code)
+        reason = ffi.string(reason_pointer).decode() if reason_pointer != ffi.NULL else f"error {code:#x}"
+        if reason not in reasons:
+            reasons.append(reason)
+    return redact("; ".join(reasons)) or "no OpenSSL error reported"
+
+
+def openssl_directory(kind: str) -> str:
+    """Where this libcrypto looks for engines ("engines") or providers ("modules")."""
+    which = _OPENSSL_INFO_ENGINES_DIR if kind == "engines" else _OPENSSL_INFO_MODULES_DIR
+    value = _libcrypto.OPENSSL_info(which)
+    return value.decode() if value else "?"
+
+
+def algorithm_flags(algorithms: tuple[str, ...]) -> int:
+    unknown = [name for name in algorithms if name.upper() not in ALGORITHM_FLAGS]
+    if unknown:
+        raise CryptoSetupError(
+            f"tls.engine.algorithms: unknown {', '.join(unknown)}; "
+            f"fix: use names from {', '.join(ALGORITHM_FLAGS)}"
+        )
+    flags = 0
+    for name in algorithms:
+        flags |= ALGORITHM_FLAGS[name.upper()]
+    return flags
+
+
+def load_provider(name: str) -> int:
+    """OSSL_PROVIDER_load(NULL, name); returns the provider handle (kept for the process lifetime)."""
+    pyopenssl_binding.lib.ERR_clear_error()
+    provider = _libcrypto.OSSL_PROVIDER_load(None, name.encode())
+    if not provider:
+        raise CryptoSetupError(
+            f"tls.providers: OpenSSL provider {name!r} did not load ({openssl_errors()}); fix: check "
+            f"the name, or put its module in {openssl_directory('modules')} (or set OPENSSL_MODULES)"
+        )
+    return int(provider)
+
+
+class _EngineLoadError(Exception):
+    """Internal: why an engine did not load; becomes a warning or a CryptoSetupError."""
+
+
+class CryptoRuntime:
+    """The loaded providers, engine and its default-method registrations for one CryptoSettings.
+
+    Plain counts for metrics (proxy/ exports them): `engine_status`, `keys_installed` (by key-source
+    label: "file" or "engine:<id>"), `fallback_reason`.
+    """
+
+    def __init__(self, settings: CryptoSettings) -> None:
+        self.settings = settings
+        self.engine_status = "none"
+        self.fallback_reason: str | None = None
+        self.providers_loaded: tuple[str, ...] = ()
+        self.keys_installed: collections.Counter[str] = collections.Counter()
+        self._engine: Any = None  # initialised cffi ENGINE*: one structural + one functional reference
+        self._default_flags = 0
+
+    @classmethod
+    def start(cls, settings: CryptoSettings) -> CryptoRuntime:
+        runtime = cls(settings)
+        if settings.engine is not None:
+            algorithm_flags(settings.engine.algorithms)  # a typo is a config error, never a fallback
+        if settings.engine is not None or settings.providers:
+            check_engine_support()
+        runtime.providers_loaded = tuple(name for name in settings.providers if load_provider(name))
+        if settings.engine is not None:
+            runtime._start_engine(settings.engine)
+        return runtime
+
+    @property
+    def engine_id(self) -> str | None:
+        return self.settings.engine.id if self.settings.engine is not None else None
+
+    def _start_engine(self, engine: EngineSettings) -> None:
+        try:
+            self._engine = _load_engine(engine)
+            flags = algorithm_flags(engine.algorithms)
+            if flags and not _libcrypto.ENGINE_set_default(self._engine_address(), flags):
+                raise _EngineLoadError(f"ENGINE_set_default({'|'.join(engine.algorithms)}) failed: {openssl_errors()}")
+            self._default_flags = flags
+            self.engine_status = "loaded"
+        except _EngineLoadError as error:
+            self._release_engine()
+            reason = redact(str(error))
+            message = f"OpenSSL engine {engine.id!r} did not load: {reason}"
+            if engine.required:
+                raise CryptoSetupError(
+                    f"{message}; fix: repair the engine, or set tls.engine.required: false to fall back to software crypto"
+                ) from None
+            log.warning("%s; serving with software crypto (tls.engine.required is false)", message)
+            self.engine_status = f"failed: {reason}"
+            self.fallback_reason = reason
+
+    def _engine_address(self) -> int:
+        return int(pyopenssl_binding.ffi.cast("uintptr_t", self._engine))
+
+    def use_private_key(self, context: SSL.Context, key: KeySource) -> str:
+        """Install `key` in `context`; returns the key-source label for metrics."""
+        if isinstance(key, PemKey):
+            context.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, key.pem))
+            label = "file"
+        elif isinstance(key, EngineKey):
+            label = self._use_engine_key(context, key)
+        else:
+            raise TypeError(f"unknown key source {type(key).__name__}")
+        self.keys_installed[label] += 1
+        return label
+
+    def load_engine_key(self, key: EngineKey) -> Any:
+        """ENGINE_load_private_key for `key`: a cffi EVP_PKEY* the caller must EVP_PKEY_free."""
+        lib, ffi = pyopenssl_binding.lib, pyopenssl_binding.ffi
+        uri = _engine_uri(key)
+        shown = redact(key.uri)
+        if self._engine is None:
+            why = self.fallback_reason or "no tls.engine is configured"
+            raise CryptoSetupError(
+                f"private key {shown}: needs an OpenSSL engine, but {why}; fix: configure tls.engine "
+                "(and make it load), or use a PEM key"
+            )
+        lib.ERR_clear_error()
+        ui_method = ffi.cast("UI_METHOD *", _libcrypto.UI_null() or 0)
+        pkey = lib.ENGINE_load_private_key(self._engine, uri.encode(), ui_method, ffi.NULL)
+        if pkey == ffi.NULL:
+            reason = openssl_errors().replace(uri, shown)
+            raise CryptoSetupError(
+                f"private key {shown}: engine {self.engine_id!r} could not load it ({reason}); fix: check "
+                "the URI (token, object, id, type=private) and the PIN"
+            )
+        return pkey
+
+    def _use_engine_key(self, context: SSL.Context, key: EngineKey) -> str:
+        lib = pyopenssl_binding.lib
+        pkey = self.load_engine_key(key)
+        try:
+            if lib.SSL_CTX_use_PrivateKey(context._context, pkey) != 1:
+                raise CryptoSetupError(
+                    f"private key {redact(key.uri)}: SSL_CTX_use_PrivateKey failed ({openssl_errors()}); "
+                    "fix: use a key type TLS supports (RSA, EC)"
+                )
+        finally:
+            lib.EVP_PKEY_free(pkey)  # the context holds its own reference
+        return f"engine:{self.engine_id}"
+
+    def close(self) -> None:
+        """Give default methods back to software and drop our engine references (ENGINE_finish/free).
+
+        Keys already installed in contexts keep the engine initialised through their own references.
+        """
+        self._release_engine()
+
+    def _release_engine(self) -> None:
+        if self._engine is None:
+            return
+        lib = pyopenssl_binding.lib
+        address = self._engine_address()
+        for flag, suffix in _UNREGISTER_BY_FLAG.items():
+            if self._default_flags & flag:
+                getattr(_libcrypto, f"ENGINE_unregister_{suffix}")(address)
+        lib.ENGINE_finish(self._engine)
+        lib.ENGINE_free(self._engine)
+        self._engine = None
+        self._default_flags = 0
+        lib.ERR_clear_error()
+
+
+def _engine_uri(key: EngineKey) -> str:
+    """EngineKey.uri may be given with or without the `engine:` prefix of the routes file."""
+    return key.uri[len(ENGINE_KEY_PREFIX) :] if key.uri.startswith(ENGINE_KEY_PREFIX) else key.uri
+
+
+def _load_engine(engine: EngineSettings) -> Any:
+    """ENGINE_by_id (or dynamic + SO_PATH), ctrl commands in order, ENGINE_init. Returns ENGINE*."""
+    lib, ffi = pyopenssl_binding.lib, pyopenssl_binding.ffi
+    lib.ERR_clear_error()
+    lib.ENGINE_load_builtin_engines()
+    if engine.so_path is not None:
+        if not os.path.isfile(engine.so_path):
+            raise _EngineLoadError(f"so_path {engine.so_path} does not exist; fix: point tls.engine.so_path at the engine's .so")
+        handle = lib.ENGINE_by_id(b"dynamic")
+        if handle == ffi.NULL:
+            raise _EngineLoadError(f"the 'dynamic' engine is unavailable: {openssl_errors()}")
+        dynamic_commands = (("SO_PATH", engine.so_path), ("ID", engine.id), ("LOAD", ""))
+        for name, value in dynamic_commands:
+            if not lib.ENGINE_ctrl_cmd_string(handle, name.encode(), value.encode() if value else ffi.NULL, 0):
+                reason = openssl_errors()
+                lib.ENGINE_free(handle)
+                raise _EngineLoadError(f"loading {engine.so_path} as id {engine.id!r} failed ({name}): {reason}")
+    else:
+        handle = lib.ENGINE_by_id(engine.id.encode())
+        if handle == ffi.NULL:
+            raise _EngineLoadError(
+                f"no engine with this id ({openssl_errors()}); fix: install it in "
+                f"{openssl_directory('engines')} or set tls.engine.so_path"
+            )
+    for name, value in engine.ctrl:
+        if not lib.ENGINE_ctrl_cmd_string(handle, name.encode(), value.encode() if value else ffi.NULL, 0):
+            reason = openssl_errors()
+            lib.ENGINE_free(handle)
+            raise _EngineLoadError(f"ctrl command {name} was rejected ({reason}); fix: check tls.engine.ctrl")
+    if not lib.ENGINE_init(handle):
+        reason = openssl_errors()
+        lib.ENGINE_free(handle)
+        raise _EngineLoadError(f"ENGINE_init failed: {reason}")
+    return handle

@@ -1,0 +1,246 @@
+"""Fixtures for engine-backed crypto: the C fixture engine (built with gcc), a hermetic SoftHSM2
+token with RSA-2048 and EC P-256 keys generated on it (non-extractable), certificates for them
+signed by a test CA, and helpers to build pyOpenSSL contexts through CryptoRuntime."""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from OpenSSL import SSL, crypto
+
+from config.crypto import CryptoRuntime
+from config.model import CryptoSettings, EngineKey, EngineSettings, KeySource, PemKey
+from proxy.offload import enable_async_mode
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE_ENGINE_SOURCE = Path(__file__).parent / "async_engine" / "async_engine.c"
+BUILD_DIR = REPO / "tests" / "fixtures" / "build"  # gitignored
+PKCS11_ENGINE = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+TOKEN_LABEL = "proxy"
+USER_PIN = "1234"
+FIXTURE_ENGINE_ID = "asyncfixture"
+COUNTER_NAMES = (
+    "operations",
+    "rsa_priv_enc",
+    "rsa_priv_dec",
+    "ec_sign",
+    "offloaded",
+    "pauses",
+    "in_flight",
+    "peak_in_flight",
+    "synchronous",
+)
+
+
+def build_fixture_engine(build_dir: Path = BUILD_DIR) -> Path:
+    """gcc the fixture engine into build_dir (again only when the source is newer)."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    library = build_dir / f"{FIXTURE_ENGINE_ID}.so"
+    if not library.exists() or library.stat().st_mtime < FIXTURE_ENGINE_SOURCE.stat().st_mtime:
+        partial = library.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(
+            ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Wno-deprecated-declarations",
+             str(FIXTURE_ENGINE_SOURCE), "-o", str(partial), "-lcrypto", "-lpthread"],
+            check=True,
+        )
+        partial.replace(library)
+    return library
+
+
+class FixtureEngineProbe:
+    """Reads the fixture engine's counters and drives its gate, through its exported C functions.
+
+    ctypes opens the same file the dynamic engine dlopens, so it sees the same counters.
+    """
+
+    def __init__(self, library: Path) -> None:
+        self.library_path = str(library)
+        self._library = ctypes.CDLL(self.library_path)
+        self._library.asyncfixture_counters.argtypes = [ctypes.POINTER(ctypes.c_longlong), ctypes.c_int]
+        self._library.asyncfixture_set_gate.argtypes = [ctypes.c_int]
+
+    def counters(self) -> dict[str, int]:
+        values = (ctypes.c_longlong * len(COUNTER_NAMES))()
+        self._library.asyncfixture_counters(values, len(COUNTER_NAMES))
+        return dict(zip(COUNTER_NAMES, values))
+
+    def reset(self) -> None:
+        self._library.asyncfixture_reset_counters()
+
+    def set_gate(self, open_: bool) -> None:
+        self._library.asyncfixture_set_gate(int(open_))
+
+    def settings(self, algorithms: tuple[str, ...] = ("RSA", "EC"), async_mode: bool = True) -> CryptoSettings:
+        return CryptoSettings(
+            engine=EngineSettings(id=FIXTURE_ENGINE_ID, so_path=self.library_path, algorithms=algorithms, required=True),
+            async_mode=async_mode,
+        )
+
+
+@pytest.fixture(scope="session")
+def fixture_engine() -> Iterator[FixtureEngineProbe]:
+    probe = FixtureEngineProbe(build_fixture_engine())
+    yield probe
+    probe.set_gate(True)
+
+
+@pytest.fixture
+def engine_probe(fixture_engine: FixtureEngineProbe) -> Iterator[FixtureEngineProbe]:
+    fixture_engine.reset()
+    fixture_engine.set_gate(True)
+    yield fixture_engine
+    fixture_engine.set_gate(True)
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA(key_type=trustme.KeyType.RSA)
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    chain_pem: bytes
+    key: KeySource
+    label: str  # "rsa" or "ec"
+
+
+@pytest.fixture(scope="session")
+def software_rsa(ca: trustme.CA) -> ServerIdentity:
+    leaf = ca.issue_cert("localhost", key_type=trustme.KeyType.RSA)
+    return ServerIdentity(b"".join(blob.bytes() for blob in leaf.cert_chain_pems), PemKey(leaf.private_key_pem.bytes()), "rsa")
+
+
+@pytest.fixture(scope="session")
+def software_ec(ca: trustme.CA) -> ServerIdentity:
+    leaf = ca.issue_cert("localhost", key_type=trustme.KeyType.ECDSA)
+    return ServerIdentity(b"".join(blob.bytes() for blob in leaf.cert_chain_pems), PemKey(leaf.private_key_pem.bytes()), "ec")
+
+
+@dataclass(frozen=True)
+class SoftHsmToken:
+    directory: Path
+    env: dict[str, str]  # environment for pkcs11-tool / openssl CLI
+    rsa: ServerIdentity
+    ec: ServerIdentity
+
+    def settings(self, required: bool = True, async_mode: bool = False) -> CryptoSettings:
+        return CryptoSettings(
+            engine=EngineSettings(
+                id="pkcs11",
+                so_path=PKCS11_ENGINE,
+                ctrl=(("MODULE_PATH", SOFTHSM_MODULE),),
+                algorithms=("RSA", "EC"),
+                required=required,
+            ),
+            async_mode=async_mode,
+        )
+
+    def pkcs11_tool(self, *arguments: str) -> str:
+        return _run(["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", TOKEN_LABEL, *arguments], self.env)
+
+
+def _run(command: list[str], env: dict[str, str]) -> str:
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed: {completed.stderr.strip()}")
+    return completed.stdout + completed.stderr
+
+
+def key_uri(object_label: str) -> str:
+    return f"pkcs11:token={TOKEN_LABEL};object={object_label};type=private;pin-value={USER_PIN}"
+
+
+def _certificate_for_token_key(ca: trustme.CA, env: dict[str, str], directory: Path, object_label: str) -> bytes:
+    """CSR signed on the token by `openssl req -engine pkcs11`, then issued by the test CA."""
+    csr_path = directory / f"{object_label}.csr"
+    _run(
+        ["openssl", "req", "-new", "-engine", "pkcs11", "-keyform", "engine", "-key", key_uri(object_label),
+         "-subj", "/CN=localhost", "-out", str(csr_path)],
+        env,
+    )
+    csr = x509.load_pem_x509_csr(csr_path.read_bytes())
+    assert csr.is_signature_valid
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture(scope="session")
+def softhsm_token(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmToken]:
+    directory = tmp_path_factory.mktemp("softhsm")
+    (directory / "tokens").mkdir()
+    config = directory / "softhsm2.conf"
+    config.write_text(f"directories.tokendir = {directory / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    openssl_config = directory / "openssl.cnf"
+    openssl_config.write_text(
+        "openssl_conf = init\n[init]\nengines = engines\n[engines]\npkcs11 = pkcs11\n"
+        f"[pkcs11]\ndynamic_path = {PKCS11_ENGINE}\nMODULE_PATH = {SOFTHSM_MODULE}\n"
+    )
+    env = {**os.environ, "SOFTHSM2_CONF": str(config), "OPENSSL_CONF": str(openssl_config)}
+    _run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL, "--pin", USER_PIN, "--so-pin", "4321"], env)
+    token = ["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", TOKEN_LABEL, "--login", "--pin", USER_PIN]
+    for key_type, key_id, label in (("rsa:2048", "01", "rsakey"), ("EC:prime256v1", "02", "eckey")):
+        _run([*token, "--keypairgen", "--key-type", key_type, "--id", key_id, "--label", label,
+              "--sensitive", "--usage-sign", *(["--usage-decrypt"] if key_type.startswith("rsa") else [])], env)
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(config)  # the in-process pkcs11 engine reads it at C_Initialize
+    yield SoftHsmToken(
+        directory,
+        env,
+        ServerIdentity(_certificate_for_token_key(ca, env, directory, "rsakey"), EngineKey(key_uri("rsakey")), "rsa"),
+        ServerIdentity(_certificate_for_token_key(ca, env, directory, "eckey"), EngineKey(key_uri("eckey")), "ec"),
+    )
+    if previous is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = previous
+
+
+def server_context(
+    runtime: CryptoRuntime, identity: ServerIdentity, max_version: int = SSL.TLS1_3_VERSION
+) -> tuple[SSL.Context, str]:
+    """A server context with identity's chain and key installed through `runtime`; returns (ctx, key label)."""
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_max_proto_version(max_version)
+    leaf, *intermediates = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", identity.chain_pem, re.S)
+    context.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, leaf))
+    for intermediate in intermediates:
+        context.add_extra_chain_cert(crypto.load_certificate(crypto.FILETYPE_PEM, intermediate))
+    label = runtime.use_private_key(context, identity.key)
+    context.check_privatekey()
+    if runtime.settings.async_mode:
+        enable_async_mode(context)
+    return context, label
+
+
+def client_context(ca: trustme.CA, max_version: int = SSL.TLS1_3_VERSION) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_max_proto_version(max_version)
+    context.set_verify(SSL.VERIFY_PEER)
+    context.get_cert_store().add_cert(crypto.load_certificate(crypto.FILETYPE_PEM, ca.cert_pem.bytes()))
+    return context

@@ -1,0 +1,179 @@
+"""Small pyOpenSSL memory-BIO TLS servers for the engine tests (stand-ins until proxy/tls.py).
+
+`pump_handshakes` runs many client/server handshakes in one thread with no sockets, parking a
+server connection whenever its handshake returns SSL_ERROR_WANT_ASYNC and resuming it when its
+async fd is readable — the loop proxy/tls.py runs, reduced to handshakes. `TlsTestServer` does
+the same for real loopback clients (openssl s_client) on an asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import time
+from dataclasses import dataclass, field
+
+from OpenSSL import SSL
+from OpenSSL._util import lib
+
+from proxy.offload import SSL_ERROR_WANT_ASYNC, async_wait_fds
+
+_SSL_ERROR_WANT_READ = 2
+_READ_SIZE = 65536
+
+
+class HandshakeFailed(Exception):
+    pass
+
+
+def server_handshake_step(server: SSL.Connection) -> int:
+    """One SSL_do_handshake on the server: 1 done, else the SSL_get_error code (2 or 9)."""
+    lib.ERR_clear_error()  # a resumed job leaves old errors behind (NOTES §1)
+    result = lib.SSL_do_handshake(server._ssl)
+    if result == 1:
+        return 1
+    error = lib.SSL_get_error(server._ssl, result)
+    if error in (_SSL_ERROR_WANT_READ, SSL_ERROR_WANT_ASYNC):
+        return error
+    raise HandshakeFailed(f"server handshake failed: SSL_get_error={error}")
+
+
+def _move(source: SSL.Connection, destination: SSL.Connection) -> None:
+    while True:
+        try:
+            data = source.bio_read(_READ_SIZE)
+        except SSL.WantReadError:
+            return
+        if not data:
+            return
+        destination.bio_write(data)
+
+
+@dataclass
+class _Pair:
+    server: SSL.Connection
+    client: SSL.Connection
+    server_done: bool = False
+    client_done: bool = False
+    wait_fds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PumpResult:
+    servers: list[SSL.Connection]
+    want_async: int  # server calls that returned SSL_ERROR_WANT_ASYNC
+    peak_paused: int  # most server connections paused at once
+
+
+def pump_handshakes(
+    server_context: SSL.Context, client_context: SSL.Context, count: int, timeout: float = 20.0
+) -> PumpResult:
+    pairs = []
+    for _ in range(count):
+        server = SSL.Connection(server_context, None)
+        server.set_accept_state()
+        client = SSL.Connection(client_context, None)
+        client.set_connect_state()
+        client.set_tlsext_host_name(b"localhost")
+        pairs.append(_Pair(server, client))
+    want_async = peak_paused = 0
+    deadline = time.monotonic() + timeout
+    while not all(pair.server_done and pair.client_done for pair in pairs):
+        if time.monotonic() > deadline:
+            raise HandshakeFailed(f"handshakes not done after {timeout} s")
+        for pair in pairs:
+            if pair.wait_fds or (pair.server_done and pair.client_done):
+                continue
+            if not pair.client_done:
+                try:
+                    pair.client.do_handshake()
+                    pair.client_done = True
+                except SSL.WantReadError:
+                    pass
+            _move(pair.client, pair.server)
+            if not pair.server_done:
+                step = server_handshake_step(pair.server)
+                pair.server_done = step == 1
+                if step == SSL_ERROR_WANT_ASYNC:
+                    want_async += 1
+                    pair.wait_fds = async_wait_fds(pair.server)
+                    if not pair.wait_fds:
+                        raise HandshakeFailed("WANT_ASYNC without wait fds")
+            _move(pair.server, pair.client)
+        paused = [pair for pair in pairs if pair.wait_fds]
+        peak_paused = max(peak_paused, len(paused))
+        if paused:
+            nothing_else_to_do = all(pair.wait_fds or (pair.server_done and pair.client_done) for pair in pairs)
+            fds = [fd for pair in paused for fd in pair.wait_fds]
+            readable, _, _ = select.select(fds, [], [], 1.0 if nothing_else_to_do else 0)
+            for pair in paused:
+                if set(pair.wait_fds) & set(readable):
+                    pair.wait_fds = []
+    return PumpResult([pair.server for pair in pairs], want_async, peak_paused)
+
+
+class TlsTestServer:
+    """Loopback TLS server: handshake (async-job aware), answer b"hello\\n", close."""
+
+    def __init__(self, context: SSL.Context) -> None:
+        self.context = context
+        self.handshakes = 0
+        self.want_async = 0
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> TlsTestServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = SSL.Connection(self.context, None)
+        connection.set_accept_state()
+        try:
+            while (step := server_handshake_step(connection)) != 1:
+                self._flush(connection, writer)
+                if step == SSL_ERROR_WANT_ASYNC:
+                    self.want_async += 1
+                    await _readable(async_wait_fds(connection))
+                    continue
+                data = await reader.read(_READ_SIZE)
+                if not data:
+                    return
+                connection.bio_write(data)
+            self.handshakes += 1
+            connection.send(b"hello\n")
+            self._flush(connection, writer)
+            await writer.drain()
+        except (HandshakeFailed, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    @staticmethod
+    def _flush(connection: SSL.Connection, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                data = connection.bio_read(_READ_SIZE)
+            except SSL.WantReadError:
+                return
+            if not data:
+                return
+            writer.write(data)
+
+
+async def _readable(fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    for fd in fds:
+        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, 10)
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
