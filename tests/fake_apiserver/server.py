@@ -224,7 +224,7 @@ class FakeApiServer:
         if not keep_state:
             old = self.store
             self.store = Store(allow_loopback=self.allow_loopback, history_limit=self.history_limit)
-            self.store.resource_version = old.resource_version
+            self.store.resource_version = old.resource_version + 1
             self.store.compact()
         await self.start()
 
