@@ -1,0 +1,217 @@
+"""Loads translation cases: `cases/<name>/input.yaml` → Snapshot, `expected.yaml` → expected output.
+
+input.yaml is a multi-document stream of Kubernetes objects as `kubectl get -o yaml` prints them
+(`metadata.namespace` defaults to "default" for namespaced kinds). An optional document of
+`kind: TranslateOptions` holds the options (field names of `TranslateOptions`).
+
+Secret data values may be placeholders the loader replaces with base64 text, so no key material
+is checked in:
+  {generate: [foo.example.com, ...], key: ec|rsa, format: pkcs8|pkcs1|traditional}
+      tls.crt: a self-signed certificate for those names; tls.key: its private key. The key pair
+      is one per (names, key) within a test session, so a crt and key with the same names match
+      and different names give a mismatched pair.
+  {base64: "any text"} the text, base64-encoded (e.g. a PEM that does not parse).
+A plain string is used as is (e.g. text that is not base64).
+
+expected.yaml (every key optional; absent = empty or the model's default):
+  claimed: [ns/name, ...]
+  virtual_hosts: [{host: foo.example.com, redirect_to_https: true, paths: ["/api Prefix ns/svc:80", ...]}]
+  backends: {ns/svc:80: ["10.0.0.1:8080", ...]}
+  default_backend: ns/svc:80
+  certificates: [{secret: ns/name, hosts: [...]}]   # chain and key: that input Secret's decoded data
+  default_certificate: {secret: ns/name}
+  crypto: {engine: {id: qatengine, algorithms: [RSA]}, async_mode: true}
+  timeouts: {connect: 0.5, ...}
+  hsts: {max_age: 60, include_subdomains: true, preload: false}
+  problems: [{location: "Ingress ns/name", message: "a substring of the message"}, ...]
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from config.model import (
+    Address,
+    Backend,
+    Certificate,
+    Configuration,
+    CryptoSettings,
+    EngineSettings,
+    Hsts,
+    PathRule,
+    PathType,
+    PemKey,
+    RouteTable,
+    Timeouts,
+    VirtualHost,
+)
+from ingress_watch.snapshot import Snapshot
+from ingress_watch.translate import TranslateOptions
+
+CASES_DIR = Path(__file__).parent / "cases"
+SNAPSHOT_FIELDS = {
+    "Ingress": "ingresses",
+    "IngressClass": "ingress_classes",
+    "Service": "services",
+    "EndpointSlice": "endpoint_slices",
+    "Secret": "secrets",
+}
+CLUSTER_SCOPED_KINDS = {"IngressClass"}
+KEY_FORMATS = {
+    "pkcs8": serialization.PrivateFormat.PKCS8,
+    "pkcs1": serialization.PrivateFormat.TraditionalOpenSSL,  # "RSA PRIVATE KEY" for RSA keys
+    "traditional": serialization.PrivateFormat.TraditionalOpenSSL,
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    options: TranslateOptions
+    snapshot: Snapshot
+    expected: dict[str, Any]
+
+
+def case_names() -> list[str]:
+    return sorted(path.name for path in CASES_DIR.iterdir() if (path / "input.yaml").is_file())
+
+
+def load_case(name: str) -> Case:
+    directory = CASES_DIR / name
+    documents = [doc for doc in yaml.safe_load_all((directory / "input.yaml").read_text()) if doc]
+    expected = yaml.safe_load((directory / "expected.yaml").read_text()) or {}
+    options = TranslateOptions()
+    fields: dict[str, list[dict]] = {field: [] for field in SNAPSHOT_FIELDS.values()}
+    configmap = None
+    for document in documents:
+        kind = document.get("kind")
+        if kind == "TranslateOptions":
+            settings = {key: value for key, value in document.items() if key != "kind"}
+            if "default_ssl_certificate" in settings:
+                settings["default_ssl_certificate"] = tuple(settings["default_ssl_certificate"].split("/"))
+            options = TranslateOptions(**settings)
+            continue
+        if kind not in CLUSTER_SCOPED_KINDS:
+            document.setdefault("metadata", {}).setdefault("namespace", "default")
+        if kind == "Secret":
+            document["data"] = {key: _secret_value(key, value) for key, value in (document.get("data") or {}).items()}
+        if kind == "ConfigMap":
+            assert configmap is None, f"{name}: one ConfigMap per case"
+            configmap = document
+        elif kind in SNAPSHOT_FIELDS:
+            fields[SNAPSHOT_FIELDS[kind]].append(document)
+        else:
+            raise AssertionError(f"{name}/input.yaml: unknown kind {kind!r}")
+    snapshot = Snapshot(**{field: tuple(objects) for field, objects in fields.items()}, configmap=configmap)
+    return Case(name, options, snapshot, expected)
+
+
+def expected_configuration(case: Case) -> Configuration:
+    expected = case.expected
+    secrets = {
+        f"{secret['metadata']['namespace']}/{secret['metadata']['name']}": secret for secret in case.snapshot.secrets
+    }
+
+    def certificate(spec: dict, hosts: tuple[str, ...]) -> Certificate:
+        data = secrets[spec["secret"]]["data"]
+        return Certificate(
+            chain_pem=base64.b64decode(data["tls.crt"]),
+            key=PemKey(base64.b64decode(data["tls.key"])),
+            hosts=hosts,
+            origin=f"Secret {spec['secret']}",
+        )
+
+    crypto = expected.get("crypto") or {}
+    engine = crypto.get("engine")
+    return Configuration(
+        routes=RouteTable(
+            virtual_hosts=tuple(
+                VirtualHost(
+                    host=host["host"],
+                    paths=tuple(_path_rule(text) for text in host["paths"]),
+                    redirect_to_https=host.get("redirect_to_https", False),
+                )
+                for host in expected.get("virtual_hosts") or ()
+            ),
+            backends=tuple(
+                Backend(name, tuple(_address(text) for text in endpoints))
+                for name, endpoints in (expected.get("backends") or {}).items()
+            ),
+            default_backend=expected.get("default_backend"),
+        ),
+        certificates=tuple(
+            certificate(spec, tuple(spec["hosts"])) for spec in expected.get("certificates") or ()
+        ),
+        default_certificate=(
+            certificate(expected["default_certificate"], ()) if expected.get("default_certificate") else None
+        ),
+        crypto=CryptoSettings(
+            engine=EngineSettings(id=engine["id"], algorithms=tuple(engine.get("algorithms", ("ALL",))))
+            if engine
+            else None,
+            async_mode=crypto.get("async_mode", False),
+        ),
+        timeouts=Timeouts(**(expected.get("timeouts") or {})),
+        hsts=Hsts(**expected["hsts"]) if expected.get("hsts") is not None else None,
+    )
+
+
+def expected_claimed(case: Case) -> tuple[tuple[str, str], ...]:
+    return tuple(tuple(ref.split("/")) for ref in case.expected.get("claimed") or ())  # type: ignore[misc]
+
+
+def _path_rule(text: str) -> PathRule:
+    path, path_type, backend = text.split()
+    return PathRule(path, PathType(path_type), backend)
+
+
+def _address(text: str) -> Address:
+    host, _, port = text.rpartition(":")
+    return Address(host.strip("[]"), int(port))
+
+
+def _secret_value(data_key: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if "base64" in value:
+        return base64.b64encode(value["base64"].encode()).decode()
+    private_key, certificate = _key_pair(tuple(value["generate"]), value.get("key", "ec"))
+    if data_key == "tls.crt":
+        pem = certificate.public_bytes(serialization.Encoding.PEM)
+    else:
+        pem = private_key.private_bytes(
+            serialization.Encoding.PEM, KEY_FORMATS[value.get("format", "pkcs8")], serialization.NoEncryption()
+        )
+    return base64.b64encode(pem).decode()
+
+
+@functools.cache
+def _key_pair(names: tuple[str, ...], key_type: str) -> tuple[Any, x509.Certificate]:
+    """A self-signed certificate for `names` (the first is the CN; none = no SAN extension)."""
+    private_key: Any = rsa.generate_private_key(65537, 2048) if key_type == "rsa" else ec.generate_private_key(
+        ec.SECP256R1()
+    )
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "no-san.test")])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(private_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime(2020, 1, 1))
+        .not_valid_after(datetime.datetime(2100, 1, 1))
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+    return private_key, builder.sign(private_key, hashes.SHA256())
