@@ -365,8 +365,9 @@ class _ObjectIndex:
         service_port = next((port for port in ports if port.get(field_name) == reference.port), None)
         if service_port is None:
             known = ", ".join(f"{port.get('name') or '(unnamed)'}={port.get('port')}" for port in ports) or "none"
+            wanted = reference.port if field_name == "port" else f"named {reference.port!r}"
             raise _Rejected(
-                f"Service {service_ref} has no port {field_name} {reference.port!r} (its ports: {known}); "
+                f"Service {service_ref} has no port {wanted} (its ports: {known}); "
                 "fix backend.service.port"
             )
         port_name = service_port.get("name") or ""
