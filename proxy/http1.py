@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 `RequestParser` (client side) and `ResponseParser` (backend side) are fed raw bytes and append
-frozen events to their `events` deque: a head (`RequestHead` / `ResponseHead`), any number of
+frozen events to their `events` deque (the connection's own queue, when it passes one in): a head (`RequestHead` / `ResponseHead`), any number of
 `Body` pieces (already de-chunked), then `EndOfMessage`. Pipelined requests simply produce the
 next head after the previous `EndOfMessage`; the connection shell consumes events in order, so
 responses go out in request order. After an accepted Upgrade (or a 101 response), the bytes that
@@ -125,8 +125,8 @@ def _content_length(values: list[bytes]) -> int | None:
 class _ParserBase:
     """Collects the callbacks llhttp makes during `feed_data` into events."""
 
-    def __init__(self) -> None:
-        self.events: deque[Event] = deque()
+    def __init__(self, events: deque[Event] | None = None) -> None:
+        self.events: deque[Event] = deque() if events is None else events
         self.tunnel = False
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
@@ -171,8 +171,8 @@ class _ParserBase:
 
 
 class RequestParser(_ParserBase):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, events: deque[Event] | None = None) -> None:
+        super().__init__(events)
         self._parser = httptools.HttpRequestParser(self)
         self._target = b""
 
@@ -239,8 +239,8 @@ class RequestParser(_ParserBase):
 class ResponseParser(_ParserBase):
     """Parses one backend response (plus any 1xx before it) to a request with `request_method`."""
 
-    def __init__(self, request_method: bytes) -> None:
-        super().__init__()
+    def __init__(self, request_method: bytes, events: deque[Event] | None = None) -> None:
+        super().__init__(events)
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = request_method == b"HEAD"
         self._reason = b""

@@ -1,0 +1,191 @@
+"""The data plane's lifecycle: publish configurations, open listeners, serve, drain.
+
+`ProxyServer` is the `ConfigurationSink` both route sources feed. `publish` builds everything a
+configuration needs — crypto runtime (only when crypto settings changed), TLS contexts, router,
+backend pools — and then swaps `self.generation` in one assignment. Requests read the current
+generation when they start and keep it until they end; nothing per connection touches
+configuration objects being built. A generation counter plus an asyncio.Condition let tests and
+the admin endpoint wait for "generation N is live" instead of sleeping.
+
+Listeners open only after the first configuration is live (readyz is false before); SIGTERM
+closes them, lets requests in flight finish within `timeouts.drain`, and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+from config.crypto import CryptoRuntime, CryptoSetupError
+from config.model import Address, Configuration, Listeners, Problem
+from config.source import RouteSource
+from proxy import metrics
+from proxy.balancer import Balancer
+from proxy.contexts import TlsContexts, build_contexts
+from proxy.downstream import ClientConnection, Listener
+from proxy.libssl import TICKET_KEYS_LENGTH
+from proxy.router import Router
+
+LOG = logging.getLogger("ingress_proxy")
+LISTEN_BACKLOG = 1024
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    configuration: Configuration
+    router: Router
+    tls: TlsContexts
+
+
+class ProxyServer:
+    def __init__(self, listeners: Listeners, ticket_keys: bytes | None = None) -> None:
+        self.listeners = listeners
+        self.https_port = listeners.https.port
+        self.ticket_keys = ticket_keys or os.urandom(TICKET_KEYS_LENGTH)
+        self.balancer = Balancer()
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self._generation: Generation | None = None
+        self._next_publish = asyncio.Event()  # set (and replaced) by every publish
+        self._crypto: CryptoRuntime | None = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self.bound_ports: dict[str, int] = {}  # listener name → port actually bound (port 0 in tests)
+
+    # -- ConfigurationSink --------------------------------------------------------------------
+
+    @property
+    def generation(self) -> Generation:
+        assert self._generation is not None, "no configuration published yet"
+        return self._generation
+
+    @property
+    def ready(self) -> bool:
+        return self._generation is not None and not self.draining
+
+    def publish(self, configuration: Configuration) -> tuple[Problem, ...]:
+        problems: list[Problem] = []
+        crypto = self._crypto
+        if crypto is None or crypto.settings != configuration.crypto:
+            try:
+                crypto = CryptoRuntime.start(configuration.crypto)
+            except CryptoSetupError as error:
+                if crypto is None:
+                    raise  # start-up: a required engine that does not load stops the process
+                problems.append(Problem("tls.engine", f"{error}; keeping the previous crypto set-up"))
+                configuration = dataclasses.replace(configuration, crypto=crypto.settings)
+            else:
+                self._crypto = crypto
+                if configuration.crypto.engine is not None:
+                    metrics.ENGINE_UP.labels(configuration.crypto.engine.id).set(crypto.engine_status == "loaded")
+        tls = build_contexts(configuration, crypto.use_private_key, self.ticket_keys)
+        problems.extend(tls.problems)
+        number = self._generation.number + 1 if self._generation else 1
+        self.balancer.set_backends(configuration.routes.backends)
+        self._generation = Generation(number, configuration, Router(configuration.routes), tls)
+        metrics.CONFIG_GENERATION.set(number)
+        published, self._next_publish = self._next_publish, asyncio.Event()
+        published.set()
+        for problem in problems:
+            LOG.warning("%s", problem)
+        return tuple(problems)
+
+    def update_endpoints(self, backend: str, endpoints: tuple[Address, ...]) -> None:
+        self.balancer.update_endpoints(backend, endpoints)
+
+    async def wait_for_generation(self, number: int) -> Generation:
+        while self._generation is None or self._generation.number < number:
+            await self._next_publish.wait()
+        return self._generation
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        plan = [("https", True, self.listeners.https)]
+        if self.listeners.http is not None:
+            plan.append(("http", False, self.listeners.http))
+        for name, tls, address in plan:
+            sock = _listening_socket(address)
+            listener = Listener(name, tls, sock.getsockname()[1])
+            server = await loop.create_server(
+                lambda listener=listener: ClientConnection(self, listener),  # type: ignore[misc]
+                sock=sock,
+                backlog=LISTEN_BACKLOG,
+            )
+            self._servers.append(server)
+            self.bound_ports[name] = server.sockets[0].getsockname()[1]
+            if name == "https":
+                self.https_port = self.bound_ports[name]
+            LOG.info("listening for %s on %s", name, address)
+
+    async def drain(self) -> None:
+        """Stop accepting, let requests in flight finish (bounded), then close everything."""
+        self.draining = True
+        for server in self._servers:
+            server.close()
+        for connection in list(self.connections):
+            connection.drain_now()
+        deadline = asyncio.get_running_loop().time() + self.generation.configuration.timeouts.drain
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        if self._crypto is not None:
+            self._crypto.close()
+
+    async def serve(self, source: RouteSource, stop: asyncio.Event) -> None:
+        """Run `source` into this server, open listeners once configured, drain when `stop` is set."""
+        source_task = asyncio.create_task(source.run(self))
+        first = asyncio.create_task(self.wait_for_generation(1))
+        done, _ = await asyncio.wait({source_task, first}, return_when=asyncio.FIRST_COMPLETED)
+        if source_task in done:
+            first.cancel()
+            source_task.result()  # the source failed before publishing: raise its error
+            raise RuntimeError("the route source stopped before publishing a configuration")
+        await self.start_listeners()
+        try:
+            await stop.wait()
+        finally:
+            LOG.info("draining %d connections", len(self.connections))
+            await self.drain()
+            source_task.cancel()
+            await asyncio.gather(source_task, return_exceptions=True)
+
+
+def _listening_socket(address: Address) -> socket.socket:
+    """SO_REUSEPORT so that several worker processes can share one listener address."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((address.host, address.port))
+    sock.setblocking(False)
+    return sock
+
+
+async def run_proxy(listeners: Listeners, source: RouteSource) -> int:
+    """The process's main coroutine: admin listener, route source, data plane, drain on SIGTERM."""
+    from proxy.admin import start_admin
+
+    server = ProxyServer(listeners)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    admin = await start_admin(listeners.admin, lambda: server.ready) if listeners.admin else None
+    try:
+        await server.serve(source, stop)
+    except CryptoSetupError as error:
+        LOG.error("%s", error)
+        return 1
+    finally:
+        if admin is not None:
+            await admin.cleanup()
+    return 0
