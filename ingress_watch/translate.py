@@ -92,7 +92,7 @@ PATH_TYPES = {path_type.value: path_type for path_type in PathType}
 ENGINE_ALGORITHMS = frozenset(
     {"ALL", "RSA", "DSA", "EC", "DH", "RAND", "CIPHERS", "DIGESTS", "PKEY", "PKEY_CRYPTO", "PKEY_ASN1"}
 )
-DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DURATION_MICROSECONDS = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 DURATION = re.compile(r"(\d+)(us|ms|s|m|h|d)?")
 PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
@@ -179,7 +179,7 @@ def translate(snapshot: Snapshot, options: TranslateOptions) -> Translation:
     if options.default_ssl_certificate is not None:
         namespace, name = options.default_ssl_certificate
         try:
-            material = _load_tls_secret(index.secrets.get((namespace, name)))
+            material = _load_tls_secret(index.secrets.get((namespace, name)), "the default SSL certificate option")
         except _Rejected as rejected:
             problems.append(Problem(f"Secret {namespace}/{name}", f"default SSL certificate: {rejected}"))
         else:
@@ -472,9 +472,9 @@ class _TlsMaterial:
         return Certificate(self.chain_pem, PemKey(self.key_pem), hosts, origin)
 
 
-def _load_tls_secret(secret: dict | None) -> _TlsMaterial:
+def _load_tls_secret(secret: dict | None, reference_to_fix: str) -> _TlsMaterial:
     if secret is None:
-        raise _Rejected("not found; create it (kubectl create secret tls) or fix secretName")
+        raise _Rejected(f"not found; create it (kubectl create secret tls) or fix {reference_to_fix}")
     if secret.get("type") != TLS_SECRET_TYPE:
         raise _Rejected(
             f"type is {secret.get('type')!r}, expected {TLS_SECRET_TYPE}; recreate it with kubectl create secret tls"
@@ -530,7 +530,7 @@ class _CertificateCollector:
         secret_ref = f"{key[0]}/{key[1]}"
         if key not in self._loaded:
             try:
-                self._loaded[key] = _load_tls_secret(self._index.secrets.get(key))
+                self._loaded[key] = _load_tls_secret(self._index.secrets.get(key), "spec.tls[].secretName")
             except _Rejected as rejected:
                 self._loaded[key] = rejected
         material = self._loaded[key]
@@ -595,7 +595,7 @@ def _parse_duration(raw: str) -> float:
     match = DURATION.fullmatch(str(raw).strip())
     if match is None:
         raise _Rejected(f"{raw!r} is not a duration; use an integer and a unit (us, ms, s, m, h, d) like 500ms, 5s, 1m")
-    seconds = int(match[1]) * DURATION_UNITS[match[2] or "ms"]
+    seconds = int(match[1]) * DURATION_MICROSECONDS[match[2] or "ms"] / 1_000_000
     if seconds <= 0:
         raise _Rejected(f"{raw!r} must be greater than zero")
     return seconds
