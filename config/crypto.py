@@ -16,6 +16,8 @@ Theory of operation. Everything here runs in the control plane, once per distinc
 4. `use_private_key` installs each certificate's key into a context: PEM keys the usual way,
    `engine:<URI>` keys with `ENGINE_load_private_key`, so key material never enters Python.
    A UI method that answers nothing is passed, so a missing PIN fails instead of prompting on a tty.
+5. `close` unregisters the engine's default methods. The engine stays loaded for the process and
+   a later runtime with the same engine settings reuses it (see `_process_engine` for why).
 
 Failure policy: an engine that does not load with `required: false` logs one warning (engine id
 and reason) and the runtime serves with software crypto; with `required: true` start-up fails with
@@ -206,7 +208,7 @@ class CryptoRuntime:
         self.fallback_reason: str | None = None
         self.providers_loaded: tuple[str, ...] = ()
         self.keys_installed: collections.Counter[str] = collections.Counter()
-        self._engine: Any = None  # initialised cffi ENGINE*: one structural + one functional reference
+        self._engine: Any = None  # initialised cffi ENGINE*, owned by _loaded_engines
         self._default_flags = 0
 
     @classmethod
@@ -227,7 +229,7 @@ class CryptoRuntime:
 
     def _start_engine(self, engine: EngineSettings) -> None:
         try:
-            self._engine = _load_engine(engine)
+            self._engine = _process_engine(engine)
             flags = algorithm_flags(engine.algorithms)
             if flags and not _libcrypto.ENGINE_set_default(self._engine_address(), flags):
                 raise _EngineLoadError(f"ENGINE_set_default({'|'.join(engine.algorithms)}) failed: {openssl_errors()}")
@@ -296,30 +298,50 @@ class CryptoRuntime:
         return f"engine:{self.engine_id}"
 
     def close(self) -> None:
-        """Give default methods back to software and drop our engine references (ENGINE_finish/free).
+        """Give the default methods back to software (ENGINE_unregister_*) and stop using the engine.
 
-        Keys already installed in contexts keep the engine initialised through their own references.
+        The engine itself stays loaded for the process (see `_process_engine`); keys already
+        installed in contexts that still serve keep working.
         """
         self._release_engine()
 
     def _release_engine(self) -> None:
         if self._engine is None:
             return
-        lib = pyopenssl_binding.lib
         address = self._engine_address()
         for flag, suffix in _UNREGISTER_BY_FLAG.items():
             if self._default_flags & flag:
                 getattr(_libcrypto, f"ENGINE_unregister_{suffix}")(address)
-        lib.ENGINE_finish(self._engine)
-        lib.ENGINE_free(self._engine)
         self._engine = None
         self._default_flags = 0
-        lib.ERR_clear_error()
+        pyopenssl_binding.lib.ERR_clear_error()
 
 
 def _engine_uri(key: EngineKey) -> str:
     """EngineKey.uri may be given with or without the `engine:` prefix of the routes file."""
     return key.uri[len(ENGINE_KEY_PREFIX) :] if key.uri.startswith(ENGINE_KEY_PREFIX) else key.uri
+
+
+# Engines loaded in this process, by id: ((so_path, ctrl), initialised ENGINE*). Like HAProxy, an
+# engine is loaded once and kept until exit: OpenSSL cannot bind the same engine library a second
+# time while keys from the first binding are alive (libp11 fails with "init failed"), and contexts
+# still serving old connections hold such keys. Reloads with the same engine settings reuse it.
+_loaded_engines: dict[str, tuple[tuple[str | None, tuple[tuple[str, str], ...]], Any]] = {}
+
+
+def _process_engine(engine: EngineSettings) -> Any:
+    identity = (engine.so_path, engine.ctrl)
+    if engine.id in _loaded_engines:
+        loaded_identity, handle = _loaded_engines[engine.id]
+        if loaded_identity != identity:
+            raise _EngineLoadError(
+                "it is already loaded in this process with another so_path/ctrl, and OpenSSL cannot "
+                "load an engine twice; fix: restart ingress-proxy to apply the new engine settings"
+            )
+        return handle
+    handle = _load_engine(engine)
+    _loaded_engines[engine.id] = (identity, handle)
+    return handle
 
 
 def _load_engine(engine: EngineSettings) -> Any:

@@ -109,6 +109,13 @@ def ca() -> trustme.CA:
     return trustme.CA(key_type=trustme.KeyType.RSA)
 
 
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
 @dataclass(frozen=True)
 class ServerIdentity:
     chain_pem: bytes

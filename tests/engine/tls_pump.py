@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import select
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from OpenSSL import SSL
@@ -66,8 +67,14 @@ class PumpResult:
 
 
 def pump_handshakes(
-    server_context: SSL.Context, client_context: SSL.Context, count: int, timeout: float = 20.0
+    server_context: SSL.Context,
+    client_context: SSL.Context,
+    count: int,
+    when_stalled: Callable[[], None] | None = None,
+    timeout: float = 20.0,
 ) -> PumpResult:
+    """Complete `count` handshakes in this thread; `when_stalled` runs once, the first time every
+    unfinished server connection is paused on an async job and no wait fd is readable."""
     pairs = []
     for _ in range(count):
         server = SSL.Connection(server_context, None)
@@ -105,7 +112,12 @@ def pump_handshakes(
         if paused:
             nothing_else_to_do = all(pair.wait_fds or (pair.server_done and pair.client_done) for pair in pairs)
             fds = [fd for pair in paused for fd in pair.wait_fds]
-            readable, _, _ = select.select(fds, [], [], 1.0 if nothing_else_to_do else 0)
+            readable, _, _ = select.select(fds, [], [], 0)
+            if not readable and nothing_else_to_do:
+                if when_stalled is not None:
+                    when_stalled()
+                    when_stalled = None
+                readable, _, _ = select.select(fds, [], [], 1.0)
             for pair in paused:
                 if set(pair.wait_fds) & set(readable):
                     pair.wait_fds = []
@@ -113,7 +125,7 @@ def pump_handshakes(
 
 
 class TlsTestServer:
-    """Loopback TLS server: handshake (async-job aware), answer b"hello\\n", close."""
+    """Loopback TLS server: handshake (async-job aware), answer b"hello\\n", close_notify, close."""
 
     def __init__(self, context: SSL.Context) -> None:
         self.context = context
@@ -148,6 +160,7 @@ class TlsTestServer:
                 connection.bio_write(data)
             self.handshakes += 1
             connection.send(b"hello\n")
+            connection.shutdown()  # close_notify: s_client treats a bare EOF as an error
             self._flush(connection, writer)
             await writer.drain()
         except (HandshakeFailed, ConnectionError):
@@ -177,3 +190,25 @@ async def _readable(fds: list[int]) -> None:
     finally:
         for fd in fds:
             loop.remove_reader(fd)
+
+
+async def s_client(port: int, ca_file: str, *options: str) -> str:
+    """Run `openssl s_client -brief` against 127.0.0.1:port; returns its output, raises if it failed."""
+    process = await asyncio.create_subprocess_exec(
+        "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+        "-CAfile", ca_file, "-verify_return_error", "-brief", *options,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 20)
+    text = output.decode(errors="replace")
+    if process.returncode != 0 or "CONNECTION ESTABLISHED" not in text:
+        raise HandshakeFailed(f"s_client exited {process.returncode}: {text.strip()}")
+    return text
+
+
+def signature_type(s_client_output: str) -> str:
+    """The server's signature algorithm as `s_client -brief` reports it ("RSA-PSS", "ECDSA", ...)."""
+    for line in s_client_output.splitlines():
+        if line.startswith(("Signature type:", "Peer signature type:")):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no signature type in: {s_client_output}")
