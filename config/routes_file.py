@@ -1,0 +1,846 @@
+"""The routes file (YAML, the standalone user contract) → listeners + `Configuration`.
+
+Theory of operation. The file is *composed*, not constructed: `yaml.compose` returns the node
+tree with a start mark on every node, so each problem can name FILE:LINE:COL of the token at
+fault. A single `_Checker` walks the tree section by section, converting nodes to model values
+and appending a `Problem` for everything wrong instead of stopping; only when the walk is over
+are the problems (sorted by position) raised together as one `RoutesFileError`, one line each:
+"FILE:LINE:COL: where: what is wrong (how to fix it)". The walk avoids cascades: a part that
+fails yields None and checks depending on it are skipped, and a backend whose endpoints are bad
+still counts as defined, so routes naming it are not reported again.
+
+Decisions a user can observe (documented in examples/routes.yaml too):
+- Scalars are read as typed by YAML 1.1: a string field takes any non-null scalar exactly as
+  written (`id: 1234` is the text "1234"), a boolean field only a YAML boolean, a number field
+  only an int or float. Duplicate mapping keys are problems (PyYAML would keep the last one).
+- Two `routes` entries with the same host are merged into one VirtualHost, paths concatenated in
+  file order; giving them different `redirect_to_https` values is a problem. The same
+  (host, path, type) twice is a problem. Virtual hosts and backends keep file order.
+- Hosts are lower-cased; a port, a trailing dot or a wildcard anywhere but as the whole leftmost
+  label is a problem. A certificate without `hosts:` serves its subjectAltName DNS names.
+- Listener and endpoint addresses are `host:port` with IPv6 in brackets; IP literals are stored
+  in canonical form so `[::0001]:80` and `[::1]:80` are the same endpoint. Two listeners clash
+  on the same port when their hosts are equal or either is 0.0.0.0 / [::].
+- A PEM key is read from its file (PKCS#1, SEC1 or PKCS#8, unencrypted) and must match the
+  certificate's public key. `key: "engine:<URI>"` becomes `EngineKey(URI)` and reads no file; a
+  PIN from `pin_env`/`pin_file` is appended as `;pin-value=<PIN, percent-encoded>` in memory.
+  Messages never contain key bytes, PINs or engine key URIs (which may carry a PIN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import pathlib
+import re
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from config.crypto import ALGORITHM_FLAGS, ENGINE_KEY_PREFIX
+from config.model import (
+    Address,
+    Backend,
+    Certificate,
+    Configuration,
+    CryptoSettings,
+    EngineKey,
+    EngineSettings,
+    Hsts,
+    KeySource,
+    Listeners,
+    PathRule,
+    PathType,
+    PemKey,
+    Problem,
+    RouteTable,
+    Timeouts,
+    VirtualHost,
+)
+
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SCALARS = yaml.constructor.SafeConstructor()  # only its stateless scalar converters are used
+_TAG_NULL = "tag:yaml.org,2002:null"
+_TAG_BOOL = "tag:yaml.org,2002:bool"
+_TAG_INT = "tag:yaml.org,2002:int"
+_TAG_FLOAT = "tag:yaml.org,2002:float"
+
+# Known keys per section, in the order the hint lists them.
+_TOP_KEYS = ("listen", "tls", "timeouts", "hsts", "access_log", "routes", "default_backend", "backends")
+_LISTEN_KEYS = ("https", "http", "admin")
+_TLS_KEYS = ("certificates", "default_certificate", "engine", "async", "providers")
+_CERTIFICATE_KEYS = ("cert", "key", "hosts", "pin_env", "pin_file")
+_DEFAULT_CERTIFICATE_KEYS = ("cert", "key", "pin_env", "pin_file")
+_ENGINE_KEYS = ("id", "so_path", "ctrl", "algorithms", "required")
+_TIMEOUT_KEYS = tuple(field.name for field in dataclasses.fields(Timeouts))
+_HSTS_KEYS = ("max_age", "include_subdomains", "preload")
+_ACCESS_LOG_KEYS = ("json",)
+_ROUTE_KEYS = ("host", "redirect_to_https", "paths")
+_PATH_KEYS = ("path", "type", "backend")
+_BACKEND_KEYS = ("endpoints",)
+
+_PATH_TYPES = {path_type.value: path_type for path_type in PathType}
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
+_URI_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:[^/\\]", re.IGNORECASE)
+_LOOKS_NUMERIC = re.compile(r"[0-9.]+")  # "127.0.0.01" is a mistyped IP, not a host name
+_UNSPECIFIED_HOSTS = frozenset({"0.0.0.0", "::"})
+_MAX_HOST_LENGTH = 253  # RFC 1035 limit on a DNS name's text form
+
+
+@dataclass(frozen=True)
+class LoadedRoutes:
+    listeners: Listeners
+    configuration: Configuration
+
+
+class RoutesFileError(Exception):
+    """Everything wrong with one routes file; str() is one "FILE:LINE:COL: message" per line."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("\n".join(str(problem) for problem in self.problems))
+
+
+def load_routes_file(path: pathlib.Path) -> LoadedRoutes:
+    """Read, check and convert the routes file at `path`; raise RoutesFileError listing ALL problems."""
+    checker = _Checker(path)
+    try:
+        text = path.read_bytes()
+    except OSError as error:
+        raise RoutesFileError(
+            [Problem(str(path), f"cannot read the routes file: {error.strerror} (check the path and permissions)")]
+        ) from None
+    try:
+        root = yaml.compose(text, Loader=_YAML_LOADER)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        location = checker.location_of_mark(mark) if mark else str(path)
+        context = f" {error.context}" if error.context else ""
+        raise RoutesFileError(
+            [Problem(location, f"YAML syntax error: {error.problem}{context} (fix the YAML at this position)")]
+        ) from None
+    except yaml.YAMLError as error:
+        raise RoutesFileError([Problem(str(path), f"not readable as YAML: {error} (save it as UTF-8 text)")]) from None
+    return checker.load(root)
+
+
+class _Checker:
+    """One pass over a composed routes file; collects problems, returns model values or None."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        self.base_directory = path.parent
+        self._problems: list[tuple[int, int, Problem]] = []
+
+    # ---- the document -------------------------------------------------------------------------
+
+    def load(self, root: yaml.Node | None) -> LoadedRoutes:
+        if root is None:
+            self._problems.append(
+                (0, 0, Problem(f"{self.path}:1:1", "the file is empty (start with listen: {https: 127.0.0.1:8443})"))
+            )
+            raise RoutesFileError([problem for _, _, problem in self._problems])
+        fields = self.mapping(root, "the file", _TOP_KEYS, required={"listen": "listen: {https: 127.0.0.1:8443}"})
+        if fields is None:
+            raise RoutesFileError(self.sorted_problems())
+        listeners = self.listeners(fields["listen"]) if "listen" in fields else None
+        backends, defined_backends = self.backends(fields.get("backends"))
+        virtual_hosts = self.routes(fields["routes"], defined_backends) if "routes" in fields else ()
+        default_backend = None
+        if "default_backend" in fields:
+            default_backend = self.backend_reference(fields["default_backend"], "default_backend", defined_backends)
+        certificates, default_certificate, crypto = self.tls(fields["tls"]) if "tls" in fields else ((), None, CryptoSettings())
+        timeouts = self.timeouts(fields["timeouts"]) if "timeouts" in fields else Timeouts()
+        hsts = self.hsts(fields["hsts"]) if "hsts" in fields else None
+        access_log_json = self.access_log_json(fields["access_log"]) if "access_log" in fields else False
+        problems = self.sorted_problems()
+        if problems or listeners is None:
+            raise RoutesFileError(problems)
+        configuration = Configuration(
+            routes=RouteTable(virtual_hosts=virtual_hosts, backends=backends, default_backend=default_backend),
+            certificates=certificates,
+            default_certificate=default_certificate,
+            crypto=crypto,
+            timeouts=timeouts,
+            hsts=hsts,
+            access_log_json=access_log_json,
+        )
+        return LoadedRoutes(listeners=listeners, configuration=configuration)
+
+    # ---- listen -------------------------------------------------------------------------------
+
+    def listeners(self, node: yaml.Node) -> Listeners | None:
+        fields = self.mapping(node, "listen", _LISTEN_KEYS, required={"https": "https: 127.0.0.1:8443"})
+        if fields is None:
+            return None
+        found: dict[str, Address] = {}
+        for name in _LISTEN_KEYS:
+            if name not in fields:
+                continue
+            address = self.address(fields[name], f"listen.{name}")
+            if address is None:
+                continue
+            for other_name, other in found.items():
+                if _listeners_clash(address, other):
+                    self.report(
+                        fields[name],
+                        f"listen.{name}: {address} clashes with listen.{other_name} ({other}) "
+                        "(give each listener its own port)",
+                    )
+            found[name] = address
+        if "https" not in found:
+            return None
+        return Listeners(https=found["https"], http=found.get("http"), admin=found.get("admin"))
+
+    def address(self, node: yaml.Node, where: str) -> Address | None:
+        text = self.text(node, where)
+        if text is None:
+            return None
+        try:
+            return _parse_address(text)
+        except ValueError as error:
+            self.report(node, f"{where}: {error}")
+            return None
+
+    # ---- backends and routes ------------------------------------------------------------------
+
+    def backends(self, node: yaml.Node | None) -> tuple[tuple[Backend, ...], set[str]]:
+        """The backends that are fully valid, and the names of all defined (even broken) ones."""
+        if node is None:
+            return (), set()
+        entries = self.mapping(node, "backends", known=None)
+        if entries is None:
+            return (), set()
+        backends: list[Backend] = []
+        for name, value in entries.items():
+            where = f"backends.{name}"
+            fields = self.mapping(value, where, _BACKEND_KEYS, required={"endpoints": 'endpoints: ["127.0.0.1:9001"]'})
+            if fields is None or "endpoints" not in fields:
+                continue
+            items = self.sequence(fields["endpoints"], f"{where}.endpoints")
+            if items is None:
+                continue
+            if not items:
+                self.report(fields["endpoints"], f'{where}.endpoints: the list is empty (add at least one "host:port")')
+                continue
+            endpoints: list[Address] = []
+            for index, item in enumerate(items):
+                endpoint = self.address(item, f"{where}.endpoints[{index}]")
+                if endpoint is None:
+                    continue
+                if endpoint in endpoints:
+                    self.report(item, f"{where}.endpoints[{index}]: {endpoint} is listed twice (remove one)")
+                    continue
+                endpoints.append(endpoint)
+            backends.append(Backend(name=name, endpoints=tuple(endpoints)))
+        return tuple(backends), set(entries)
+
+    def backend_reference(self, node: yaml.Node, where: str, defined: set[str]) -> str | None:
+        name = self.text(node, where)
+        if name is None:
+            return None
+        if name not in defined:
+            close = difflib.get_close_matches(name, sorted(defined), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"define it under backends: {{{name}: {{endpoints: [...]}}}}"
+            self.report(node, f"{where}: backend '{name}' is not defined ({hint})")
+            return None
+        return name
+
+    def routes(self, node: yaml.Node, defined_backends: set[str]) -> tuple[VirtualHost, ...]:
+        items = self.sequence(node, "routes")
+        if items is None:
+            return ()
+        paths_by_host: dict[str, list[PathRule]] = {}
+        redirect_by_host: dict[str, tuple[bool, str]] = {}  # host → (value, where it was set)
+        rule_origins: dict[tuple[str, str, PathType], str] = {}
+        for index, item in enumerate(items):
+            where = f"routes[{index}]"
+            fields = self.mapping(item, where, _ROUTE_KEYS, required={"paths": "paths: [{path: /, backend: NAME}]"})
+            if fields is None:
+                continue
+            host: str | None = ""
+            if "host" in fields:
+                host = self.host_pattern(fields["host"], f"{where}.host", allow_any=True)
+            redirect = False
+            if "redirect_to_https" in fields:
+                redirect = self.flag(fields["redirect_to_https"], f"{where}.redirect_to_https") is True
+            if host is None:
+                continue
+            redirect_node = fields.get("redirect_to_https", item)
+            if host in redirect_by_host and redirect_by_host[host][0] != redirect:
+                first_value, first_location = redirect_by_host[host]
+                self.report(
+                    redirect_node,
+                    f"{where}.redirect_to_https: host '{host}' already has redirect_to_https: "
+                    f"{str(first_value).lower()} at {first_location} (use one value for all entries of a host)",
+                )
+            redirect_by_host.setdefault(host, (redirect, self.location(redirect_node)))
+            rules = paths_by_host.setdefault(host, [])
+            if "paths" in fields:
+                rules.extend(self.path_rules(fields["paths"], f"{where}.paths", host, defined_backends, rule_origins))
+        return tuple(
+            VirtualHost(host=host, paths=tuple(rules), redirect_to_https=redirect_by_host[host][0])
+            for host, rules in paths_by_host.items()
+        )
+
+    def path_rules(
+        self,
+        node: yaml.Node,
+        where: str,
+        host: str,
+        defined_backends: set[str],
+        rule_origins: dict[tuple[str, str, PathType], str],
+    ) -> list[PathRule]:
+        items = self.sequence(node, where)
+        if items is None:
+            return []
+        if not items:
+            self.report(node, f"{where}: the list is empty (add {{path: /, backend: NAME}})")
+            return []
+        rules: list[PathRule] = []
+        for index, item in enumerate(items):
+            item_where = f"{where}[{index}]"
+            fields = self.mapping(
+                item, item_where, _PATH_KEYS, required={"path": "path: /", "backend": "backend: NAME"}
+            )
+            if fields is None:
+                continue
+            path_type: PathType | None = PathType.PREFIX
+            if "type" in fields:
+                path_type = self.path_type(fields["type"], f"{item_where}.type")
+            path = self.text(fields["path"], f"{item_where}.path") if "path" in fields else None
+            backend = None
+            if "backend" in fields:
+                backend = self.backend_reference(fields["backend"], f"{item_where}.backend", defined_backends)
+            if path is None or path_type is None:
+                continue
+            if path_type is not PathType.IMPLEMENTATION_SPECIFIC and not path.startswith("/"):
+                self.report(fields["path"], f"{item_where}.path: {path_type.value} paths start with '/' (write '/{path}')")
+                continue
+            rule_key = (host, path, path_type)
+            if rule_key in rule_origins:
+                self.report(
+                    item,
+                    f"{item_where}: host '{host}' path '{path}' type {path_type.value} is already routed at "
+                    f"{rule_origins[rule_key]} (remove one of the two)",
+                )
+                continue
+            rule_origins[rule_key] = self.location(item)
+            if backend is not None:
+                rules.append(PathRule(path=path, path_type=path_type, backend=backend))
+        return rules
+
+    def path_type(self, node: yaml.Node, where: str) -> PathType | None:
+        text = self.text(node, where)
+        if text is None:
+            return None
+        if text not in _PATH_TYPES:
+            self.report(node, f"{where}: '{text}' is not a path type (use Exact, Prefix or ImplementationSpecific)")
+            return None
+        return _PATH_TYPES[text]
+
+    def host_pattern(self, node: yaml.Node, where: str, allow_any: bool) -> str | None:
+        if allow_any and _is_null(node):
+            return ""
+        text = self.text(node, where)
+        if text is None:
+            return None
+        try:
+            return _parse_host_pattern(text, allow_any)
+        except ValueError as error:
+            self.report(node, f"{where}: {error}")
+            return None
+
+    # ---- tls ----------------------------------------------------------------------------------
+
+    def tls(self, node: yaml.Node) -> tuple[tuple[Certificate, ...], Certificate | None, CryptoSettings]:
+        fields = self.mapping(node, "tls", _TLS_KEYS)
+        if fields is None:
+            return (), None, CryptoSettings()
+        engine = self.engine(fields["engine"]) if "engine" in fields else None
+        engine_configured = "engine" in fields
+        certificates: list[Certificate] = []
+        if "certificates" in fields:
+            for index, item in enumerate(self.sequence(fields["certificates"], "tls.certificates") or []):
+                certificate = self.certificate(item, f"tls.certificates[{index}]", engine_configured, is_default=False)
+                if certificate is not None:
+                    certificates.append(certificate)
+        default_certificate = None
+        if "default_certificate" in fields:
+            default_certificate = self.certificate(
+                fields["default_certificate"], "tls.default_certificate", engine_configured, is_default=True
+            )
+        async_mode = "async" in fields and self.flag(fields["async"], "tls.async") is True
+        providers: tuple[str, ...] = ()
+        if "providers" in fields:
+            providers = self.texts(fields["providers"], "tls.providers")
+        crypto = CryptoSettings(engine=engine, async_mode=async_mode, providers=providers)
+        return tuple(certificates), default_certificate, crypto
+
+    def engine(self, node: yaml.Node) -> EngineSettings | None:
+        fields = self.mapping(node, "tls.engine", _ENGINE_KEYS, required={"id": "id: pkcs11"})
+        if fields is None:
+            return None
+        engine_id = self.text(fields["id"], "tls.engine.id") if "id" in fields else None
+        so_path = self.text(fields["so_path"], "tls.engine.so_path") if "so_path" in fields else None
+        ctrl = self.ctrl_pairs(fields["ctrl"]) if "ctrl" in fields else ()
+        algorithms: tuple[str, ...] = ("ALL",)
+        if "algorithms" in fields:
+            algorithms = self.algorithms(fields["algorithms"])
+        required = "required" in fields and self.flag(fields["required"], "tls.engine.required") is True
+        if engine_id is None:
+            return None
+        return EngineSettings(id=engine_id, so_path=so_path, ctrl=ctrl, algorithms=algorithms, required=required)
+
+    def ctrl_pairs(self, node: yaml.Node) -> tuple[tuple[str, str], ...]:
+        pairs: list[tuple[str, str]] = []
+        for index, item in enumerate(self.sequence(node, "tls.engine.ctrl") or []):
+            where = f"tls.engine.ctrl[{index}]"
+            if not isinstance(item, yaml.SequenceNode) or len(item.value) != 2:
+                self.report(item, f"{where}: expected a [name, value] pair (write [MODULE_PATH, /path/to/module.so])")
+                continue
+            name = self.text(item.value[0], f"{where}[0]")
+            value = self.text(item.value[1], f"{where}[1]")
+            if name is not None and value is not None:
+                pairs.append((name, value))
+        return tuple(pairs)
+
+    def algorithms(self, node: yaml.Node) -> tuple[str, ...]:
+        items = self.sequence(node, "tls.engine.algorithms")
+        if items is None:
+            return ("ALL",)
+        if not items:
+            self.report(node, "tls.engine.algorithms: the list is empty (name at least one, or omit it for [ALL])")
+        names: list[str] = []
+        for index, item in enumerate(items):
+            name = self.text(item, f"tls.engine.algorithms[{index}]")
+            if name is None:
+                continue
+            if name not in ALGORITHM_FLAGS:
+                hint = f"did you mean {name.upper()}?" if name.upper() in ALGORITHM_FLAGS else f"use {', '.join(ALGORITHM_FLAGS)}"
+                self.report(item, f"tls.engine.algorithms[{index}]: unknown algorithm '{name}' ({hint})")
+                continue
+            names.append(name)
+        return tuple(names)
+
+    def certificate(self, node: yaml.Node, where: str, engine_configured: bool, is_default: bool) -> Certificate | None:
+        known = _DEFAULT_CERTIFICATE_KEYS if is_default else _CERTIFICATE_KEYS
+        fields = self.mapping(node, where, known, required={"cert": "cert: certs/site.pem", "key": "key: certs/site.key"})
+        if fields is None:
+            return None
+        chain_pem, leaf = self.certificate_chain(fields["cert"], f"{where}.cert") if "cert" in fields else (None, None)
+        key, private_key = self.private_key(fields, where, engine_configured) if "key" in fields else (None, None)
+        if leaf is not None and private_key is not None and not _key_matches(leaf, private_key):
+            self.report(
+                fields["key"],
+                f"{where}.key: the key does not match the certificate's public key "
+                "(use the key the certificate was issued for)",
+            )
+        hosts: tuple[str, ...] | None = None
+        if "hosts" in fields:
+            hosts = self.certificate_hosts(fields["hosts"], f"{where}.hosts")
+        elif leaf is not None:
+            hosts = _san_host_patterns(leaf)
+            if not hosts and not is_default:
+                self.report(
+                    node,
+                    f"{where}: the certificate has no usable DNS name in subjectAltName "
+                    '(add hosts: ["name.example.com"] to this entry)',
+                )
+        if chain_pem is None or key is None or hosts is None:
+            return None
+        return Certificate(chain_pem=chain_pem, key=key, hosts=hosts, origin=self.location(node))
+
+    def certificate_chain(self, node: yaml.Node, where: str) -> tuple[bytes | None, x509.Certificate | None]:
+        path = self.file_path(node, where)
+        data = self.read_file(node, where, path) if path else None
+        if path is None or data is None:
+            return None, None
+        blocks = _PEM_CERTIFICATE.findall(data)
+        if not blocks:
+            self.report(node, f"{where}: {path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)")
+            return None, None
+        certificates: list[x509.Certificate] = []
+        for number, block in enumerate(blocks, start=1):
+            try:
+                certificates.append(x509.load_pem_x509_certificate(block))
+            except ValueError:
+                self.report(node, f"{where}: certificate #{number} in {path} does not parse (re-export it as PEM)")
+        if len(certificates) != len(blocks):
+            return None, None
+        return b"\n".join(blocks) + b"\n", certificates[0]
+
+    def private_key(
+        self, fields: Mapping[str, yaml.Node], where: str, engine_configured: bool
+    ) -> tuple[KeySource | None, Any]:
+        """The key source, plus the parsed private key for PEM keys (None for engine keys)."""
+        key_node = fields["key"]
+        text = self.text(key_node, f"{where}.key")
+        if text is None:
+            return None, None
+        if text.startswith(ENGINE_KEY_PREFIX):
+            return self.engine_key(text[len(ENGINE_KEY_PREFIX) :], fields, where, engine_configured), None
+        for pin_field in ("pin_env", "pin_file"):
+            if pin_field in fields:
+                self.report(fields[pin_field], f"{where}.{pin_field}: only engine: keys take a PIN (remove {pin_field})")
+        path = self.file_path(key_node, f"{where}.key")
+        if path is None:
+            return None, None
+        if not path.exists() and _URI_SCHEME.match(text):
+            self.report(
+                key_node,
+                f'{where}.key: no key file {path} (for a key inside an engine write key: "engine:{text.split(":")[0]}:...")',
+            )
+            return None, None
+        data = self.read_file(key_node, f"{where}.key", path)
+        if data is None:
+            return None, None
+        try:
+            private_key = serialization.load_pem_private_key(data, password=None)
+        except TypeError:
+            self.report(
+                key_node,
+                f"{where}.key: {path} is encrypted (decrypt it with `openssl pkey -in KEY -out PLAIN`, "
+                "or keep it in an HSM with key: engine:...)",
+            )
+            return None, None
+        except (ValueError, UnsupportedAlgorithm):
+            self.report(
+                key_node,
+                f"{where}.key: {path} holds no usable PEM private key "
+                "(expected BEGIN PRIVATE KEY, BEGIN RSA PRIVATE KEY or BEGIN EC PRIVATE KEY)",
+            )
+            return None, None
+        return PemKey(pem=data), private_key
+
+    def engine_key(self, uri: str, fields: Mapping[str, yaml.Node], where: str, engine_configured: bool) -> EngineKey | None:
+        key_node = fields["key"]
+        usable = True
+        if not uri:
+            self.report(key_node, f'{where}.key: the engine key URI is empty (write key: "engine:pkcs11:token=...;object=...")')
+            usable = False
+        if not engine_configured:
+            self.report(
+                key_node,
+                f"{where}.key: an engine: key needs tls.engine (configure tls.engine, e.g. {{id: pkcs11}}, "
+                "or use a PEM key file)",
+            )
+            usable = False
+        if "pin_env" in fields and "pin_file" in fields:
+            self.report(fields["pin_file"], f"{where}.pin_file: give either pin_env or pin_file, not both (remove one)")
+            return None
+        pin = None
+        if "pin_env" in fields:
+            pin = self.pin_from_environment(fields["pin_env"], f"{where}.pin_env")
+            usable = usable and pin is not None
+        elif "pin_file" in fields:
+            pin = self.pin_from_file(fields["pin_file"], f"{where}.pin_file")
+            usable = usable and pin is not None
+        if pin is not None and "pin-value=" in uri.lower():
+            pin_field = "pin_env" if "pin_env" in fields else "pin_file"
+            self.report(
+                key_node,
+                f"{where}.key: the engine key URI already carries pin-value while {pin_field} is set "
+                "(remove pin-value from the URI)",
+            )
+            usable = False
+        if not usable:
+            return None
+        if pin is not None:
+            uri += ";pin-value=" + urllib.parse.quote(pin, safe="")
+        return EngineKey(uri=uri)
+
+    def pin_from_environment(self, node: yaml.Node, where: str) -> str | None:
+        variable = self.text(node, where)
+        if variable is None:
+            return None
+        pin = os.environ.get(variable)
+        if not pin:
+            self.report(node, f"{where}: environment variable {variable} is unset or empty (export it before starting, or use pin_file)")
+            return None
+        return pin
+
+    def pin_from_file(self, node: yaml.Node, where: str) -> str | None:
+        path = self.file_path(node, where)
+        data = self.read_file(node, where, path) if path else None
+        if path is None or data is None:
+            return None
+        try:
+            pin = data.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            self.report(node, f"{where}: {path} is not UTF-8 text (write the PIN as one line of text)")
+            return None
+        if not pin:
+            self.report(node, f"{where}: {path} is empty (write the PIN on its first line)")
+            return None
+        return pin
+
+    def certificate_hosts(self, node: yaml.Node, where: str) -> tuple[str, ...] | None:
+        items = self.sequence(node, where)
+        if items is None:
+            return None
+        if not items:
+            self.report(node, f"{where}: the list is empty (name at least one host, or omit hosts to use the certificate's SANs)")
+            return None
+        hosts = [self.host_pattern(item, f"{where}[{index}]", allow_any=False) for index, item in enumerate(items)]
+        valid = [host for host in hosts if host is not None]
+        if len(valid) != len(hosts):
+            return None
+        return tuple(dict.fromkeys(valid))
+
+    # ---- timeouts, hsts, access log -----------------------------------------------------------
+
+    def timeouts(self, node: yaml.Node) -> Timeouts:
+        fields = self.mapping(node, "timeouts", _TIMEOUT_KEYS)
+        if fields is None:
+            return Timeouts()
+        seconds: dict[str, float] = {}
+        for name, value_node in fields.items():
+            value = self.number(value_node, f"timeouts.{name}")
+            if value is None:
+                continue
+            if not (math.isfinite(value) and value > 0):
+                self.report(value_node, f"timeouts.{name}: {value_node.value} is not a positive number of seconds (e.g. {name}: 10)")
+                continue
+            seconds[name] = float(value)
+        return Timeouts(**seconds)
+
+    def hsts(self, node: yaml.Node) -> Hsts | None:
+        if _tag(node) == _TAG_BOOL:
+            return Hsts() if self.flag(node, "hsts") else None
+        fields = self.mapping(node, "hsts", _HSTS_KEYS, expected="a mapping or true/false")
+        if fields is None:
+            return None
+        settings: dict[str, Any] = {}
+        if "max_age" in fields:
+            max_age_node = fields["max_age"]
+            max_age = self.number(max_age_node, "hsts.max_age")
+            if max_age is not None and (not isinstance(max_age, int) or max_age < 0):
+                self.report(max_age_node, f"hsts.max_age: {max_age_node.value} is not a whole number of seconds >= 0 (e.g. 31536000)")
+            elif max_age is not None:
+                settings["max_age"] = max_age
+        for name in ("include_subdomains", "preload"):
+            if name in fields:
+                settings[name] = self.flag(fields[name], f"hsts.{name}") is True
+        return Hsts(**settings)
+
+    def access_log_json(self, node: yaml.Node) -> bool:
+        fields = self.mapping(node, "access_log", _ACCESS_LOG_KEYS)
+        if fields is None or "json" not in fields:
+            return False
+        return self.flag(fields["json"], "access_log.json") is True
+
+    # ---- typed node readers -------------------------------------------------------------------
+
+    def mapping(
+        self,
+        node: yaml.Node,
+        where: str,
+        known: Sequence[str] | None,
+        required: Mapping[str, str] | None = None,
+        expected: str = "a mapping",
+    ) -> dict[str, yaml.Node] | None:
+        """Key text → value node, after reporting duplicate, unknown (when `known`) and missing keys."""
+        if not isinstance(node, yaml.MappingNode):
+            self.report(node, f"{where}: expected {expected}, got {_describe(node)}")
+            return None
+        fields: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.report(key_node, f"{where}: a key must be plain text, got {_describe(key_node)} (write name: value)")
+                continue
+            key = key_node.value
+            if key in fields:
+                self.report(key_node, f"{where}: duplicate key '{key}' (keep one; YAML would silently use the last)")
+                continue
+            if known is not None and key not in known:
+                close = difflib.get_close_matches(key.lower(), known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+                self.report(key_node, f"{where}: unknown key '{key}' ({hint})")
+                continue
+            fields[key] = value_node
+        for key, example in (required or {}).items():
+            if key not in fields:
+                self.report(node, f"{where}: missing required key '{key}' (add {example})")
+        return fields
+
+    def sequence(self, node: yaml.Node, where: str) -> list[yaml.Node] | None:
+        if not isinstance(node, yaml.SequenceNode):
+            self.report(node, f"{where}: expected a list, got {_describe(node)}")
+            return None
+        return list(node.value)
+
+    def text(self, node: yaml.Node, where: str) -> str | None:
+        if isinstance(node, yaml.ScalarNode) and node.tag != _TAG_NULL:
+            return str(node.value)
+        self.report(node, f"{where}: expected a string, got {_describe(node)}")
+        return None
+
+    def texts(self, node: yaml.Node, where: str) -> tuple[str, ...]:
+        values = [self.text(item, f"{where}[{index}]") for index, item in enumerate(self.sequence(node, where) or [])]
+        return tuple(value for value in values if value is not None)
+
+    def flag(self, node: yaml.Node, where: str) -> bool | None:
+        if _tag(node) != _TAG_BOOL:
+            self.report(node, f"{where}: expected true or false, got {_describe(node)}")
+            return None
+        return bool(_SCALARS.construct_yaml_bool(node))
+
+    def number(self, node: yaml.Node, where: str) -> int | float | None:
+        tag = _tag(node)
+        if tag == _TAG_INT:
+            return int(_SCALARS.construct_yaml_int(node))
+        if tag == _TAG_FLOAT:
+            return float(_SCALARS.construct_yaml_float(node))
+        self.report(node, f"{where}: expected a number, got {_describe(node)}")
+        return None
+
+    def file_path(self, node: yaml.Node, where: str) -> pathlib.Path | None:
+        text = self.text(node, where)
+        if text is None:
+            return None
+        if not text:
+            self.report(node, f"{where}: the file name is empty (name a file, relative to {self.base_directory})")
+            return None
+        return self.base_directory / text
+
+    def read_file(self, node: yaml.Node, where: str, path: pathlib.Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except OSError as error:
+            self.report(node, f"{where}: cannot read {path}: {error.strerror} (relative paths start at {self.base_directory})")
+            return None
+
+    # ---- problems -----------------------------------------------------------------------------
+
+    def location(self, node: yaml.Node) -> str:
+        return self.location_of_mark(node.start_mark)
+
+    def location_of_mark(self, mark: yaml.Mark) -> str:
+        return f"{self.path}:{mark.line + 1}:{mark.column + 1}"
+
+    def report(self, node: yaml.Node, message: str) -> None:
+        mark = node.start_mark
+        self._problems.append((mark.line, mark.column, Problem(self.location_of_mark(mark), message)))
+
+    def sorted_problems(self) -> list[Problem]:
+        return [problem for _, _, problem in sorted(self._problems, key=lambda entry: (entry[0], entry[1]))]
+
+
+# ---- pure helpers -----------------------------------------------------------------------------
+
+
+def _tag(node: yaml.Node) -> str | None:
+    return node.tag if isinstance(node, yaml.ScalarNode) else None
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return _tag(node) == _TAG_NULL
+
+
+def _describe(node: yaml.Node) -> str:
+    """What a node is, for "expected X, got Y" messages. Values are never echoed: they may be secrets."""
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return {_TAG_NULL: "nothing (null)", _TAG_BOOL: "a boolean", _TAG_INT: "a number", _TAG_FLOAT: "a number"}.get(
+        node.tag, "a string"
+    )
+
+
+def _parse_address(text: str) -> Address:
+    """`host:port` (IPv6 in brackets) → Address with a canonical IP host; ValueError says what is wrong."""
+    example = "e.g. 127.0.0.1:8443 or [::1]:8443"
+    if text.startswith("["):
+        host, bracket, port_text = text[1:].partition("]:")
+        if not bracket:
+            raise ValueError(f"'{text}' is not [IPv6]:port ({example})")
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError(f"'{host}' in brackets is not an IPv6 address ({example})") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise ValueError(f"'{text}' has no port (write host:port, {example})")
+        if ":" in host:
+            raise ValueError(f"'{text}': put an IPv6 address in brackets (write [{host}]:{port_text})")
+        if not host:
+            raise ValueError(f"'{text}' has no host (write 0.0.0.0:{port_text} for every interface, or {example})")
+        try:
+            host = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            host = host.lower()
+            if _LOOKS_NUMERIC.fullmatch(host):
+                raise ValueError(f"'{host}' is not a valid IPv4 address ({example})") from None
+            if not _is_dns_name(host):
+                raise ValueError(f"'{host}' is neither an IP address nor a host name ({example})") from None
+    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise ValueError(f"port '{port_text}' is not a number from 1 to 65535 ({example})")
+    return Address(host=host, port=int(port_text))
+
+
+def _listeners_clash(first: Address, second: Address) -> bool:
+    same_host = first.host == second.host or first.host in _UNSPECIFIED_HOSTS or second.host in _UNSPECIFIED_HOSTS
+    return first.port == second.port and same_host
+
+
+def _is_dns_name(name: str) -> bool:
+    return len(name) <= _MAX_HOST_LENGTH and all(_DNS_LABEL.fullmatch(label) for label in name.split("."))
+
+
+def _parse_host_pattern(text: str, allow_any: bool) -> str:
+    """The lower-cased host pattern; ValueError says what is wrong."""
+    host = text.lower()
+    if not host:
+        if allow_any:
+            return ""
+        raise ValueError("the host is empty (name a host such as www.example.com)")
+    if ":" in host:
+        raise ValueError(f"'{text}' carries a port or is an IPv6 address (remove ':{host.rpartition(':')[2]}': routing ignores ports)")
+    if host.endswith("."):
+        raise ValueError(f"'{text}' ends with a dot (write {host.rstrip('.')})")
+    if host == "*":
+        hint = "omit host to match every host" if allow_any else "name hosts like *.example.com"
+        raise ValueError(f"'*' alone is not a host pattern ({hint})")
+    if host.startswith("*."):
+        if "*" in host[2:] or not _is_dns_name(host[2:]):
+            raise ValueError(f"'{text}' is not a valid wildcard (the wildcard is the whole leftmost label: *.example.com)")
+        return host
+    if "*" in host:
+        raise ValueError(f"'{text}': a wildcard must be the whole leftmost label (write *.{host.split('.', 1)[-1]})")
+    if not _is_dns_name(host):
+        raise ValueError(f"'{text}' is not a valid host name (letters, digits, '-' and '.'; internationalised names in punycode)")
+    return host
+
+
+def _san_host_patterns(certificate: x509.Certificate) -> tuple[str, ...]:
+    """The certificate's subjectAltName DNS names that are valid host patterns, lower-cased, in order."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    patterns: list[str] = []
+    for name in names.get_values_for_type(x509.DNSName):
+        try:
+            patterns.append(_parse_host_pattern(name, allow_any=False))
+        except ValueError:
+            continue  # e.g. a bare "*" or an IDN in Unicode: it cannot be routed, so it is not served
+    return tuple(dict.fromkeys(patterns))
+
+
+def _key_matches(certificate: x509.Certificate, private_key: Any) -> bool:
+    encoding, public_format = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    certificate_public = certificate.public_key().public_bytes(encoding, public_format)
+    return bool(private_key.public_key().public_bytes(encoding, public_format) == certificate_public)
