@@ -102,6 +102,14 @@ class _BackendFailed(Exception):
         self.kind = kind
 
 
+class _ClientFailed(Exception):
+    """The client broke off or sent a bad body while we were forwarding its request."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class ClientConnection(FlowControlled):
     def __init__(self, server: ProxyServer, listener: Listener) -> None:
         super().__init__()
@@ -110,6 +118,7 @@ class ClientConnection(FlowControlled):
         self.tls: ServerTls | None = None
         self.parser = RequestParser(self.events)
         self.client_ip = b"-"
+        self.local_address = b"-"
         self._out: list[bytes] = []
         self._out_size = 0
         self._awaiting_head = True
@@ -125,6 +134,8 @@ class ClientConnection(FlowControlled):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b"-"
+        local = transport.get_extra_info("sockname")
+        self.local_address = f"{local[0]}:{local[1]}".encode() if local else b"-"
         self.server.connections.add(self)
         metrics.OPEN_CONNECTIONS.labels(self.listener.name).inc()
         generation = self.server.generation
@@ -362,7 +373,7 @@ class ClientConnection(FlowControlled):
         retryable = head.method in IDEMPOTENT_METHODS and not has_body
         if has_body and any(name.lower() == b"expect" for name, _ in head.headers):
             self._send(_CONTINUE)  # we stream the body ourselves, so we invite it ourselves
-        request = upstream_request_head(head, self.client_ip, self.listener.name.encode(), b"%d" % self.listener.port)
+        request = upstream_request_head(head, self.client_ip, self.listener.name.encode(), self.local_address)
         balancer = self.server.balancer
         failure = _BackendFailed(502, "no endpoint")
         attempts = list(candidates)
@@ -383,12 +394,13 @@ class ClientConnection(FlowControlled):
                 upstream.write(request)
                 await self._forward_request_body(head, upstream, timeouts.idle)
                 response = await self._response_head(upstream, head, timeouts.backend_response)
+            except _ClientFailed as failed:
+                if upstream is not None:
+                    upstream.close()
+                raise failed.cause from None
             except _BackendFailed as error:
                 failure = error
             except (PeerError, ConnectionGone) as error:
-                if isinstance(error, ConnectionGone) and upstream is not None and not upstream.closed:
-                    upstream.close()
-                    raise  # the client went away
                 failure = _BackendFailed(502, "reset" if isinstance(error, ConnectionGone) else "bad response")
             except TimeoutError:
                 failure = _BackendFailed(504, "response timeout")
@@ -409,7 +421,14 @@ class ClientConnection(FlowControlled):
     async def _forward_request_body(self, head: RequestHead, upstream: UpstreamConnection, timeout: float) -> None:
         """Stream the request body (re-chunked if it came chunked) until its EndOfMessage."""
         while True:
-            event = await self.next_event(timeout)
+            if not self.events:
+                self._flush()  # e.g. our 100 Continue: the client waits for it before sending
+            try:
+                event = await self.next_event(timeout)
+            except TimeoutError:
+                raise _ClientFailed(PeerError(408, "request body not received in time")) from None
+            except (PeerError, ConnectionGone) as error:
+                raise _ClientFailed(error) from None
             if type(event) is Body:
                 upstream.write(encode_chunk(event.data) if head.chunked else event.data)
                 if upstream._writing_paused:
@@ -422,7 +441,7 @@ class ClientConnection(FlowControlled):
                     upstream.write(LAST_CHUNK)
                 return
             else:
-                raise PeerError(400, "unexpected data in request body")
+                raise _ClientFailed(PeerError(400, "unexpected data in request body"))
 
     async def _response_head(self, upstream: UpstreamConnection, head: RequestHead, timeout: float) -> ResponseHead:
         """The final response head; 1xx interim responses are passed on to HTTP/1.1 clients."""

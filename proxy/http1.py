@@ -348,12 +348,14 @@ def encode_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def upstream_request_head(head: RequestHead, client_ip: bytes, proto: bytes, port: bytes) -> bytes:
+def upstream_request_head(head: RequestHead, client_ip: bytes, proto: bytes, local_address: bytes) -> bytes:
     """The request line and headers as sent to a backend (always HTTP/1.1).
 
     Hop-by-hop headers (and those the client's Connection header names) are dropped; forwarding
     headers are set by us, appending to a client's X-Forwarded-For but never trusting its other
     X-Forwarded-* values. `Expect` is dropped because the proxy answers 100-continue itself.
+    An HTTP/1.0 request without Host gets the listener's `local_address` (`ip:port`), since
+    HTTP/1.1 requires one.
     """
     named_by_connection = connection_tokens(head.headers)
     parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
@@ -369,7 +371,11 @@ def upstream_request_head(head: RequestHead, client_ip: bytes, proto: bytes, por
             continue
         parts += (name, b": ", value, b"\r\n")
     parts += (b"X-Forwarded-For: ", forwarded_for, client_ip, b"\r\nX-Real-IP: ", client_ip)
-    parts += (b"\r\nX-Forwarded-Proto: ", proto, b"\r\nX-Forwarded-Host: ", head.host, b"\r\nX-Forwarded-Port: ", port)
+    host = head.host or local_address
+    port = local_address.rpartition(b":")[2]
+    parts += (b"\r\nX-Forwarded-Proto: ", proto, b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Forwarded-Port: ", port)
+    if not head.host:
+        parts += (b"\r\nHost: ", host)
     if head.chunked:
         parts.append(b"\r\nTransfer-Encoding: chunked")
     if head.upgrade and upgrade:

@@ -21,6 +21,7 @@ from config.model import (
     PathType,
     PemKey,
     RouteTable,
+    Timeouts,
     VirtualHost,
 )
 from proxy.server import ProxyServer
@@ -137,6 +138,7 @@ def simple_configuration(
         backends=tuple(Backend(name, tuple(endpoints)) for name, endpoints in backends.items()),
         default_backend=settings.pop("default_backend", None),  # type: ignore[arg-type]
     )
+    settings.setdefault("timeouts", Timeouts(drain=2.0))  # tests never wait 30 s at teardown
     return Configuration(routes=table, certificates=certificates, **settings)  # type: ignore[arg-type]
 
 
