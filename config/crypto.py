@@ -267,11 +267,14 @@ class CryptoRuntime:
         lib, ffi = pyopenssl_binding.lib, pyopenssl_binding.ffi
         uri = _engine_uri(key)
         shown = redact(key.uri)
-        if self._engine is None:
-            why = self.fallback_reason or "no tls.engine is configured"
+        if self._engine is None and self.settings.engine is None:
             raise CryptoSetupError(
-                f"private key {shown}: needs an OpenSSL engine, but {why}; fix: configure tls.engine "
-                "(and make it load), or use a PEM key"
+                f"private key {shown}: needs an OpenSSL engine, but no tls.engine is configured; fix: "
+                "configure tls.engine, or use a PEM key"
+            )
+        if self._engine is None:
+            raise CryptoSetupError(
+                f"private key {shown}: needs engine {self.engine_id!r}, which did not load: {self.fallback_reason}"
             )
         lib.ERR_clear_error()
         ui_method = ffi.cast("UI_METHOD *", _libcrypto.UI_null() or 0)

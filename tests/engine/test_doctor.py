@@ -1,0 +1,46 @@
+"""`ingress-proxy doctor` output: one line per fact, ok=False when something configured is broken."""
+
+from __future__ import annotations
+
+from config.model import CryptoSettings, EngineKey, EngineSettings
+from proxy.doctor import run_doctor
+from tests.engine.conftest import ServerIdentity, SoftHsmToken, key_uri
+
+
+def test_plain_software_set_up_is_ok_and_names_the_libraries() -> None:
+    lines, ok = run_doctor(None, [])
+    assert ok
+    assert "OpenSSL 3." in lines[0] and "libcrypto.so.3" in lines[0] and "libssl.so.3" in lines[0]
+    assert any(line.startswith("ENGINE API: available") for line in lines)
+    assert any(line.startswith("async jobs (SSL_MODE_ASYNC): supported") for line in lines)
+    assert "engine: none configured (software crypto)" in lines
+    assert any(line.startswith("QAT") for line in lines)
+
+
+def test_pkcs11_engine_and_token_keys_sign(softhsm_token: SoftHsmToken, software_rsa: ServerIdentity) -> None:
+    settings = CryptoSettings(engine=softhsm_token.settings().engine, providers=("default",))
+    lines, ok = run_doctor(settings, [softhsm_token.rsa.key, softhsm_token.ec.key, software_rsa.key])
+    assert ok, lines
+    text = "\n".join(lines)
+    assert "provider default: loaded" in lines
+    assert "engine pkcs11: loaded from /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so, default for RSA,EC" in text
+    assert "object=rsakey;type=private;pin-value=***: test signature OK via engine pkcs11 (RSA-2048" in text
+    assert "object=eckey;type=private;pin-value=***: test signature OK via engine pkcs11 (EC-256" in text
+    assert "key (PEM): software key" in text
+    assert "1234" not in text
+
+
+def test_broken_parts_make_it_not_ok(softhsm_token: SoftHsmToken) -> None:
+    missing_engine = CryptoSettings(engine=EngineSettings(id="no-such-engine-xyz"))
+    lines, ok = run_doctor(missing_engine, [EngineKey(key_uri("rsakey"))])
+    assert not ok
+    assert any(line.startswith("engine no-such-engine-xyz: FAILED (failed: no engine with this id") for line in lines)
+    assert any("object=rsakey" in line and "FAILED" in line for line in lines)
+
+    lines, ok = run_doctor(CryptoSettings(providers=("bogus-provider",)), [])
+    assert not ok and any(line.startswith("crypto set-up: FAILED: tls.providers") for line in lines)
+
+    lines, ok = run_doctor(softhsm_token.settings(), [EngineKey(key_uri("nosuchkey"))])
+    assert not ok
+    failed = [line for line in lines if "object=nosuchkey" in line]
+    assert len(failed) == 1 and "FAILED" in failed[0] and "1234" not in failed[0]
