@@ -53,7 +53,8 @@ Deviations from a real kube-apiserver (deliberate; tests must not rely on them):
   timeout unless `default_watch_timeout` is given (the real server picks 30–60 min).
 * Only JSON; no protobuf, no discovery documents beyond `/version`.
 
-Fault hooks for tests (`drop_watches`, `stall_watches`, `fail_next`, `compact`, `stop`, `restart`)
+Fault hooks for tests (`drop_watches`, `stall_watches`, `fail_next`/`clear_faults`, `compact`, `stop`,
+`restart`)
 simulate what a real control plane does under upgrade, overload or etcd compaction.
 """
 
@@ -270,6 +271,10 @@ class FakeApiServer:
         """The next `count` requests whose path+query contains `path_contains` (and, if given,
         use `method`) fail with `status` (410 Expired, 429 with Retry-After, 503, else 500)."""
         self._faults.append(_Fault(status, count, path_contains, method, retry_after))
+
+    def clear_faults(self) -> None:
+        """Forget every pending `fail_next`."""
+        self._faults = []
 
     def compact(self) -> None:
         """Compact history now: resuming a watch or an exact LIST from any older version → 410."""

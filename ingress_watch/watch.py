@@ -1,0 +1,196 @@
+"""LIST+WATCH loops that keep an `ObjectCache` in step with the API server, one task per kind.
+
+Theory of operation
+-------------------
+Each loop LISTs its kind (the response's `metadata.resourceVersion` is where the list ends),
+installs the list in the cache with `replace` — which also drops objects deleted while nobody was
+watching — and then WATCHes from that version with `allowWatchBookmarks`, applying each event and
+remembering the newest resourceVersion it saw, BOOKMARKs included. Objects stay raw JSON dicts
+(`raw_object`; the Watch is given return_type "object" so no model classes are built).
+
+kubernetes-asyncio's `Watch` quirks (NOTES §3) shape the rest:
+
+* It reconnects by itself, without backoff, when the stream ends or a read times out — but only
+  when `timeout_seconds` is absent, so it is never passed. A half-open connection would hang
+  forever without a client timeout: `sock_read` (default 80 s, above the ~60 s bookmark interval of
+  a real API server) turns silence into a reconnect from the last resourceVersion.
+* It retries "410 Expired" once with the same version, which fails again, then raises
+  `ApiException(410)`: the loop relists (the history it needed is compacted) and re-watches.
+* Any other failure (connection refused while the server restarts, 5xx, 429) escapes as an
+  exception: the loop waits with exponential backoff and jitter (or the server's Retry-After) and
+  resumes the WATCH from its last version, relisting only when that answers 410.
+* With `_preload_content=False` the client does not raise on HTTP errors, so the LIST here checks
+  the status itself. Every `Watch` owns an `ApiClient`, closed by `async with`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client, watch
+from kubernetes_asyncio.client.rest import RESTResponse
+from prometheus_client import Counter
+
+from ingress_watch.cache import JsonObject, Kind, ObjectCache
+
+logger = logging.getLogger(__name__)
+
+WATCH_RESTARTS = Counter(
+    "ingress_proxy_kubernetes_watch_restarts_total",
+    "Watch streams restarted, by kind and reason (expired = relist after 410, error = backoff)",
+    ["kind", "reason"],
+)
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    connect_timeout: float = 10.0
+    read_timeout: float = 80.0  # silence longer than this = half-open connection: reconnect
+    initial_backoff: float = 0.5
+    max_backoff: float = 30.0
+
+
+@dataclass(frozen=True)
+class WatchTarget:
+    """One kind to watch: which API class and list method, with which arguments."""
+
+    kind: Kind
+    api: type
+    list_method: str
+    args: tuple[str, ...] = ()
+    field_selector: str | None = None
+
+    def describe(self) -> str:
+        where = f" in {self.args[0]}" if self.args else ""
+        selector = f" ({self.field_selector})" if self.field_selector else ""
+        return f"{self.kind.value}{where}{selector}"
+
+
+def watch_targets(namespace: str | None, configmap: tuple[str, str] | None) -> tuple[WatchTarget, ...]:
+    """What the controller watches: everything in `namespace` (None = all namespaces), TLS Secrets
+    only, and the one ConfigMap `configmap` = (namespace, name) if given."""
+
+    def namespaced(kind: Kind, api: type, resource: str, field_selector: str | None = None) -> WatchTarget:
+        if namespace is None:
+            return WatchTarget(kind, api, f"list_{resource}_for_all_namespaces", (), field_selector)
+        return WatchTarget(kind, api, f"list_namespaced_{resource}", (namespace,), field_selector)
+
+    targets = [
+        namespaced(Kind.INGRESS, client.NetworkingV1Api, "ingress"),
+        WatchTarget(Kind.INGRESS_CLASS, client.NetworkingV1Api, "list_ingress_class"),
+        namespaced(Kind.SERVICE, client.CoreV1Api, "service"),
+        namespaced(Kind.ENDPOINT_SLICE, client.DiscoveryV1Api, "endpoint_slice"),
+        namespaced(Kind.SECRET, client.CoreV1Api, "secret", "type=kubernetes.io/tls"),
+    ]
+    if configmap is not None:
+        targets.append(
+            WatchTarget(Kind.CONFIGMAP, client.CoreV1Api, "list_namespaced_config_map", (configmap[0],), f"metadata.name={configmap[1]}")
+        )
+    return tuple(targets)
+
+
+class _Backoff:
+    def __init__(self, settings: WatchSettings) -> None:
+        self._settings = settings
+        self._failures = 0
+
+    def reset(self) -> None:
+        self._failures = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self._settings.max_backoff, self._settings.initial_backoff * 2**self._failures)
+        self._failures += 1
+        return ceiling * random.uniform(0.5, 1.0)
+
+
+def _retry_after(error: client.ApiException) -> float | None:
+    try:
+        return float(error.headers["Retry-After"]) if error.headers else None
+    except (KeyError, ValueError):
+        return None
+
+
+class KindWatcher:
+    """Keeps one kind of the cache current; `on_change(kind)` after every change it applies."""
+
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        target: WatchTarget,
+        cache: ObjectCache,
+        on_change: Callable[[Kind], None],
+        settings: WatchSettings,
+    ) -> None:
+        self.target = target
+        self._list_function: Callable[..., Any] = getattr(target.api(api_client), target.list_method)
+        self._cache = cache
+        self._on_change = on_change
+        self._settings = settings
+        self._timeout = aiohttp.ClientTimeout(sock_connect=settings.connect_timeout, sock_read=settings.read_timeout)
+        self._kwargs: dict[str, Any] = {"field_selector": target.field_selector} if target.field_selector else {}
+
+    async def run(self) -> None:
+        backoff = _Backoff(self._settings)
+        kind = self.target.kind
+        resource_version: str | None = None
+        while True:
+            listing = resource_version is None
+            try:
+                if resource_version is None:
+                    resource_version = await self._relist()
+                    backoff.reset()
+                async with watch.Watch(return_type="object") as stream:
+                    stream.stream(
+                        self._list_function,
+                        *self.target.args,
+                        **self._kwargs,
+                        resource_version=resource_version,
+                        allow_watch_bookmarks=True,
+                        _request_timeout=self._timeout,
+                    )
+                    async for event in stream:
+                        obj: JsonObject = event["raw_object"]
+                        resource_version = (obj.get("metadata") or {}).get("resourceVersion") or resource_version
+                        backoff.reset()
+                        if event["type"] != "BOOKMARK" and self._cache.apply(kind, event["type"], obj):
+                            self._on_change(kind)
+                delay = backoff.next_delay()  # not reached while the server is healthy: Watch reconnects itself
+            except client.ApiException as error:
+                if error.status == 410 and not listing:
+                    logger.info("watch %s: resourceVersion %s expired (410): relisting", self.target.describe(), resource_version)
+                    WATCH_RESTARTS.labels(kind.value, "expired").inc()
+                    resource_version = None
+                    continue
+                delay = _retry_after(error) or backoff.next_delay()
+                logger.warning("watch %s: API error %s %s: retrying in %.1fs", self.target.describe(), error.status, error.reason, delay)
+                WATCH_RESTARTS.labels(kind.value, "error").inc()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as error:
+                delay = backoff.next_delay()
+                logger.warning("watch %s: %s: retrying in %.1fs", self.target.describe(), error or type(error).__name__, delay)
+                WATCH_RESTARTS.labels(kind.value, "error").inc()
+            await asyncio.sleep(delay)
+
+    async def _relist(self) -> str:
+        response = await self._list_function(
+            *self.target.args, **self._kwargs, _preload_content=False, _request_timeout=self._timeout
+        )
+        try:
+            data = await response.read()
+        finally:
+            response.release()
+        if not 200 <= response.status <= 299:
+            raise client.ApiException(http_resp=RESTResponse(response, data))
+        body = json.loads(data)
+        kind = self.target.kind
+        deleted = self._cache.replace(kind, body.get("items") or [])
+        if deleted:
+            logger.info("relist %s: %d objects deleted while not watching", self.target.describe(), len(deleted))
+        self._on_change(kind)
+        return str(body["metadata"]["resourceVersion"])
