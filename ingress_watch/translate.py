@@ -117,100 +117,34 @@ class _Rejected(Exception):
     """One object or field cannot be used; the message says why and how to fix it."""
 
 
+# What reading an object of the wrong shape raises (a list where a mapping belongs, a port that is
+# not a number). The API server validates shapes, so this only guards against objects from a
+# source that does not, such as a fake server: such an Ingress becomes a problem, not a crash.
+MALFORMED = (AttributeError, TypeError, ValueError, KeyError, IndexError)
+
+
 def translate(snapshot: Snapshot, options: TranslateOptions) -> Translation:
     index = _ObjectIndex(snapshot)
     problems: list[Problem] = []
     settings = _read_configmap(index.configmap, problems)
     ingresses = _claimed_ingresses(snapshot, options)
-
-    backends: dict[str, Backend] = {}
-    hosts: dict[str, _HostRoutes] = {}
-    default_backend: str | None = None
-    default_backend_owner = ""
+    routes = _RouteCollector(index, problems)
     certificates = _CertificateCollector(index, problems)
-
     for ingress in ingresses:
-        location = f"Ingress {_ref(ingress)}"
-        namespace = _namespace(ingress)
-        spec = ingress.get("spec") or {}
-        redirect = _ssl_redirect_annotation(ingress, location, problems)
-
-        if spec.get("defaultBackend") is not None:
-            if default_backend is not None:
-                problems.append(Problem(location, (
-                    f"spec.defaultBackend ignored: the older Ingress {default_backend_owner} already sets the "
-                    "default backend; remove one of them"
-                )))
-            else:
-                try:
-                    backend = index.resolve_backend(namespace, spec["defaultBackend"])
-                except _Rejected as rejected:
-                    problems.append(Problem(location, f"spec.defaultBackend: {rejected}"))
-                else:
-                    backends[backend.name] = backend
-                    default_backend, default_backend_owner = backend.name, _ref(ingress)
-
-        for rule_number, rule in enumerate(spec.get("rules") or ()):
-            where = f"spec.rules[{rule_number}]"
-            host = (rule.get("host") or "").lower()
-            if not _valid_host_pattern(host):
-                problems.append(Problem(location, (
-                    f"{where}.host {host!r}: a wildcard must be the whole first label, like *.example.com; rule skipped"
-                )))
-                continue
-            http = rule.get("http")
-            if not http:
-                continue
-            routes = hosts.setdefault(host, _HostRoutes())
-            routes.note_redirect(redirect, _ref(ingress), host, location, problems)
-            for path_number, path_spec in enumerate(http.get("paths") or ()):
-                path_where = f"{where}.http.paths[{path_number}]"
-                try:
-                    path_rule = _path_rule(index, namespace, path_spec, backends)
-                except _Rejected as rejected:
-                    problems.append(Problem(location, f"{path_where}: {rejected}"))
-                    continue
-                routes.add(path_rule, _ref(ingress), host, path_where, location, problems)
-
-        for tls_number, tls in enumerate(spec.get("tls") or ()):
-            certificates.add(ingress, tls_number, tls)
-
-    default_certificate = None
-    if options.default_ssl_certificate is not None:
-        namespace, name = options.default_ssl_certificate
         try:
-            material = _load_tls_secret(index.secrets.get((namespace, name)), "the default SSL certificate option")
-        except _Rejected as rejected:
-            problems.append(Problem(f"Secret {namespace}/{name}", f"default SSL certificate: {rejected}"))
-        else:
-            default_certificate = material.certificate(hosts=(), origin=f"Secret {namespace}/{name}")
-
-    issued = certificates.result()
-    virtual_hosts = []
-    for host, routes in sorted(hosts.items()):
-        if not routes.rules:
-            continue
-        redirect = routes.redirect if routes.redirect is not None else settings.ssl_redirect
-        covered = _covered_by_certificate(host, issued)
-        if routes.redirect and not covered:
-            problems.append(Problem(f"Ingress {routes.redirect_owner}", (
-                f"{SSL_REDIRECT_ANNOTATION} is true but no certificate covers host {host!r}; "
-                "add the host to spec.tls so it can be served over HTTPS"
+            routes.add(ingress)
+            for tls_number, tls in enumerate((ingress.get("spec") or {}).get("tls") or ()):
+                certificates.add(ingress, tls_number, tls)
+        except MALFORMED as error:
+            problems.append(Problem(f"Ingress {_ref(ingress)}", (
+                f"malformed ({type(error).__name__}: {error}); what came before the error is used; "
+                "fix the object to match networking.k8s.io/v1"
             )))
-        rules = tuple(sorted(set(routes.rules), key=lambda rule: (rule.path, rule.path_type.value, rule.backend)))
-        virtual_hosts.append(VirtualHost(host, rules, redirect_to_https=redirect and covered))
-
-    used_backends = {rule.backend for virtual_host in virtual_hosts for rule in virtual_host.paths}
-    if default_backend is not None:
-        used_backends.add(default_backend)
+    issued = certificates.result()
     configuration = Configuration(
-        routes=RouteTable(
-            virtual_hosts=tuple(virtual_hosts),
-            backends=tuple(backends[name] for name in sorted(used_backends)),
-            default_backend=default_backend,
-        ),
+        routes=routes.result(issued, settings.ssl_redirect),
         certificates=issued,
-        default_certificate=default_certificate,
+        default_certificate=_default_certificate(index, options, problems),
         crypto=settings.crypto,
         timeouts=settings.timeouts,
         hsts=settings.hsts,
@@ -238,7 +172,7 @@ def resolve_endpoints(snapshot: Snapshot, backends: tuple[Backend, ...]) -> tupl
             continue
         try:
             endpoints = index.endpoints(reference)
-        except _Rejected:
+        except (_Rejected, *MALFORMED):
             endpoints = ()
         resolved.append(Backend(backend.name, endpoints))
     return tuple(resolved)
@@ -342,7 +276,7 @@ class _ObjectIndex:
             raise _Rejected("backend has no service.name; name a Service and its port")
         port = service.get("port") or {}
         if port.get("number") is not None:
-            port_key: int | str = int(port["number"])
+            port_key: int | str = _port_number(port["number"])
         elif port.get("name"):
             port_key = str(port["name"])
         else:
@@ -377,17 +311,25 @@ class _ObjectIndex:
                 continue
             slice_ports = endpoint_slice.get("ports") or ()
             target = next((port.get("port") for port in slice_ports if (port.get("name") or "") == port_name), None)
-            if target is None:
-                continue
+            try:
+                target_port = _port_number(target)
+            except _Rejected:
+                continue  # no port of that name here, or a null port (Kubernetes: "all ports"), useless to us
             for endpoint in endpoint_slice.get("endpoints") or ():
                 if (endpoint.get("conditions") or {}).get("ready") is False or not endpoint.get("addresses"):
                     continue
                 try:
                     ip = ipaddress.ip_address(endpoint["addresses"][0])
                 except ValueError:
-                    continue
-                found.add((ip.version, int(ip), int(target), str(ip)))
+                    continue  # the API server validates addresses; skip what it would have refused
+                found.add((ip.version, int(ip), target_port, str(ip)))
         return tuple(Address(text, port) for _, _, port, text in sorted(found))
+
+
+def _port_number(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
+        raise _Rejected(f"port {value!r} is not a number")
+    return int(value)
 
 
 def _valid_host_pattern(host: str) -> bool:
@@ -396,16 +338,93 @@ def _valid_host_pattern(host: str) -> bool:
     return host.startswith("*.") and "*" not in host[2:] and bool(host[2:].strip("."))
 
 
-def _path_rule(index: _ObjectIndex, namespace: str, path_spec: dict, backends: dict[str, Backend]) -> PathRule:
-    path = path_spec.get("path") or "/"
-    if not path.startswith("/"):
-        raise _Rejected(f"path {path!r} must start with '/'")
-    path_type = PATH_TYPES.get(path_spec.get("pathType") or "")
-    if path_type is None:
-        raise _Rejected(f"pathType {path_spec.get('pathType')!r} must be one of {', '.join(PATH_TYPES)}")
-    backend = index.resolve_backend(namespace, path_spec.get("backend") or {})
-    backends[backend.name] = backend
-    return PathRule(path, path_type, backend.name)
+class _RouteCollector:
+    """Virtual hosts, the default backend and the backends they use, from Ingresses oldest first."""
+
+    def __init__(self, index: _ObjectIndex, problems: list[Problem]) -> None:
+        self._index = index
+        self._problems = problems
+        self._backends: dict[str, Backend] = {}
+        self._hosts: dict[str, _HostRoutes] = {}
+        self._default_backend: str | None = None
+        self._default_backend_owner = ""
+
+    def add(self, ingress: dict) -> None:
+        location = f"Ingress {_ref(ingress)}"
+        spec = ingress.get("spec") or {}
+        if spec.get("defaultBackend") is not None:
+            self._add_default_backend(ingress, spec["defaultBackend"], location)
+        redirect = _ssl_redirect_annotation(ingress, location, self._problems)
+        for rule_number, rule in enumerate(spec.get("rules") or ()):
+            where = f"spec.rules[{rule_number}]"
+            host = (rule.get("host") or "").lower()
+            if not _valid_host_pattern(host):
+                self._problems.append(Problem(location, (
+                    f"{where}.host {host!r}: a wildcard must be the whole first label, like *.example.com; rule skipped"
+                )))
+                continue
+            http = rule.get("http")
+            if not http:
+                continue
+            routes = self._hosts.setdefault(host, _HostRoutes())
+            routes.note_redirect(redirect, _ref(ingress), host, location, self._problems)
+            for path_number, path_spec in enumerate(http.get("paths") or ()):
+                path_where = f"{where}.http.paths[{path_number}]"
+                try:
+                    path_rule = self._path_rule(_namespace(ingress), path_spec)
+                except _Rejected as rejected:
+                    self._problems.append(Problem(location, f"{path_where}: {rejected}"))
+                    continue
+                routes.add(path_rule, _ref(ingress), host, path_where, location, self._problems)
+
+    def result(self, certificates: tuple[Certificate, ...], ssl_redirect: bool) -> RouteTable:
+        virtual_hosts = []
+        for host, routes in sorted(self._hosts.items()):
+            if not routes.rules:
+                continue
+            covered = _covered_by_certificate(host, certificates)
+            if routes.redirect and not covered:
+                self._problems.append(Problem(f"Ingress {routes.redirect_owner}", (
+                    f"{SSL_REDIRECT_ANNOTATION} is true but no certificate covers host {host!r}; "
+                    "add the host to spec.tls so it can be served over HTTPS"
+                )))
+            redirect = routes.redirect if routes.redirect is not None else ssl_redirect
+            rules = sorted(set(routes.rules), key=lambda rule: (rule.path, rule.path_type.value, rule.backend))
+            virtual_hosts.append(VirtualHost(host, tuple(rules), redirect_to_https=redirect and covered))
+        used = {rule.backend for virtual_host in virtual_hosts for rule in virtual_host.paths}
+        if self._default_backend is not None:
+            used.add(self._default_backend)
+        return RouteTable(
+            virtual_hosts=tuple(virtual_hosts),
+            backends=tuple(self._backends[name] for name in sorted(used)),
+            default_backend=self._default_backend,
+        )
+
+    def _add_default_backend(self, ingress: dict, backend_spec: dict, location: str) -> None:
+        if self._default_backend is not None:
+            self._problems.append(Problem(location, (
+                f"spec.defaultBackend ignored: the older Ingress {self._default_backend_owner} already sets the "
+                "default backend; remove one of them"
+            )))
+            return
+        try:
+            backend = self._index.resolve_backend(_namespace(ingress), backend_spec)
+        except _Rejected as rejected:
+            self._problems.append(Problem(location, f"spec.defaultBackend: {rejected}"))
+            return
+        self._backends[backend.name] = backend
+        self._default_backend, self._default_backend_owner = backend.name, _ref(ingress)
+
+    def _path_rule(self, namespace: str, path_spec: dict) -> PathRule:
+        path = path_spec.get("path") or "/"
+        if not path.startswith("/"):
+            raise _Rejected(f"path {path!r} must start with '/'")
+        path_type = PATH_TYPES.get(path_spec.get("pathType") or "")
+        if path_type is None:
+            raise _Rejected(f"pathType {path_spec.get('pathType')!r} must be one of {', '.join(PATH_TYPES)}")
+        backend = self._index.resolve_backend(namespace, path_spec.get("backend") or {})
+        self._backends[backend.name] = backend
+        return PathRule(path, path_type, backend.name)
 
 
 def _match_key(rule: PathRule) -> tuple[bool, str]:
@@ -495,12 +514,12 @@ def _load_tls_secret(secret: dict | None, reference_to_fix: str) -> _TlsMaterial
     if not chain:
         raise _Rejected("tls.crt holds no PEM certificate (-----BEGIN CERTIFICATE-----); re-export the chain as PEM")
     try:
-        key = serialization.load_pem_private_key(decoded["tls.key"], password=None)
+        private_key = serialization.load_pem_private_key(decoded["tls.key"], password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise _Rejected("tls.key is not an unencrypted PEM private key (PKCS#1 or PKCS#8); re-export the key") from None
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
-    if key.public_key().public_bytes(der, spki) != chain[0].public_key().public_bytes(der, spki):
+    if private_key.public_key().public_bytes(der, spki) != chain[0].public_key().public_bytes(der, spki):
         raise _Rejected("tls.key does not match the first certificate in tls.crt; store the key of that certificate")
     try:
         san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -560,6 +579,18 @@ class _CertificateCollector:
             self._material[secret_ref].certificate(tuple(sorted(hosts)), origin=f"Secret {secret_ref}")
             for secret_ref, hosts in sorted(self._hosts.items())
         )
+
+
+def _default_certificate(index: _ObjectIndex, options: TranslateOptions, problems: list[Problem]) -> Certificate | None:
+    if options.default_ssl_certificate is None:
+        return None
+    namespace, name = options.default_ssl_certificate
+    try:
+        material = _load_tls_secret(index.secrets.get((namespace, name)), "the default SSL certificate option")
+    except _Rejected as rejected:
+        problems.append(Problem(f"Secret {namespace}/{name}", f"default SSL certificate: {rejected}"))
+        return None
+    return material.certificate(hosts=(), origin=f"Secret {namespace}/{name}")
 
 
 def _covered_by_certificate(host: str, certificates: tuple[Certificate, ...]) -> bool:
