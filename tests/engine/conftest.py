@@ -190,7 +190,9 @@ def _certificate_for_token_key(ca: trustme.CA, env: dict[str, str], directory: P
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.DNSName(f"{object_label}.test")]), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     return certificate.public_bytes(serialization.Encoding.PEM)

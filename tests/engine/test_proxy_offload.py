@@ -1,0 +1,95 @@
+"""Engine offload through the real proxy (ProxyServer, proxy/tls.py, proxy/downstream.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import pytest
+import trustme
+from prometheus_client import REGISTRY
+
+from config.model import Certificate, CryptoSettings, PathType
+from tests.conftest import simple_configuration
+from tests.e2e.helpers import open_raw, read_response
+from tests.engine.conftest import FixtureEngineProbe, ServerIdentity, SoftHsmToken
+
+pytestmark = pytest.mark.e2e
+
+
+def _handshakes(key_source: str, version: str = "TLSv1.3") -> float:
+    labels = {"version": version, "key_source": key_source, "resumed": "no"}
+    return REGISTRY.get_sample_value("ingress_proxy_tls_handshakes_total", labels) or 0.0
+
+
+def _async_pauses() -> float:
+    return REGISTRY.get_sample_value("ingress_proxy_tls_async_pauses_total") or 0.0
+
+
+def _certificate(identity: ServerIdentity, host: str) -> Certificate:
+    return Certificate(identity.chain_pem, identity.key, (host,), f"test:{host}")
+
+
+async def test_curl_through_the_proxy_with_token_keys(
+    start_proxy, start_backend, softhsm_token: SoftHsmToken, ca_file: str
+) -> None:
+    backend = await start_backend("app")
+    configuration = simple_configuration(
+        {"app": [backend.address]},
+        {"": [("/", PathType.PREFIX, "app")]},
+        certificates=(_certificate(softhsm_token.rsa, "rsakey.test"), _certificate(softhsm_token.ec, "eckey.test")),
+        crypto=softhsm_token.settings(),
+    )
+    proxy = await start_proxy(configuration)
+    before = _handshakes("engine:pkcs11")
+    for host in ("rsakey.test", "eckey.test"):
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--fail", "--tlsv1.3", "--cacert", ca_file,
+            "--resolve", f"{host}:{proxy.https_port}:127.0.0.1", f"https://{host}:{proxy.https_port}/via-token",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        output, errors = await asyncio.wait_for(curl.communicate(), 20)
+        assert curl.returncode == 0, errors.decode()
+        assert b'"path_qs": "/via-token"' in output
+    assert _handshakes("engine:pkcs11") - before == 2
+    assert REGISTRY.get_sample_value("ingress_proxy_engine_up", {"engine": "pkcs11"}) == 1
+
+
+async def test_proxy_parks_16_handshakes_on_the_async_engine(
+    start_proxy, start_backend, engine_probe: FixtureEngineProbe, ca: trustme.CA, software_rsa: ServerIdentity
+) -> None:
+    """Gate closed: 16 clients' handshakes can only all be in flight if the proxy's event loop
+    parked them on async jobs; opening the gate lets every request through."""
+    clients = 16
+    backend = await start_backend("app")
+    settings: CryptoSettings = engine_probe.settings(algorithms=("RSA",))
+    configuration = simple_configuration(
+        {"app": [backend.address]},
+        {"": [("/", PathType.PREFIX, "app")]},
+        certificates=(_certificate(software_rsa, "localhost"),),
+        crypto=settings,
+    )
+    proxy = await start_proxy(configuration)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    pauses_before = _async_pauses()
+
+    async def one_request() -> int:
+        reader, writer = await open_raw(proxy.https_port, client_tls, "localhost")
+        writer.write(b"GET /parked HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        status, _, _ = await read_response(reader)
+        writer.close()
+        return status
+
+    engine_probe.set_gate(False)
+    requests = [asyncio.create_task(one_request()) for _ in range(clients)]
+    try:
+        async with asyncio.timeout(15):
+            while engine_probe.counters()["in_flight"] < clients:
+                await asyncio.sleep(0.01)
+    finally:
+        engine_probe.set_gate(True)
+    assert await asyncio.gather(*requests) == [200] * clients
+    counters = engine_probe.counters()
+    assert counters["peak_in_flight"] == clients and counters["offloaded"] == clients
+    assert _async_pauses() - pauses_before >= clients
