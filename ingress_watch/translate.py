@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import re
 from collections import defaultdict
@@ -499,28 +500,45 @@ def _load_tls_secret(secret: dict | None, reference_to_fix: str) -> _TlsMaterial
             f"type is {secret.get('type')!r}, expected {TLS_SECRET_TYPE}; recreate it with kubectl create secret tls"
         )
     data = secret.get("data") or {}
-    decoded = {}
     for key, content in (("tls.crt", "PEM certificate chain"), ("tls.key", "PEM private key")):
         if not data.get(key):
             raise _Rejected(f"has no {key}; store the {content} there")
+        if not isinstance(data[key], str):
+            raise _Rejected(f"{key} is not a string; store the base64-encoded {content} there")
+    material = _parse_tls_data(data["tls.crt"], data["tls.key"])
+    if isinstance(material, str):
+        raise _Rejected(material)
+    return material
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_tls_data(certificate_base64: str, key_base64: str) -> _TlsMaterial | str:
+    """Decode and check a Secret's tls.crt/tls.key; a string is the reason they cannot be used.
+
+    Memoized by content (a pure function, so the output cannot change): loading an RSA-2048 key
+    costs ~36 ms here because OpenSSL 3 checks it, and every full translation re-reads every
+    referenced Secret.
+    """
+    decoded = {}
+    for key, value in (("tls.crt", certificate_base64), ("tls.key", key_base64)):
         try:
-            decoded[key] = base64.b64decode(data[key], validate=True)
+            decoded[key] = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError, TypeError):
-            raise _Rejected(f"{key} is not valid base64; store it base64-encoded under data") from None
+            return f"{key} is not valid base64; store it base64-encoded under data"
     try:
         chain = [x509.load_pem_x509_certificate(block) for block in PEM_CERTIFICATE.findall(decoded["tls.crt"])]
     except ValueError as error:
-        raise _Rejected(f"tls.crt holds a PEM certificate that does not parse ({error}); re-export the chain") from None
+        return f"tls.crt holds a PEM certificate that does not parse ({error}); re-export the chain"
     if not chain:
-        raise _Rejected("tls.crt holds no PEM certificate (-----BEGIN CERTIFICATE-----); re-export the chain as PEM")
+        return "tls.crt holds no PEM certificate (-----BEGIN CERTIFICATE-----); re-export the chain as PEM"
     try:
         private_key = serialization.load_pem_private_key(decoded["tls.key"], password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise _Rejected("tls.key is not an unencrypted PEM private key (PKCS#1 or PKCS#8); re-export the key") from None
+        return "tls.key is not an unencrypted PEM private key (PKCS#1 or PKCS#8); re-export the key"
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     if private_key.public_key().public_bytes(der, spki) != chain[0].public_key().public_bytes(der, spki):
-        raise _Rejected("tls.key does not match the first certificate in tls.crt; store the key of that certificate")
+        return "tls.key does not match the first certificate in tls.crt; store the key of that certificate"
     try:
         san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         dns_names = tuple(sorted({name.lower() for name in san.get_values_for_type(x509.DNSName)}))
