@@ -64,7 +64,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,13 +405,12 @@ class FakeApiServer:
                 await response.write(_dumps({"type": "ERROR", "object": too_old.status()}) + b"\n")
             else:
                 await self._stream_events(response, stream, selection, initial, timeout, bookmarks)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away; a cancelled handler (handler_cancellation) unwinds through finally
         finally:
             store.subscribers.discard(stream.queue.put_nowait)
             self._watches.discard(stream)
-        with contextlib.suppress(ConnectionResetError):
-            await response.write_eof()
         return response
 
     async def _stream_events(

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kubernetes_asyncio import client
 
-from config.model import Address
+from config.model import Address, Timeouts
+from ingress_watch.cache import Kind
 from ingress_watch.leader import LeaderSettings
 from ingress_watch.status import PublishSettings
+from ingress_watch.translate import TranslateOptions
 from tests.fake_apiserver import FakeApiServer
 from tests.kubernetes.conftest import (
     FAST_LEADER,
@@ -109,8 +113,8 @@ async def test_converges_after_dropped_and_stalled_watches_error_bursts_and_rest
     await networking.create_namespaced_ingress("default", ingress("stalled", "stalled.example"))
     await sink.wait_until(lambda: "stalled.example" in sink.hosts(), 5)
 
-    apiserver.fail_next(5, 500, path_contains="networking.k8s.io/v1/ingresses")  # the controller's, not ours
-    apiserver.fail_next(5, 429, path_contains="networking.k8s.io/v1/ingresses", retry_after=1)
+    apiserver.fail_next(3, 500, path_contains="networking.k8s.io/v1/ingresses")  # the controller's, not ours
+    apiserver.fail_next(3, 429, path_contains="networking.k8s.io/v1/ingresses", retry_after=1)
     apiserver.drop_watches()
     await networking.create_namespaced_ingress("default", ingress("burst", "burst.example"))
     await sink.wait_until(lambda: "burst.example" in sink.hosts(), 5)
@@ -131,9 +135,13 @@ async def _status_ips(api_client: client.ApiClient, name: str) -> list[str]:
     return [entry.ip for entry in (load_balancer.ingress or [])] if load_balancer else []
 
 
-async def _eventually(condition: Any, timeout: float) -> None:
+async def _eventually(condition: Callable[[], bool | Awaitable[bool]], timeout: float) -> None:
+    """For state the sink cannot see (API objects, leadership): poll until `condition` holds."""
     async with asyncio.timeout(timeout):
-        while not await condition():
+        while True:
+            outcome = condition()
+            if await outcome if inspect.isawaitable(outcome) else outcome:
+                return
             await asyncio.sleep(0.05)
 
 
@@ -157,7 +165,7 @@ async def test_only_the_leader_writes_status_and_a_standby_takes_over(
     assert second.source.status_writer is not None and second.source.status_writer.writes == 0
 
     await first.stop()
-    await _eventually(lambda: _true(second.source.is_leader), 4)
+    await _eventually(lambda: second.source.is_leader, 4)
     await networking.patch_namespaced_ingress_status("a", "default", {"status": {"loadBalancer": None}})
     await _eventually(lambda: _ips_equal(api_client, "a", ["192.0.2.10"]), 3)
     assert second.source.status_writer.writes >= 1
@@ -169,10 +177,6 @@ async def test_only_the_leader_writes_status_and_a_standby_takes_over(
 
 async def _ips_equal(api_client: client.ApiClient, name: str, expected: list[str]) -> bool:
     return await _status_ips(api_client, name) == expected
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_without_publish_settings_nothing_writes_status(api_client: client.ApiClient, start_controller: Any) -> None:
@@ -206,3 +210,26 @@ async def test_problems_become_one_warning_event_per_ingress(api_client: client.
 
 async def _has_events(warnings: Any, count: int) -> bool:
     return len(await warnings()) >= count
+
+
+async def test_watches_one_configmap_by_name_and_only_tls_secrets_in_the_watched_namespace(
+    api_client: client.ApiClient, start_controller: Any
+) -> None:
+    await _seed(api_client, "127.0.0.1")
+    core = client.CoreV1Api(api_client)
+    await core.create_namespaced_config_map("default", {"metadata": {"name": "unrelated"}, "data": {"timeout-connect": "1s"}})
+    await core.create_namespaced_secret("default", {"metadata": {"name": "opaque"}, "data": {"x": "eA=="}})
+    await core.create_namespaced_secret("elsewhere", {"metadata": {"name": "tls"}, "type": "kubernetes.io/tls",
+                                                      "data": {"tls.crt": "", "tls.key": ""}})
+    controller: RunningController = await start_controller(
+        configmap=("default", "ingress-proxy"), translate=TranslateOptions(watch_namespace="default")
+    )
+    sink = controller.sink
+    await sink.wait_until(lambda: bool(sink.configurations), 5)
+    assert sink.configurations[-1].timeouts.connect == Timeouts().connect, "another ConfigMap must not be read"
+    assert controller.source.cache.count(Kind.SECRET) == 0, "Opaque Secrets and other namespaces are not watched"
+
+    await core.create_namespaced_config_map("default", {"metadata": {"name": "ingress-proxy"}, "data": {"timeout-connect": "2s"}})
+    await sink.wait_until(lambda: sink.configurations[-1].timeouts.connect == 2.0, 1.0)
+    await core.patch_namespaced_config_map("ingress-proxy", "default", {"data": {"timeout-connect": "3s"}})
+    await sink.wait_until(lambda: sink.configurations[-1].timeouts.connect == 3.0, 1.0)

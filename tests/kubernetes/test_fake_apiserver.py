@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from kubernetes_asyncio import client, watch
+from kubernetes_asyncio import client, config, watch
 
 from tests.fake_apiserver import FakeApiServer
 
@@ -89,9 +91,7 @@ async def test_errors_are_status_bodies_with_real_codes(api_client: client.ApiCl
     assert "spec.rules[0].http.paths[0].pathType" in fields
 
 
-async def test_endpoint_slice_loopback_is_rejected_unless_allowed(tmp_path: Any) -> None:
-    from kubernetes_asyncio import config
-
+async def test_endpoint_slice_loopback_is_rejected_unless_allowed(tmp_path: Path) -> None:
     slice_body = {
         "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
         "addressType": "IPv4",
@@ -254,3 +254,23 @@ async def test_restart_keeps_or_loses_state_on_the_same_port(api_client: client.
         async with watch.Watch(return_type="object") as stream:
             await _events(stream.stream(core.list_namespaced_config_map, "default", resource_version=before.metadata.resource_version), 1)
     assert gone.value.status == 410
+
+
+async def test_runs_as_a_subprocess_with_a_kubeconfig(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.fake_apiserver", "--kubeconfig", str(kubeconfig),
+        cwd=Path(__file__).resolve().parents[2], stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        url = (await asyncio.wait_for(process.stdout.readline(), 10)).decode().strip()
+        assert url.startswith("http://127.0.0.1:")
+        configuration = client.Configuration()
+        await config.load_kube_config(str(kubeconfig), client_configuration=configuration)
+        async with client.ApiClient(configuration) as api:
+            created = await client.CoordinationV1Api(api).create_namespaced_lease("default", {"metadata": {"name": "l"}, "spec": {}})
+            assert created.metadata.resource_version == "2"
+    finally:
+        process.terminate()
+        await process.wait()
