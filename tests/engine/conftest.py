@@ -198,13 +198,13 @@ def _certificate_for_token_key(ca: trustme.CA, env: dict[str, str], directory: P
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
-@pytest.fixture(scope="session")
-def softhsm_token(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmToken]:
-    directory = tmp_path_factory.mktemp("softhsm")
+def create_softhsm_token(ca: trustme.CA, directory: Path) -> SoftHsmToken:
+    """A fresh token in `directory` (its own SOFTHSM2_CONF) with non-extractable RSA-2048 and EC
+    P-256 keys generated on it, and certificates for them issued by `ca`."""
     (directory / "tokens").mkdir()
     config = directory / "softhsm2.conf"
     config.write_text(f"directories.tokendir = {directory / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    openssl_config = directory / "openssl.cnf"
+    openssl_config = directory / "openssl.cnf"  # for the openssl CLI only
     openssl_config.write_text(
         "openssl_conf = init\n[init]\nengines = engines\n[engines]\npkcs11 = pkcs11\n"
         f"[pkcs11]\ndynamic_path = {PKCS11_ENGINE}\nMODULE_PATH = {SOFTHSM_MODULE}\n"
@@ -215,14 +215,20 @@ def softhsm_token(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> I
     for key_type, key_id, label in (("rsa:2048", "01", "rsakey"), ("EC:prime256v1", "02", "eckey")):
         _run([*token, "--keypairgen", "--key-type", key_type, "--id", key_id, "--label", label,
               "--sensitive", "--usage-sign", *(["--usage-decrypt"] if key_type.startswith("rsa") else [])], env)
-    previous = os.environ.get("SOFTHSM2_CONF")
-    os.environ["SOFTHSM2_CONF"] = str(config)  # the in-process pkcs11 engine reads it at C_Initialize
-    yield SoftHsmToken(
+    return SoftHsmToken(
         directory,
         env,
         ServerIdentity(_certificate_for_token_key(ca, env, directory, "rsakey"), EngineKey(key_uri("rsakey")), "rsa"),
         ServerIdentity(_certificate_for_token_key(ca, env, directory, "eckey"), EngineKey(key_uri("eckey")), "ec"),
     )
+
+
+@pytest.fixture(scope="session")
+def softhsm_token(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmToken]:
+    token = create_softhsm_token(ca, tmp_path_factory.mktemp("softhsm"))
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = token.env["SOFTHSM2_CONF"]  # the in-process pkcs11 engine reads it at C_Initialize
+    yield token
     if previous is None:
         os.environ.pop("SOFTHSM2_CONF", None)
     else:
