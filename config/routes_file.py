@@ -150,7 +150,7 @@ class _Checker:
                 (0, 0, Problem(f"{self.path}:1:1", "the file is empty (start with listen: {https: 127.0.0.1:8443})"))
             )
             raise RoutesFileError([problem for _, _, problem in self._problems])
-        fields = self.mapping(root, "the file", _TOP_KEYS, required={"listen": "listen: {https: 127.0.0.1:8443}"})
+        fields = self.mapping(root, "top level", _TOP_KEYS, required={"listen": "listen: {https: 127.0.0.1:8443}"})
         if fields is None:
             raise RoutesFileError(self.sorted_problems())
         listeners = self.listeners(fields["listen"]) if "listen" in fields else None
@@ -275,13 +275,15 @@ class _Checker:
             if "redirect_to_https" in fields:
                 redirect = self.flag(fields["redirect_to_https"], f"{where}.redirect_to_https") is True
             if host is None:
+                if "paths" in fields:  # still check the paths, without filing them under a host
+                    self.path_rules(fields["paths"], f"{where}.paths", None, defined_backends, rule_origins)
                 continue
             redirect_node = fields.get("redirect_to_https", item)
             if host in redirect_by_host and redirect_by_host[host][0] != redirect:
                 first_value, first_location = redirect_by_host[host]
                 self.report(
                     redirect_node,
-                    f"{where}.redirect_to_https: host '{host}' already has redirect_to_https: "
+                    f"{where}.redirect_to_https: {_host_label(host)} already has redirect_to_https: "
                     f"{str(first_value).lower()} at {first_location} (use one value for all entries of a host)",
                 )
             redirect_by_host.setdefault(host, (redirect, self.location(redirect_node)))
@@ -297,7 +299,7 @@ class _Checker:
         self,
         node: yaml.Node,
         where: str,
-        host: str,
+        host: str | None,
         defined_backends: set[str],
         rule_origins: dict[tuple[str, str, PathType], str],
     ) -> list[PathRule]:
@@ -327,11 +329,13 @@ class _Checker:
             if path_type is not PathType.IMPLEMENTATION_SPECIFIC and not path.startswith("/"):
                 self.report(fields["path"], f"{item_where}.path: {path_type.value} paths start with '/' (write '/{path}')")
                 continue
+            if host is None:
+                continue
             rule_key = (host, path, path_type)
             if rule_key in rule_origins:
                 self.report(
                     item,
-                    f"{item_where}: host '{host}' path '{path}' type {path_type.value} is already routed at "
+                    f"{item_where}: {_host_label(host)} path '{path}' type {path_type.value} is already routed at "
                     f"{rule_origins[rule_key]} (remove one of the two)",
                 )
                 continue
@@ -497,9 +501,9 @@ class _Checker:
         if path is None:
             return None, None
         if not path.exists() and _URI_SCHEME.match(text):
-            self.report(
+            self.report(  # the text is not echoed: a URI may carry a PIN
                 key_node,
-                f'{where}.key: no key file {path} (for a key inside an engine write key: "engine:{text.split(":")[0]}:...")',
+                f'{where}.key: no such key file (for a key inside an engine write key: "engine:{text.split(":")[0]}:...")',
             )
             return None, None
         data = self.read_file(key_node, f"{where}.key", path)
@@ -652,7 +656,7 @@ class _Checker:
     ) -> dict[str, yaml.Node] | None:
         """Key text → value node, after reporting duplicate, unknown (when `known`) and missing keys."""
         if not isinstance(node, yaml.MappingNode):
-            self.report(node, f"{where}: expected {expected}, got {_describe(node)}")
+            self.report(node, f"{where}: expected {expected}, got {_describe(node)} (write it as name: value pairs)")
             return None
         fields: dict[str, yaml.Node] = {}
         for key_node, value_node in node.value:
@@ -676,14 +680,14 @@ class _Checker:
 
     def sequence(self, node: yaml.Node, where: str) -> list[yaml.Node] | None:
         if not isinstance(node, yaml.SequenceNode):
-            self.report(node, f"{where}: expected a list, got {_describe(node)}")
+            self.report(node, f"{where}: expected a list, got {_describe(node)} (write [item, ...] or one '- item' per line)")
             return None
         return list(node.value)
 
     def text(self, node: yaml.Node, where: str) -> str | None:
         if isinstance(node, yaml.ScalarNode) and node.tag != _TAG_NULL:
             return str(node.value)
-        self.report(node, f"{where}: expected a string, got {_describe(node)}")
+        self.report(node, f"{where}: expected a string, got {_describe(node)} (write one plain or quoted value)")
         return None
 
     def texts(self, node: yaml.Node, where: str) -> tuple[str, ...]:
@@ -692,7 +696,7 @@ class _Checker:
 
     def flag(self, node: yaml.Node, where: str) -> bool | None:
         if _tag(node) != _TAG_BOOL:
-            self.report(node, f"{where}: expected true or false, got {_describe(node)}")
+            self.report(node, f"{where}: expected true or false, got {_describe(node)} (write true or false, unquoted)")
             return None
         return bool(_SCALARS.construct_yaml_bool(node))
 
@@ -702,7 +706,7 @@ class _Checker:
             return int(_SCALARS.construct_yaml_int(node))
         if tag == _TAG_FLOAT:
             return float(_SCALARS.construct_yaml_float(node))
-        self.report(node, f"{where}: expected a number, got {_describe(node)}")
+        self.report(node, f"{where}: expected a number, got {_describe(node)} (write a plain number, unquoted, no unit)")
         return None
 
     def file_path(self, node: yaml.Node, where: str) -> pathlib.Path | None:
@@ -742,6 +746,10 @@ class _Checker:
 
 def _tag(node: yaml.Node) -> str | None:
     return node.tag if isinstance(node, yaml.ScalarNode) else None
+
+
+def _host_label(host: str) -> str:
+    return f"host '{host}'" if host else "the any-host entry"
 
 
 def _is_null(node: yaml.Node) -> bool:
@@ -809,7 +817,7 @@ def _parse_host_pattern(text: str, allow_any: bool) -> str:
         raise ValueError("the host is empty (name a host such as www.example.com)")
     if ":" in host:
         raise ValueError(f"'{text}' carries a port or is an IPv6 address (remove ':{host.rpartition(':')[2]}': routing ignores ports)")
-    if host.endswith("."):
+    if host.endswith(".") and host.rstrip(".") not in ("", "*"):
         raise ValueError(f"'{text}' ends with a dot (write {host.rstrip('.')})")
     if host == "*":
         hint = "omit host to match every host" if allow_any else "name hosts like *.example.com"
@@ -819,7 +827,9 @@ def _parse_host_pattern(text: str, allow_any: bool) -> str:
             raise ValueError(f"'{text}' is not a valid wildcard (the wildcard is the whole leftmost label: *.example.com)")
         return host
     if "*" in host:
-        raise ValueError(f"'{text}': a wildcard must be the whole leftmost label (write *.{host.split('.', 1)[-1]})")
+        rest = host.split(".", 1)[-1]
+        fix = f"write *.{rest}" if "." in host and "*" not in rest else "like *.example.com"
+        raise ValueError(f"'{text}': a wildcard must be the whole leftmost label ({fix})")
     if not _is_dns_name(host):
         raise ValueError(f"'{text}' is not a valid host name (letters, digits, '-' and '.'; internationalised names in punycode)")
     return host

@@ -1,0 +1,570 @@
+"""The routes-file loader: valid files → the exact model; every user mistake → FILE:LINE:COL + fix.
+
+Problem cases are YAML texts with a `»` before each token a problem must point at; the i-th
+marker pairs with the i-th message fragment, and the loader must report exactly those problems.
+Certificates and keys are generated per session (never checked in) and written per test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+import shutil
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from config.model import (
+    Address,
+    Backend,
+    Certificate,
+    Configuration,
+    CryptoSettings,
+    EngineKey,
+    EngineSettings,
+    Hsts,
+    Listeners,
+    PathRule,
+    PathType,
+    PemKey,
+    RouteTable,
+    Timeouts,
+    VirtualHost,
+)
+from config.routes_file import LoadedRoutes, RoutesFileError, load_routes_file
+
+MARKER = "»"
+SECRET_PIN = "s3cr3t-PIN-9876"
+LISTEN = "listen: {https: 127.0.0.1:8443}\n"
+EXAMPLE_ROUTES = pathlib.Path(__file__).parents[2] / "examples" / "routes.yaml"
+
+
+# ---- key material -------------------------------------------------------------------------------
+
+
+def _self_signed(key: Any, dns_names: list[str] | None) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "routes-file test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+    )
+    if dns_names is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key: Any, key_format: serialization.PrivateFormat, password: bytes | None = None) -> bytes:
+    encryption = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    return key.private_bytes(serialization.Encoding.PEM, key_format, encryption)
+
+
+@pytest.fixture(scope="session")
+def key_material() -> dict[str, bytes]:
+    """File name under certs/ → content."""
+    site_key = ec.generate_private_key(ec.SECP256R1())
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    site_pem = _self_signed(site_key, ["foo.example.com", "*.Example.com", "*", "under_score.example"])
+    nosan_pem = _self_signed(other_key, None)
+    return {
+        "site.pem": site_pem,  # SANs: 2 usable, a bare "*" and an invalid name (both skipped)
+        "site.key": _key_pem(site_key, serialization.PrivateFormat.PKCS8),
+        "rsa.pem": _self_signed(rsa_key, ["rsa.example.com"]),
+        "rsa.key": _key_pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL),  # PKCS#1
+        "chain.pem": site_pem + nosan_pem,
+        "nosan.pem": nosan_pem,
+        "nosan.key": _key_pem(other_key, serialization.PrivateFormat.PKCS8),
+        "encrypted.key": _key_pem(site_key, serialization.PrivateFormat.PKCS8, password=b"pw"),
+        "garbage.pem": b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+        "text.pem": b"just some text\n",
+        "hsm.pem": _self_signed(other_key, ["hsm.example.com"]),
+    }
+
+
+@pytest.fixture
+def routes_dir(tmp_path: pathlib.Path, key_material: dict[str, bytes]) -> pathlib.Path:
+    (tmp_path / "certs").mkdir()
+    for name, content in key_material.items():
+        (tmp_path / "certs" / name).write_bytes(content)
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "hsm.pin").write_text(f"{SECRET_PIN}\n")
+    (tmp_path / "secrets" / "empty.pin").write_text("")
+    return tmp_path
+
+
+def write_routes(directory: pathlib.Path, text: str) -> pathlib.Path:
+    path = directory / "routes.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# ---- tiny builders for expected models ----------------------------------------------------------
+
+
+def addr(text: str) -> Address:
+    host, _, port = text.rpartition(":")
+    return Address(host.strip("[]"), int(port))
+
+
+def vhost(host: str, *rules: tuple[str, PathType, str], redirect: bool = False) -> VirtualHost:
+    return VirtualHost(host, tuple(PathRule(path, kind, backend) for path, kind, backend in rules), redirect)
+
+
+def backend(name: str, *endpoints: str) -> Backend:
+    return Backend(name, tuple(addr(endpoint) for endpoint in endpoints))
+
+
+E, P, I = PathType.EXACT, PathType.PREFIX, PathType.IMPLEMENTATION_SPECIFIC
+
+
+# ---- a full valid file --------------------------------------------------------------------------
+
+FULL_FILE = """\
+listen:
+  https: 127.0.0.1:8443
+  http: "[::1]:8080"
+  admin: localhost:9100
+tls:
+  certificates:
+    - {cert: certs/site.pem, key: certs/site.key}
+    - cert: certs/rsa.pem
+      key: certs/rsa.key
+      hosts: [RSA.example.com, "*.rsa.example.com"]
+    - {cert: certs/chain.pem, key: certs/site.key, hosts: [chain.example.com]}
+    - {cert: certs/hsm.pem, key: "engine:pkcs11:token=proxy;object=tlskey;type=private", pin_env: HSM_PIN}
+    - {cert: certs/hsm.pem, key: "engine:pkcs11:object=second", pin_file: secrets/hsm.pin}
+  default_certificate: {cert: certs/nosan.pem, key: certs/nosan.key}
+  engine:
+    id: pkcs11
+    so_path: /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so
+    ctrl: [[MODULE_PATH, /usr/lib/softhsm/libsofthsm2.so], [VERBOSE, 1]]
+    algorithms: [RSA, EC]
+    required: true
+  async: true
+  providers: [legacy]
+timeouts: {connect: 0.5, idle: 120}
+hsts: {max_age: 60, include_subdomains: yes}
+access_log: {json: true}
+routes:
+  - host: Foo.Example.com
+    redirect_to_https: true
+    paths:
+      - {path: /, backend: web}
+      - {path: /api, type: Prefix, backend: api}
+  - host: "*.example.com"
+    paths: [{path: /exact, type: Exact, backend: api}, {path: app, type: ImplementationSpecific, backend: web}]
+  - paths: [{path: /, backend: web}]
+  - host: foo.example.com
+    redirect_to_https: true
+    paths: [{path: /api, type: Exact, backend: api}]
+default_backend: web
+backends:
+  web: {endpoints: ["127.0.0.1:9001"]}
+  api: {endpoints: ["127.0.0.1:9002", "[::0001]:9003", "Backend.Local:80"]}
+"""
+
+
+def test_full_file_gives_the_expected_configuration(routes_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HSM_PIN", "12;34")
+    path = write_routes(routes_dir, FULL_FILE)
+    material = {name: (routes_dir / "certs" / name).read_bytes() for name in ("site.pem", "rsa.pem", "nosan.pem", "hsm.pem")}
+    chain = (routes_dir / "certs" / "chain.pem").read_bytes()
+
+    loaded = load_routes_file(path)
+
+    assert loaded.listeners == Listeners(https=addr("127.0.0.1:8443"), http=addr("[::1]:8080"), admin=addr("localhost:9100"))
+    expected = Configuration(
+        routes=RouteTable(
+            virtual_hosts=(
+                vhost("foo.example.com", ("/", P, "web"), ("/api", P, "api"), ("/api", E, "api"), redirect=True),
+                vhost("*.example.com", ("/exact", E, "api"), ("app", I, "web")),
+                vhost("", ("/", P, "web")),
+            ),
+            backends=(backend("web", "127.0.0.1:9001"), backend("api", "127.0.0.1:9002", "[::1]:9003", "backend.local:80")),
+            default_backend="web",
+        ),
+        certificates=(
+            Certificate(material["site.pem"], PemKey((routes_dir / "certs/site.key").read_bytes()),
+                        ("foo.example.com", "*.example.com"), f"{path}:7:7"),
+            Certificate(material["rsa.pem"], PemKey((routes_dir / "certs/rsa.key").read_bytes()),
+                        ("rsa.example.com", "*.rsa.example.com"), f"{path}:8:7"),
+            Certificate(chain, PemKey((routes_dir / "certs/site.key").read_bytes()), ("chain.example.com",), f"{path}:11:7"),
+            Certificate(material["hsm.pem"], EngineKey("pkcs11:token=proxy;object=tlskey;type=private;pin-value=12%3B34"),
+                        ("hsm.example.com",), f"{path}:12:7"),
+            Certificate(material["hsm.pem"], EngineKey(f"pkcs11:object=second;pin-value={SECRET_PIN}"),
+                        ("hsm.example.com",), f"{path}:13:7"),
+        ),
+        default_certificate=Certificate(material["nosan.pem"], PemKey((routes_dir / "certs/nosan.key").read_bytes()), (), f"{path}:14:24"),
+        crypto=CryptoSettings(
+            engine=EngineSettings(
+                id="pkcs11",
+                so_path="/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so",
+                ctrl=(("MODULE_PATH", "/usr/lib/softhsm/libsofthsm2.so"), ("VERBOSE", "1")),
+                algorithms=("RSA", "EC"),
+                required=True,
+            ),
+            async_mode=True,
+            providers=("legacy",),
+        ),
+        timeouts=Timeouts(connect=0.5, idle=120.0),
+        hsts=Hsts(max_age=60, include_subdomains=True),
+        access_log_json=True,
+    )
+    assert loaded.configuration.routes == expected.routes
+    assert loaded.configuration.certificates == expected.certificates
+    assert loaded.configuration == expected
+    # chain_pem, PemKey.pem and EngineKey.uri are excluded from equality's repr, not from equality:
+    assert loaded.configuration.certificates[3].key.uri.endswith(";pin-value=12%3B34")  # type: ignore[union-attr]
+
+
+# ---- small valid variants: one field, its expected value ------------------------------------------
+
+Getter = Callable[[LoadedRoutes], object]
+VALID_CASES: dict[str, tuple[str, Getter, object]] = {
+    "defaults": (LISTEN, lambda r: r.configuration, Configuration(routes=RouteTable((), ()))),
+    "listen-only-https": (LISTEN, lambda r: r.listeners, Listeners(https=addr("127.0.0.1:8443"))),
+    "listen-all-interfaces-ipv6": ('listen: {https: "[::]:443", http: "0.0.0.0:80"}', lambda r: r.listeners,
+                                   Listeners(https=addr("[::]:443"), http=addr("0.0.0.0:80"))),
+    "hsts-true-is-defaults": (LISTEN + "hsts: true", lambda r: r.configuration.hsts, Hsts()),
+    "hsts-false-is-off": (LISTEN + "hsts: false", lambda r: r.configuration.hsts, None),
+    "hsts-max-age-zero": (LISTEN + "hsts: {max_age: 0}", lambda r: r.configuration.hsts, Hsts(max_age=0)),
+    "host-omitted-is-any": (LISTEN + "routes: [{paths: [{path: /, backend: b}]}]\nbackends: {b: {endpoints: ['127.0.0.1:1']}}",
+                            lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/", P, "b")),)),
+    "host-empty-is-any": (LISTEN + "routes: [{host: '', paths: [{path: /, backend: b}]}]\nbackends: {b: {endpoints: ['127.0.0.1:1']}}",
+                          lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/", P, "b")),)),
+    "same-host-merged-in-file-order": (
+        LISTEN + "routes:\n- {host: a.com, paths: [{path: /x, backend: b}]}\n- {host: c.com, paths: [{path: /, backend: b}]}\n"
+        "- {host: A.com, paths: [{path: /y, backend: b}]}\nbackends: {b: {endpoints: ['127.0.0.1:1']}}",
+        lambda r: r.configuration.routes.virtual_hosts,
+        (vhost("a.com", ("/x", P, "b"), ("/y", P, "b")), vhost("c.com", ("/", P, "b"))),
+    ),
+    "same-path-different-type-is-no-duplicate": (
+        LISTEN + "routes: [{paths: [{path: /x, backend: b}, {path: /x, type: Exact, backend: b}]}]\n"
+        "backends: {b: {endpoints: ['127.0.0.1:1']}}",
+        lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/x", P, "b"), ("/x", E, "b")),),
+    ),
+    "engine-defaults": (LISTEN + "tls: {engine: {id: qatengine}}", lambda r: r.configuration.crypto,
+                        CryptoSettings(engine=EngineSettings(id="qatengine", algorithms=("ALL",), required=False))),
+    "timeouts-integer-seconds": (LISTEN + "timeouts: {drain: 3}", lambda r: r.configuration.timeouts, Timeouts(drain=3.0)),
+    "string-field-takes-number-as-written": (LISTEN + "tls: {engine: {id: 0123}}", lambda r: r.configuration.crypto.engine.id, "0123"),  # type: ignore[union-attr]
+    "yaml-anchor-reused": (
+        LISTEN + "routes: [{paths: &p [{path: /, backend: b}]}, {host: x.com, paths: *p}]\nbackends: {b: {endpoints: ['127.0.0.1:1']}}",
+        lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/", P, "b")), vhost("x.com", ("/", P, "b"))),
+    ),
+}
+
+
+@pytest.mark.parametrize("text, getter, expected", VALID_CASES.values(), ids=VALID_CASES.keys())
+def test_valid_variant(routes_dir: pathlib.Path, text: str, getter: Getter, expected: object) -> None:
+    assert getter(load_routes_file(write_routes(routes_dir, text))) == expected
+
+
+# ---- problems: location and message -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProblemCase:
+    text: str  # `»` before each token a problem points at
+    fragments: tuple[str, ...]  # one message fragment per marker, in file order
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def case(text: str, *fragments: str, env: dict[str, str] | None = None) -> ProblemCase:
+    return ProblemCase(textwrap.dedent(text), fragments, env or {})
+
+
+B = "backends: {b: {endpoints: ['127.0.0.1:1']}}\n"
+ENGINE = "  engine: {id: pkcs11}\n"
+PROBLEM_CASES: dict[str, ProblemCase] = {
+    # the document
+    "yaml-syntax-error": case("listen: {https: 127.0.0.1:8443\nroutes»: []\n", "YAML syntax error"),
+    "yaml-two-documents": case(LISTEN + "»---\n" + LISTEN, "YAML syntax error"),
+    "empty-file": case("»", "the file is empty"),
+    "top-level-not-a-mapping": case("»- listen\n", "expected a mapping, got a list"),
+    "unknown-key-suggests-closest": case(LISTEN + "»rouets: []\n", "unknown key 'rouets' (did you mean 'routes'?)"),
+    "unknown-key-lists-known-keys": case(LISTEN + "»zzz: 1\n", "known keys: listen, tls"),
+    "duplicate-key": case(LISTEN + "routes: []\n»routes: []\n", "duplicate key 'routes'"),
+    "non-scalar-key": case(LISTEN + "»[a]: 1\n", "a key must be plain text"),
+    "missing-listen": case("»routes: []\n", "missing required key 'listen'"),
+    # listen
+    "listen-not-a-mapping": case("listen: »127.0.0.1:8443\n", "listen: expected a mapping, got a string"),
+    "missing-https": case("listen: »{http: 127.0.0.1:8080}\n", "missing required key 'https' (add https: 127.0.0.1:8443)"),
+    "unknown-listen-key": case("listen: {https: 127.0.0.1:8443, »htps: 1}\n", "did you mean 'https'?"),
+    "address-number": case("listen: {https: »8443}\n", "'8443' has no port"),
+    "address-no-port": case("listen: {https: »localhost}\n", "has no port"),
+    "address-empty-host": case("listen: {https: »':8443'}\n", "write 0.0.0.0:8443 for every interface"),
+    "address-ipv6-without-brackets": case("listen: {https: »'::1:8443'}\n", "write [::1]:8443"),
+    "address-brackets-not-ipv6": case("listen: {https: »'[1.2.3.4]:80'}\n", "is not an IPv6 address"),
+    "address-brackets-no-port": case("listen: {https: »'[::1]'}\n", "is not [IPv6]:port"),
+    "address-port-zero": case("listen: {https: »127.0.0.1:0}\n", "port '0' is not a number from 1 to 65535"),
+    "address-port-too-big": case("listen: {https: »127.0.0.1:65536}\n", "port '65536'"),
+    "address-port-not-digits": case("listen: {https: »127.0.0.1:https}\n", "port 'https'"),
+    "address-bad-ipv4": case("listen: {https: »127.0.0.01:80}\n", "'127.0.0.01' is not a valid IPv4 address"),
+    "address-bad-host-name": case("listen: {https: »bad_host:80}\n", "neither an IP address nor a host name"),
+    "listener-duplicate": case("listen: {https: 127.0.0.1:8443, admin: »127.0.0.1:8443}\n",
+                               "listen.admin: 127.0.0.1:8443 clashes with listen.https"),
+    "listener-wildcard-clash": case("listen: {https: 127.0.0.1:8443, http: »0.0.0.0:8443}\n", "clashes with listen.https"),
+    "listener-ipv6-canonical-clash": case("listen: {https: '[::1]:80', http: »'[0:0::1]:80'}\n", "clashes"),
+    # routes and paths
+    "routes-not-a-list": case(LISTEN + "routes: »{host: a}\n", "routes: expected a list, got a mapping"),
+    "route-missing-paths": case(LISTEN + "routes: [»{host: a.com}]\n", "missing required key 'paths'"),
+    "route-empty-paths": case(LISTEN + "routes: [{host: a.com, paths: »[]}]\n", "the list is empty"),
+    "path-unknown-key-and-missing-backend": case(
+        LISTEN + B + "routes: [{paths: [»{path: /, »bakend: b}]}]\n",
+        "missing required key 'backend'", "unknown key 'bakend' (did you mean 'backend'?)",
+    ),
+    "path-bad-type": case(LISTEN + B + "routes: [{paths: [{path: /, type: »prefix, backend: b}]}]\n",
+                          "'prefix' is not a path type (use Exact, Prefix or ImplementationSpecific)"),
+    "path-exact-without-slash": case(LISTEN + B + "routes: [{paths: [{path: »api, type: Exact, backend: b}]}]\n",
+                                     "Exact paths start with '/' (write '/api')"),
+    "path-prefix-without-slash": case(LISTEN + B + "routes: [{paths: [{path: »api, backend: b}]}]\n", "Prefix paths start with '/'"),
+    "path-not-a-string": case(LISTEN + B + "routes: [{paths: [{path: »[/], backend: b}]}]\n", "expected a string, got a list"),
+    "redirect-not-a-boolean": case(LISTEN + B + "routes: [{redirect_to_https: »'yes', paths: [{path: /, backend: b}]}]\n",
+                                   "expected true or false, got a string"),
+    "undefined-backend-suggests": case(LISTEN + "backends: {web: {endpoints: ['127.0.0.1:1']}}\n"
+                                       "routes: [{paths: [{path: /, backend: »webb}]}]\n",
+                                       "backend 'webb' is not defined (did you mean 'web'?)"),
+    "undefined-backend-no-backends": case(LISTEN + "routes: [{paths: [{path: /, backend: »web}]}]\n",
+                                          "define it under backends:"),
+    "undefined-default-backend": case(LISTEN + B + "default_backend: »c\n", "default_backend: backend 'c' is not defined"),
+    "duplicate-rule-in-one-entry": case(LISTEN + B + "routes:\n- paths:\n  - {path: /a, backend: b}\n  - »{path: /a, backend: b}\n",
+                                        "the any-host entry path '/a' type Prefix is already routed at"),
+    "duplicate-rule-across-merged-entries": case(
+        LISTEN + B + "routes:\n- {host: a.com, paths: [{path: /, backend: b}]}\n- {host: A.COM, paths: [»{path: /, backend: b}]}\n",
+        "host 'a.com' path '/' type Prefix is already routed",
+    ),
+    "merged-entries-disagree-on-redirect": case(
+        LISTEN + B + "routes:\n- {host: a.com, paths: [{path: /, backend: b}]}\n"
+        "- {host: a.com, redirect_to_https: »true, paths: [{path: /x, backend: b}]}\n",
+        "host 'a.com' already has redirect_to_https: false",
+    ),
+    # host patterns
+    "host-with-port": case(LISTEN + B + "routes: [{host: »'a.com:8443', paths: [{path: /, backend: b}]}]\n", "remove ':8443'"),
+    "host-trailing-dot": case(LISTEN + B + "routes: [{host: »a.com., paths: [{path: /, backend: b}]}]\n", "ends with a dot (write a.com)"),
+    "host-wildcard-not-leftmost": case(LISTEN + B + "routes: [{host: »'a.*.com', paths: [{path: /, backend: b}]}]\n",
+                                       "must be the whole leftmost label (like *.example.com)"),
+    "host-wildcard-partial-label": case(LISTEN + B + "routes: [{host: »'a*.b.com', paths: [{path: /, backend: b}]}]\n",
+                                        "whole leftmost label (write *.b.com)"),
+    "host-wildcard-nothing-after": case(LISTEN + B + "routes: [{host: »'*.', paths: [{path: /, backend: b}]}]\n", "is not a valid wildcard"),
+    "host-two-wildcards": case(LISTEN + B + "routes: [{host: »'*.*.com', paths: [{path: /, backend: b}]}]\n", "is not a valid wildcard"),
+    "host-bare-star": case(LISTEN + B + "routes: [{host: »'*', paths: [{path: /, backend: b}]}]\n", "omit host to match every host"),
+    "host-invalid-characters": case(LISTEN + B + "routes: [{host: »a_b.com, paths: [{path: /, backend: b}]}]\n",
+                                    "is not a valid host name"),
+    "host-unicode": case(LISTEN + B + "routes: [{host: »bücher.de, paths: [{path: /, backend: b}]}]\n", "punycode"),
+    # backends
+    "backend-duplicate-endpoint": case(LISTEN + "backends: {b: {endpoints: ['127.0.0.1:1', »'127.0.0.1:1']}}\n",
+                                       "backends.b.endpoints[1]: 127.0.0.1:1 is listed twice"),
+    "backend-duplicate-endpoint-canonical-ipv6": case(LISTEN + "backends: {b: {endpoints: ['[::1]:80', »'[0::0001]:80']}}\n",
+                                                      "[::1]:80 is listed twice"),
+    "backend-empty-endpoints": case(LISTEN + "backends: {b: {endpoints: »[]}}\n", "the list is empty"),
+    "backend-missing-endpoints": case(LISTEN + "backends: {b: »{»endpoint: []}}\n",
+                                      "missing required key 'endpoints'", "unknown key 'endpoint' (did you mean 'endpoints'?)"),
+    "backend-bad-endpoint-still-defined": case(LISTEN + "backends: {b: {endpoints: [»'127.0.0.1']}}\n"
+                                               "routes: [{paths: [{path: /, backend: b}]}]\n", "has no port"),
+    # certificates
+    "cert-unreadable": case(LISTEN + "tls: {certificates: [{cert: »certs/missing.pem, key: certs/site.key}]}\n",
+                            "tls.certificates[0].cert: cannot read"),
+    "key-unreadable": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: »certs/missing.key}]}\n",
+                           "tls.certificates[0].key: cannot read"),
+    "cert-does-not-parse": case(LISTEN + "tls: {certificates: [{cert: »certs/garbage.pem, key: certs/site.key}]}\n",
+                                "does not parse (re-export it as PEM)"),
+    "cert-no-pem-block": case(LISTEN + "tls: {certificates: [{cert: »certs/text.pem, key: certs/site.key}]}\n",
+                              "holds no PEM certificate"),
+    "key-does-not-parse": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: »certs/site.pem}]}\n",
+                               "holds no usable PEM private key"),
+    "key-encrypted": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: »certs/encrypted.key}]}\n", "is encrypted"),
+    "key-does-not-match": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: »certs/rsa.key}]}\n",
+                               "the key does not match the certificate's public key"),
+    "cert-without-san-needs-hosts": case(LISTEN + "tls: {certificates: [»{cert: certs/nosan.pem, key: certs/nosan.key}]}\n",
+                                         "no usable DNS name in subjectAltName (add hosts:"),
+    "cert-hosts-empty": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: certs/site.key, hosts: »[]}]}\n",
+                             "the list is empty"),
+    "cert-hosts-bad-pattern": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: certs/site.key, hosts: [a.com, »'a.com:1']}]}\n",
+                                   "tls.certificates[0].hosts[1]: 'a.com:1' carries a port"),
+    "cert-missing-key": case(LISTEN + "tls: {certificates: [»{cert: certs/site.pem}]}\n", "missing required key 'key'"),
+    "default-cert-takes-no-hosts": case(
+        LISTEN + "tls: {default_certificate: {cert: certs/site.pem, key: certs/site.key, »hosts: [a.com]}}\n",
+        "tls.default_certificate: unknown key 'hosts'",
+    ),
+    "uri-without-engine-prefix": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: »'pkcs11:token=x'}]}\n",
+                                      'write key: "engine:pkcs11:...'),
+    # engine keys and PINs
+    "engine-key-without-engine": case(LISTEN + "tls: {certificates: [{cert: certs/hsm.pem, key: »'engine:pkcs11:object=k'}]}\n",
+                                      "an engine: key needs tls.engine"),
+    "engine-key-empty-uri": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: »'engine:'}]\n",
+                                 "the engine key URI is empty"),
+    "pin-env-unset": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: 'engine:pkcs11:object=k', pin_env: »NO_SUCH_PIN}]\n",
+                          "environment variable NO_SUCH_PIN is unset or empty"),
+    "pin-env-empty": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: 'engine:pkcs11:object=k', pin_env: »EMPTY_PIN}]\n",
+                          "EMPTY_PIN is unset or empty", env={"EMPTY_PIN": ""}),
+    "pin-file-unreadable": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: 'engine:pkcs11:object=k', pin_file: »secrets/nope}]\n",
+                                "pin_file: cannot read"),
+    "pin-file-empty": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: 'engine:pkcs11:object=k', pin_file: »secrets/empty.pin}]\n",
+                           "is empty (write the PIN on its first line)"),
+    "pin-env-and-pin-file": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: 'engine:pkcs11:object=k', "
+                                 "pin_env: HSM_PIN, pin_file: »secrets/hsm.pin}]\n", "give either pin_env or pin_file", env={"HSM_PIN": "1"}),
+    "pin-with-pem-key": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: certs/site.key, pin_env: »HSM_PIN}]}\n",
+                             "only engine: keys take a PIN"),
+    "pin-twice": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: »'engine:pkcs11:object=k;pin-value=1', pin_env: HSM_PIN}]\n",
+                      "already carries pin-value", env={"HSM_PIN": "1"}),
+    # engine settings
+    "engine-missing-id": case(LISTEN + "tls: {engine: »{so_path: /x.so}}\n", "tls.engine: missing required key 'id'"),
+    "engine-unknown-algorithm-case": case(LISTEN + "tls: {engine: {id: e, algorithms: [»rsa]}}\n", "unknown algorithm 'rsa' (did you mean RSA?)"),
+    "engine-unknown-algorithm": case(LISTEN + "tls: {engine: {id: e, algorithms: [RSA, »AES]}}\n", "unknown algorithm 'AES' (use RSA, DSA"),
+    "engine-empty-algorithms": case(LISTEN + "tls: {engine: {id: e, algorithms: »[]}}\n", "omit it for [ALL]"),
+    "engine-ctrl-not-pairs": case(LISTEN + "tls: {engine: {id: e, ctrl: [[A, 1], »[B]]}}\n", "tls.engine.ctrl[1]: expected a [name, value] pair"),
+    "engine-ctrl-mapping": case(LISTEN + "tls: {engine: {id: e, ctrl: »{A: 1}}}\n", "tls.engine.ctrl: expected a list"),
+    "engine-required-not-boolean": case(LISTEN + "tls: {engine: {id: e, required: »1}}\n", "expected true or false, got a number"),
+    "async-not-boolean": case(LISTEN + "tls: {async: »'on'}\n", "tls.async: expected true or false"),
+    "providers-not-strings": case(LISTEN + "tls: {providers: [»{a: 1}]}\n", "tls.providers[0]: expected a string"),
+    # timeouts, hsts, access log
+    "timeout-zero": case(LISTEN + "timeouts: {connect: »0}\n", "timeouts.connect: 0 is not a positive number of seconds"),
+    "timeout-negative": case(LISTEN + "timeouts: {idle: »-1.5}\n", "-1.5 is not a positive number"),
+    "timeout-infinite": case(LISTEN + "timeouts: {idle: ».inf}\n", "is not a positive number"),
+    "timeout-with-unit": case(LISTEN + "timeouts: {idle: »10s}\n", "timeouts.idle: expected a number, got a string"),
+    "timeout-unknown-key": case(LISTEN + "timeouts: {»read: 1}\n", "unknown key 'read'"),
+    "hsts-not-mapping-or-boolean": case(LISTEN + "hsts: »'yes please'\n", "expected a mapping or true/false"),
+    "hsts-negative-max-age": case(LISTEN + "hsts: {max_age: »-1}\n", "not a whole number of seconds >= 0"),
+    "hsts-fractional-max-age": case(LISTEN + "hsts: {max_age: »1.5}\n", "not a whole number"),
+    "access-log-json-not-boolean": case(LISTEN + "access_log: {json: »'true'}\n", "access_log.json: expected true or false"),
+    # many at once, in file order
+    "several-problems-at-once": case(
+        """\
+        listen: {https: »127.0.0.1:99999}
+        tls:
+          engine: {id: e, algorithms: [»FOO]}
+        timeouts: {connect: »-1}
+        routes:
+          - host: »'*.*.x'
+            paths: [{path: /, type: »Regex, backend: »nope}]
+        »bogus: 1
+        """,
+        "port '99999'", "unknown algorithm 'FOO'", "timeouts.connect", "is not a valid wildcard",
+        "'Regex' is not a path type", "backend 'nope' is not defined", "unknown key 'bogus'",
+    ),
+}
+
+
+def strip_markers(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """The text without markers, and the 1-based (line, column) of each marker in order."""
+    lines, positions = [], []
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        while MARKER in line:
+            column = line.index(MARKER)
+            positions.append((line_number, column + 1))
+            line = line[:column] + line[column + 1 :]
+        lines.append(line)
+    return "\n".join(lines), positions
+
+
+@pytest.mark.parametrize("problem_case", PROBLEM_CASES.values(), ids=PROBLEM_CASES.keys())
+def test_problem_is_reported_at_its_location(
+    routes_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, problem_case: ProblemCase
+) -> None:
+    for name, value in problem_case.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("NO_SUCH_PIN", raising=False)
+    text, positions = strip_markers(problem_case.text)
+    assert len(positions) == len(problem_case.fragments), "the case needs one marker per fragment"
+    path = routes_dir / "routes.yaml"
+    path.write_text(text)
+
+    with pytest.raises(RoutesFileError) as raised:
+        load_routes_file(path)
+
+    problems = raised.value.problems
+    assert [problem.location for problem in problems] == [f"{path}:{line}:{column}" for line, column in positions], str(raised.value)
+    for problem, fragment in zip(problems, problem_case.fragments):
+        assert fragment in problem.message, str(raised.value)
+    assert str(raised.value).splitlines() == [str(problem) for problem in problems]
+    assert all("(" in problem.message and problem.message.endswith(")") for problem in problems), "every problem carries a fix"
+
+
+def test_missing_file_is_reported_with_its_path(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(RoutesFileError) as raised:
+        load_routes_file(path)
+    assert str(raised.value) == f"{path}: cannot read the routes file: No such file or directory (check the path and permissions)"
+
+
+# ---- secrets ------------------------------------------------------------------------------------
+
+
+def test_secrets_never_appear_in_messages(routes_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HSM_PIN", SECRET_PIN)
+    wrong_key_pem = (routes_dir / "certs" / "rsa.key").read_text()
+    path = write_routes(routes_dir, f"""\
+        listen: {{https: 127.0.0.1:8443}}
+        tls:
+          certificates:
+            - {{cert: certs/site.pem, key: certs/rsa.key}}
+            - {{cert: certs/hsm.pem, key: "engine:pkcs11:object=k", pin_env: HSM_PIN}}
+            - {{cert: certs/hsm.pem, key: "engine:pkcs11:object=k;pin-value={SECRET_PIN}", pin_file: secrets/hsm.pin}}
+            - {{cert: certs/site.pem, key: certs/site.key, pin_file: secrets/hsm.pin}}
+            - {{cert: certs/site.pem, key: "pkcs11:object=k;pin-value={SECRET_PIN}"}}
+          engine: {{id: e, ctrl: [[PIN, {SECRET_PIN}], [{{x: 1}}, {SECRET_PIN}], [PIN, [{SECRET_PIN}]]]}}
+        timeouts: {{connect: [{SECRET_PIN}]}}
+        """)
+
+    with pytest.raises(RoutesFileError) as raised:
+        load_routes_file(path)
+
+    message = str(raised.value)
+    assert len(raised.value.problems) == 7, message  # mismatch, URI pin twice, PIN on PEM key, no engine: prefix, 2 ctrl, timeout
+    assert "does not match" in message and "already carries pin-value" in message
+    assert SECRET_PIN not in message
+    key_body_lines = [line for line in wrong_key_pem.splitlines() if not line.startswith("-----")]
+    assert not any(line in message for line in key_body_lines)
+
+
+def test_loaded_model_repr_hides_pin_and_key(routes_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HSM_PIN", SECRET_PIN)
+    path = write_routes(routes_dir, """\
+        listen: {https: 127.0.0.1:8443}
+        tls:
+          engine: {id: pkcs11}
+          certificates:
+            - {cert: certs/hsm.pem, key: "engine:pkcs11:object=k", pin_env: HSM_PIN}
+            - {cert: certs/site.pem, key: certs/site.key}
+        """)
+    loaded = load_routes_file(path)
+    assert loaded.configuration.certificates[0].key == EngineKey(f"pkcs11:object=k;pin-value={SECRET_PIN}")
+    key_body = (routes_dir / "certs" / "site.key").read_text().splitlines()[1]
+    assert SECRET_PIN not in repr(loaded) and key_body not in repr(loaded)
+
+
+# ---- the shipped example ------------------------------------------------------------------------
+
+
+def test_shipped_example_loads(tmp_path: pathlib.Path) -> None:
+    """examples/routes.yaml with the certificate examples/run_demo.py generates (same SANs)."""
+    shutil.copy(EXAMPLE_ROUTES, tmp_path / "routes.yaml")
+    (tmp_path / "certs").mkdir()
+    leaf = trustme.CA().issue_cert("localhost", "demo.localhost", "*.demo.localhost")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "certs" / "demo.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "certs" / "demo.key"))
+
+    loaded = load_routes_file(tmp_path / "routes.yaml")
+
+    assert loaded.listeners == Listeners(https=addr("127.0.0.1:8443"), http=addr("127.0.0.1:8080"), admin=addr("127.0.0.1:9100"))
+    configuration = loaded.configuration
+    assert [certificate.hosts for certificate in configuration.certificates] == [("localhost", "demo.localhost", "*.demo.localhost")]
+    assert {endpoint for b in configuration.routes.backends for endpoint in b.endpoints} == {addr("127.0.0.1:9001"), addr("127.0.0.1:9002")}
+    assert configuration.routes.default_backend is not None
+    hosts = {virtual_host.host: virtual_host for virtual_host in configuration.routes.virtual_hosts}
+    assert {"localhost", "demo.localhost", "*.demo.localhost"} <= set(hosts)
+    assert any(virtual_host.redirect_to_https for virtual_host in hosts.values())
+    assert not all(virtual_host.redirect_to_https for virtual_host in hosts.values())
