@@ -267,6 +267,7 @@ class _ObjectIndex:
             if service and _live(endpoint_slice):
                 self.slices[(_namespace(endpoint_slice), service)].append(endpoint_slice)
         self.configmap = snapshot.configmap if snapshot.configmap is not None and _live(snapshot.configmap) else None
+        self._endpoints: dict[_ServiceReference, tuple[Address, ...] | str] = {}  # str: why not; few Services, many paths
 
     def resolve_backend(self, namespace: str, backend_spec: dict) -> Backend:
         if backend_spec.get("resource") is not None:
@@ -286,6 +287,17 @@ class _ObjectIndex:
         return Backend(reference.backend_name, self.endpoints(reference))
 
     def endpoints(self, reference: _ServiceReference) -> tuple[Address, ...]:
+        if reference not in self._endpoints:
+            try:
+                self._endpoints[reference] = self._read_endpoints(reference)
+            except _Rejected as rejected:
+                self._endpoints[reference] = str(rejected)
+        found = self._endpoints[reference]
+        if isinstance(found, str):
+            raise _Rejected(found)
+        return found
+
+    def _read_endpoints(self, reference: _ServiceReference) -> tuple[Address, ...]:
         service_ref = f"{reference.namespace}/{reference.service}"
         service = self.services.get((reference.namespace, reference.service))
         if service is None:
@@ -379,11 +391,12 @@ class _RouteCollector:
                 routes.add(path_rule, _ref(ingress), host, path_where, location, self._problems)
 
     def result(self, certificates: tuple[Certificate, ...], ssl_redirect: bool) -> RouteTable:
+        certificate_hosts = frozenset(host for certificate in certificates for host in certificate.hosts)
         virtual_hosts = []
         for host, routes in sorted(self._hosts.items()):
             if not routes.rules:
                 continue
-            covered = _covered_by_certificate(host, certificates)
+            covered = _covered_by_certificate(host, certificate_hosts)
             if routes.redirect and not covered:
                 self._problems.append(Problem(f"Ingress {routes.redirect_owner}", (
                     f"{SSL_REDIRECT_ANNOTATION} is true but no certificate covers host {host!r}; "
@@ -611,15 +624,13 @@ def _default_certificate(index: _ObjectIndex, options: TranslateOptions, problem
     return material.certificate(hosts=(), origin=f"Secret {namespace}/{name}")
 
 
-def _covered_by_certificate(host: str, certificates: tuple[Certificate, ...]) -> bool:
+def _covered_by_certificate(host: str, certificate_hosts: frozenset[str]) -> bool:
+    """Would SNI `host` find a certificate: its own name, or a wildcard one label up."""
     if not host:
         return False
-    parent = host.partition(".")[2]
-    for certificate in certificates:
-        for pattern in certificate.hosts:
-            if pattern == host or (pattern.startswith("*.") and not host.startswith("*.") and pattern[2:] == parent):
-                return True
-    return False
+    if host in certificate_hosts:
+        return True
+    return not host.startswith("*.") and "*." + host.partition(".")[2] in certificate_hosts
 
 
 # --- ConfigMap -------------------------------------------------------------------------------
