@@ -34,18 +34,29 @@ The rules (shared/NOTES.md §4), in the order they are applied:
   unnamed counts as equal), the first address of each endpoint (Kubernetes treats the others as
   fungible), endpoints with `conditions.ready: false` skipped (absent = ready), FQDN slices
   ignored. The ClusterIP is never used. A Service with no ready endpoints still yields its
-  backend with `endpoints=()`, so the data plane answers 503 rather than 404.
+  backend with `endpoints=()`, so the data plane answers 503 rather than 404. A missing Service
+  or port, an ExternalName Service or a `resource` backend is a problem and that path is skipped.
 - TLS: one Certificate per Secret (`origin="Secret ns/name"`), hosts merged over every Ingress
   that references it. When `spec.tls[].hosts` is empty the certificate's DNS SANs are used: they
   are the only names it can prove, so serving it for any other name would fail verification. A
-  host claimed by two different Secrets stays with the older Ingress's Secret.
+  host claimed by two different Secrets stays with the older Ingress's Secret. A Secret is used
+  only if it is `kubernetes.io/tls`, both keys decode, tls.crt parses, tls.key (PKCS#1, SEC1 or
+  PKCS#8, unencrypted) parses and matches the first certificate; else the Ingress gets a problem
+  "Secret ns/name: ..." and its routes are still served (with the default certificate). Parsing
+  is memoized by content: OpenSSL 3 spends ~36 ms checking each RSA-2048 key. A tls entry with
+  no secretName is left to the default certificate, as the Ingress API specifies.
 - `ssl-redirect` (ConfigMap, default false, overridden by the per-Ingress annotation
   `ingress.kubernetes.io/ssl-redirect` of the oldest Ingress routing that host) only redirects
   virtual hosts that some certificate covers: redirecting to HTTPS a host served only by the
   default (possibly self-signed) certificate would lock clients out. The catch-all host "" never
   redirects for the same reason.
 - ConfigMap keys use haproxy-ingress spelling; durations are HAProxy-style integers with a unit
-  (us, ms, s, m, h, d) and, as in HAProxy, a bare number means milliseconds.
+  (us, ms, s, m, h, d) and, as in HAProxy, a bare number means milliseconds. A bad value is a
+  problem and keeps the default; an unknown key is a problem (typos would otherwise go unseen).
+  HSTS is on only with `hsts: "true"`.
+- Shapes: the API server validates objects, so a list where a mapping belongs cannot come from
+  it; should one arrive anyway (a lax fake, a hand-made snapshot) that Ingress gets a problem
+  and the translation goes on.
 """
 
 from __future__ import annotations
