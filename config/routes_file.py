@@ -15,7 +15,8 @@ Decisions a user can observe (documented in examples/routes.yaml too):
   only an int or float. Duplicate mapping keys are problems (PyYAML would keep the last one).
 - Two `routes` entries with the same host are merged into one VirtualHost, paths concatenated in
   file order; giving them different `redirect_to_https` values is a problem. The same
-  (host, path, type) twice is a problem. Virtual hosts and backends keep file order.
+  (host, path, type) twice is a problem. Virtual hosts and backends keep file order. Every path
+  starts with '/', ImplementationSpecific ones too: they are matched like Prefix.
 - Hosts are lower-cased; a port, a trailing dot or a wildcard anywhere but as the whole leftmost
   label is a problem. A certificate without `hosts:` serves its subjectAltName DNS names.
 - Listener and endpoint addresses are `host:port` with IPv6 in brackets; IP literals are stored
@@ -146,10 +147,9 @@ class _Checker:
 
     def load(self, root: yaml.Node | None) -> LoadedRoutes:
         if root is None:
-            self._problems.append(
-                (0, 0, Problem(f"{self.path}:1:1", "the file is empty (start with listen: {https: 127.0.0.1:8443})"))
+            raise RoutesFileError(
+                [Problem(f"{self.path}:1:1", "the file is empty (start with listen: {https: 127.0.0.1:8443})")]
             )
-            raise RoutesFileError([problem for _, _, problem in self._problems])
         fields = self.mapping(root, "top level", _TOP_KEYS, required={"listen": "listen: {https: 127.0.0.1:8443}"})
         if fields is None:
             raise RoutesFileError(self.sorted_problems())
@@ -159,7 +159,10 @@ class _Checker:
         default_backend = None
         if "default_backend" in fields:
             default_backend = self.backend_reference(fields["default_backend"], "default_backend", defined_backends)
-        certificates, default_certificate, crypto = self.tls(fields["tls"]) if "tls" in fields else ((), None, CryptoSettings())
+        certificates: tuple[Certificate, ...] = ()
+        default_certificate, crypto = None, CryptoSettings()
+        if "tls" in fields:
+            certificates, default_certificate, crypto = self.tls(fields["tls"])
         timeouts = self.timeouts(fields["timeouts"]) if "timeouts" in fields else Timeouts()
         hsts = self.hsts(fields["hsts"]) if "hsts" in fields else None
         access_log_json = self.access_log_json(fields["access_log"]) if "access_log" in fields else False
@@ -251,7 +254,8 @@ class _Checker:
             return None
         if name not in defined:
             close = difflib.get_close_matches(name, sorted(defined), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"define it under backends: {{{name}: {{endpoints: [...]}}}}"
+            define = f"define it under backends: {{{name}: {{endpoints: [...]}}}}"
+            hint = f"did you mean '{close[0]}'?" if close else define
             self.report(node, f"{where}: backend '{name}' is not defined ({hint})")
             return None
         return name
@@ -326,7 +330,7 @@ class _Checker:
                 backend = self.backend_reference(fields["backend"], f"{item_where}.backend", defined_backends)
             if path is None or path_type is None:
                 continue
-            if path_type is not PathType.IMPLEMENTATION_SPECIFIC and not path.startswith("/"):
+            if not path.startswith("/"):  # ImplementationSpecific too: it matches like Prefix
                 self.report(fields["path"], f"{item_where}.path: {path_type.value} paths start with '/' (write '/{path}')")
                 continue
             if host is None:
@@ -431,7 +435,8 @@ class _Checker:
             if name is None:
                 continue
             if name not in ALGORITHM_FLAGS:
-                hint = f"did you mean {name.upper()}?" if name.upper() in ALGORITHM_FLAGS else f"use {', '.join(ALGORITHM_FLAGS)}"
+                known = f"use {', '.join(ALGORITHM_FLAGS)}"
+                hint = f"did you mean {name.upper()}?" if name.upper() in ALGORITHM_FLAGS else known
                 self.report(item, f"tls.engine.algorithms[{index}]: unknown algorithm '{name}' ({hint})")
                 continue
             names.append(name)
@@ -439,7 +444,8 @@ class _Checker:
 
     def certificate(self, node: yaml.Node, where: str, engine_configured: bool, is_default: bool) -> Certificate | None:
         known = _DEFAULT_CERTIFICATE_KEYS if is_default else _CERTIFICATE_KEYS
-        fields = self.mapping(node, where, known, required={"cert": "cert: certs/site.pem", "key": "key: certs/site.key"})
+        required = {"cert": "cert: certs/site.pem", "key": "key: certs/site.key"}
+        fields = self.mapping(node, where, known, required)
         if fields is None:
             return None
         chain_pem, leaf = self.certificate_chain(fields["cert"], f"{where}.cert") if "cert" in fields else (None, None)
@@ -496,14 +502,19 @@ class _Checker:
             return self.engine_key(text[len(ENGINE_KEY_PREFIX) :], fields, where, engine_configured), None
         for pin_field in ("pin_env", "pin_file"):
             if pin_field in fields:
-                self.report(fields[pin_field], f"{where}.{pin_field}: only engine: keys take a PIN (remove {pin_field})")
+                self.report(
+                    fields[pin_field],
+                    f"{where}.{pin_field}: only engine: keys take a PIN "
+                    f"(remove {pin_field})",
+                )
         path = self.file_path(key_node, f"{where}.key")
         if path is None:
             return None, None
         if not path.exists() and _URI_SCHEME.match(text):
             self.report(  # the text is not echoed: a URI may carry a PIN
                 key_node,
-                f'{where}.key: no such key file (for a key inside an engine write key: "engine:{text.split(":")[0]}:...")',
+                f"{where}.key: no such key file "
+                f'(for a key inside an engine write key: "engine:{text.split(":")[0]}:...")',
             )
             return None, None
         data = self.read_file(key_node, f"{where}.key", path)
@@ -527,11 +538,17 @@ class _Checker:
             return None, None
         return PemKey(pem=data), private_key
 
-    def engine_key(self, uri: str, fields: Mapping[str, yaml.Node], where: str, engine_configured: bool) -> EngineKey | None:
+    def engine_key(
+        self, uri: str, fields: Mapping[str, yaml.Node], where: str, engine_configured: bool
+    ) -> EngineKey | None:
         key_node = fields["key"]
         usable = True
         if not uri:
-            self.report(key_node, f'{where}.key: the engine key URI is empty (write key: "engine:pkcs11:token=...;object=...")')
+            self.report(
+                key_node,
+                f'{where}.key: the engine key URI is empty '
+                '(write key: "engine:pkcs11:token=...;object=...")',
+            )
             usable = False
         if not engine_configured:
             self.report(
@@ -570,7 +587,11 @@ class _Checker:
             return None
         pin = os.environ.get(variable)
         if not pin:
-            self.report(node, f"{where}: environment variable {variable} is unset or empty (export it before starting, or use pin_file)")
+            self.report(
+                node,
+                f"{where}: environment variable {variable} is unset or empty "
+                "(export it before starting, or use pin_file)",
+            )
             return None
         return pin
 
@@ -594,7 +615,11 @@ class _Checker:
         if items is None:
             return None
         if not items:
-            self.report(node, f"{where}: the list is empty (name at least one host, or omit hosts to use the certificate's SANs)")
+            self.report(
+                node,
+                f"{where}: the list is empty "
+                "(name at least one host, or omit hosts to use the certificate's SANs)",
+            )
             return None
         hosts = [self.host_pattern(item, f"{where}[{index}]", allow_any=False) for index, item in enumerate(items)]
         valid = [host for host in hosts if host is not None]
@@ -614,7 +639,11 @@ class _Checker:
             if value is None:
                 continue
             if not (math.isfinite(value) and value > 0):
-                self.report(value_node, f"timeouts.{name}: {value_node.value} is not a positive number of seconds (e.g. {name}: 10)")
+                self.report(
+                    value_node,
+                    f"timeouts.{name}: {value_node.value} is not a positive number of seconds "
+                    f"(e.g. {name}: 10)",
+                )
                 continue
             seconds[name] = float(value)
         return Timeouts(**seconds)
@@ -630,7 +659,11 @@ class _Checker:
             max_age_node = fields["max_age"]
             max_age = self.number(max_age_node, "hsts.max_age")
             if max_age is not None and (not isinstance(max_age, int) or max_age < 0):
-                self.report(max_age_node, f"hsts.max_age: {max_age_node.value} is not a whole number of seconds >= 0 (e.g. 31536000)")
+                self.report(
+                    max_age_node,
+                    f"hsts.max_age: {max_age_node.value} is not a whole number of seconds >= 0 "
+                    "(e.g. 31536000)",
+                )
             elif max_age is not None:
                 settings["max_age"] = max_age
         for name in ("include_subdomains", "preload"):
@@ -661,7 +694,11 @@ class _Checker:
         fields: dict[str, yaml.Node] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
-                self.report(key_node, f"{where}: a key must be plain text, got {_describe(key_node)} (write name: value)")
+                self.report(
+                    key_node,
+                    f"{where}: a key must be plain text, got {_describe(key_node)} "
+                    "(write name: value)",
+                )
                 continue
             key = key_node.value
             if key in fields:
@@ -680,7 +717,11 @@ class _Checker:
 
     def sequence(self, node: yaml.Node, where: str) -> list[yaml.Node] | None:
         if not isinstance(node, yaml.SequenceNode):
-            self.report(node, f"{where}: expected a list, got {_describe(node)} (write [item, ...] or one '- item' per line)")
+            self.report(
+                node,
+                f"{where}: expected a list, got {_describe(node)} "
+                "(write [item, ...] or one '- item' per line)",
+            )
             return None
         return list(node.value)
 
@@ -706,7 +747,11 @@ class _Checker:
             return int(_SCALARS.construct_yaml_int(node))
         if tag == _TAG_FLOAT:
             return float(_SCALARS.construct_yaml_float(node))
-        self.report(node, f"{where}: expected a number, got {_describe(node)} (write a plain number, unquoted, no unit)")
+        self.report(
+            node,
+            f"{where}: expected a number, got {_describe(node)} "
+            "(write a plain number, unquoted, no unit)",
+        )
         return None
 
     def file_path(self, node: yaml.Node, where: str) -> pathlib.Path | None:
@@ -722,7 +767,11 @@ class _Checker:
         try:
             return path.read_bytes()
         except OSError as error:
-            self.report(node, f"{where}: cannot read {path}: {error.strerror} (relative paths start at {self.base_directory})")
+            self.report(
+                node,
+                f"{where}: cannot read {path}: {error.strerror} "
+                f"(relative paths start at {self.base_directory})",
+            )
             return None
 
     # ---- problems -----------------------------------------------------------------------------
@@ -816,7 +865,10 @@ def _parse_host_pattern(text: str, allow_any: bool) -> str:
             return ""
         raise ValueError("the host is empty (name a host such as www.example.com)")
     if ":" in host:
-        raise ValueError(f"'{text}' carries a port or is an IPv6 address (remove ':{host.rpartition(':')[2]}': routing ignores ports)")
+        raise ValueError(
+            f"'{text}' carries a port or is an IPv6 address "
+            f"(remove ':{host.rpartition(':')[2]}': routing ignores ports)"
+        )
     if host.endswith(".") and host.rstrip(".") not in ("", "*"):
         raise ValueError(f"'{text}' ends with a dot (write {host.rstrip('.')})")
     if host == "*":
@@ -824,14 +876,20 @@ def _parse_host_pattern(text: str, allow_any: bool) -> str:
         raise ValueError(f"'*' alone is not a host pattern ({hint})")
     if host.startswith("*."):
         if "*" in host[2:] or not _is_dns_name(host[2:]):
-            raise ValueError(f"'{text}' is not a valid wildcard (the wildcard is the whole leftmost label: *.example.com)")
+            raise ValueError(
+                f"'{text}' is not a valid wildcard "
+                "(the wildcard is the whole leftmost label: *.example.com)"
+            )
         return host
     if "*" in host:
         rest = host.split(".", 1)[-1]
         fix = f"write *.{rest}" if "." in host and "*" not in rest else "like *.example.com"
         raise ValueError(f"'{text}': a wildcard must be the whole leftmost label ({fix})")
     if not _is_dns_name(host):
-        raise ValueError(f"'{text}' is not a valid host name (letters, digits, '-' and '.'; internationalised names in punycode)")
+        raise ValueError(
+            f"'{text}' is not a valid host name "
+            "(letters, digits, '-' and '.'; internationalised names in punycode)"
+        )
     return host
 
 

@@ -165,7 +165,7 @@ routes:
       - {path: /, backend: web}
       - {path: /api, type: Prefix, backend: api}
   - host: "*.example.com"
-    paths: [{path: /exact, type: Exact, backend: api}, {path: app, type: ImplementationSpecific, backend: web}]
+    paths: [{path: /exact, type: Exact, backend: api}, {path: /app, type: ImplementationSpecific, backend: web}]
   - paths: [{path: /, backend: web}]
   - host: foo.example.com
     redirect_to_https: true
@@ -190,7 +190,7 @@ def test_full_file_gives_the_expected_configuration(routes_dir: pathlib.Path, mo
         routes=RouteTable(
             virtual_hosts=(
                 vhost("foo.example.com", ("/", P, "web"), ("/api", P, "api"), ("/api", E, "api"), redirect=True),
-                vhost("*.example.com", ("/exact", E, "api"), ("app", I, "web")),
+                vhost("*.example.com", ("/exact", E, "api"), ("/app", I, "web")),
                 vhost("", ("/", P, "web")),
             ),
             backends=(backend("web", "127.0.0.1:9001"), backend("api", "127.0.0.1:9002", "[::1]:9003", "backend.local:80")),
@@ -331,6 +331,11 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
     "path-exact-without-slash": case(LISTEN + B + "routes: [{paths: [{path: »api, type: Exact, backend: b}]}]\n",
                                      "Exact paths start with '/' (write '/api')"),
     "path-prefix-without-slash": case(LISTEN + B + "routes: [{paths: [{path: »api, backend: b}]}]\n", "Prefix paths start with '/'"),
+    "path-implementation-specific-without-slash": case(
+        LISTEN + B + "routes: [{paths: [{path: »app, type: ImplementationSpecific, backend: b}]}]\n",
+        "ImplementationSpecific paths start with '/' (write '/app')",
+    ),
+    "path-empty": case(LISTEN + B + "routes: [{paths: [{path: »'', backend: b}]}]\n", "Prefix paths start with '/' (write '/')"),
     "path-not-a-string": case(LISTEN + B + "routes: [{paths: [{path: »[/], backend: b}]}]\n", "expected a string, got a list"),
     "redirect-not-a-boolean": case(LISTEN + B + "routes: [{redirect_to_https: »'yes', paths: [{path: /, backend: b}]}]\n",
                                    "expected true or false, got a string"),
