@@ -99,7 +99,8 @@ def load_case(name: str) -> Case:
         if kind == "TranslateOptions":
             settings = {key: value for key, value in document.items() if key != "kind"}
             if "default_ssl_certificate" in settings:
-                settings["default_ssl_certificate"] = tuple(settings["default_ssl_certificate"].split("/"))
+                namespace, _, secret = _split_ref(settings["default_ssl_certificate"])
+                settings["default_ssl_certificate"] = (namespace, secret)
             options = TranslateOptions(**settings)
             continue
         if kind not in CLUSTER_SCOPED_KINDS:
@@ -168,7 +169,11 @@ def expected_configuration(case: Case) -> Configuration:
 
 
 def expected_claimed(case: Case) -> tuple[tuple[str, str], ...]:
-    return tuple(tuple(ref.split("/")) for ref in case.expected.get("claimed") or ())  # type: ignore[misc]
+    return tuple((namespace, name) for namespace, _, name in map(_split_ref, case.expected.get("claimed") or ()))
+
+
+def _split_ref(reference: str) -> tuple[str, str, str]:
+    return reference.partition("/")
 
 
 def _path_rule(text: str) -> PathRule:

@@ -49,14 +49,15 @@ def test_translation(name: str) -> None:
 def test_input_order_does_not_change_output(name: str) -> None:
     case = load_case(name)
     baseline = translate(case.snapshot, case.options)
-    for seed in range(3):
-        shuffle = random.Random(seed)
-        shuffled = Snapshot(
-            **{field: tuple(shuffle.sample(getattr(case.snapshot, field), k=len(getattr(case.snapshot, field))))
-               for field in SHUFFLED_FIELDS},
+    reorders = [lambda objects: objects[::-1]] + [
+        lambda objects, rng=random.Random(seed): tuple(rng.sample(objects, k=len(objects))) for seed in range(3)
+    ]
+    for reorder in reorders:
+        reordered = Snapshot(
+            **{field: reorder(getattr(case.snapshot, field)) for field in SHUFFLED_FIELDS},
             configmap=case.snapshot.configmap,
         )
-        assert translate(shuffled, case.options) == baseline
+        assert translate(reordered, case.options) == baseline
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -81,7 +82,11 @@ def _service(name: str, port: int, port_name: str = "http") -> dict:
 
 def _slice(service: str, suffix: str, port: int, *ips: str, ready: bool | None = True) -> dict:
     return {
-        "metadata": {"namespace": "shop", "name": f"{service}-{suffix}", "labels": {"kubernetes.io/service-name": service}},
+        "metadata": {
+            "namespace": "shop",
+            "name": f"{service}-{suffix}",
+            "labels": {"kubernetes.io/service-name": service},
+        },
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": port}],
         "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}} for ip in ips],
