@@ -155,7 +155,10 @@ class KubernetesSource:
             if not self.cache.synced:
                 continue
             self._first_change_at = None
-            self._rebuild(sink, first_change)
+            try:
+                self._rebuild(sink, first_change)
+            except Exception:  # a translator bug must not stop the watches: keep serving the last configuration
+                logger.exception("rebuilding the configuration failed; still serving the previous one")
             self.generation += 1
             self._generation_advanced.set()
             self._generation_advanced = asyncio.Event()

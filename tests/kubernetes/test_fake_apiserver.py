@@ -274,3 +274,19 @@ async def test_runs_as_a_subprocess_with_a_kubeconfig(tmp_path: Path) -> None:
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_finalizers_delay_deletion_until_a_json_patch_removes_them(api_client: client.ApiClient) -> None:
+    core = client.CoreV1Api(api_client)
+    await core.create_namespaced_config_map("default", {"metadata": {"name": "held", "finalizers": ["example.com/hold"]}})
+    async with watch.Watch(return_type="object") as stream:
+        stream.stream(core.list_namespaced_config_map, "default")
+        await _events(stream, 1)
+        await core.delete_namespaced_config_map("held", "default")
+        terminating = (await _events(stream, 1))[0]
+        assert terminating["type"] == "MODIFIED" and terminating["raw_object"]["metadata"]["deletionTimestamp"]
+        await core.patch_namespaced_config_map("held", "default", [{"op": "remove", "path": "/metadata/finalizers"}])
+        assert (await _events(stream, 1))[0]["type"] == "DELETED"
+    with pytest.raises(client.ApiException) as gone:
+        await core.read_namespaced_config_map("held", "default")
+    assert gone.value.status == 404
