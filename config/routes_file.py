@@ -93,6 +93,7 @@ _PATH_TYPES = {path_type.value: path_type for path_type in PathType}
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
 _URI_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:[^/\\]", re.IGNORECASE)
+_UNQUOTED_IPV6 = re.compile(r"(?<![\"'])\[[0-9a-f.]*:[0-9a-f:.%]*\]", re.IGNORECASE)
 _LOOKS_NUMERIC = re.compile(r"[0-9.]+")  # "127.0.0.01" is a mistyped IP, not a host name
 _UNSPECIFIED_HOSTS = frozenset({"0.0.0.0", "::"})
 _MAX_HOST_LENGTH = 253  # RFC 1035 limit on a DNS name's text form
@@ -127,9 +128,10 @@ def load_routes_file(path: pathlib.Path) -> LoadedRoutes:
         mark = error.problem_mark or error.context_mark
         location = checker.location_of_mark(mark) if mark else str(path)
         context = f" {error.context}" if error.context else ""
-        raise RoutesFileError(
-            [Problem(location, f"YAML syntax error: {error.problem}{context} (fix the YAML at this position)")]
-        ) from None
+        lines = text.decode("utf-8", errors="replace").splitlines()
+        line = lines[mark.line] if mark and mark.line < len(lines) else ""
+        fix = 'quote IPv6 addresses: "[::1]:8443"' if _UNQUOTED_IPV6.search(line) else "fix the YAML at this position"
+        raise RoutesFileError([Problem(location, f"YAML syntax error: {error.problem}{context} ({fix})")]) from None
     except yaml.YAMLError as error:
         raise RoutesFileError([Problem(str(path), f"not readable as YAML: {error} (save it as UTF-8 text)")]) from None
     return checker.load(root)
@@ -206,6 +208,9 @@ class _Checker:
         return Listeners(https=found["https"], http=found.get("http"), admin=found.get("admin"))
 
     def address(self, node: yaml.Node, where: str) -> Address | None:
+        if isinstance(node, yaml.SequenceNode):  # `https: [::1]:8443` is a YAML list, then a syntax error
+            self.report(node, f"""{where}: expected "host:port", got a list (quote IPv6 addresses: "[::1]:8443")""")
+            return None
         text = self.text(node, where)
         if text is None:
             return None
