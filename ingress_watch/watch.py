@@ -20,7 +20,9 @@ kubernetes-asyncio's `Watch` quirks (NOTES §3) shape the rest:
   exception: the loop waits with exponential backoff and jitter (or the server's Retry-After) and
   resumes the WATCH from its last version, relisting only when that answers 410.
 * With `_preload_content=False` the client does not raise on HTTP errors, so the LIST here checks
-  the status itself. Every `Watch` owns an `ApiClient`, closed by `async with`.
+  the status itself. A WATCH answered with an error reaches us as the `Watch` parsing the Status
+  body into an `ApiException` without headers: Retry-After is honoured for LISTs only, watches
+  use the backoff. Every `Watch` owns an `ApiClient`, closed by `async with`.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ coordination.k8s.io/v1 leases.
 * LIST answers `<Kind>List` with `metadata.resourceVersion` = the global counter; items carry no
   kind/apiVersion (as the real server encodes typed lists). `resourceVersion` unset, "0" or a
   version with `resourceVersionMatch=NotOlderThan` (the default) return the current state, as the
-  watch cache does; `resourceVersionMatch=Exact` returns the state at that version, or 410 Expired
-  when it left the compaction window.
+  watch cache does; `resourceVersionMatch=Exact` — and, as on the real server, a version with
+  `limit` and no match given — returns the state at that version, or 410 Expired when it left the
+  compaction window.
 * WATCH (`watch=1|true`) answers 200 with one JSON event per line. Without resourceVersion (or
   "0") it first sends ADDED for every current object; with one it replays history after it, or
   sends one ERROR event carrying a 410 Expired Status and ends the stream when the version is
@@ -363,7 +364,8 @@ class FakeApiServer:
 
     def _list(self, request: web.Request, selection: Selection) -> web.Response:
         resource_version = request.query.get("resourceVersion", "")
-        if resource_version not in ("", "0") and request.query.get("resourceVersionMatch") == "Exact":
+        match = request.query.get("resourceVersionMatch") or ("Exact" if "limit" in request.query else "NotOlderThan")
+        if resource_version not in ("", "0") and match == "Exact":
             items = self.store.list_at(selection, _parse_version(resource_version))
         else:
             items = self.store.list(selection)

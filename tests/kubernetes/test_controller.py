@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kubernetes_asyncio import client
+from prometheus_client import REGISTRY
 
 from config.model import Address, Timeouts
 from ingress_watch.cache import Kind
@@ -27,6 +28,10 @@ from tests.kubernetes.conftest import (
 BACKEND = "default/web:80"
 
 
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
 async def _seed(api_client: client.ApiClient, *addresses: str) -> None:
     await client.NetworkingV1Api(api_client).create_ingress_class(ingress_class())
     await client.CoreV1Api(api_client).create_namespaced_service("default", service())
@@ -39,9 +44,12 @@ async def test_first_publish_waits_for_every_kind_then_changes_arrive_within_a_s
 ) -> None:
     await _seed(api_client, "127.0.0.1")
     apiserver.fail_next(3, 500, path_contains="/endpointslices")
+    served_before = _sample("ingress_proxy_kubernetes_event_to_served_seconds_count")
     controller: RunningController = await start_controller()
     sink = controller.sink
     await sink.wait_until(lambda: bool(sink.configurations), 5)
+    assert _sample("ingress_proxy_kubernetes_event_to_served_seconds_count") == served_before + 1
+    assert _sample("ingress_proxy_kubernetes_watched_objects", {"kind": "Ingress"}) == 1
     assert sink.endpoints(BACKEND) == (Address("127.0.0.1", 8080),), "published before EndpointSlices were listed"
     assert sink.hosts() == ["a.example"] and len(sink.configurations) == 1
 
@@ -86,6 +94,7 @@ async def test_relist_after_410_synthesises_the_deletes_it_missed(
     sink = controller.sink
     await sink.wait_until(lambda: sink.hosts() == ["a.example", "b.example"], 5)
 
+    expired_before = _sample("ingress_proxy_kubernetes_watch_restarts_total", {"kind": "Ingress", "reason": "expired"})
     apiserver.fail_next(10_000, 500, path_contains="/ingresses?allowWatchBookmarks")  # watches, not lists
     apiserver.drop_watches()
     await networking.delete_namespaced_ingress("a", "default")
@@ -94,6 +103,7 @@ async def test_relist_after_410_synthesises_the_deletes_it_missed(
     await sink.wait_until(lambda: sink.hosts() == ["b.example"], 5)
     relists = [path for method, path in apiserver.request_log if path.startswith("/apis/networking.k8s.io/v1/ingresses") and "watch" not in path]
     assert len(relists) == 2, "the missed delete must come from a relist"
+    assert _sample("ingress_proxy_kubernetes_watch_restarts_total", {"kind": "Ingress", "reason": "expired"}) == expired_before + 1
 
 
 async def test_converges_after_dropped_and_stalled_watches_error_bursts_and_restarts(

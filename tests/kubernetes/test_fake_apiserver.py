@@ -158,6 +158,11 @@ async def test_watch_from_compacted_version_is_410_and_exact_list_too(api_client
     with pytest.raises(client.ApiException) as gone_list:
         await core.list_namespaced_config_map("default", resource_version=old.metadata.resource_version, resource_version_match="Exact")
     assert gone_list.value.status == 410 and json.loads(gone_list.value.body)["reason"] == "Expired"
+    with pytest.raises(client.ApiException) as gone_paged:
+        await core.list_namespaced_config_map("default", resource_version=old.metadata.resource_version, limit=10)
+    assert gone_paged.value.status == 410, "a version with limit means Exact"
+    current = await core.list_namespaced_config_map("default", resource_version=old.metadata.resource_version)
+    assert len(current.items) == 2, "NotOlderThan (the default) is served from the current state"
 
 
 @pytest.mark.parametrize(
