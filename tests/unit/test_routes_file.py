@@ -43,6 +43,7 @@ from config.routes_file import LoadedRoutes, RoutesFileError, load_routes_file
 MARKER = "»"
 SECRET_PIN = "s3cr3t-PIN-9876"
 LISTEN = "listen: {https: 127.0.0.1:8443}\n"
+B = "backends: {b: {endpoints: ['127.0.0.1:1']}}\n"
 EXAMPLE_ROUTES = pathlib.Path(__file__).parents[2] / "examples" / "routes.yaml"
 
 
@@ -207,7 +208,9 @@ def test_full_file_gives_the_expected_configuration(routes_dir: pathlib.Path, mo
             Certificate(material["hsm.pem"], EngineKey(f"pkcs11:object=second;pin-value={SECRET_PIN}"),
                         ("hsm.example.com",), f"{path}:13:7"),
         ),
-        default_certificate=Certificate(material["nosan.pem"], PemKey((routes_dir / "certs/nosan.key").read_bytes()), (), f"{path}:14:24"),
+        default_certificate=Certificate(
+            material["nosan.pem"], PemKey((routes_dir / "certs/nosan.key").read_bytes()), (), f"{path}:14:24"
+        ),
         crypto=CryptoSettings(
             engine=EngineSettings(
                 id="pkcs11",
@@ -259,9 +262,11 @@ VALID_CASES: dict[str, tuple[str, Getter, object]] = {
     "engine-defaults": (LISTEN + "tls: {engine: {id: qatengine}}", lambda r: r.configuration.crypto,
                         CryptoSettings(engine=EngineSettings(id="qatengine", algorithms=("ALL",), required=False))),
     "timeouts-integer-seconds": (LISTEN + "timeouts: {drain: 3}", lambda r: r.configuration.timeouts, Timeouts(drain=3.0)),
-    "string-field-takes-number-as-written": (LISTEN + "tls: {engine: {id: 0123}}", lambda r: r.configuration.crypto.engine.id, "0123"),  # type: ignore[union-attr]
+    "string-field-takes-number-as-written": (
+        LISTEN + "tls: {engine: {id: 0123}}", lambda r: r.configuration.crypto.engine.id, "0123"  # type: ignore[union-attr]
+    ),
     "yaml-anchor-reused": (
-        LISTEN + "routes: [{paths: &p [{path: /, backend: b}]}, {host: x.com, paths: *p}]\nbackends: {b: {endpoints: ['127.0.0.1:1']}}",
+        LISTEN + B + "routes: [{paths: &p [{path: /, backend: b}]}, {host: x.com, paths: *p}]",
         lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/", P, "b")), vhost("x.com", ("/", P, "b"))),
     ),
 }
@@ -286,8 +291,10 @@ def case(text: str, *fragments: str, env: dict[str, str] | None = None) -> Probl
     return ProblemCase(textwrap.dedent(text), fragments, env or {})
 
 
-B = "backends: {b: {endpoints: ['127.0.0.1:1']}}\n"
 ENGINE = "  engine: {id: pkcs11}\n"
+ROUTES = LISTEN + B + "routes: "
+HSM_ENTRY = LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: 'engine:pkcs11:object=k', "
+ENGINE_WITH = LISTEN + "tls: {engine: {id: e, "
 PROBLEM_CASES: dict[str, ProblemCase] = {
     # the document
     "yaml-syntax-error": case("listen: {https: 127.0.0.1:8443\nroutes»: []\n", "YAML syntax error"),
@@ -326,21 +333,21 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
     "route-missing-paths": case(LISTEN + "routes: [»{host: a.com}]\n", "missing required key 'paths'"),
     "route-empty-paths": case(LISTEN + "routes: [{host: a.com, paths: »[]}]\n", "the list is empty"),
     "path-unknown-key-and-missing-backend": case(
-        LISTEN + B + "routes: [{paths: [»{path: /, »bakend: b}]}]\n",
+        ROUTES + "[{paths: [»{path: /, »bakend: b}]}]\n",
         "missing required key 'backend'", "unknown key 'bakend' (did you mean 'backend'?)",
     ),
-    "path-bad-type": case(LISTEN + B + "routes: [{paths: [{path: /, type: »prefix, backend: b}]}]\n",
+    "path-bad-type": case(ROUTES + "[{paths: [{path: /, type: »prefix, backend: b}]}]\n",
                           "'prefix' is not a path type (use Exact, Prefix or ImplementationSpecific)"),
-    "path-exact-without-slash": case(LISTEN + B + "routes: [{paths: [{path: »api, type: Exact, backend: b}]}]\n",
+    "path-exact-without-slash": case(ROUTES + "[{paths: [{path: »api, type: Exact, backend: b}]}]\n",
                                      "Exact paths start with '/' (write '/api')"),
-    "path-prefix-without-slash": case(LISTEN + B + "routes: [{paths: [{path: »api, backend: b}]}]\n", "Prefix paths start with '/'"),
+    "path-prefix-without-slash": case(ROUTES + "[{paths: [{path: »api, backend: b}]}]\n", "Prefix paths start with '/'"),
     "path-implementation-specific-without-slash": case(
-        LISTEN + B + "routes: [{paths: [{path: »app, type: ImplementationSpecific, backend: b}]}]\n",
+        ROUTES + "[{paths: [{path: »app, type: ImplementationSpecific, backend: b}]}]\n",
         "ImplementationSpecific paths start with '/' (write '/app')",
     ),
-    "path-empty": case(LISTEN + B + "routes: [{paths: [{path: »'', backend: b}]}]\n", "Prefix paths start with '/' (write '/')"),
-    "path-not-a-string": case(LISTEN + B + "routes: [{paths: [{path: »[/], backend: b}]}]\n", "expected a string, got a list"),
-    "redirect-not-a-boolean": case(LISTEN + B + "routes: [{redirect_to_https: »'yes', paths: [{path: /, backend: b}]}]\n",
+    "path-empty": case(ROUTES + "[{paths: [{path: »'', backend: b}]}]\n", "Prefix paths start with '/' (write '/')"),
+    "path-not-a-string": case(ROUTES + "[{paths: [{path: »[/], backend: b}]}]\n", "expected a string, got a list"),
+    "redirect-not-a-boolean": case(ROUTES + "[{redirect_to_https: »'yes', paths: [{path: /, backend: b}]}]\n",
                                    "expected true or false, got a string"),
     "undefined-backend-suggests": case(LISTEN + "backends: {web: {endpoints: ['127.0.0.1:1']}}\n"
                                        "routes: [{paths: [{path: /, backend: »webb}]}]\n",
@@ -360,18 +367,18 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
         "host 'a.com' already has redirect_to_https: false",
     ),
     # host patterns
-    "host-with-port": case(LISTEN + B + "routes: [{host: »'a.com:8443', paths: [{path: /, backend: b}]}]\n", "remove ':8443'"),
-    "host-trailing-dot": case(LISTEN + B + "routes: [{host: »a.com., paths: [{path: /, backend: b}]}]\n", "ends with a dot (write a.com)"),
-    "host-wildcard-not-leftmost": case(LISTEN + B + "routes: [{host: »'a.*.com', paths: [{path: /, backend: b}]}]\n",
+    "host-with-port": case(ROUTES + "[{host: »'a.com:8443', paths: [{path: /, backend: b}]}]\n", "remove ':8443'"),
+    "host-trailing-dot": case(ROUTES + "[{host: »a.com., paths: [{path: /, backend: b}]}]\n", "ends with a dot (write a.com)"),
+    "host-wildcard-not-leftmost": case(ROUTES + "[{host: »'a.*.com', paths: [{path: /, backend: b}]}]\n",
                                        "must be the whole leftmost label (like *.example.com)"),
-    "host-wildcard-partial-label": case(LISTEN + B + "routes: [{host: »'a*.b.com', paths: [{path: /, backend: b}]}]\n",
+    "host-wildcard-partial-label": case(ROUTES + "[{host: »'a*.b.com', paths: [{path: /, backend: b}]}]\n",
                                         "whole leftmost label (write *.b.com)"),
-    "host-wildcard-nothing-after": case(LISTEN + B + "routes: [{host: »'*.', paths: [{path: /, backend: b}]}]\n", "is not a valid wildcard"),
-    "host-two-wildcards": case(LISTEN + B + "routes: [{host: »'*.*.com', paths: [{path: /, backend: b}]}]\n", "is not a valid wildcard"),
-    "host-bare-star": case(LISTEN + B + "routes: [{host: »'*', paths: [{path: /, backend: b}]}]\n", "omit host to match every host"),
-    "host-invalid-characters": case(LISTEN + B + "routes: [{host: »a_b.com, paths: [{path: /, backend: b}]}]\n",
+    "host-wildcard-nothing-after": case(ROUTES + "[{host: »'*.', paths: [{path: /, backend: b}]}]\n", "is not a valid wildcard"),
+    "host-two-wildcards": case(ROUTES + "[{host: »'*.*.com', paths: [{path: /, backend: b}]}]\n", "is not a valid wildcard"),
+    "host-bare-star": case(ROUTES + "[{host: »'*', paths: [{path: /, backend: b}]}]\n", "omit host to match every host"),
+    "host-invalid-characters": case(ROUTES + "[{host: »a_b.com, paths: [{path: /, backend: b}]}]\n",
                                     "is not a valid host name"),
-    "host-unicode": case(LISTEN + B + "routes: [{host: »bücher.de, paths: [{path: /, backend: b}]}]\n", "punycode"),
+    "host-unicode": case(ROUTES + "[{host: »bücher.de, paths: [{path: /, backend: b}]}]\n", "punycode"),
     # backends
     "backend-duplicate-endpoint": case(LISTEN + "backends: {b: {endpoints: ['127.0.0.1:1', »'127.0.0.1:1']}}\n",
                                        "backends.b.endpoints[1]: 127.0.0.1:1 is listed twice"),
@@ -400,7 +407,8 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
                                          "no usable DNS name in subjectAltName (add hosts:"),
     "cert-hosts-empty": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: certs/site.key, hosts: »[]}]}\n",
                              "the list is empty"),
-    "cert-hosts-bad-pattern": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: certs/site.key, hosts: [a.com, »'a.com:1']}]}\n",
+    "cert-hosts-bad-pattern": case(
+        LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: certs/site.key, hosts: [a.com, »'a.com:1']}]}\n",
                                    "tls.certificates[0].hosts[1]: 'a.com:1' carries a port"),
     "cert-missing-key": case(LISTEN + "tls: {certificates: [»{cert: certs/site.pem}]}\n", "missing required key 'key'"),
     "default-cert-takes-no-hosts": case(
@@ -414,28 +422,30 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
                                       "an engine: key needs tls.engine"),
     "engine-key-empty-uri": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: »'engine:'}]\n",
                                  "the engine key URI is empty"),
-    "pin-env-unset": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: 'engine:pkcs11:object=k', pin_env: »NO_SUCH_PIN}]\n",
+    "pin-env-unset": case(HSM_ENTRY + "pin_env: »NO_SUCH_PIN}]\n",
                           "environment variable NO_SUCH_PIN is unset or empty"),
-    "pin-env-empty": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: 'engine:pkcs11:object=k', pin_env: »EMPTY_PIN}]\n",
+    "pin-env-empty": case(HSM_ENTRY + "pin_env: »EMPTY_PIN}]\n",
                           "EMPTY_PIN is unset or empty", env={"EMPTY_PIN": ""}),
-    "pin-file-unreadable": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: 'engine:pkcs11:object=k', pin_file: »secrets/nope}]\n",
+    "pin-file-unreadable": case(HSM_ENTRY + "pin_file: »secrets/nope}]\n",
                                 "pin_file: cannot read"),
-    "pin-file-empty": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: 'engine:pkcs11:object=k', pin_file: »secrets/empty.pin}]\n",
+    "pin-file-empty": case(HSM_ENTRY + "pin_file: »secrets/empty.pin}]\n",
                            "is empty (write the PIN on its first line)"),
-    "pin-env-and-pin-file": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: 'engine:pkcs11:object=k', "
-                                 "pin_env: HSM_PIN, pin_file: »secrets/hsm.pin}]\n", "give either pin_env or pin_file", env={"HSM_PIN": "1"}),
+    "pin-env-and-pin-file": case(HSM_ENTRY + "pin_env: HSM_PIN, pin_file: »secrets/hsm.pin}]\n",
+                                 "give either pin_env or pin_file", env={"HSM_PIN": "1"}),
     "pin-with-pem-key": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: certs/site.key, pin_env: »HSM_PIN}]}\n",
                              "only engine: keys take a PIN"),
-    "pin-twice": case(LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: »'engine:pkcs11:object=k;pin-value=1', pin_env: HSM_PIN}]\n",
+    "pin-twice": case(
+        LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: »'engine:pkcs11:object=k;pin-value=1', "
+        "pin_env: HSM_PIN}]\n",
                       "already carries pin-value", env={"HSM_PIN": "1"}),
     # engine settings
     "engine-missing-id": case(LISTEN + "tls: {engine: »{so_path: /x.so}}\n", "tls.engine: missing required key 'id'"),
-    "engine-unknown-algorithm-case": case(LISTEN + "tls: {engine: {id: e, algorithms: [»rsa]}}\n", "unknown algorithm 'rsa' (did you mean RSA?)"),
-    "engine-unknown-algorithm": case(LISTEN + "tls: {engine: {id: e, algorithms: [RSA, »AES]}}\n", "unknown algorithm 'AES' (use RSA, DSA"),
-    "engine-empty-algorithms": case(LISTEN + "tls: {engine: {id: e, algorithms: »[]}}\n", "omit it for [ALL]"),
-    "engine-ctrl-not-pairs": case(LISTEN + "tls: {engine: {id: e, ctrl: [[A, 1], »[B]]}}\n", "tls.engine.ctrl[1]: expected a [name, value] pair"),
-    "engine-ctrl-mapping": case(LISTEN + "tls: {engine: {id: e, ctrl: »{A: 1}}}\n", "tls.engine.ctrl: expected a list"),
-    "engine-required-not-boolean": case(LISTEN + "tls: {engine: {id: e, required: »1}}\n", "expected true or false, got a number"),
+    "engine-unknown-algorithm-case": case(ENGINE_WITH + "algorithms: [»rsa]}}\n", "unknown algorithm 'rsa' (did you mean RSA?)"),
+    "engine-unknown-algorithm": case(ENGINE_WITH + "algorithms: [RSA, »AES]}}\n", "unknown algorithm 'AES' (use RSA, DSA"),
+    "engine-empty-algorithms": case(ENGINE_WITH + "algorithms: »[]}}\n", "omit it for [ALL]"),
+    "engine-ctrl-not-pairs": case(ENGINE_WITH + "ctrl: [[A, 1], »[B]]}}\n", "tls.engine.ctrl[1]: expected a [name, value] pair"),
+    "engine-ctrl-mapping": case(ENGINE_WITH + "ctrl: »{A: 1}}}\n", "tls.engine.ctrl: expected a list"),
+    "engine-required-not-boolean": case(ENGINE_WITH + "required: »1}}\n", "expected true or false, got a number"),
     "async-not-boolean": case(LISTEN + "tls: {async: »'on'}\n", "tls.async: expected true or false"),
     "providers-not-strings": case(LISTEN + "tls: {providers: [»{a: 1}]}\n", "tls.providers[0]: expected a string"),
     # timeouts, hsts, access log
@@ -570,7 +580,8 @@ def test_shipped_example_loads(tmp_path: pathlib.Path) -> None:
     assert loaded.listeners == Listeners(https=addr("127.0.0.1:8443"), http=addr("127.0.0.1:8080"), admin=addr("127.0.0.1:9100"))
     configuration = loaded.configuration
     assert [certificate.hosts for certificate in configuration.certificates] == [("localhost", "demo.localhost", "*.demo.localhost")]
-    assert {endpoint for b in configuration.routes.backends for endpoint in b.endpoints} == {addr("127.0.0.1:9001"), addr("127.0.0.1:9002")}
+    endpoints = {endpoint for b in configuration.routes.backends for endpoint in b.endpoints}
+    assert endpoints == {addr("127.0.0.1:9001"), addr("127.0.0.1:9002")}
     assert configuration.routes.default_backend is not None
     hosts = {virtual_host.host: virtual_host for virtual_host in configuration.routes.virtual_hosts}
     assert {"localhost", "demo.localhost", "*.demo.localhost"} <= set(hosts)
