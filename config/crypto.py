@@ -16,6 +16,8 @@ Theory of operation. Everything here runs in the control plane, once per distinc
 4. `use_private_key` installs each certificate's key into a context: PEM keys the usual way,
    `engine:<URI>` keys with `ENGINE_load_private_key`, so key material never enters Python.
    A UI method that answers nothing is passed, so a missing PIN fails instead of prompting on a tty.
+   A `pin-value` in the URI goes to the engine's PIN command when it has one (libp11 does) and is
+   removed from the URI, because libp11 prints the URI to stderr when the key is not found.
 5. `close` unregisters the engine's default methods. The engine stays loaded for the process and
    a later runtime with the same engine settings reuses it (see `_process_engine` for why).
 
@@ -34,6 +36,7 @@ import ctypes
 import logging
 import os
 import re
+import urllib.parse
 from typing import Any
 
 from OpenSSL import SSL, crypto
@@ -81,6 +84,7 @@ REQUIRED_ENGINE_SYMBOLS = (
     "ENGINE_load_private_key",
     "SSL_CTX_use_PrivateKey",
 )
+_ENGINE_CTRL_GET_CMD_FROM_NAME = 13
 _OPENSSL_INFO_ENGINES_DIR = 1002
 _OPENSSL_INFO_MODULES_DIR = 1003
 _ERR_LIB_USER = 128
@@ -101,11 +105,11 @@ def _load_libcrypto() -> ctypes.CDLL:
     pointer, text, integer, uint = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint
     signatures: dict[str, tuple[list[Any], Any]] = {
         "ENGINE_set_default": ([pointer, uint], integer),
+        "ENGINE_ctrl": ([pointer, integer, ctypes.c_long, text, pointer], integer),
         "ENGINE_get_id": ([pointer], text),
         "UI_null": ([], pointer),
         "OPENSSL_info": ([integer], text),
         "OSSL_PROVIDER_load": ([pointer, text], pointer),
-        "OSSL_PROVIDER_available": ([pointer, text], integer),
         "ERR_new": ([], None),
         "ERR_set_error": ([integer, integer, text], None),
     }
@@ -179,8 +183,9 @@ def algorithm_flags(algorithms: tuple[str, ...]) -> int:
     return flags
 
 
-def load_provider(name: str) -> int:
-    """OSSL_PROVIDER_load(NULL, name); returns the provider handle (kept for the process lifetime)."""
+def load_provider(name: str) -> None:
+    """OSSL_PROVIDER_load(NULL, name). Providers stay loaded for the process lifetime: contexts
+    still serving may use their algorithms, and loading an already-loaded provider is cheap."""
     pyopenssl_binding.lib.ERR_clear_error()
     provider = _libcrypto.OSSL_PROVIDER_load(None, name.encode())
     if not provider:
@@ -188,7 +193,6 @@ def load_provider(name: str) -> int:
             f"tls.providers: OpenSSL provider {name!r} did not load ({openssl_errors()}); fix: check "
             f"the name, or put its module in {openssl_directory('modules')} (or set OPENSSL_MODULES)"
         )
-    return int(provider)
 
 
 class _EngineLoadError(Exception):
@@ -218,7 +222,9 @@ class CryptoRuntime:
             algorithm_flags(settings.engine.algorithms)  # a typo is a config error, never a fallback
         if settings.engine is not None or settings.providers:
             check_engine_support()
-        runtime.providers_loaded = tuple(name for name in settings.providers if load_provider(name))
+        for name in settings.providers:
+            load_provider(name)
+        runtime.providers_loaded = settings.providers
         if settings.engine is not None:
             runtime._start_engine(settings.engine)
         return runtime
@@ -277,15 +283,28 @@ class CryptoRuntime:
                 f"private key {shown}: needs engine {self.engine_id!r}, which did not load: {self.fallback_reason}"
             )
         lib.ERR_clear_error()
+        uri_without_pin, pin = split_pin(uri)
+        if pin is not None and self._engine_has_command("PIN"):
+            # libp11 prints the URI it was given to stderr when a key is not found: hand it the
+            # PIN through its PIN command, so that the URI it sees (and may print) has none.
+            if not lib.ENGINE_ctrl_cmd_string(self._engine, b"PIN", pin.encode(), 0):
+                raise CryptoSetupError(
+                    f"private key {shown}: engine {self.engine_id!r} rejected the PIN command ({openssl_errors()})"
+                )
+            uri = uri_without_pin
         ui_method = ffi.cast("UI_METHOD *", _libcrypto.UI_null() or 0)
         pkey = lib.ENGINE_load_private_key(self._engine, uri.encode(), ui_method, ffi.NULL)
         if pkey == ffi.NULL:
-            reason = openssl_errors().replace(uri, shown)
+            reason = redact(openssl_errors())
             raise CryptoSetupError(
                 f"private key {shown}: engine {self.engine_id!r} could not load it ({reason}); fix: check "
                 "the URI (token, object, id, type=private) and the PIN"
             )
         return pkey
+
+    def _engine_has_command(self, name: str) -> bool:
+        address = self._engine_address()
+        return _libcrypto.ENGINE_ctrl(address, _ENGINE_CTRL_GET_CMD_FROM_NAME, 0, name.encode(), None) > 0
 
     def _use_engine_key(self, context: SSL.Context, key: EngineKey) -> str:
         lib = pyopenssl_binding.lib
@@ -318,6 +337,28 @@ class CryptoRuntime:
         self._engine = None
         self._default_flags = 0
         pyopenssl_binding.lib.ERR_clear_error()
+
+
+def split_pin(uri: str) -> tuple[str, str | None]:
+    """(uri without its pin-value attribute, the percent-decoded PIN or None), RFC 7512 style:
+    pin-value may sit among the ;-separated path attributes or the &-separated query ones."""
+    scheme, colon, rest = uri.partition(":")
+    if not colon or "pin-value=" not in rest.lower():
+        return uri, None
+    path, question_mark, query = rest.partition("?")
+    pin = None
+    kept: list[str] = []
+    for attributes, separator in ((path, ";"), (query, "&")):
+        remaining = []
+        for attribute in attributes.split(separator) if attributes else []:
+            name, _, value = attribute.partition("=")
+            if name.lower() == "pin-value":
+                pin = urllib.parse.unquote(value)
+            else:
+                remaining.append(attribute)
+        kept.append(separator.join(remaining))
+    path, query = kept
+    return f"{scheme}:{path}" + (f"?{query}" if query else ""), pin
 
 
 def _engine_uri(key: EngineKey) -> str:

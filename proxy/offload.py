@@ -10,36 +10,31 @@ which resumes the job where it paused. A paused connection owns a coroutine stac
 it must never be freed before the job finishes. A software key never pauses, so the mode costs
 nothing when no engine offloads.
 
-pyOpenSSL 23 knows neither the mode bit, nor error 9, nor the fd API, so they are reached with
-ctypes on `libssl.so.3`: `check_engine_support` (config.crypto) makes sure that this is the very
-library instance pyOpenSSL uses, so `ctx._context` / `conn._ssl` pointers are valid here.
+pyOpenSSL 23 has `SSL_CTX_set_mode` in its cffi `lib` but neither the mode constant, nor error 9,
+nor the fd API: those are reached with ctypes on `libssl.so.3`. `check_engine_support`
+(config.crypto) makes sure that this is the very library instance pyOpenSSL uses, so
+`conn._ssl` pointers are valid here.
 """
 
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
 from OpenSSL import SSL
-from OpenSSL._util import ffi
+from OpenSSL._util import ffi, lib
 
 SSL_ERROR_WANT_ASYNC = 9
 SSL_MODE_ASYNC = 0x100
-_SSL_CTRL_MODE = 33  # SSL_CTX_set_mode is a macro over SSL_CTX_ctrl(ctx, SSL_CTRL_MODE, mode, NULL)
 
 _libssl = ctypes.CDLL("libssl.so.3")
 _libcrypto = ctypes.CDLL("libcrypto.so.3")
 
-_libssl.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-_libssl.SSL_CTX_ctrl.restype = ctypes.c_long
 _libssl.SSL_get_all_async_fds.argtypes = [
     ctypes.c_void_p,
     ctypes.POINTER(ctypes.c_int),
     ctypes.POINTER(ctypes.c_size_t),
 ]
 _libssl.SSL_get_all_async_fds.restype = ctypes.c_int
-_libssl.SSL_waiting_for_async.argtypes = [ctypes.c_void_p]
-_libssl.SSL_waiting_for_async.restype = ctypes.c_int
 _libcrypto.ASYNC_is_capable.argtypes = []
 _libcrypto.ASYNC_is_capable.restype = ctypes.c_int
 
@@ -50,13 +45,8 @@ def _address(cdata_pointer: object) -> int:
 
 def enable_async_mode(context: SSL.Context) -> None:
     """Let engines pause handshakes on `context` (`SSL_CTX_set_mode(ctx, SSL_MODE_ASYNC)`)."""
-    mode = _libssl.SSL_CTX_ctrl(_address(context._context), _SSL_CTRL_MODE, SSL_MODE_ASYNC, None)
-    if not mode & SSL_MODE_ASYNC:
+    if not lib.SSL_CTX_set_mode(context._context, SSL_MODE_ASYNC) & SSL_MODE_ASYNC:
         raise RuntimeError("SSL_CTX_set_mode(SSL_MODE_ASYNC) did not take effect")
-
-
-def async_mode_enabled(context: SSL.Context) -> bool:
-    return bool(_libssl.SSL_CTX_ctrl(_address(context._context), _SSL_CTRL_MODE, 0, None) & SSL_MODE_ASYNC)
 
 
 def async_wait_fds(connection: SSL.Connection) -> list[int]:
@@ -71,31 +61,6 @@ def async_wait_fds(connection: SSL.Connection) -> list[int]:
     return list(fds[: count.value])
 
 
-def waiting_for_async(connection: SSL.Connection) -> bool:
-    """True while the connection has a paused job: it must be kept alive until the job finishes."""
-    return bool(_libssl.SSL_waiting_for_async(_address(connection._ssl)))
-
-
 def async_jobs_supported() -> bool:
     """Whether this libcrypto can run async jobs on this platform (`ASYNC_is_capable`)."""
     return bool(_libcrypto.ASYNC_is_capable())
-
-
-@dataclass
-class AsyncJobStats:
-    """Plain counts for metrics: the TLS layer calls `paused`/`resumed`, proxy/ exports them."""
-
-    pauses: int = 0  # SSL calls that returned SSL_ERROR_WANT_ASYNC
-    in_flight: int = 0  # connections currently paused on an async job
-    peak_in_flight: int = 0
-
-    def paused(self) -> None:
-        self.pauses += 1
-        self.in_flight += 1
-        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-
-    def resumed(self) -> None:
-        self.in_flight -= 1
-
-
-async_job_stats = AsyncJobStats()

@@ -9,7 +9,7 @@ import pytest
 from OpenSSL import SSL
 from OpenSSL import _util as pyopenssl_binding
 
-from config.crypto import CryptoRuntime, CryptoSetupError, check_engine_support, redact
+from config.crypto import CryptoRuntime, CryptoSetupError, check_engine_support, redact, split_pin
 from config.model import CryptoSettings, EngineKey, EngineSettings
 from tests.engine.conftest import FixtureEngineProbe, ServerIdentity, key_uri
 
@@ -127,3 +127,18 @@ def test_a_different_openssl_instance_is_detected() -> None:
 )
 def test_redact_hides_pin_values(text: str, expected: str) -> None:
     assert redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("pkcs11:token=a;object=b;type=private;pin-value=12%2034", ("pkcs11:token=a;object=b;type=private", "12 34")),
+        ("pkcs11:pin-value=1;object=b", ("pkcs11:object=b", "1")),
+        ("pkcs11:object=b?pin-value=9&module-path=/x", ("pkcs11:object=b?module-path=/x", "9")),
+        ("pkcs11:object=b?PIN-VALUE=9", ("pkcs11:object=b", "9")),
+        ("pkcs11:object=b", ("pkcs11:object=b", None)),
+        ("0:01", ("0:01", None)),
+    ],
+)
+def test_split_pin(uri: str, expected: tuple[str, str | None]) -> None:
+    assert split_pin(uri) == expected

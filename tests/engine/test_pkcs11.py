@@ -87,7 +87,11 @@ def test_software_key_does_hold_private_numbers(request: pytest.FixtureRequest, 
     assert _private_components_in_process(pkey._pkey) == [{"rsa": "RSA d", "ec": "EC private scalar"}[key_name]]
 
 
-def test_wrong_object_fails_naming_the_uri_without_the_pin(pkcs11_runtime: CryptoRuntime) -> None:
+def test_wrong_object_fails_naming_the_uri_without_the_pin(
+    pkcs11_runtime: CryptoRuntime, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Neither our error nor what libp11 itself prints on fd 2 ("The private key was not found at:
+    <URI>") carries the PIN: it reaches libp11 through its PIN command, not the URI."""
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     with pytest.raises(CryptoSetupError) as failure:
         pkcs11_runtime.use_private_key(context, EngineKey("engine:" + key_uri("nosuchkey")))
@@ -95,3 +99,7 @@ def test_wrong_object_fails_naming_the_uri_without_the_pin(pkcs11_runtime: Crypt
     assert "object=nosuchkey" in message and "pin-value=***" in message
     assert "1234" not in message
     assert "\n" not in message
+    printed_by_engine = capfd.readouterr().err
+    assert "object=nosuchkey" in printed_by_engine
+    assert "1234" not in printed_by_engine
+
