@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -100,13 +101,18 @@ def redact(text: str) -> str:
     return _PIN_VALUE.sub(r"\1***", text)
 
 
-def _load_libcrypto() -> ctypes.CDLL:
-    libcrypto = ctypes.CDLL("libcrypto.so.3")
+@functools.cache
+def _system_libcrypto() -> ctypes.CDLL:
+    """The system libcrypto.so.3 through ctypes, for what pyOpenSSL 23's cffi `lib` lacks. Loaded on
+    first use, so that importing this module works everywhere (the routes-file parser imports it)."""
+    try:
+        libcrypto = ctypes.CDLL("libcrypto.so.3")
+    except OSError as error:
+        raise CryptoSetupError(f"cannot load the system libcrypto.so.3 ({error}); fix: apt-get install libssl3") from None
     pointer, text, integer, uint = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint
     signatures: dict[str, tuple[list[Any], Any]] = {
         "ENGINE_set_default": ([pointer, uint], integer),
         "ENGINE_ctrl": ([pointer, integer, ctypes.c_long, text, pointer], integer),
-        "ENGINE_get_id": ([pointer], text),
         "UI_null": ([], pointer),
         "OPENSSL_info": ([integer], text),
         "OSSL_PROVIDER_load": ([pointer, text], pointer),
@@ -116,13 +122,16 @@ def _load_libcrypto() -> ctypes.CDLL:
     for suffix in _UNREGISTER_BY_FLAG.values():
         signatures[f"ENGINE_unregister_{suffix}"] = ([pointer], None)
     for name, (argtypes, restype) in signatures.items():
-        function = getattr(libcrypto, name)
+        try:
+            function = getattr(libcrypto, name)
+        except AttributeError:
+            raise CryptoSetupError(
+                f"the system libcrypto.so.3 has no {name} (built without ENGINE support?); fix: use "
+                "Debian's libssl3"
+            ) from None
         function.argtypes = argtypes
         function.restype = restype
     return libcrypto
-
-
-_libcrypto = _load_libcrypto()
 
 
 def check_engine_support(binding_lib: Any = None) -> None:
@@ -142,8 +151,9 @@ def check_engine_support(binding_lib: Any = None) -> None:
     if missing:
         raise CryptoSetupError(f"pyOpenSSL's OpenSSL binding lacks {', '.join(missing)}; {fix}")
     lib.ERR_clear_error()
-    _libcrypto.ERR_new()
-    _libcrypto.ERR_set_error(ctypes.c_int(_ERR_LIB_USER), ctypes.c_int(1), None)
+    libcrypto = _system_libcrypto()
+    libcrypto.ERR_new()
+    libcrypto.ERR_set_error(ctypes.c_int(_ERR_LIB_USER), ctypes.c_int(1), None)
     if not lib.ERR_get_error():
         raise CryptoSetupError(
             "pyOpenSSL uses a different OpenSSL than the system libcrypto.so.3 (statically "
@@ -166,7 +176,7 @@ def openssl_errors() -> str:
 def openssl_directory(kind: str) -> str:
     """Where this libcrypto looks for engines ("engines") or providers ("modules")."""
     which = _OPENSSL_INFO_ENGINES_DIR if kind == "engines" else _OPENSSL_INFO_MODULES_DIR
-    value = _libcrypto.OPENSSL_info(which)
+    value = _system_libcrypto().OPENSSL_info(which)
     return value.decode() if value else "?"
 
 
@@ -187,7 +197,7 @@ def load_provider(name: str) -> None:
     """OSSL_PROVIDER_load(NULL, name). Providers stay loaded for the process lifetime: contexts
     still serving may use their algorithms, and loading an already-loaded provider is cheap."""
     pyopenssl_binding.lib.ERR_clear_error()
-    provider = _libcrypto.OSSL_PROVIDER_load(None, name.encode())
+    provider = _system_libcrypto().OSSL_PROVIDER_load(None, name.encode())
     if not provider:
         raise CryptoSetupError(
             f"tls.providers: OpenSSL provider {name!r} did not load ({openssl_errors()}); fix: check "
@@ -237,7 +247,7 @@ class CryptoRuntime:
         try:
             self._engine = _process_engine(engine)
             flags = algorithm_flags(engine.algorithms)
-            if flags and not _libcrypto.ENGINE_set_default(self._engine_address(), flags):
+            if flags and not _system_libcrypto().ENGINE_set_default(self._engine_address(), flags):
                 raise _EngineLoadError(f"ENGINE_set_default({'|'.join(engine.algorithms)}) failed: {openssl_errors()}")
             self._default_flags = flags
             self.engine_status = "loaded"
@@ -292,7 +302,7 @@ class CryptoRuntime:
                     f"private key {shown}: engine {self.engine_id!r} rejected the PIN command ({openssl_errors()})"
                 )
             uri = uri_without_pin
-        ui_method = ffi.cast("UI_METHOD *", _libcrypto.UI_null() or 0)
+        ui_method = ffi.cast("UI_METHOD *", _system_libcrypto().UI_null() or 0)
         pkey = lib.ENGINE_load_private_key(self._engine, uri.encode(), ui_method, ffi.NULL)
         if pkey == ffi.NULL:
             reason = redact(openssl_errors())
@@ -304,7 +314,7 @@ class CryptoRuntime:
 
     def _engine_has_command(self, name: str) -> bool:
         address = self._engine_address()
-        return _libcrypto.ENGINE_ctrl(address, _ENGINE_CTRL_GET_CMD_FROM_NAME, 0, name.encode(), None) > 0
+        return _system_libcrypto().ENGINE_ctrl(address, _ENGINE_CTRL_GET_CMD_FROM_NAME, 0, name.encode(), None) > 0
 
     def _use_engine_key(self, context: SSL.Context, key: EngineKey) -> str:
         lib = pyopenssl_binding.lib
@@ -333,7 +343,7 @@ class CryptoRuntime:
         address = self._engine_address()
         for flag, suffix in _UNREGISTER_BY_FLAG.items():
             if self._default_flags & flag:
-                getattr(_libcrypto, f"ENGINE_unregister_{suffix}")(address)
+                getattr(_system_libcrypto(), f"ENGINE_unregister_{suffix}")(address)
         self._engine = None
         self._default_flags = 0
         pyopenssl_binding.lib.ERR_clear_error()

@@ -19,6 +19,8 @@ nor the fd API: those are reached with ctypes on `libssl.so.3`. `check_engine_su
 from __future__ import annotations
 
 import ctypes
+import functools
+from typing import Any
 
 from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
@@ -26,21 +28,13 @@ from OpenSSL._util import ffi, lib
 SSL_ERROR_WANT_ASYNC = 9
 SSL_MODE_ASYNC = 0x100
 
-_libssl = ctypes.CDLL("libssl.so.3")
-_libcrypto = ctypes.CDLL("libcrypto.so.3")
 
-_libssl.SSL_get_all_async_fds.argtypes = [
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_int),
-    ctypes.POINTER(ctypes.c_size_t),
-]
-_libssl.SSL_get_all_async_fds.restype = ctypes.c_int
-_libcrypto.ASYNC_is_capable.argtypes = []
-_libcrypto.ASYNC_is_capable.restype = ctypes.c_int
-
-
-def _address(cdata_pointer: object) -> int:
-    return int(ffi.cast("uintptr_t", cdata_pointer))
+@functools.cache
+def _get_all_async_fds() -> Any:
+    function = ctypes.CDLL("libssl.so.3").SSL_get_all_async_fds
+    function.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_size_t)]
+    function.restype = ctypes.c_int
+    return function
 
 
 def enable_async_mode(context: SSL.Context) -> None:
@@ -51,16 +45,19 @@ def enable_async_mode(context: SSL.Context) -> None:
 
 def async_wait_fds(connection: SSL.Connection) -> list[int]:
     """The fds to wait on (readable) before repeating the SSL call that returned WANT_ASYNC."""
-    ssl = _address(connection._ssl)
+    get_all_async_fds = _get_all_async_fds()
+    ssl = int(ffi.cast("uintptr_t", connection._ssl))
     count = ctypes.c_size_t(0)
-    if not _libssl.SSL_get_all_async_fds(ssl, None, ctypes.byref(count)):
+    if not get_all_async_fds(ssl, None, ctypes.byref(count)):
         return []
     fds = (ctypes.c_int * count.value)()
-    if not _libssl.SSL_get_all_async_fds(ssl, fds, ctypes.byref(count)):
+    if not get_all_async_fds(ssl, fds, ctypes.byref(count)):
         return []
     return list(fds[: count.value])
 
 
 def async_jobs_supported() -> bool:
     """Whether this libcrypto can run async jobs on this platform (`ASYNC_is_capable`)."""
-    return bool(_libcrypto.ASYNC_is_capable())
+    is_capable = ctypes.CDLL("libcrypto.so.3").ASYNC_is_capable
+    is_capable.restype = ctypes.c_int
+    return bool(is_capable())
