@@ -230,8 +230,8 @@ class CryptoRuntime:
         runtime = cls(settings)
         if settings.engine is not None:
             algorithm_flags(settings.engine.algorithms)  # a typo is a config error, never a fallback
-        if settings.engine is not None or settings.providers:
-            check_engine_support()
+        if settings.engine is not None or settings.providers or settings.async_mode:
+            check_engine_support()  # async mode reaches libssl through ctypes too (proxy.offload)
         for name in settings.providers:
             load_provider(name)
         runtime.providers_loaded = settings.providers
