@@ -127,6 +127,7 @@ class ClientConnection(FlowControlled):
         self._async_fds: list[int] = []
         self._parse_failed = False
         self._handler: asyncio.Task[None] | None = None
+        self._upstream: UpstreamConnection | None = None  # in use by the current request
 
     # -- protocol side ------------------------------------------------------------------------
 
@@ -185,6 +186,8 @@ class ClientConnection(FlowControlled):
         for timer in (self._head_timer, self._handshake_timer):
             if timer is not None:
                 timer.cancel()
+        if self._handler is not None and not self._handler.done():
+            self._handler.cancel()  # nobody to answer: stop waiting for the backend too
 
     # -- TLS handshake ------------------------------------------------------------------------
 
@@ -312,11 +315,13 @@ class ClientConnection(FlowControlled):
         except PeerError as error:
             self._send(simple_response(error.status, _HttpDate.now(), close=True))
             LOG.debug("refused request from %s: %s", self.client_ip.decode(), error.reason)
-        except (ConnectionGone, TimeoutError, TlsFailure):
-            pass
+        except (ConnectionGone, TimeoutError, TlsFailure) as error:
+            LOG.debug("connection from %s ended: %r", self.client_ip.decode(), error)
         except Exception:  # a bug must cost one connection, never the process
             LOG.exception("connection handler failed")
         finally:
+            if self._upstream is not None:
+                self._upstream.close()
             self._close()
 
     async def _handle(self, head: RequestHead) -> bool:
@@ -380,12 +385,12 @@ class ClientConnection(FlowControlled):
         while attempts:
             address = attempts.pop(0)
             pool = balancer.pool(address)
-            upstream = pool.take()
+            upstream = self._upstream = pool.take()
             reused = upstream is not None
             try:
                 if upstream is None:
                     try:
-                        upstream = await connect(address, timeouts.connect)
+                        upstream = self._upstream = await connect(address, timeouts.connect)
                     except TimeoutError:
                         raise _BackendFailed(504, "connect timeout") from None
                     except OSError:
@@ -483,12 +488,13 @@ class ClientConnection(FlowControlled):
                         self._send(LAST_CHUNK)
                     break
         except (PeerError, ConnectionGone, TimeoutError) as error:
+            upstream.close()
             if self.closed:
                 raise ConnectionGone() from None
             metrics.UPSTREAM_ERRORS.labels(backend, "cut mid-body").inc()
             LOG.info("backend %s failed mid-response: %s", upstream.address, type(error).__name__)
-            upstream.close()
             return False  # the client sees a truncated body: the only honest signal left
+        self._upstream = None
         self.server.balancer.pool(upstream.address).give_back(upstream)
         return keep
 

@@ -156,12 +156,25 @@ class ServerTls:
     # -- plaintext out ------------------------------------------------------------------------
 
     def send(self, plaintext: bytes) -> None:
-        """Encrypt `plaintext` into the outgoing BIO (a memory BIO always takes all of it)."""
+        """Encrypt `plaintext` into the outgoing BIO.
+
+        pyOpenSSL turns on SSL_MODE_ENABLE_PARTIAL_WRITE, so one SSL_write takes one record
+        (16 KiB) at most: loop. The memory BIO grows as needed, so every call makes progress.
+        """
         if self.state is not TlsState.OPEN:
             raise TlsFailure(f"cannot send in state {self.state.value}")
-        written = lib.SSL_write(self._ssl, plaintext, len(plaintext))
-        if written != len(plaintext):
-            raise self._break()
+        total = len(plaintext)
+        written = lib.SSL_write(self._ssl, plaintext, total)
+        if written == total:
+            return
+        buffer = ffi.from_buffer(plaintext)
+        offset = 0
+        while written > 0:
+            offset += written
+            if offset == total:
+                return
+            written = lib.SSL_write(self._ssl, buffer + offset, total - offset)
+        raise self._break()
 
     def outgoing(self) -> bytes:
         """Ciphertext waiting to go to the socket (handshake records, alerts, application data)."""

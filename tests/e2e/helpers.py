@@ -52,10 +52,16 @@ async def read_response(reader: asyncio.StreamReader, timeout: float = 5) -> tup
 
 
 async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5) -> bool:
+    """True when the peer closes within `timeout` (whatever it sends first, e.g. a TLS alert)."""
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        return await asyncio.wait_for(reader.read(65536), timeout) == b""
+        while await asyncio.wait_for(reader.read(65536), max(0.01, deadline - asyncio.get_running_loop().time())):
+            pass
     except (ConnectionError, ssl.SSLError):
         return True
+    except TimeoutError:
+        return False
+    return True
 
 
 def rss_bytes() -> int:
