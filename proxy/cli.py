@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 import uvloop
 
+from config.model import Address, Listeners
 from config.routes_file import RoutesFileError, load_routes_file
 
 LOG = logging.getLogger("ingress_proxy")
@@ -58,8 +60,62 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _namespaced(value: str | None, flag: str) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    namespace, slash, name = value.partition("/")
+    if not slash or not namespace or not name:
+        raise SystemExit(f"{flag}: expected NAMESPACE/NAME, got {value!r}")
+    return namespace, name
+
+
+def _address(value: str, flag: str) -> Address:
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isdigit():
+        raise SystemExit(f"{flag}: expected HOST:PORT, got {value!r}")
+    return Address(host.strip("[]"), int(port))
+
+
+async def _serve_kubernetes(args: argparse.Namespace) -> int:
+    from ingress_watch.controller import ControllerSettings, KubernetesSource, load_client_configuration
+    from ingress_watch.leader import LeaderSettings
+    from ingress_watch.status import PublishSettings
+    from ingress_watch.translate import TranslateOptions
+    from proxy.server import run_proxy
+
+    publish = None
+    if args.publish_service or args.publish_status_address:
+        publish = PublishSettings(
+            addresses=tuple(args.publish_status_address or ()),
+            service=_namespaced(args.publish_service, "--publish-service"),
+        )
+    settings = ControllerSettings(
+        translate=TranslateOptions(
+            ingress_class=args.ingress_class,
+            controller_class=args.controller_class,
+            watch_ingress_without_class=args.watch_ingress_without_class,
+            watch_namespace=args.watch_namespace,
+            default_ssl_certificate=_namespaced(args.default_ssl_certificate, "--default-ssl-certificate"),
+        ),
+        configmap=_namespaced(args.configmap, "--configmap"),
+        publish=publish,
+        leader=LeaderSettings(namespace=os.environ.get("POD_NAMESPACE", "default"), lease_name=args.election_id),
+    )
+    listeners = Listeners(
+        https=_address(args.https_address, "--https-address"),
+        http=_address(args.http_address, "--http-address") if args.http_address else None,
+        admin=_address(args.admin_address, "--admin-address") if args.admin_address else None,
+    )
+    client_configuration = await load_client_configuration(args.kubeconfig)
+    return await run_proxy(listeners, KubernetesSource(client_configuration, settings))
+
+
 def _serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level, args.access_log)
+    if args.kubernetes:
+        return uvloop.run(_serve_kubernetes(args))
+    if args.routes is None:
+        raise SystemExit("serve: give --routes FILE (standalone) or --kubernetes")
     from config.file_source import RoutesFileSource
     from proxy.server import run_proxy
 
@@ -71,13 +127,32 @@ def _serve(args: argparse.Namespace) -> int:
     return uvloop.run(run_proxy(loaded.listeners, RoutesFileSource(args.routes, loaded)))
 
 
+def _add_kubernetes_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("Kubernetes Ingress controller mode")
+    group.add_argument("--kubernetes", action="store_true", help="watch Ingresses instead of a routes file")
+    group.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
+    group.add_argument("--ingress-class", default="ingress-proxy", help="legacy kubernetes.io/ingress.class value")
+    group.add_argument("--controller-class", default="ingress-proxy.dev/controller", help="IngressClass spec.controller")
+    group.add_argument("--watch-namespace", help="only this namespace (default: all)")
+    group.add_argument("--watch-ingress-without-class", action="store_true", help="also serve class-less Ingresses")
+    group.add_argument("--configmap", metavar="NS/NAME", help="settings ConfigMap (ssl-engine, timeouts, ...)")
+    group.add_argument("--default-ssl-certificate", metavar="NS/NAME", help="TLS Secret for unknown SNI")
+    group.add_argument("--publish-service", metavar="NS/NAME", help="write this Service's address to Ingress status")
+    group.add_argument("--publish-status-address", action="append", metavar="ADDR", help="address for Ingress status")
+    group.add_argument("--election-id", default="ingress-proxy-leader", help="Lease name for leader election")
+    group.add_argument("--https-address", default="0.0.0.0:8443")
+    group.add_argument("--http-address", default="0.0.0.0:8080", help="empty to disable")
+    group.add_argument("--admin-address", default="0.0.0.0:9100", help="empty to disable")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ingress-proxy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--routes", type=Path, required=True, help="routes file (YAML)")
+    serve.add_argument("--routes", type=Path, help="routes file (YAML): standalone mode")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True, help="one line per request on stdout")
+    _add_kubernetes_arguments(serve)
     check = commands.add_parser("check", help="validate a routes file and exit")
     check.add_argument("--routes", type=Path, required=True)
     doctor = commands.add_parser("doctor", help="report OpenSSL, engine and key status")
