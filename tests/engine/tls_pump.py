@@ -66,30 +66,39 @@ class PumpResult:
     peak_paused: int  # most server connections paused at once
 
 
+def _new_pair(server_context: SSL.Context, client_context: SSL.Context) -> _Pair:
+    server = SSL.Connection(server_context, None)
+    server.set_accept_state()
+    client = SSL.Connection(client_context, None)
+    client.set_connect_state()
+    client.set_tlsext_host_name(b"localhost")
+    return _Pair(server, client)
+
+
 def pump_handshakes(
     server_context: SSL.Context,
     client_context: SSL.Context,
     count: int,
+    concurrency: int | None = None,
     when_stalled: Callable[[], None] | None = None,
     timeout: float = 20.0,
 ) -> PumpResult:
-    """Complete `count` handshakes in this thread; `when_stalled` runs once, the first time every
-    unfinished server connection is paused on an async job and no wait fd is readable."""
-    pairs = []
-    for _ in range(count):
-        server = SSL.Connection(server_context, None)
-        server.set_accept_state()
-        client = SSL.Connection(client_context, None)
-        client.set_connect_state()
-        client.set_tlsext_host_name(b"localhost")
-        pairs.append(_Pair(server, client))
-    want_async = peak_paused = 0
+    """Complete `count` handshakes in this thread, at most `concurrency` (default: all) in flight,
+    starting a new one as soon as one finishes. `when_stalled` runs once, the first time every
+    handshake in flight is paused on an async job, none can start, and no wait fd is readable."""
+    concurrency = concurrency or count
+    started = want_async = peak_paused = 0
+    active: list[_Pair] = []
+    finished: list[SSL.Connection] = []
     deadline = time.monotonic() + timeout
-    while not all(pair.server_done and pair.client_done for pair in pairs):
+    while started < count or active:
         if time.monotonic() > deadline:
-            raise HandshakeFailed(f"handshakes not done after {timeout} s")
-        for pair in pairs:
-            if pair.wait_fds or (pair.server_done and pair.client_done):
+            raise HandshakeFailed(f"{len(finished)} of {count} handshakes done after {timeout} s")
+        while started < count and len(active) < concurrency:
+            active.append(_new_pair(server_context, client_context))
+            started += 1
+        for pair in active:
+            if pair.wait_fds:
                 continue
             if not pair.client_done:
                 try:
@@ -107,10 +116,12 @@ def pump_handshakes(
                     if not pair.wait_fds:
                         raise HandshakeFailed("WANT_ASYNC without wait fds")
             _move(pair.server, pair.client)
-        paused = [pair for pair in pairs if pair.wait_fds]
+        finished.extend(pair.server for pair in active if pair.server_done and pair.client_done)
+        active = [pair for pair in active if not (pair.server_done and pair.client_done)]
+        paused = [pair for pair in active if pair.wait_fds]
         peak_paused = max(peak_paused, len(paused))
         if paused:
-            nothing_else_to_do = all(pair.wait_fds or (pair.server_done and pair.client_done) for pair in pairs)
+            nothing_else_to_do = len(paused) == len(active) and (started == count or len(active) == concurrency)
             fds = [fd for pair in paused for fd in pair.wait_fds]
             readable, _, _ = select.select(fds, [], [], 0)
             if not readable and nothing_else_to_do:
@@ -121,7 +132,7 @@ def pump_handshakes(
             for pair in paused:
                 if set(pair.wait_fds) & set(readable):
                     pair.wait_fds = []
-    return PumpResult([pair.server for pair in pairs], want_async, peak_paused)
+    return PumpResult(finished, want_async, peak_paused)
 
 
 class TlsTestServer:
