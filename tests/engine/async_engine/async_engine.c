@@ -281,6 +281,16 @@ static int fixture_ec_sign(int type, const unsigned char *dgst, int dlen, unsign
     return run(&w, ERR_LIB_EC);
 }
 
+static void stop_workers(int started)
+{
+    pthread_mutex_lock(&queue_lock);
+    stopping = 1;
+    pthread_cond_broadcast(&queue_changed);
+    pthread_mutex_unlock(&queue_lock);
+    for (int i = 0; i < started; i++)
+        pthread_join(workers[i], NULL);
+}
+
 static int fixture_init(ENGINE *e)
 {
     (void)e;
@@ -288,10 +298,17 @@ static int fixture_init(ENGINE *e)
     int start = engine_users++ == 0;
     stopping = 0;
     pthread_mutex_unlock(&queue_lock);
-    if (start)
-        for (int i = 0; i < WORKER_COUNT; i++)
-            if (pthread_create(&workers[i], NULL, worker_main, NULL) != 0)
-                return 0;
+    if (!start)
+        return 1;
+    for (int i = 0; i < WORKER_COUNT; i++) {
+        if (pthread_create(&workers[i], NULL, worker_main, NULL) != 0) {
+            stop_workers(i);
+            pthread_mutex_lock(&queue_lock);
+            engine_users--;
+            pthread_mutex_unlock(&queue_lock);
+            return 0;
+        }
+    }
     return 1;
 }
 
@@ -300,14 +317,9 @@ static int fixture_finish(ENGINE *e)
     (void)e;
     pthread_mutex_lock(&queue_lock);
     int stop = --engine_users == 0;
-    if (stop) {
-        stopping = 1;
-        pthread_cond_broadcast(&queue_changed);
-    }
     pthread_mutex_unlock(&queue_lock);
     if (stop)
-        for (int i = 0; i < WORKER_COUNT; i++)
-            pthread_join(workers[i], NULL);
+        stop_workers(WORKER_COUNT);
     return 1;
 }
 
