@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 
 import pytest
 import trustme
 from prometheus_client import REGISTRY
 
-from config.model import Certificate, CryptoSettings, PathType
+from config.crypto import CryptoSetupError
+from config.model import Address, Certificate, Configuration, CryptoSettings, EngineSettings, Listeners, PathType
+from proxy.server import ProxyServer
 from tests.conftest import simple_configuration
 from tests.e2e.helpers import open_raw, read_response
 from tests.engine.conftest import FixtureEngineProbe, ServerIdentity, SoftHsmToken
@@ -93,3 +96,45 @@ async def test_proxy_parks_16_handshakes_on_the_async_engine(
     counters = engine_probe.counters()
     assert counters["peak_in_flight"] == clients and counters["offloaded"] == clients
     assert _async_pauses() - pauses_before >= clients
+
+
+async def test_route_only_reload_keeps_the_engine_and_warns_once(
+    start_proxy, start_backend, caplog: pytest.LogCaptureFixture, ca: trustme.CA, software_rsa: ServerIdentity
+) -> None:
+    """required: false with a missing engine: one warning, software crypto; publishing new routes
+    with the same crypto settings starts nothing again (no second warning)."""
+    backend = await start_backend("app")
+    crypto = CryptoSettings(engine=EngineSettings(id="no-such-engine-xyz"))
+
+    def configuration(path: str) -> Configuration:
+        return simple_configuration(
+            {"app": [backend.address]},
+            {"": [(path, PathType.PREFIX, "app")]},
+            certificates=(_certificate(software_rsa, "localhost"),),
+            crypto=crypto,
+        )
+
+    with caplog.at_level(logging.WARNING, logger="config.crypto"):
+        proxy = await start_proxy(configuration("/"))
+        proxy.server.publish(configuration("/other"))
+        await proxy.server.wait_for_generation(2)
+    warnings = [record for record in caplog.records if "no-such-engine-xyz" in record.getMessage()]
+    assert len(warnings) == 1
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    reader, writer = await open_raw(proxy.https_port, client_tls, "localhost")
+    writer.write(b"GET /other HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    status, _, _ = await read_response(reader)
+    writer.close()
+    assert status == 200
+    assert REGISTRY.get_sample_value("ingress_proxy_engine_up", {"engine": "no-such-engine-xyz"}) == 0
+
+
+def test_required_engine_that_does_not_load_stops_start_up(software_rsa: ServerIdentity) -> None:
+    server = ProxyServer(Listeners(https=Address("127.0.0.1", 0)))
+    configuration = simple_configuration(
+        {}, {}, certificates=(_certificate(software_rsa, "localhost"),),
+        crypto=CryptoSettings(engine=EngineSettings(id="no-such-engine-xyz", required=True)),
+    )
+    with pytest.raises(CryptoSetupError, match=r"'no-such-engine-xyz' did not load: .*required: false"):
+        server.publish(configuration)
