@@ -45,8 +45,7 @@ class FlowControlled(asyncio.Protocol):
     # -- protocol side ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports don't subclass asyncio's
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

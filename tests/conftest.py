@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trustme
+import uvloop
 from aiohttp import web
 
 from config.model import (
@@ -27,6 +28,11 @@ from config.model import (
 from proxy.server import ProxyServer
 
 LOOPBACK = "127.0.0.1"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests run on uvloop, like the product (its transports differ from asyncio's)."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")
