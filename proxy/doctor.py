@@ -8,6 +8,7 @@ Key URIs are shown redacted: a PIN never reaches the output.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import time
@@ -17,7 +18,14 @@ import cryptography
 import OpenSSL
 from OpenSSL import _util as pyopenssl_binding
 
-from config.crypto import CryptoRuntime, CryptoSetupError, check_engine_support, openssl_errors, redact
+from config.crypto import (
+    CryptoRuntime,
+    CryptoSetupError,
+    check_engine_support,
+    load_provider,
+    openssl_errors,
+    redact,
+)
 from config.model import CryptoSettings, EngineKey, KeySource, PemKey
 from proxy.offload import async_jobs_supported
 
@@ -76,24 +84,31 @@ def _library_line() -> str:
 
 
 def _start_runtime(settings: CryptoSettings, lines: list[str]) -> tuple[CryptoRuntime | None, bool]:
-    try:
-        runtime = CryptoRuntime.start(settings)
-    except CryptoSetupError as error:
-        lines.append(f"crypto set-up: FAILED: {error}")
-        return None, False
+    """Providers one by one (each gets its line), then the engine through CryptoRuntime."""
+    ok = True
     for name in settings.providers:
-        lines.append(f"provider {name}: loaded")
+        try:
+            load_provider(name)
+            lines.append(f"provider {name}: loaded")
+        except CryptoSetupError as error:
+            lines.append(f"provider {name}: FAILED: {error}")
+            ok = False
     engine = settings.engine
+    try:
+        runtime = CryptoRuntime.start(dataclasses.replace(settings, providers=()))
+    except CryptoSetupError as error:
+        lines.append(f"engine {engine.id if engine else '-'}: FAILED: {error}")
+        return None, False
     if engine is None:
         lines.append("engine: none configured (software crypto)")
-        return runtime, True
+        return runtime, ok
     source = f"from {engine.so_path}" if engine.so_path else "by id"
     if runtime.engine_status == "loaded":
         lines.append(
             f"engine {engine.id}: loaded {source}, default for {','.join(engine.algorithms) or 'nothing'}, "
             f"{len(engine.ctrl)} ctrl command(s) accepted"
         )
-        return runtime, True
+        return runtime, ok
     lines.append(f"engine {engine.id}: FAILED ({runtime.engine_status}); serving would fall back to software")
     return runtime, False
 

@@ -49,8 +49,14 @@ def test_broken_parts_make_it_not_ok(softhsm_token: SoftHsmToken) -> None:
     assert any(line.startswith("engine no-such-engine-xyz: FAILED (failed: no engine with this id") for line in lines)
     assert any("object=rsakey" in line and "FAILED" in line for line in lines)
 
-    lines, ok = run_doctor(CryptoSettings(providers=("bogus-provider",)), [])
-    assert not ok and any(line.startswith("crypto set-up: FAILED: tls.providers") for line in lines)
+    lines, ok = run_doctor(CryptoSettings(engine=softhsm_token.settings().engine, providers=("bogus-provider", "legacy")), [])
+    assert not ok
+    assert any(line.startswith("provider bogus-provider: FAILED: tls.providers") for line in lines)
+    assert "provider legacy: loaded" in lines
+    assert any(line.startswith("engine pkcs11: loaded") for line in lines)
+
+    lines, ok = run_doctor(CryptoSettings(engine=EngineSettings(id="no-such-engine-xyz", required=True)), [])
+    assert not ok and any(line.startswith("engine no-such-engine-xyz: FAILED: OpenSSL engine") for line in lines)
 
     lines, ok = run_doctor(softhsm_token.settings(), [EngineKey(key_uri("nosuchkey"))])
     assert not ok
