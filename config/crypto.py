@@ -165,12 +165,18 @@ def openssl_errors() -> str:
     """Drain this thread's OpenSSL error queue into one short, de-duplicated, redacted line."""
     lib, ffi = pyopenssl_binding.lib, pyopenssl_binding.ffi
     reasons: list[str] = []
+    unnamed: list[str] = []  # codes without a reason string: shown only when nothing better exists
+    buffer = ffi.new("char[]", 256)
     while code := lib.ERR_get_error():
         reason_pointer = lib.ERR_reason_error_string(code)
-        reason = ffi.string(reason_pointer).decode() if reason_pointer != ffi.NULL else f"error {code:#x}"
-        if reason not in reasons:
-            reasons.append(reason)
-    return redact("; ".join(reasons)) or "no OpenSSL error reported"
+        if reason_pointer != ffi.NULL:
+            reason = ffi.string(reason_pointer).decode()
+            if reason not in reasons:
+                reasons.append(reason)
+        else:
+            lib.ERR_error_string_n(code, buffer, len(buffer))
+            unnamed.append(ffi.string(buffer).decode())
+    return redact("; ".join(reasons or unnamed)) or "no OpenSSL error reported"
 
 
 def openssl_directory(kind: str) -> str:
