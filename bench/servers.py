@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -355,3 +356,15 @@ backends: {{app: {{endpoints: ["127.0.0.1:{run.backend_port}"]}}}}
 
 PROXIES: tuple[Proxy, ...] = (IngressProxy(), HAProxy(), Nginx())
 assert sys.platform.startswith("linux"), "the benchmark reads /proc and uses taskset"
+
+
+def http10_response_length(port: int, ca: Path) -> int:
+    """Bytes of the reply to `GET / HTTP/1.0` (what s_time sends), read until the proxy closes."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
+            tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            received = 0
+            while chunk := tls.recv(65536):
+                received += len(chunk)
+            return received
