@@ -218,8 +218,11 @@ class _EngineLoadError(Exception):
 class CryptoRuntime:
     """The loaded providers, engine and its default-method registrations for one CryptoSettings.
 
-    Plain counts for metrics (proxy/ exports them): `engine_status`, `keys_installed` (by key-source
-    label: "file" or "engine:<id>"), `fallback_reason`.
+    Engine keys are loaded once per runtime (by URI) and shared by every context built from it, so
+    a reload that only changes routes does not go back to the token.
+
+    Plain values for metrics (proxy/ exports them): `engine_status`, `fallback_reason`,
+    `keys_installed` (by key-source label: "file" or "engine:<id>"), `engine_keys_loaded`.
     """
 
     def __init__(self, settings: CryptoSettings) -> None:
@@ -228,6 +231,8 @@ class CryptoRuntime:
         self.fallback_reason: str | None = None
         self.providers_loaded: tuple[str, ...] = ()
         self.keys_installed: collections.Counter[str] = collections.Counter()
+        self.engine_keys_loaded = 0
+        self._engine_keys: dict[str, Any] = {}  # EngineKey.uri → EVP_PKEY* (ffi.gc-owned)
         self._engine: Any = None  # initialised cffi ENGINE*, owned by _loaded_engines
         self._default_flags = 0
 
@@ -323,24 +328,26 @@ class CryptoRuntime:
         return _system_libcrypto().ENGINE_ctrl(address, _ENGINE_CTRL_GET_CMD_FROM_NAME, 0, name.encode(), None) > 0
 
     def _use_engine_key(self, context: SSL.Context, key: EngineKey) -> str:
-        lib = pyopenssl_binding.lib
-        pkey = self.load_engine_key(key)
-        try:
-            if lib.SSL_CTX_use_PrivateKey(context._context, pkey) != 1:
-                raise CryptoSetupError(
-                    f"private key {redact(key.uri)}: SSL_CTX_use_PrivateKey failed ({openssl_errors()}); "
-                    "fix: use a key type TLS supports (RSA, EC)"
-                )
-        finally:
-            lib.EVP_PKEY_free(pkey)  # the context holds its own reference
+        lib, ffi = pyopenssl_binding.lib, pyopenssl_binding.ffi
+        pkey = self._engine_keys.get(key.uri)
+        if pkey is None:
+            pkey = ffi.gc(self.load_engine_key(key), lib.EVP_PKEY_free)
+            self._engine_keys[key.uri] = pkey
+            self.engine_keys_loaded += 1
+        if lib.SSL_CTX_use_PrivateKey(context._context, pkey) != 1:  # the context takes its own reference
+            raise CryptoSetupError(
+                f"private key {redact(key.uri)}: SSL_CTX_use_PrivateKey failed ({openssl_errors()}); "
+                "fix: use a key type TLS supports (RSA, EC)"
+            )
         return f"engine:{self.engine_id}"
 
     def close(self) -> None:
         """Give the default methods back to software (ENGINE_unregister_*) and stop using the engine.
 
         The engine itself stays loaded for the process (see `_process_engine`); keys already
-        installed in contexts that still serve keep working.
+        installed in contexts that still serve keep working (the contexts hold references).
         """
+        self._engine_keys.clear()
         self._release_engine()
 
     def _release_engine(self) -> None:

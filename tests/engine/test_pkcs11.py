@@ -103,3 +103,10 @@ def test_wrong_object_fails_naming_the_uri_without_the_pin(
     assert "object=nosuchkey" in printed_by_engine
     assert "1234" not in printed_by_engine
 
+
+
+def test_engine_key_is_loaded_once_for_every_context(pkcs11_runtime: CryptoRuntime, softhsm_token: SoftHsmToken) -> None:
+    for _ in range(3):
+        server_context(pkcs11_runtime, softhsm_token.rsa)
+    assert pkcs11_runtime.keys_installed["engine:pkcs11"] == 3
+    assert pkcs11_runtime.engine_keys_loaded == 1
