@@ -5,14 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
 from config.model import Address
 
 
 async def start_admin(address: Address, is_ready: Callable[[], bool]) -> web.AppRunner:
+    registry = REGISTRY
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # --workers N: add up every worker's samples
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+
     async def metrics(_: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest())
+        response = web.Response(body=generate_latest(registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 

@@ -6,12 +6,13 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import uvloop
 
 from config.model import Address, Listeners
-from config.routes_file import RoutesFileError, load_routes_file
+from config.routes_file import LoadedRoutes, RoutesFileError, load_routes_file
 
 LOG = logging.getLogger("ingress_proxy")
 
@@ -113,18 +114,32 @@ async def _serve_kubernetes(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level, args.access_log)
     if args.kubernetes:
+        if args.workers != 1:
+            raise SystemExit("--workers: Kubernetes mode runs one process per pod; scale with replicas instead")
         return uvloop.run(_serve_kubernetes(args))
     if args.routes is None:
         raise SystemExit("serve: give --routes FILE (standalone) or --kubernetes")
-    from config.file_source import RoutesFileSource
-    from proxy.server import run_proxy
-
     try:
         loaded = load_routes_file(args.routes)
     except RoutesFileError as error:
         print(error, file=sys.stderr)
         return 1
-    return uvloop.run(run_proxy(loaded.listeners, RoutesFileSource(args.routes, loaded)))
+    if args.workers == 1:
+        return _serve_routes_file_worker(args.routes, loaded, None, True)
+    from proxy.workers import run_workers
+
+    with tempfile.TemporaryDirectory(prefix="ingress-proxy-metrics-") as metrics_directory:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_directory  # before prometheus_client is imported
+        return run_workers(
+            args.workers, lambda index, keys: _serve_routes_file_worker(args.routes, loaded, keys, index == 0)
+        )
+
+
+def _serve_routes_file_worker(path: Path, loaded: LoadedRoutes, ticket_keys: bytes | None, with_admin: bool) -> int:
+    from config.file_source import RoutesFileSource
+    from proxy.server import run_proxy
+
+    return uvloop.run(run_proxy(loaded.listeners, RoutesFileSource(path, loaded), ticket_keys, with_admin))
 
 
 def _add_kubernetes_arguments(serve: argparse.ArgumentParser) -> None:
@@ -150,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--routes", type=Path, help="routes file (YAML): standalone mode")
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the listeners (SO_REUSEPORT)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True, help="one line per request on stdout")
     _add_kubernetes_arguments(serve)

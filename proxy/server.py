@@ -170,16 +170,18 @@ def _listening_socket(address: Address) -> socket.socket:
     return sock
 
 
-async def run_proxy(listeners: Listeners, source: RouteSource) -> int:
-    """The process's main coroutine: admin listener, route source, data plane, drain on SIGTERM."""
+async def run_proxy(
+    listeners: Listeners, source: RouteSource, ticket_keys: bytes | None = None, with_admin: bool = True
+) -> int:
+    """A process's main coroutine: admin listener, route source, data plane, drain on SIGTERM."""
     from proxy.admin import start_admin
 
-    server = ProxyServer(listeners)
+    server = ProxyServer(listeners, ticket_keys)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    admin = await start_admin(listeners.admin, lambda: server.ready) if listeners.admin else None
+    admin = await start_admin(listeners.admin, lambda: server.ready) if listeners.admin and with_admin else None
     try:
         await server.serve(source, stop)
     except CryptoSetupError as error:

@@ -1,0 +1,79 @@
+"""`--workers N`: N forked processes share the listeners through SO_REUSEPORT.
+
+The master forks before any event loop, thread or engine exists; each worker then builds its own
+loop, crypto runtime (engines and engine keys are initialised after fork, as OpenSSL requires)
+and route source. The master only supervises: it forwards SIGTERM/SIGINT (drain) and SIGHUP
+(reload) to every worker, restarts a worker that dies unexpectedly, and exits 0 once all workers
+drained. Session-ticket keys are generated once in the master and inherited, so a ticket issued
+by one worker resumes in any other. Metrics use prometheus-client's multiprocess mode so the
+admin listener (run by worker 0) reports all workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from proxy.libssl import TICKET_KEYS_LENGTH
+
+LOG = logging.getLogger("ingress_proxy.workers")
+RESTART_BACKOFF_SECONDS = 1.0  # a worker that keeps crashing is restarted at most once a second
+
+
+def run_workers(count: int, run_worker: Callable[[int, bytes], int]) -> int:
+    """Fork `count` workers running `run_worker(index, ticket_keys)`; returns the exit status."""
+    ticket_keys = os.urandom(TICKET_KEYS_LENGTH)
+    children: dict[int, int] = {}  # pid → worker index
+    stopping = False
+    last_start: dict[int, float] = {}
+
+    def spawn(index: int) -> None:
+        delay = RESTART_BACKOFF_SECONDS - (time.monotonic() - last_start.get(index, -RESTART_BACKOFF_SECONDS))
+        if delay > 0:
+            time.sleep(delay)
+        last_start[index] = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            code = 1
+            try:
+                code = run_worker(index, ticket_keys)
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum != signal.SIGHUP:
+            stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    for index in range(count):
+        spawn(index)
+    status = 0
+    while children:
+        pid, wait_status = os.wait()
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(wait_status)
+        if stopping:
+            status = status or (code if code > 0 else 0)
+        elif code == 1:  # a configuration or engine error: restarting would fail the same way
+            LOG.error("worker %d failed to start; stopping all workers", index)
+            status = 1
+            forward(signal.SIGTERM, None)
+        else:
+            LOG.error("worker %d (pid %d) exited with %d; restarting it", index, pid, code)
+            spawn(index)
+    return status
