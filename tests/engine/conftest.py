@@ -106,6 +106,7 @@ def engine_probe(fixture_engine: FixtureEngineProbe) -> Iterator[FixtureEnginePr
 
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
+    """Overrides tests/conftest.py's ECDSA CA: an RSA CA signs with RSA, which suits these tests."""
     return trustme.CA(key_type=trustme.KeyType.RSA)
 
 
