@@ -106,7 +106,7 @@ def engine_probe(fixture_engine: FixtureEngineProbe) -> Iterator[FixtureEnginePr
 
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
-    """Overrides tests/conftest.py's ECDSA CA: an RSA CA signs with RSA, which suits these tests."""
+    """Overrides tests/conftest.py's ECDSA CA, so RSA test servers present all-RSA chains."""
     return trustme.CA(key_type=trustme.KeyType.RSA)
 
 
