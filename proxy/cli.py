@@ -160,7 +160,7 @@ def _add_kubernetes_arguments(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--admin-address", default="0.0.0.0:9100", help="empty to disable")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ingress-proxy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the proxy")
@@ -173,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--routes", type=Path, required=True)
     doctor = commands.add_parser("doctor", help="report OpenSSL, engine and key status")
     doctor.add_argument("--routes", type=Path)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "check":
         return _check(args)
     if args.command == "doctor":
