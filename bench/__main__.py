@@ -16,7 +16,15 @@ from types import FrameType
 from bench import certs, report
 from bench.machine import GENERATOR_CPUS, machine_info, raise_open_file_limit
 from bench.rows import ROWS, Budget, Measurement, Row, RowRun, measure_keep_alive
-from bench.servers import PROXIES, REPO, Proxy, ProxyUnavailable, RunContext, backend
+from bench.servers import (
+    PROXIES,
+    REPO,
+    Proxy,
+    ProxyStartTimeout,
+    ProxyUnavailable,
+    RunContext,
+    backend,
+)
 
 FULL_BUDGET = Budget(seconds=10, idle_connections=2000, warm_up=True)
 QUICK_BUDGET = Budget(seconds=2, idle_connections=300, warm_up=False)
@@ -45,6 +53,8 @@ class Runner:
         self.budget = budget
         self.proxies: dict[str, Proxy] = {proxy.name: proxy for proxy in PROXIES}
         self.haproxy_keep_alive_rate: float | None = None
+        # (proxy, workers) -> why it never became ready: later rows skip it instead of waiting again
+        self.start_timeouts: dict[tuple[str, int], str] = {}
 
     def run_row(self, row: Row) -> list[Measurement]:
         target_rate = self._target_rate() if row.needs_target_rate else None
@@ -59,8 +69,13 @@ class Runner:
 
     def _measure(self, row: Row, proxy: Proxy, target_rate: float | None) -> Measurement:
         measurement = Measurement(proxy.name)
-        if row.only_proxies is not None and proxy.name not in row.only_proxies:
-            measurement.unavailable = "not applicable"
+        not_applicable = dict(row.not_applicable)
+        if proxy.name in not_applicable:
+            measurement.unavailable = f"not applicable: {not_applicable[proxy.name]}"
+            return measurement
+        earlier_timeout = self.start_timeouts.get((proxy.name, row.settings.workers))
+        if earlier_timeout is not None:
+            measurement.unavailable = f"skipped, never became ready earlier in this run: {earlier_timeout}"
             return measurement
         if row.needs_target_rate and target_rate is None:
             measurement.unavailable = "no HAProxy keep-alive figure to derive the target rate from"
@@ -70,6 +85,9 @@ class Runner:
             with proxy.start(row.settings, self.context) as running:
                 measurement.notes.extend(running.notes)
                 row.measure(run, running, measurement)
+        except ProxyStartTimeout as error:
+            self.start_timeouts[(proxy.name, row.settings.workers)] = str(error)
+            measurement.unavailable = str(error)
         except ProxyUnavailable as error:
             measurement.unavailable = str(error)
         except (OSError, ValueError, RuntimeError) as error:

@@ -83,6 +83,7 @@ class CpuWindow:
     _start_cores: dict[str, tuple[int, int]] | None = None
     _start_time: float = 0.0
     proxy_cpu_percent: float = 0.0  # 100 = one core fully busy
+    proxy_core_percent: float = 0.0  # how busy core 0 was, whoever ran on it
     generator_core_percent: float = 0.0
 
     def __enter__(self) -> CpuWindow:
@@ -95,9 +96,15 @@ class CpuWindow:
         elapsed = max(time.monotonic() - self._start_time, 1e-9)
         self.proxy_cpu_percent = 100 * (tree_cpu_seconds(self.root_pid) - self._start_cpu) / elapsed
         assert self._start_cores is not None
-        busy0, total0 = self._start_cores[f"cpu{GENERATOR_CPUS}"]
-        busy1, total1 = core_busy_ticks()[f"cpu{GENERATOR_CPUS}"]
-        self.generator_core_percent = 100 * (busy1 - busy0) / max(total1 - total0, 1)
+        end_cores = core_busy_ticks()
+
+        def busy_percent(core: str) -> float:
+            busy0, total0 = self._start_cores[core]  # type: ignore[index]
+            busy1, total1 = end_cores[core]
+            return 100 * (busy1 - busy0) / max(total1 - total0, 1)
+
+        self.proxy_core_percent = busy_percent(f"cpu{PROXY_CPUS}")
+        self.generator_core_percent = busy_percent(f"cpu{GENERATOR_CPUS}")
 
 
 def free_port() -> int:

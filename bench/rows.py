@@ -31,6 +31,7 @@ SATURATED_SHARE = 0.97  # a paced run that achieves less than this share of its 
 CPU_BOUND_PERCENT = 85.0  # below this, a one-core proxy had CPU to spare
 GENERATOR_BUSY_PERCENT = 90.0
 MIN_RESUMED_SHARE = 0.99
+FOREIGN_LOAD_PERCENT = 10.0
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,13 @@ class Row:
     method: str  # what ran, for the report
     measure: MeasureFunction
     needs_target_rate: bool = False
-    only_proxies: tuple[str, ...] | None = None  # None: all
+    not_applicable: tuple[tuple[str, str], ...] = ()  # (proxy, why this row cannot run it)
 
 
-def _record(measurement: Measurement, result: loadgen.LoadResult, window: CpuWindow) -> None:
+def _record(
+    run: RowRun, measurement: Measurement, result: loadgen.LoadResult, window: CpuWindow
+) -> None:
+    _flag_foreign_load(run, measurement, window)
     measurement.command = result.command
     measurement.errors.update(result.errors)
     measurement.proxy_cpu_percent = window.proxy_cpu_percent
@@ -108,6 +112,15 @@ def _flag_generator_bound(run: RowRun, measurement: Measurement) -> None:
         measurement.flags.append(
             f"generator-bound (proxy CPU {cpu:.0f} %, generator core {generator:.0f} %)"
         )
+
+
+def _flag_foreign_load(run: RowRun, measurement: Measurement, window: CpuWindow) -> None:
+    """Work on the proxy's core that is not the proxy's (other jobs on a shared machine)."""
+    if run.settings.workers != 1:
+        return
+    foreign = window.proxy_core_percent - window.proxy_cpu_percent
+    if foreign > FOREIGN_LOAD_PERCENT:
+        measurement.flags.append(f"core 0 also ran other work ({foreign:.0f} % of it)")
 
 
 def _add_throughput(
@@ -131,7 +144,7 @@ def measure_keep_alive(run: RowRun, proxy: RunningProxy, measurement: Measuremen
         result = loadgen.run_wrk(
             run.workdir, proxy.port, SMALL_PATH, KEEP_ALIVE_CONNECTIONS, run.budget.seconds
         )
-    _record(measurement, result, window)
+    _record(run, measurement, result, window)
     _add_throughput(run, measurement, "requests_per_second", result.rate)
 
 
@@ -141,7 +154,7 @@ def measure_large(run: RowRun, proxy: RunningProxy, measurement: Measurement) ->
         result = loadgen.run_wrk(
             run.workdir, proxy.port, LARGE_PATH, LARGE_CONNECTIONS, run.budget.seconds
         )
-    _record(measurement, result, window)
+    _record(run, measurement, result, window)
     _add_throughput(run, measurement, "megabytes_per_second", result.bytes_received / result.seconds / 1e6)
 
 
@@ -151,7 +164,7 @@ def _measure_handshakes(
     expected_bytes = http10_response_length(proxy.port, run.certs.ca)
     with CpuWindow(proxy.pid) as window:
         result = loadgen.run_s_time(proxy.port, mode, run.budget.seconds, expected_bytes)
-    _record(measurement, result, window)
+    _record(run, measurement, result, window)
     _add_throughput(run, measurement, "handshakes_per_second", result.rate)
     full, resumed = result.full_handshakes or 0, result.resumed_handshakes or 0
     measurement.notes.append(f"{full} full + {resumed} resumed handshakes")
@@ -177,7 +190,7 @@ def measure_latency(run: RowRun, proxy: RunningProxy, measurement: Measurement) 
             run.workdir, proxy.port, SMALL_PATH, LATENCY_CONNECTIONS, run.budget.seconds,
             rate_per_second=run.target_rate,
         )
-    _record(measurement, result, window)
+    _record(run, measurement, result, window)
     measurement.notes.append(f"achieved {result.rate:,.0f} of {run.target_rate:,.0f} req/s")
     if result.rate < SATURATED_SHARE * run.target_rate:
         measurement.flags.append(
@@ -257,6 +270,19 @@ ROWS: tuple[Row, ...] = (
         (Metric("kib_per_idle_connection", "KiB/conn", "KiB", higher_is_better=False),),
         "asyncio client holds N handshaken, idle connections; proxy process-tree RSS delta / N",
         measure_idle_memory,
+    ),
+    Row(
+        "handshake-async-engine", "Full handshakes RSA-2048, async fixture engine",
+        ProxySettings(key_type="rsa", resumption=False, workers=1, async_engine=True), (_HANDSHAKES,),
+        "as handshake-rsa; ingress-proxy with `tls.engine` = the test suite's async fixture engine "
+        "(tests/engine/async_engine, RSA+EC on 2 worker threads) and `tls.async: true`. The engine's "
+        "threads inherit the proxy's pinning to core 0, so this shows the async path's cost on one "
+        "core, not an offload device's gain; compare with ingress-proxy's handshake-rsa figure",
+        measure_full_handshakes,
+        not_applicable=(
+            ("haproxy", "Debian's HAProxy is built without engine support (`haproxy -vv`: -ENGINE)"),
+            ("nginx", "nginx has no async mode (its `ssl_engine` would run the engine synchronously)"),
+        ),
     ),
     Row(
         "keepalive-w2", "Keep-alive HTTPS, 2 workers",

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from bench.certs import SERVER_NAME, CertSet, KeyType
 from bench.machine import BOTH_CPUS, GENERATOR_CPUS, PROXY_CPUS, free_port
 
@@ -29,7 +32,7 @@ SMALL_PATH = "/"
 SMALL_BODY = b"ok"
 LARGE_PATH = "/1m"
 LARGE_BODY_SIZE = 1024 * 1024
-START_TIMEOUT_SECONDS = 20.0
+START_TIMEOUT_SECONDS = 15.0
 STOP_TIMEOUT_SECONDS = 5.0
 # Well above what any row opens (2,000 idle connections + generator connections); HAProxy needs
 # two descriptors per connection and the hard RLIMIT_NOFILE here is 20,000.
@@ -37,10 +40,16 @@ MAX_CONNECTIONS = 8000
 # Idle connections must outlive the idle-RSS row; keep-alive connections the longest row.
 IDLE_TIMEOUT_SECONDS = 120
 REPO = Path(__file__).resolve().parent.parent
+FIXTURE_ENGINE_SOURCE = REPO / "tests" / "engine" / "async_engine" / "async_engine.c"
+FIXTURE_ENGINE_ID = "asyncfixture"
 
 
 class ProxyUnavailable(Exception):
     """The proxy did not start or did not answer correctly; the message says why."""
+
+
+class ProxyStartTimeout(ProxyUnavailable):
+    """The proxy kept running but never became ready: not worth waiting for again this run."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class ProxySettings:
     key_type: KeyType
     resumption: bool  # False: server-side session cache and tickets off where the proxy allows it
     workers: int  # threads (HAProxy), worker processes (nginx), --workers (ingress-proxy)
+    async_engine: bool = False  # private-key operations through the async fixture engine
 
     @property
     def cpus(self) -> str:
@@ -109,27 +119,42 @@ def log_tail(log_path: Path, lines: int = 3) -> str:
 
 
 def wait_until(
-    ready: Callable[[], bool], process: subprocess.Popen[bytes], log_path: Path, what: str
+    not_ready: Callable[[], str | None], process: subprocess.Popen[bytes], log_path: Path, what: str
 ) -> None:
+    """Poll `not_ready` (None = ready, else why not) until ready, the process exits or time runs out."""
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    reason = "not probed yet"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ProxyUnavailable(
                 f"{what} exited with status {process.returncode}: {log_tail(log_path)}"
             )
-        if ready():
+        probe = not_ready()
+        if probe is None:
             return
+        reason = probe
         time.sleep(0.05)
-    raise ProxyUnavailable(f"{what} not ready after {START_TIMEOUT_SECONDS:.0f} s: {log_tail(log_path)}")
+    raise ProxyStartTimeout(
+        f"{what} not ready after {START_TIMEOUT_SECONDS:.0f} s (last check: {reason}); "
+        f"log: {log_tail(log_path)}"
+    )
+
+
+class _BenchHTTPSConnection(http.client.HTTPConnection):
+    """HTTPS to 127.0.0.1 with SNI and certificate verification for SERVER_NAME."""
+
+    def __init__(self, port: int, ca: Path) -> None:
+        super().__init__("127.0.0.1", port, timeout=5)
+        self._tls_context = ssl.create_default_context(cafile=str(ca))
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock = self._tls_context.wrap_socket(self.sock, server_hostname=SERVER_NAME)
 
 
 def https_get(port: int, path: str, ca: Path) -> tuple[int, int]:
     """One verified HTTPS request: (status, body length)."""
-    context = ssl.create_default_context(cafile=str(ca))
-    connection = http.client.HTTPSConnection(
-        "127.0.0.1", port, context=context, timeout=5
-    )
-    connection._server_hostname = SERVER_NAME  # type: ignore[attr-defined]  # SNI + verification name
+    connection = _BenchHTTPSConnection(port, ca)
     try:
         connection.request("GET", path, headers={"Host": SERVER_NAME})
         response = connection.getresponse()
@@ -138,15 +163,42 @@ def https_get(port: int, path: str, ca: Path) -> tuple[int, int]:
         connection.close()
 
 
-def answers_correctly(port: int, ca: Path) -> bool:
+def small_request_problem(port: int, ca: Path) -> str | None:
+    """None when GET / through the proxy returns the backend's body, else what went wrong."""
     try:
-        return https_get(port, SMALL_PATH, ca) == (200, len(SMALL_BODY))
-    except (OSError, http.client.HTTPException):
-        return False
+        status, length = https_get(port, SMALL_PATH, ca)
+    except (OSError, http.client.HTTPException) as error:
+        return f"GET {SMALL_PATH}: {type(error).__name__}: {error}"
+    if (status, length) != (200, len(SMALL_BODY)):
+        return f"GET {SMALL_PATH} gave status {status} with {length} bytes"
+    return None
 
 
-def check_bodies(name: str, port: int, ca: Path) -> None:
-    """Both paths must come back complete before the proxy is measured."""
+def served_key_type(port: int) -> str:
+    """The key type of the certificate served to a client that sends no SNI (like s_time, wrk)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw) as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    public_key = x509.load_der_x509_certificate(der).public_key()
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return "rsa"
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return "ecdsa"
+    return type(public_key).__name__
+
+
+def check_ready_proxy(name: str, port: int, settings: ProxySettings, ca: Path) -> None:
+    """Before a proxy is measured: the row's key type without SNI, and both bodies complete."""
+    key_type = served_key_type(port)
+    if key_type != settings.key_type:
+        raise ProxyUnavailable(
+            f"{name} serves a {key_type} certificate to clients without SNI, "
+            f"the row needs {settings.key_type}"
+        )
     for path, expected_length in ((SMALL_PATH, len(SMALL_BODY)), (LARGE_PATH, LARGE_BODY_SIZE)):
         try:
             status, length = https_get(port, path, ca)
@@ -214,16 +266,34 @@ def backend(workdir: Path) -> Iterator[int]:
     argv = _nginx_argv(workdir / "backend", server_block, workers=1)
     with launch("backend", argv, GENERATOR_CPUS, workdir) as (process, log_path):
 
-        def ready() -> bool:
+        def not_ready() -> str | None:
             try:
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
                 connection.request("GET", SMALL_PATH)
-                return connection.getresponse().status == 200
-            except OSError:
-                return False
+                status = connection.getresponse().status
+            except (OSError, http.client.HTTPException) as error:
+                return f"GET {SMALL_PATH}: {error}"
+            return None if status == 200 else f"GET {SMALL_PATH} gave status {status}"
 
-        wait_until(ready, process, log_path, "backend nginx")
+        wait_until(not_ready, process, log_path, "backend nginx")
         yield port
+
+
+def build_fixture_engine(workdir: Path) -> Path:
+    """Compile the test suite's async fixture engine (tests/engine/async_engine) into `workdir`."""
+    library = workdir / f"{FIXTURE_ENGINE_ID}.so"
+    if library.exists():
+        return library
+    if not FIXTURE_ENGINE_SOURCE.exists():
+        raise ProxyUnavailable(f"no async fixture engine: {FIXTURE_ENGINE_SOURCE} is missing")
+    compiled = subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O2", "-Wno-deprecated-declarations",
+         str(FIXTURE_ENGINE_SOURCE), "-o", str(library), "-lcrypto", "-lpthread"],
+        capture_output=True, text=True,
+    )
+    if compiled.returncode != 0:
+        raise ProxyUnavailable(f"cannot build the async fixture engine: {compiled.stderr.strip()[-300:]}")
+    return library
 
 
 class Proxy(Protocol):
@@ -270,8 +340,8 @@ backend app
         )
         argv = ["haproxy", "-db", "-f", str(config)]
         with launch(self.name, argv, settings.cpus, run.workdir) as (process, log_path):
-            wait_until(lambda: answers_correctly(port, run.certs.ca), process, log_path, self.name)
-            check_bodies(self.name, port, run.certs.ca)
+            wait_until(lambda: small_request_problem(port, run.certs.ca), process, log_path, self.name)
+            check_ready_proxy(self.name, port, settings, run.certs.ca)
             yield RunningProxy(self.name, process.pid, port, notes=())
 
 
@@ -305,8 +375,8 @@ class Nginx:
     }}"""
         argv = _nginx_argv(run.workdir / "nginx", server_block, settings.workers)
         with launch(self.name, argv, settings.cpus, run.workdir) as (process, log_path):
-            wait_until(lambda: answers_correctly(port, run.certs.ca), process, log_path, self.name)
-            check_bodies(self.name, port, run.certs.ca)
+            wait_until(lambda: small_request_problem(port, run.certs.ca), process, log_path, self.name)
+            check_ready_proxy(self.name, port, settings, run.certs.ca)
             yield RunningProxy(self.name, process.pid, port, notes=())
 
 
@@ -321,16 +391,25 @@ class IngressProxy:
         directory.mkdir(mode=0o755, exist_ok=True)
         files = run.certs.by_key_type[settings.key_type]
         routes = directory / "routes.yaml"
+        engine = ""
+        if settings.async_engine:
+            library = build_fixture_engine(run.workdir)
+            engine = (
+                f'  engine: {{id: {FIXTURE_ENGINE_ID}, so_path: "{library}", '
+                "algorithms: [RSA, EC], required: true}\n  async: true\n"
+            )
         routes.write_text(
             f"""\
 listen: {{https: "127.0.0.1:{port}", admin: "127.0.0.1:{admin_port}"}}
 tls:
   certificates: [{{cert: "{files.cert}", key: "{files.key}"}}]
-routes: [{{host: "", paths: [{{path: /, type: Prefix, backend: app}}]}}]
+  default_certificate: {{cert: "{files.cert}", key: "{files.key}"}}
+{engine}timeouts: {{header_read: {IDLE_TIMEOUT_SECONDS}, idle: {IDLE_TIMEOUT_SECONDS}}}
+routes: [{{paths: [{{path: /, type: Prefix, backend: app}}]}}]
 backends: {{app: {{endpoints: ["127.0.0.1:{run.backend_port}"]}}}}
 """
         )
-        argv = [str(self.executable), "serve", "--routes", str(routes)]
+        argv = [str(self.executable), "serve", "--routes", str(routes), "--no-access-log"]
         if settings.workers != 1:
             argv += ["--workers", str(settings.workers)]
         notes = () if settings.resumption else (
@@ -339,18 +418,19 @@ backends: {{app: {{endpoints: ["127.0.0.1:{run.backend_port}"]}}}}
         environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with launch(self.name, argv, settings.cpus, run.workdir, environment) as (process, log_path):
 
-            def ready() -> bool:
+            def not_ready() -> str | None:
                 try:
                     connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=2)
                     connection.request("GET", "/readyz")
-                    return connection.getresponse().status == 200 and answers_correctly(
-                        port, run.certs.ca
-                    )
-                except (OSError, http.client.HTTPException):
-                    return False
+                    status = connection.getresponse().status
+                except (OSError, http.client.HTTPException) as error:
+                    return f"admin GET /readyz: {error}"
+                if status != 200:
+                    return f"admin GET /readyz gave status {status}"
+                return small_request_problem(port, run.certs.ca)
 
-            wait_until(ready, process, log_path, self.name)
-            check_bodies(self.name, port, run.certs.ca)
+            wait_until(not_ready, process, log_path, self.name)
+            check_ready_proxy(self.name, port, settings, run.certs.ca)
             yield RunningProxy(self.name, process.pid, port, notes=notes)
 
 
