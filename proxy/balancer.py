@@ -8,7 +8,7 @@ endpoint is still in use, and are closed when it is not.
 from __future__ import annotations
 
 from config.model import Address, Backend
-from proxy.upstream import EndpointPool
+from proxy.upstream import EndpointPool, UpstreamConnection
 
 
 class Balancer:
@@ -42,6 +42,14 @@ class Balancer:
         if pool is None:
             pool = self._pools[address] = EndpointPool(address)
         return pool
+
+    def release(self, connection: UpstreamConnection) -> None:
+        """A request finished: keep the connection for reuse if its endpoint is still in use."""
+        pool = self._pools.get(connection.address)
+        if pool is None:
+            connection.close()  # the endpoint was removed while this request ran
+        else:
+            pool.give_back(connection)
 
     def _close_unused_pools(self) -> None:
         in_use = {address for endpoints in self._endpoints.values() for address in endpoints}

@@ -279,8 +279,20 @@ class ClientConnection(FlowControlled):
         self.transport.write(data)
 
     async def _flush_and_drain(self) -> None:
+        """Flush, then wait while the client does not read. One that stalls our writes for `idle`
+        seconds is dropped (nginx's send_timeout): else it would hold a backend connection forever."""
         self._flush()
-        await self.drain()
+        if not self._writing_paused or self.closed:
+            await self.drain()
+            return
+        try:
+            async with asyncio.timeout(self.server.generation.configuration.timeouts.idle):
+                await self.drain()
+        except TimeoutError:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+            raise ConnectionGone() from None
 
     def _close(self) -> None:
         self._flush()
@@ -327,6 +339,8 @@ class ClientConnection(FlowControlled):
     async def _handle(self, head: RequestHead) -> bool:
         """Answer one request; True when the connection may carry another."""
         started = self.loop.time()
+        if not head.has_body:
+            await self.next_event(self.server.generation.configuration.timeouts.idle)  # its EndOfMessage
         generation = self.server.generation
         match = generation.router.route(head.host.decode("latin-1"), head.path)
         virtual_host = match.virtual_host
@@ -358,11 +372,8 @@ class ClientConnection(FlowControlled):
         return b"Location: https://%s%s\r\n" % (authority, head.target)
 
     async def _answer_locally(self, head: RequestHead, status: int, extra: bytes = b"") -> bool:
-        has_body = head.chunked or bool(head.content_length)
-        if not has_body:
-            await self.next_event(self.server.generation.configuration.timeouts.idle)  # EndOfMessage
-        self._send(simple_response(status, _HttpDate.now(), close=has_body, extra=extra + self._hsts()))
-        return not has_body  # an unread body would be taken for the next request: close instead
+        self._send(simple_response(status, _HttpDate.now(), close=head.has_body, extra=extra + self._hsts()))
+        return not head.has_body  # an unread body would be taken for the next request: close instead
 
     def _hsts(self) -> bytes:
         hsts = self.server.generation.configuration.hsts
@@ -374,7 +385,7 @@ class ClientConnection(FlowControlled):
         self, head: RequestHead, backend: str, candidates: list[Address], generation: Generation
     ) -> tuple[int, bool]:
         timeouts = generation.configuration.timeouts
-        has_body = head.chunked or bool(head.content_length)
+        has_body = head.has_body
         retryable = head.method in IDEMPOTENT_METHODS and not has_body
         if has_body and any(name.lower() == b"expect" for name, _ in head.headers):
             self._send(_CONTINUE)  # we stream the body ourselves, so we invite it ourselves
@@ -397,7 +408,8 @@ class ClientConnection(FlowControlled):
                         raise _BackendFailed(502, "connect failed") from None
                 upstream.begin_request(head.method)
                 upstream.write(request)
-                await self._forward_request_body(head, upstream, timeouts.idle)
+                if has_body:  # never on a retry: only body-less requests are retried
+                    await self._forward_request_body(head, upstream, timeouts.idle)
                 response = await self._response_head(upstream, head, timeouts.backend_response)
             except _ClientFailed as failed:
                 if upstream is not None:
@@ -469,7 +481,12 @@ class ClientConnection(FlowControlled):
         is_tunnel = response.status == 101 and head.upgrade
         unframed = response.has_body and response.content_length is None
         rechunk = unframed and head.version == "1.1"
-        keep = not is_tunnel and not (unframed and not rechunk) and not (head.upgrade and response.status != 101)
+        keep = (
+            not is_tunnel
+            and not (unframed and not rechunk)
+            and not (head.upgrade and response.status != 101)
+            and not self.server.draining
+        )
         self._send(client_response_head(response, rechunk, keep and head.keep_alive, _HttpDate.now(), self._hsts()))
         if is_tunnel:
             await self._tunnel(upstream)
@@ -495,7 +512,7 @@ class ClientConnection(FlowControlled):
             LOG.info("backend %s failed mid-response: %s", upstream.address, type(error).__name__)
             return False  # the client sees a truncated body: the only honest signal left
         self._upstream = None
-        self.server.balancer.pool(upstream.address).give_back(upstream)
+        self.server.balancer.release(upstream)
         return keep
 
     async def _tunnel(self, upstream: UpstreamConnection) -> None:

@@ -65,6 +65,10 @@ class RequestHead:
     content_length: int | None
 
     @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
     def path(self) -> str:
         question = self.target.find(b"?")
         raw = self.target if question == -1 else self.target[:question]
@@ -204,6 +208,8 @@ class RequestParser(_ParserBase):
         if not self._target.startswith(b"/"):
             raise PeerError(400, "request target must be a path (origin-form)")
         version = parser.get_http_version()
+        if version not in ("1.0", "1.1"):  # HTTP/0.9 has no headers to frame or route by (HAProxy: 400)
+            raise PeerError(400 if version == "0.9" else 505, f"HTTP/{version} is not supported")
         hosts = [value for name, value in self._headers if name.lower() == b"host"]
         if len(hosts) > 1 or (version == "1.1" and not hosts):
             raise PeerError(400, "a request needs exactly one Host header")
@@ -341,6 +347,7 @@ REASONS = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 
 

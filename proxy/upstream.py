@@ -14,7 +14,7 @@ import asyncio
 import socket
 
 from config.model import Address
-from proxy.flow import Failure, FlowControlled
+from proxy.flow import ConnectionGone, Failure, FlowControlled
 from proxy.http1 import PeerError, ResponseParser
 
 MAX_IDLE_PER_ENDPOINT = 64  # like nginx `keepalive 64`: more idle sockets than this get closed
@@ -28,10 +28,12 @@ class UpstreamConnection(FlowControlled):
         self.parser: ResponseParser | None = None
         self.pool: EndpointPool | None = None  # set while idle in a pool
         self.requests_served = 0
+        self.response_started = False  # any byte of the current response arrived
 
     def begin_request(self, method: bytes) -> None:
         self.parser = ResponseParser(method, self.events)
         self.requests_served += 1
+        self.response_started = False
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -42,6 +44,7 @@ class UpstreamConnection(FlowControlled):
         if parser is None or self.pool is not None:
             self.close()  # bytes while idle: the backend is confused, never reuse this connection
             return
+        self.response_started = True
         try:
             parser.feed(data)
         except PeerError as error:
@@ -55,6 +58,10 @@ class UpstreamConnection(FlowControlled):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.pool is not None:
             self.pool.discard(self)
+        elif self.parser is not None and not self.response_started:
+            # Closed before answering: on a reused keep-alive connection this is the backend's
+            # idle timeout racing our request, which the caller may safely retry.
+            self.events.append(Failure(ConnectionGone()))
         elif self.parser is not None:
             try:
                 self.parser.feed_eof()
