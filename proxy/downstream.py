@@ -33,6 +33,8 @@ import asyncio
 import email.utils
 import json
 import logging
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -291,6 +293,9 @@ class ClientConnection(FlowControlled):
         except TimeoutError:
             self.closed = True
             if self.transport is not None:
+                sock = self.transport.get_extra_info("socket")
+                if sock is not None:  # RST: the kernel drops the megabytes it queued for this client
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 self.transport.abort()
             raise ConnectionGone() from None
 
@@ -359,8 +364,9 @@ class ClientConnection(FlowControlled):
             status, keep = await self._proxy(head, backend, candidates, generation)
         elapsed = self.loop.time() - started
         backend_label = backend or "-"
-        metrics.REQUESTS.labels(host_label, backend_label, str(status)).inc()
-        metrics.REQUEST_SECONDS.labels(backend_label).observe(elapsed)
+        requests, durations = metrics.request_series(host_label, backend_label, status)
+        requests.inc()
+        durations.observe(elapsed)
         if ACCESS_LOG.isEnabledFor(logging.INFO):
             self._log_access(head, status, backend_label, elapsed, generation)
         return keep and head.keep_alive and head.version == "1.1" and not self.server.draining
