@@ -4,6 +4,8 @@ Label values are bounded: hosts are the configured virtual-host patterns, never 
 header, so hostile clients cannot blow up cardinality.
 """
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("ingress_proxy_requests", "Requests answered", ["host", "backend", "status"])
@@ -22,3 +24,9 @@ TLS_ASYNC_PAUSES = Counter("ingress_proxy_tls_async_pauses", "Handshakes paused 
 UPSTREAM_ERRORS = Counter("ingress_proxy_upstream_errors", "Backend failures", ["backend", "kind"])
 CONFIG_GENERATION = Gauge("ingress_proxy_config_generation", "Generation of the configuration being served")
 ENGINE_UP = Gauge("ingress_proxy_engine_up", "1 if the configured OpenSSL engine is loaded", ["engine"])
+
+
+@functools.lru_cache(maxsize=4096)
+def request_series(host: str, backend: str, status: int) -> tuple[Counter, Histogram]:
+    """The labelled children for one (host, backend, status): looked up once, not per request."""
+    return REQUESTS.labels(host, backend, str(status)), REQUEST_SECONDS.labels(backend)

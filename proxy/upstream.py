@@ -4,7 +4,7 @@ An `UpstreamConnection` carries one request at a time (no upstream pipelining): 
 `begin_request(method)`, writes the request, then reads response events. Afterwards it is
 `reusable` only if the response ended cleanly and both sides allow keep-alive; it then waits in
 its endpoint's `EndpointPool` (most recently used first, so surplus connections age out) until
-the next request or until the pool's idle timeout closes it. A backend that closes an idle
+the next request or until the pool's idle sweep closes it. A backend that closes an idle
 connection simply removes it from the pool.
 """
 
@@ -88,17 +88,20 @@ class UpstreamConnection(FlowControlled):
 
 
 class EndpointPool:
-    """Idle keep-alive connections to one endpoint."""
+    """Idle keep-alive connections to one endpoint, most recently used last.
+
+    One sweep timer per pool (not one per connection: that would be a timer armed and cancelled
+    on every request) closes connections idle for longer than IDLE_SECONDS, oldest first.
+    """
 
     def __init__(self, address: Address) -> None:
         self.address = address
-        self._idle: list[UpstreamConnection] = []
-        self._idle_timers: dict[UpstreamConnection, asyncio.TimerHandle] = {}
+        self._idle: list[tuple[UpstreamConnection, float]] = []  # (connection, idle since)
+        self._sweep: asyncio.TimerHandle | None = None
 
     def take(self) -> UpstreamConnection | None:
         while self._idle:
-            connection = self._idle.pop()
-            self._idle_timers.pop(connection).cancel()
+            connection, _ = self._idle.pop()
             connection.pool = None
             if not connection.closed:
                 return connection
@@ -110,17 +113,34 @@ class EndpointPool:
             return
         connection.pool = self
         connection.parser = None
-        self._idle.append(connection)
-        self._idle_timers[connection] = connection.loop.call_later(IDLE_SECONDS, connection.close)
+        self._idle.append((connection, connection.loop.time()))
+        if self._sweep is None:
+            self._sweep = connection.loop.call_later(IDLE_SECONDS, self._expire_idle)
+
+    def _expire_idle(self) -> None:
+        self._sweep = None
+        if not self._idle:
+            return
+        loop = self._idle[0][0].loop
+        expired_before = loop.time() - IDLE_SECONDS
+        while self._idle and self._idle[0][1] <= expired_before:
+            connection, _ = self._idle.pop(0)
+            connection.pool = None
+            connection.close()
+        if self._idle:
+            self._sweep = loop.call_at(self._idle[0][1] + IDLE_SECONDS, self._expire_idle)
 
     def discard(self, connection: UpstreamConnection) -> None:
-        if connection in self._idle_timers:
-            self._idle_timers.pop(connection).cancel()
-            self._idle.remove(connection)
+        self._idle = [entry for entry in self._idle if entry[0] is not connection]
 
     def close_all(self) -> None:
-        for connection in list(self._idle):
+        for connection, _ in self._idle:
+            connection.pool = None
             connection.close()
+        self._idle.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
 
 
 async def connect(address: Address, timeout: float) -> UpstreamConnection:
