@@ -43,9 +43,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 
 from config.crypto import ALGORITHM_FLAGS, ENGINE_KEY_PREFIX
 from config.model import (
@@ -66,6 +63,21 @@ from config.model import (
     RouteTable,
     Timeouts,
     VirtualHost,
+)
+from config.tls_material import (
+    CertificateChain,
+    CertificateParseError,
+    EncryptedKeyError,
+    HostPatternError,
+    KeyParseError,
+    NoCertificateError,
+    PrivateKey,
+    is_dns_name,
+    key_matches_certificate,
+    parse_certificate_chain,
+    parse_host_pattern,
+    parse_private_key,
+    san_host_patterns,
 )
 
 _YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -90,13 +102,10 @@ _PATH_KEYS = ("path", "type", "backend")
 _BACKEND_KEYS = ("endpoints",)
 
 _PATH_TYPES = {path_type.value: path_type for path_type in PathType}
-_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
 _URI_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:[^/\\]", re.IGNORECASE)
 _UNQUOTED_IPV6 = re.compile(r"(?<![\"'])\[[0-9a-f.]*:[0-9a-f:.%]*\]", re.IGNORECASE)
 _LOOKS_NUMERIC = re.compile(r"[0-9.]+")  # "127.0.0.01" is a mistyped IP, not a host name
 _UNSPECIFIED_HOSTS = frozenset({"0.0.0.0", "::"})
-_MAX_HOST_LENGTH = 253  # RFC 1035 limit on a DNS name's text form
 
 
 @dataclass(frozen=True)
@@ -369,8 +378,8 @@ class _Checker:
         if text is None:
             return None
         try:
-            return _parse_host_pattern(text, allow_any)
-        except ValueError as error:
+            return parse_host_pattern(text, allow_any)
+        except HostPatternError as error:
             self.report(node, f"{where}: {error}")
             return None
 
@@ -453,9 +462,9 @@ class _Checker:
         fields = self.mapping(node, where, known, required)
         if fields is None:
             return None
-        chain_pem, leaf = self.certificate_chain(fields["cert"], f"{where}.cert") if "cert" in fields else (None, None)
+        chain = self.certificate_chain(fields["cert"], f"{where}.cert") if "cert" in fields else None
         key, private_key = self.private_key(fields, where, engine_configured) if "key" in fields else (None, None)
-        if leaf is not None and private_key is not None and not _key_matches(leaf, private_key):
+        if chain is not None and private_key is not None and not key_matches_certificate(private_key, chain.leaf):
             self.report(
                 fields["key"],
                 f"{where}.key: the key does not match the certificate's public key "
@@ -464,40 +473,35 @@ class _Checker:
         hosts: tuple[str, ...] | None = None
         if "hosts" in fields:
             hosts = self.certificate_hosts(fields["hosts"], f"{where}.hosts")
-        elif leaf is not None:
-            hosts = _san_host_patterns(leaf)
+        elif chain is not None:
+            hosts = san_host_patterns(chain.leaf)
             if not hosts and not is_default:
                 self.report(
                     node,
                     f"{where}: the certificate has no usable DNS name in subjectAltName "
                     '(add hosts: ["name.example.com"] to this entry)',
                 )
-        if chain_pem is None or key is None or hosts is None:
+        if chain is None or key is None or hosts is None:
             return None
-        return Certificate(chain_pem=chain_pem, key=key, hosts=hosts, origin=self.location(node))
+        return Certificate(chain_pem=chain.pem, key=key, hosts=hosts, origin=self.location(node))
 
-    def certificate_chain(self, node: yaml.Node, where: str) -> tuple[bytes | None, x509.Certificate | None]:
+    def certificate_chain(self, node: yaml.Node, where: str) -> CertificateChain | None:
         path = self.file_path(node, where)
         data = self.read_file(node, where, path) if path else None
         if path is None or data is None:
-            return None, None
-        blocks = _PEM_CERTIFICATE.findall(data)
-        if not blocks:
+            return None
+        try:
+            return parse_certificate_chain(data)
+        except NoCertificateError:
             self.report(node, f"{where}: {path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)")
-            return None, None
-        certificates: list[x509.Certificate] = []
-        for number, block in enumerate(blocks, start=1):
-            try:
-                certificates.append(x509.load_pem_x509_certificate(block))
-            except ValueError:
+        except CertificateParseError as error:
+            for number in error.numbers:
                 self.report(node, f"{where}: certificate #{number} in {path} does not parse (re-export it as PEM)")
-        if len(certificates) != len(blocks):
-            return None, None
-        return b"\n".join(blocks) + b"\n", certificates[0]
+        return None
 
     def private_key(
         self, fields: Mapping[str, yaml.Node], where: str, engine_configured: bool
-    ) -> tuple[KeySource | None, Any]:
+    ) -> tuple[KeySource | None, PrivateKey | None]:
         """The key source, plus the parsed private key for PEM keys (None for engine keys)."""
         key_node = fields["key"]
         text = self.text(key_node, f"{where}.key")
@@ -526,15 +530,15 @@ class _Checker:
         if data is None:
             return None, None
         try:
-            private_key = serialization.load_pem_private_key(data, password=None)
-        except TypeError:
+            private_key = parse_private_key(data)
+        except EncryptedKeyError:
             self.report(
                 key_node,
                 f"{where}.key: {path} is encrypted (decrypt it with `openssl pkey -in KEY -out PLAIN`, "
                 "or keep it in an HSM with key: engine:...)",
             )
             return None, None
-        except (ValueError, UnsupportedAlgorithm):
+        except KeyParseError:
             self.report(
                 key_node,
                 f"{where}.key: {path} holds no usable PEM private key "
@@ -846,7 +850,7 @@ def _parse_address(text: str) -> Address:
             host = host.lower()
             if _LOOKS_NUMERIC.fullmatch(host):
                 raise ValueError(f"'{host}' is not a valid IPv4 address ({example})") from None
-            if not _is_dns_name(host):
+            if not is_dns_name(host):
                 raise ValueError(f"'{host}' is neither an IP address nor a host name ({example})") from None
     if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
         raise ValueError(f"port '{port_text}' is not a number from 1 to 65535 ({example})")
@@ -856,64 +860,3 @@ def _parse_address(text: str) -> Address:
 def _listeners_clash(first: Address, second: Address) -> bool:
     same_host = first.host == second.host or first.host in _UNSPECIFIED_HOSTS or second.host in _UNSPECIFIED_HOSTS
     return first.port == second.port and same_host
-
-
-def _is_dns_name(name: str) -> bool:
-    return len(name) <= _MAX_HOST_LENGTH and all(_DNS_LABEL.fullmatch(label) for label in name.split("."))
-
-
-def _parse_host_pattern(text: str, allow_any: bool) -> str:
-    """The lower-cased host pattern; ValueError says what is wrong."""
-    host = text.lower()
-    if not host:
-        if allow_any:
-            return ""
-        raise ValueError("the host is empty (name a host such as www.example.com)")
-    if ":" in host:
-        raise ValueError(
-            f"'{text}' carries a port or is an IPv6 address "
-            f"(remove ':{host.rpartition(':')[2]}': routing ignores ports)"
-        )
-    if host.endswith(".") and host.rstrip(".") not in ("", "*"):
-        raise ValueError(f"'{text}' ends with a dot (write {host.rstrip('.')})")
-    if host == "*":
-        hint = "omit host to match every host" if allow_any else "name hosts like *.example.com"
-        raise ValueError(f"'*' alone is not a host pattern ({hint})")
-    if host.startswith("*."):
-        if "*" in host[2:] or not _is_dns_name(host[2:]):
-            raise ValueError(
-                f"'{text}' is not a valid wildcard "
-                "(the wildcard is the whole leftmost label: *.example.com)"
-            )
-        return host
-    if "*" in host:
-        rest = host.split(".", 1)[-1]
-        fix = f"write *.{rest}" if "." in host and "*" not in rest else "like *.example.com"
-        raise ValueError(f"'{text}': a wildcard must be the whole leftmost label ({fix})")
-    if not _is_dns_name(host):
-        raise ValueError(
-            f"'{text}' is not a valid host name "
-            "(letters, digits, '-' and '.'; internationalised names in punycode)"
-        )
-    return host
-
-
-def _san_host_patterns(certificate: x509.Certificate) -> tuple[str, ...]:
-    """The certificate's subjectAltName DNS names that are valid host patterns, lower-cased, in order."""
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return ()
-    patterns: list[str] = []
-    for name in names.get_values_for_type(x509.DNSName):
-        try:
-            patterns.append(_parse_host_pattern(name, allow_any=False))
-        except ValueError:
-            continue  # e.g. a bare "*" or an IDN in Unicode: it cannot be routed, so it is not served
-    return tuple(dict.fromkeys(patterns))
-
-
-def _key_matches(certificate: x509.Certificate, private_key: Any) -> bool:
-    encoding, public_format = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    certificate_public = certificate.public_key().public_bytes(encoding, public_format)
-    return bool(private_key.public_key().public_bytes(encoding, public_format) == certificate_public)
