@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ from bench.servers import (
 )
 
 FULL_BUDGET = Budget(seconds=10, idle_connections=2000, warm_up=True)
-QUICK_BUDGET = Budget(seconds=2, idle_connections=300, warm_up=False)
+QUICK_BUDGET = Budget(seconds=1, idle_connections=300, warm_up=False)
 REQUIRED_TOOLS = ("haproxy", "nginx", "wrk", "openssl", "taskset")
 # HAProxy first: the latency row paces at half of its keep-alive maximum.
 MEASUREMENT_ORDER = ("haproxy", "nginx", "ingress-proxy")
@@ -35,7 +36,7 @@ MEASUREMENT_ORDER = ("haproxy", "nginx", "ingress-proxy")
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="~1 minute smoke run (2 s per measurement)")
+    parser.add_argument("--quick", action="store_true", help="~1 minute smoke run (1 s per measurement, 300 idle connections)")
     parser.add_argument(
         "--only", action="append", choices=[row.name for row in ROWS], metavar="ROW",
         help="run only this row (repeatable); rows: " + ", ".join(row.name for row in ROWS),
@@ -138,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = "quick" if arguments.quick else "full"
     rows = [row for row in ROWS if arguments.only is None or row.name in arguments.only]
     info = machine_info(REPO)
+    info["budget"] = dataclasses.asdict(budget)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="ingress-proxy-bench-", dir=_tmpfs()))
     workdir.chmod(0o755)  # nginx workers run as nobody and read the 1 MiB file from here

@@ -77,6 +77,7 @@ class RunningProxy:
     pid: int
     port: int
     notes: tuple[str, ...]  # settings that differ from the row's intent, shown in the report
+    admin_port: int | None = None  # ingress-proxy's /metrics
 
 
 @contextlib.contextmanager
@@ -279,6 +280,21 @@ def backend(workdir: Path) -> Iterator[int]:
         yield port
 
 
+def scrape_metric(admin_port: int, sample_name: str) -> float | None:
+    """One unlabelled sample from ingress-proxy's Prometheus /metrics, None when absent."""
+    connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == sample_name:
+            return float(value)
+    return None
+
+
 def build_fixture_engine(workdir: Path) -> Path:
     """Compile the test suite's async fixture engine (tests/engine/async_engine) into `workdir`."""
     library = workdir / f"{FIXTURE_ENGINE_ID}.so"
@@ -431,7 +447,7 @@ backends: {{app: {{endpoints: ["127.0.0.1:{run.backend_port}"]}}}}
 
             wait_until(not_ready, process, log_path, self.name)
             check_ready_proxy(self.name, port, settings, run.certs.ca)
-            yield RunningProxy(self.name, process.pid, port, notes=notes)
+            yield RunningProxy(self.name, process.pid, port, notes=notes, admin_port=admin_port)
 
 
 PROXIES: tuple[Proxy, ...] = (IngressProxy(), HAProxy(), Nginx())
