@@ -80,6 +80,7 @@ class Listener:
     name: str  # "https" or "http": metrics label and X-Forwarded-Proto
     tls: bool
     port: int
+    address: bytes  # "host:port" as bound: the Host for HTTP/1.0 requests that carry none
 
 
 class _HttpDate:
@@ -120,7 +121,6 @@ class ClientConnection(FlowControlled):
         self.tls: ServerTls | None = None
         self.parser = RequestParser(self.events)
         self.client_ip = b"-"
-        self.local_address = b"-"
         self._out: list[bytes] = []
         self._out_size = 0
         self._awaiting_head = True
@@ -137,8 +137,6 @@ class ClientConnection(FlowControlled):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b"-"
-        local = transport.get_extra_info("sockname")
-        self.local_address = f"{local[0]}:{local[1]}".encode() if local else b"-"
         self.server.connections.add(self)
         metrics.OPEN_CONNECTIONS.labels(self.listener.name).inc()
         generation = self.server.generation
@@ -208,7 +206,7 @@ class ClientConnection(FlowControlled):
             if self._handshake_timer is not None:
                 self._handshake_timer.cancel()
             key_source = self.server.generation.tls.key_source(tls.connection.get_context())
-            metrics.TLS_HANDSHAKES.labels(tls.version, key_source, "yes" if tls.resumed else "no").inc()
+            metrics.handshake_series(tls.version, key_source, tls.resumed).inc()
 
     def _watch_async_job(self) -> None:
         from proxy.offload import async_wait_fds
@@ -395,7 +393,7 @@ class ClientConnection(FlowControlled):
         retryable = head.method in IDEMPOTENT_METHODS and not has_body
         if has_body and any(name.lower() == b"expect" for name, _ in head.headers):
             self._send(_CONTINUE)  # we stream the body ourselves, so we invite it ourselves
-        request = upstream_request_head(head, self.client_ip, self.listener.name.encode(), self.local_address)
+        request = upstream_request_head(head, self.client_ip, self.listener.name.encode(), self.listener.address)
         balancer = self.server.balancer
         failure = _BackendFailed(502, "no endpoint")
         attempts = list(candidates)

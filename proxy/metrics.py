@@ -30,3 +30,8 @@ ENGINE_UP = Gauge("ingress_proxy_engine_up", "1 if the configured OpenSSL engine
 def request_series(host: str, backend: str, status: int) -> tuple[Counter, Histogram]:
     """The labelled children for one (host, backend, status): looked up once, not per request."""
     return REQUESTS.labels(host, backend, str(status)), REQUEST_SECONDS.labels(backend)
+
+
+@functools.lru_cache(maxsize=256)
+def handshake_series(version: str, key_source: str, resumed: bool) -> Counter:
+    return TLS_HANDSHAKES.labels(version, key_source, "yes" if resumed else "no")

@@ -112,7 +112,8 @@ class ProxyServer:
             plan.append(("http", False, self.listeners.http))
         for name, tls, address in plan:
             sock = _listening_socket(address)
-            listener = Listener(name, tls, sock.getsockname()[1])
+            host, port = sock.getsockname()[:2]
+            listener = Listener(name, tls, port, f"{host}:{port}".encode())
             server = await loop.create_server(
                 lambda listener=listener: ClientConnection(self, listener),  # type: ignore[misc]
                 sock=sock,
