@@ -19,8 +19,9 @@ The rules (shared/NOTES.md §4), in the order they are applied:
   Ingresses to one namespace.
 - Age: Ingresses are processed oldest first (`creationTimestamp`, then namespace/name); on any
   conflict the older one wins and the younger gets a Problem.
-- Hosts: lower-cased; precise, `*.one-label` wildcard, or empty (= any host). A rule with a host
-  but no `http` produces nothing.
+- Hosts: lower-cased; precise, `*.one-label` wildcard, or empty (= any host), checked by
+  `config.tls_material.parse_host_pattern` like routes-file hosts (the API server's own rules
+  already exclude ports and trailing dots). A rule with a host but no `http` produces nothing.
 - Paths: an empty path means "/". Conflicts are detected the way `proxy.router` matches, not
   just on identical (path, type): Prefix and ImplementationSpecific (matched like Prefix) with a
   trailing "/" ignored share one key, Exact has its own. Two rules with one key and different
@@ -37,11 +38,12 @@ The rules (shared/NOTES.md §4), in the order they are applied:
   backend with `endpoints=()`, so the data plane answers 503 rather than 404. A missing Service
   or port, an ExternalName Service or a `resource` backend is a problem and that path is skipped.
 - TLS: one Certificate per Secret (`origin="Secret ns/name"`), hosts merged over every Ingress
-  that references it. When `spec.tls[].hosts` is empty the certificate's DNS SANs are used: they
-  are the only names it can prove, so serving it for any other name would fail verification. A
-  host claimed by two different Secrets stays with the older Ingress's Secret. A Secret is used
-  only if it is `kubernetes.io/tls`, both keys decode, tls.crt parses, tls.key (PKCS#1, SEC1 or
-  PKCS#8, unencrypted) parses and matches the first certificate; else the Ingress gets a problem
+  that references it. When `spec.tls[].hosts` is empty the certificate's DNS SANs that are valid
+  host patterns are used: they are the only names it can prove, so serving it for any other name
+  would fail verification. A host claimed by two different Secrets stays with the older
+  Ingress's Secret. A Secret is used only if it is `kubernetes.io/tls`, both keys decode, tls.crt
+  parses, tls.key (PKCS#1, SEC1 or PKCS#8, unencrypted) parses and matches the first certificate
+  (the checks of `config.tls_material`, shared with the routes file); else the Ingress gets a problem
   "Secret ns/name: ..." and its routes are still served (with the default certificate). Parsing
   is memoized by content: OpenSSL 3 spends ~36 ms checking each RSA-2048 key. A tls entry with
   no secretName is left to the default certificate, as the Ingress API specifies.
@@ -71,10 +73,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-
+from config.crypto import ALGORITHM_FLAGS
 from config.model import (
     Address,
     Backend,
@@ -91,6 +90,18 @@ from config.model import (
     Timeouts,
     VirtualHost,
 )
+from config.tls_material import (
+    CertificateParseError,
+    EncryptedKeyError,
+    HostPatternError,
+    KeyParseError,
+    NoCertificateError,
+    key_matches_certificate,
+    parse_certificate_chain,
+    parse_host_pattern,
+    parse_private_key,
+    san_host_patterns,
+)
 from ingress_watch.snapshot import Snapshot
 
 INGRESS_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
@@ -100,13 +111,8 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 TLS_SECRET_TYPE = "kubernetes.io/tls"
 
 PATH_TYPES = {path_type.value: path_type for path_type in PathType}
-# HAProxy's `ssl-engine ... algo` list (ENGINE_set_default method flags).
-ENGINE_ALGORITHMS = frozenset(
-    {"ALL", "RSA", "DSA", "EC", "DH", "RAND", "CIPHERS", "DIGESTS", "PKEY", "PKEY_CRYPTO", "PKEY_ASN1"}
-)
 DURATION_MICROSECONDS = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 DURATION = re.compile(r"(\d+)(us|ms|s|m|h|d)?")
-PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -356,10 +362,11 @@ def _port_number(value: object) -> int:
     return int(value)
 
 
-def _valid_host_pattern(host: str) -> bool:
-    if "*" not in host:
-        return True
-    return host.startswith("*.") and "*" not in host[2:] and bool(host[2:].strip("."))
+def _host_problem(where: str, written_host: str, error: HostPatternError) -> str:
+    if error.wildcard_fault:
+        fault = "a wildcard must be the whole first label, like *.example.com"
+        return f"{where}.host {written_host.lower()!r}: {fault}; rule skipped"
+    return f"{where}.host: {error}; rule skipped"
 
 
 class _RouteCollector:
@@ -381,11 +388,11 @@ class _RouteCollector:
         redirect = _ssl_redirect_annotation(ingress, location, self._problems)
         for rule_number, rule in enumerate(spec.get("rules") or ()):
             where = f"spec.rules[{rule_number}]"
-            host = (rule.get("host") or "").lower()
-            if not _valid_host_pattern(host):
-                self._problems.append(Problem(location, (
-                    f"{where}.host {host!r}: a wildcard must be the whole first label, like *.example.com; rule skipped"
-                )))
+            written_host = rule.get("host") or ""
+            try:
+                host = parse_host_pattern(written_host, allow_any=True)
+            except HostPatternError as error:
+                self._problems.append(Problem(location, _host_problem(where, written_host, error)))
                 continue
             http = rule.get("http")
             if not http:
@@ -550,25 +557,18 @@ def _parse_tls_data(certificate_base64: str, key_base64: str) -> _TlsMaterial | 
         except (binascii.Error, ValueError, TypeError):
             return f"{key} is not valid base64; store it base64-encoded under data"
     try:
-        chain = [x509.load_pem_x509_certificate(block) for block in PEM_CERTIFICATE.findall(decoded["tls.crt"])]
-    except ValueError as error:
-        return f"tls.crt holds a PEM certificate that does not parse ({error}); re-export the chain"
-    if not chain:
+        chain = parse_certificate_chain(decoded["tls.crt"])
+    except CertificateParseError as error:
+        return f"tls.crt holds a PEM certificate that does not parse ({error.detail}); re-export the chain"
+    except NoCertificateError:
         return "tls.crt holds no PEM certificate (-----BEGIN CERTIFICATE-----); re-export the chain as PEM"
     try:
-        private_key = serialization.load_pem_private_key(decoded["tls.key"], password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+        private_key = parse_private_key(decoded["tls.key"])
+    except (EncryptedKeyError, KeyParseError):
         return "tls.key is not an unencrypted PEM private key (PKCS#1 or PKCS#8); re-export the key"
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if private_key.public_key().public_bytes(der, spki) != chain[0].public_key().public_bytes(der, spki):
+    if not key_matches_certificate(private_key, chain.leaf):
         return "tls.key does not match the first certificate in tls.crt; store the key of that certificate"
-    try:
-        san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns_names = tuple(sorted({name.lower() for name in san.get_values_for_type(x509.DNSName)}))
-    except x509.ExtensionNotFound:
-        dns_names = ()
-    return _TlsMaterial(decoded["tls.crt"], decoded["tls.key"], dns_names)
+    return _TlsMaterial(decoded["tls.crt"], decoded["tls.key"], tuple(sorted(san_host_patterns(chain.leaf))))
 
 
 class _CertificateCollector:
@@ -688,10 +688,10 @@ def _parse_engine(raw: str) -> EngineSettings | None:
     if len(words) != 3 or words[1] != "algo":
         raise _Rejected(f"{raw!r} is not '<engine-id>' or '<engine-id> algo <ALG,...>' (e.g. qatengine algo RSA,EC)")
     algorithms = tuple(name.strip().upper() for name in words[2].split(",") if name.strip())
-    unknown = sorted(set(algorithms) - ENGINE_ALGORITHMS)
+    unknown = sorted(set(algorithms) - set(ALGORITHM_FLAGS))
     if unknown or not algorithms:
         raise _Rejected(
-            f"unknown algorithm(s) {', '.join(unknown) or '(none)'}; use some of {', '.join(sorted(ENGINE_ALGORITHMS))}"
+            f"unknown algorithm(s) {', '.join(unknown) or '(none)'}; use some of {', '.join(sorted(ALGORITHM_FLAGS))}"
         )
     return EngineSettings(id=words[0], algorithms=algorithms)
 
