@@ -32,6 +32,11 @@ from bench.machine import GENERATOR_CPUS
 S_TIME_PROCESSES = 8  # concurrent handshakes offered; enough to keep one proxy core busy
 GRACE_SECONDS = 15.0  # a generator running this long past its duration is killed and reported
 
+_S_TIME_SUMMARY = re.compile(
+    r"^(\d+) connections in [\d.]+s; [\d.]+ connections/user sec, bytes read (\d+)$", re.MULTILINE
+)
+_S_TIME_PROGRESS = re.compile(r"[*rt3]+")  # one character per connection: * full, r resumed
+
 _WRK_PACING_SCRIPT = """\
 local ffi = require("ffi")
 ffi.cdef[[
@@ -143,29 +148,27 @@ def run_s_time(port: int, mode: str, seconds: float, expected_response_bytes: in
         subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(S_TIME_PROCESSES)
     ]
-    outputs, errors = [], {}
+    outputs: list[str] = []
+    errors: dict[str, int] = {}
     for process in processes:
         try:
             output, _ = process.communicate(timeout=whole_seconds + GRACE_SECONDS)
         except subprocess.TimeoutExpired:
             process.kill()
             output, _ = process.communicate()
-            errors["s_time hung (connection not closed after HTTP/1.0 response?)"] = (
-                errors.get("s_time hung (connection not closed after HTTP/1.0 response?)", 0) + 1
-            )
-        if process.returncode not in (0, None) and "ERROR" in output:
-            errors["s_time connection error"] = errors.get("s_time connection error", 0) + 1
+            _count(errors, "s_time hung (connection left open after the HTTP/1.0 response?)")
+        if process.returncode != 0 or "ERROR" in output:
+            _count(errors, f"s_time failed (exit {process.returncode})")
         outputs.append(output)
     elapsed = time.monotonic() - started
     connections = bytes_read = full = resumed = 0
     for output in outputs:
-        match = re.search(r"^(\d+) connections in [\d.]+s; [\d.]+ connections/user sec, bytes read (\d+)$",
-                          output, re.MULTILINE)
+        match = _S_TIME_SUMMARY.search(output)
         if match is None:
             continue
         connections += int(match.group(1))
         bytes_read += int(match.group(2))
-        progress = "".join(line for line in output.splitlines() if re.fullmatch(r"[*rt3]+", line))
+        progress = "".join(line for line in output.splitlines() if _S_TIME_PROGRESS.fullmatch(line))
         full += progress.count("*") + progress.count("t") + progress.count("3")
         resumed += progress.count("r")
     short_responses = connections * expected_response_bytes - bytes_read
@@ -180,6 +183,10 @@ def run_s_time(port: int, mode: str, seconds: float, expected_response_bytes: in
         full_handshakes=full,
         resumed_handshakes=resumed,
     )
+
+
+def _count(errors: dict[str, int], kind: str) -> None:
+    errors[kind] = errors.get(kind, 0) + 1
 
 
 def _run(argv: list[str], seconds: float) -> subprocess.CompletedProcess[str]:

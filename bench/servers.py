@@ -15,7 +15,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -451,7 +450,6 @@ backends: {{app: {{endpoints: ["127.0.0.1:{run.backend_port}"]}}}}
 
 
 PROXIES: tuple[Proxy, ...] = (IngressProxy(), HAProxy(), Nginx())
-assert sys.platform.startswith("linux"), "the benchmark reads /proc and uses taskset"
 
 
 def http10_response_length(port: int, ca: Path) -> int:
