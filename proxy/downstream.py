@@ -320,7 +320,7 @@ class ClientConnection(FlowControlled):
                 self._awaiting_head = True
                 if not self.events:
                     self._flush()
-                head = await self.next_event(self.server.generation.configuration.timeouts.idle)
+                head = self.ready_event() or await self.next_event(self.server.generation.configuration.timeouts.idle)
                 self._awaiting_head = False
                 if self._head_timer is not None:
                     self._head_timer.cancel()
@@ -342,8 +342,8 @@ class ClientConnection(FlowControlled):
     async def _handle(self, head: RequestHead) -> bool:
         """Answer one request; True when the connection may carry another."""
         started = self.loop.time()
-        if not head.has_body:
-            await self.next_event(self.server.generation.configuration.timeouts.idle)  # its EndOfMessage
+        if not head.has_body:  # take its EndOfMessage
+            self.ready_event() or await self.next_event(self.server.generation.configuration.timeouts.idle)
         generation = self.server.generation
         match = generation.router.route(head.host.decode("latin-1"), head.path)
         virtual_host = match.virtual_host
@@ -469,12 +469,12 @@ class ClientConnection(FlowControlled):
         while True:
             if not upstream.events:
                 self._flush()
-            event = await upstream.next_event(timeout)
+            event = upstream.ready_event() or await upstream.next_event(timeout)
             if type(event) is not ResponseHead:
                 raise PeerError(502, "backend sent data before a response head")
             if event.status >= 200 or event.status == 101:
                 return event
-            await upstream.next_event(timeout)  # the interim response's EndOfMessage
+            upstream.ready_event() or await upstream.next_event(timeout)  # the interim response's EndOfMessage
             if head.version == "1.1" and event.status != 100:
                 self._send(client_response_head(event, False, True, _HttpDate.now(), b""))
 
@@ -499,7 +499,7 @@ class ClientConnection(FlowControlled):
             while True:
                 if not upstream.events:
                     self._flush()
-                event = await upstream.next_event(timeouts.backend_response)
+                event = upstream.ready_event() or await upstream.next_event(timeouts.backend_response)
                 if type(event) is Body:
                     self._send(encode_chunk(event.data) if rechunk else event.data)
                     if self._out_size >= _FLUSH_AT:

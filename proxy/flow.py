@@ -86,6 +86,14 @@ class FlowControlled(asyncio.Protocol):
 
     # -- consumer side ------------------------------------------------------------------------
 
+    def ready_event(self) -> Any:
+        """The next event if one is already queued, else None, without suspending.
+
+        Hot paths write `self.ready_event() or await self.next_event(t)`: most events arrive
+        together (head, body, end), and skipping the coroutine call saves ~1 µs per event.
+        """
+        return self._pop() if self.events else None
+
     async def next_event(self, timeout: float) -> Any:
         """The next event; TimeoutError after `timeout` s without one; ConnectionGone at EOF."""
         while not self.events:
@@ -98,6 +106,9 @@ class FlowControlled(asyncio.Protocol):
             finally:
                 timer.cancel()
                 self._waiter = None
+        return self._pop()
+
+    def _pop(self) -> Any:
         event = self.events.popleft()
         if not self.events:
             self._unconsumed_bytes = 0

@@ -143,6 +143,8 @@ class ServerTls:
             count = lib.SSL_read(self._ssl, _shared_buffer, _READ_CHUNK)
             if count > 0:
                 pieces.append(ffi.buffer(_shared_buffer, count)[:])
+                if not lib.BIO_ctrl_pending(self._into_ssl) and not lib.SSL_pending(self._ssl):
+                    break  # all consumed: skip the SSL_read + SSL_get_error that would say so
                 continue
             error = lib.SSL_get_error(self._ssl, count)
             if error == lib.SSL_ERROR_WANT_READ:
