@@ -99,7 +99,9 @@ def write_routes(path: Path, document: dict) -> None:
 class ProxyProcess:
     """One running `ingress-proxy serve`; `stop()` ends it (SIGTERM, then SIGKILL after a while)."""
 
-    def __init__(self, directory: Path, ports: Ports, document: dict, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, directory: Path, ports: Ports, document: dict, env: dict[str, str] | None = None, log_level: str = "info"
+    ) -> None:
         self.directory = directory
         self.ports = ports
         self.routes_path = directory / "routes.yaml"
@@ -108,7 +110,7 @@ class ProxyProcess:
         write_routes(self.routes_path, document)
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
-                [PROXY_COMMAND, "serve", "--routes", str(self.routes_path), "--log-level", "info"],
+                [PROXY_COMMAND, "serve", "--routes", str(self.routes_path), "--log-level", log_level],
                 stdout=stdout,
                 stderr=stderr,
                 env={**os.environ, **(env or {})},
@@ -189,6 +191,15 @@ class ProxyProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"generation {number} not live after {timeout} s:\n{self.stderr()[-2000:]}")
             time.sleep(0.02)
+
+    def reload(self, document: dict, hangup: bool = True) -> int:
+        """Rewrite the routes file (SIGHUP: reload now; else wait for the 1 s poll); the new generation."""
+        before = self.generation()
+        write_routes(self.routes_path, document)
+        if hangup:
+            self.process.send_signal(signal.SIGHUP)
+        self.wait_for_generation(before + 1)
+        return before + 1
 
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.process.pid}/statm") as statm:
