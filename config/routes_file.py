@@ -25,7 +25,8 @@ Decisions a user can observe (documented in examples/routes.yaml too):
 - A PEM key is read from its file (PKCS#1, SEC1 or PKCS#8, unencrypted) and must match the
   certificate's public key. `key: "engine:<URI>"` becomes `EngineKey(URI)` and reads no file; a
   PIN from `pin_env`/`pin_file` is appended as `;pin-value=<PIN, percent-encoded>` in memory.
-  Messages never contain key bytes, PINs or engine key URIs (which may carry a PIN).
+  Messages never contain key bytes, PINs or engine key URIs (which may carry a PIN). The chain,
+  key, key-match, host and SAN checks are `config.tls_material`'s, shared with the translator.
 """
 
 from __future__ import annotations
