@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import ipaddress
 import re
 from collections import defaultdict
@@ -142,6 +141,7 @@ MALFORMED = (AttributeError, TypeError, ValueError, KeyError, IndexError)
 
 
 def translate(snapshot: Snapshot, options: TranslateOptions) -> Translation:
+    _PARSED_SECRETS.start_translation()
     index = _ObjectIndex(snapshot)
     problems: list[Problem] = []
     settings = _read_configmap(index.configmap, problems)
@@ -536,20 +536,15 @@ def _load_tls_secret(secret: dict | None, reference_to_fix: str) -> _TlsMaterial
             raise _Rejected(f"has no {key}; store the {content} there")
         if not isinstance(data[key], str):
             raise _Rejected(f"{key} is not a string; store the base64-encoded {content} there")
-    material = _parse_tls_data(data["tls.crt"], data["tls.key"])
+    material = _PARSED_SECRETS.parse(data["tls.crt"], data["tls.key"])
     if isinstance(material, str):
         raise _Rejected(material)
     return material
 
 
-@functools.lru_cache(maxsize=1024)
 def _parse_tls_data(certificate_base64: str, key_base64: str) -> _TlsMaterial | str:
     """Decode and check a Secret's tls.crt/tls.key; a string is the reason they cannot be used.
-
-    Memoized by content (a pure function, so the output cannot change): loading an RSA-2048 key
-    costs ~36 ms here because OpenSSL 3 checks it, and every full translation re-reads every
-    referenced Secret.
-    """
+    Memoized by content in `_PARSED_SECRETS` (a pure function, so the output cannot change)."""
     decoded = {}
     for key, value in (("tls.crt", certificate_base64), ("tls.key", key_base64)):
         try:
@@ -569,6 +564,38 @@ def _parse_tls_data(certificate_base64: str, key_base64: str) -> _TlsMaterial | 
     if not key_matches_certificate(private_key, chain.leaf):
         return "tls.key does not match the first certificate in tls.crt; store the key of that certificate"
     return _TlsMaterial(decoded["tls.crt"], decoded["tls.key"], tuple(sorted(san_host_patterns(chain.leaf))))
+
+
+class _ParsedSecretMemo:
+    """`_parse_tls_data` results by content, kept while the latest translations use them.
+
+    Loading an RSA-2048 key costs ~36 ms here (OpenSSL 3 checks it) and every full translation
+    re-reads every referenced Secret, so results are memoized. An LRU bound does not fit: every
+    translation walks all Secrets in the same order, so with more Secrets than the bound nothing
+    ever hits (5,000 TLS Ingresses cost ~7 s per change with a 1,024-entry LRU). Instead each
+    translation keeps what it used and what the previous one used; older entries (rotated or
+    deleted Secrets) are dropped, so memory follows the cluster's current Secrets.
+    """
+
+    def __init__(self) -> None:
+        self._previous: dict[tuple[str, str], _TlsMaterial | str] = {}
+        self._current: dict[tuple[str, str], _TlsMaterial | str] = {}
+
+    def start_translation(self) -> None:
+        self._previous, self._current = self._current, {}
+
+    def parse(self, certificate_base64: str, key_base64: str) -> _TlsMaterial | str:
+        content = (certificate_base64, key_base64)
+        result = self._current.get(content)
+        if result is None:
+            result = self._previous.get(content)
+            if result is None:
+                result = _parse_tls_data(certificate_base64, key_base64)
+            self._current[content] = result
+        return result
+
+
+_PARSED_SECRETS = _ParsedSecretMemo()
 
 
 class _CertificateCollector:
