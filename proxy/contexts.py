@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 
+from config.tls_material import PEM_CERTIFICATE_BLOCK
 from config.model import Certificate, Configuration, KeySource, PemKey, Problem
 from proxy import libssl
 
@@ -59,12 +59,9 @@ def _select_http1(connection: SSL.Connection, offered: list[bytes]) -> bytes:
     return _ALPN_HTTP1 if _ALPN_HTTP1 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
-
-
 def _load_chain(chain_pem: bytes) -> list[crypto.X509]:
     """Leaf first, then intermediates, as in a PEM chain file or a Secret's tls.crt."""
-    chain = [crypto.load_certificate(crypto.FILETYPE_PEM, block) for block in _PEM_CERTIFICATE.findall(chain_pem)]
+    chain = [crypto.load_certificate(crypto.FILETYPE_PEM, block) for block in PEM_CERTIFICATE_BLOCK.findall(chain_pem)]
     if not chain:
         raise ValueError("no PEM certificate found")
     return chain
