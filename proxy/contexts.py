@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 
-from config.tls_material import PEM_CERTIFICATE_BLOCK
 from config.model import Certificate, Configuration, KeySource, PemKey, Problem
+from config.tls_material import PEM_CERTIFICATE_BLOCK
 from proxy import libssl
 
 # Installs a key into a context and returns its key-source label ("file", "engine:<id>").
