@@ -16,6 +16,7 @@ run: install
 	$(VENV)/bin/python examples/run_demo.py
 
 test: install
+	$(VENV)/bin/python -m mypy
 	$(VENV)/bin/python -m pytest -q tests
 
 fuzz: install

@@ -746,17 +746,18 @@ class _Checker:
         return tuple(value for value in values if value is not None)
 
     def flag(self, node: yaml.Node, where: str) -> bool | None:
-        if _tag(node) != _TAG_BOOL:
+        if _tag(node) != _TAG_BOOL or not isinstance(node, yaml.ScalarNode):
             self.report(node, f"{where}: expected true or false, got {_describe(node)} (write true or false, unquoted)")
             return None
         return bool(_SCALARS.construct_yaml_bool(node))
 
     def number(self, node: yaml.Node, where: str) -> int | float | None:
-        tag = _tag(node)
-        if tag == _TAG_INT:
-            return int(_SCALARS.construct_yaml_int(node))
-        if tag == _TAG_FLOAT:
-            return float(_SCALARS.construct_yaml_float(node))
+        if isinstance(node, yaml.ScalarNode):
+            tag = _tag(node)
+            if tag == _TAG_INT:
+                return int(_SCALARS.construct_yaml_int(node))
+            if tag == _TAG_FLOAT:
+                return float(_SCALARS.construct_yaml_float(node))
         self.report(
             node,
             f"{where}: expected a number, got {_describe(node)} "

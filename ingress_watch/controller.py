@@ -239,6 +239,7 @@ class KubernetesSource:
                 "count": 1,
             }
             try:
-                await core.create_namespaced_event(metadata.get("namespace"), event)
+                # The client accepts a plain JSON body at run time; its stubs only name the model class.
+                await core.create_namespaced_event(metadata.get("namespace"), event)  # type: ignore[arg-type]
             except (client.ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
                 logger.warning("could not record an Event on Ingress %s/%s: %s", metadata.get("namespace"), metadata.get("name"), error)

@@ -188,7 +188,7 @@ class KindWatcher:
         finally:
             response.release()
         if not 200 <= response.status <= 299:
-            raise client.ApiException(http_resp=RESTResponse(response, data))
+            raise client.ApiException(http_resp=RESTResponse(response, data))  # type: ignore[arg-type]  # what the client's own REST layer passes
         body = json.loads(data)
         kind = self.target.kind
         deleted = self._cache.replace(kind, body.get("items") or [])

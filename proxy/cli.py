@@ -41,11 +41,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from config.model import EngineKey
+    from config.model import EngineKey, KeySource
     from proxy.doctor import run_doctor
 
     settings = None
-    keys = []
+    keys: list[KeySource] = []
     if args.routes is not None:
         try:
             loaded = load_routes_file(args.routes)

@@ -63,9 +63,9 @@ def run_workers(count: int, run_worker: Callable[[int, bytes], int]) -> int:
     status = 0
     while children:
         pid, wait_status = os.wait()
-        index = children.pop(pid, None)
-        if index is None:
+        if pid not in children:
             continue
+        index = children.pop(pid)
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
             status = status or (code if code > 0 else 0)
