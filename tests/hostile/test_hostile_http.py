@@ -203,3 +203,22 @@ def test_clients_that_never_read_are_dropped_and_memory_stays_bounded(hostile_pr
     assert still_open == 0, "stalled clients still hold connections after the idle timeout"
     assert max(received) < STREAMED_BYTES
     assert growth < 48 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB for {NON_READERS} stalled clients"
+
+
+@pytest.mark.parametrize("case", ["cl-list", "chunk-ext-nul", "bare-lf-in-value", "http-0.9", "101-headers"])
+def test_hostile_request_over_tls_is_refused_the_same_way(hostile_proxy, app_requests, trusted_client, case):
+    request_bytes, statuses = CORPUS[case]
+    answer = exchange(hostile_proxy.ports.https, request_bytes, wait=TIMEOUTS["header_read"] + SLACK, tls=trusted_client)
+    assert answer.closed and len(answer.statuses) == 1 and answer.statuses[0] in statuses
+    time.sleep(0.05)
+    assert app_requests == []
+
+
+def test_slowloris_over_tls_gets_408_within_header_read(hostile_proxy, app_requests, trusted_client):
+    """The handshake completes; then the head stalls. The header_read clock runs from its first byte."""
+    answer = exchange(
+        hostile_proxy.ports.https, b"GET /slow-tls HTTP/1.1\r\n", HOST, wait=TIMEOUTS["header_read"] + SLACK, pause=0.3, tls=trusted_client
+    )
+    assert answer.statuses == [408] and answer.closed
+    assert answer.seconds < TIMEOUTS["header_read"] - 0.3 + SLACK
+    assert app_requests == []
