@@ -10,8 +10,10 @@ Then `ingress-proxy serve --kubernetes` starts as a subprocess and we measure:
 * Ingress change → served: a new Ingress (or an existing one moved to a new host) is written through
   the API with kubernetes-asyncio, and the new host is polled through the proxy over HTTP until the
   backend answers; each change re-translates all N Ingresses;
-* EndpointSlice change → served: a second endpoint is added to one Service's slice and polled until
-  it receives traffic (the endpoint fast path: no re-translation).
+* EndpointSlice change → served: one Service's slice is moved to a second endpoint and polled until
+  it receives the traffic (the endpoint fast path: no re-translation);
+* meanwhile, requests to a host no change touches, every 10 ms: rebuilds run on the event loop
+  that serves traffic, so their duration shows up here as the longest request.
 
 Changes are made one at a time, so each latency is one change's own. Figures include the poll
 interval (5 ms) and the controller's debounce (50 ms).
@@ -150,6 +152,15 @@ async def _until(probe: Callable[[], Awaitable[bool]], timeout: float, what: str
     return time.perf_counter() - started
 
 
+async def _request_latencies(answers: Callable[[str], Awaitable[bool]], host: str, latencies: list[float]) -> None:
+    """Until cancelled: one request every 10 ms to a host no change touches, timing each."""
+    while True:
+        began = time.perf_counter()
+        await answers(host)
+        latencies.append(time.perf_counter() - began)
+        await asyncio.sleep(0.01)
+
+
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -243,6 +254,8 @@ async def _measure(
     async with client.ApiClient(configuration) as api_client:
         networking = client.NetworkingV1Api(api_client)
         discovery = client.DiscoveryV1Api(api_client)
+        stalls: list[float] = []
+        watcher = asyncio.create_task(_request_latencies(answers, f"app-{arguments.ingresses - 1}.bench.example", stalls))
         ingress_latencies: list[float] = []
         for change in range(arguments.changes):
             namespace, target = _existing(change, change, arguments.namespaces)
@@ -264,6 +277,7 @@ async def _measure(
             )
             await _until(lambda: answers(host, "second"), 30, f"endpoint change {change}")
             endpoint_latencies.append(time.perf_counter() - began)
+        watcher.cancel()
 
     for label, values in (("ingress_change", ingress_latencies), ("endpoint_change", endpoint_latencies)):
         if values:
@@ -273,6 +287,10 @@ async def _measure(
             figures[f"{label}_samples"] = len(values)
             print(f"{label} → served: p50 {figures[f'{label}_p50_ms']} ms, p99 {figures[f'{label}_p99_ms']} ms, "
                   f"max {figures[f'{label}_max_ms']} ms over {len(values)} changes", flush=True)  # fmt: skip
+    figures["request_during_changes_p50_ms"] = round(statistics.median(stalls) * 1000, 1)
+    figures["request_during_changes_max_ms"] = round(max(stalls) * 1000, 1)
+    print(f"requests to an unchanged host meanwhile: p50 {figures['request_during_changes_p50_ms']} ms, "
+          f"max {figures['request_during_changes_max_ms']} ms (rebuilds run on the serving event loop)", flush=True)  # fmt: skip
     figures["rss_after_changes_mib"] = round(_rss_mib(process.pid), 1)
     return figures
 

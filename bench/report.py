@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.rows import Measurement, Metric, Row
+from bench.rows import FOREIGN_LOAD_FLAG, Measurement, Metric, Row
 
 COLUMNS = ("ingress-proxy", "haproxy", "nginx")
 HEADINGS = {"ingress-proxy": "ingress-proxy", "haproxy": "HAProxy", "nginx": "nginx"}
@@ -99,6 +99,19 @@ def _describe(measurement: Measurement) -> str:
     return "; ".join(parts) if parts else "ok"
 
 
+def _shared_machine_warning(results: RowResults) -> list[str]:
+    measured = [m for _row, measurements in results for m in measurements if m.unavailable is None]
+    shared = [m for m in measured if any(flag.startswith(FOREIGN_LOAD_FLAG) for flag in m.flags)]
+    if not shared:
+        return []
+    return [
+        f"**Shared machine:** in {len(shared)} of {len(measured)} measurements other processes "
+        "used the proxy's core; those figures (p99 latency most of all) are noisy. Re-run on an "
+        "idle machine for figures to quote; the per-CPU table below is the steadier comparison.",
+        "",
+    ]
+
+
 def render_markdown(info: dict[str, object], results: RowResults, mode: str) -> str:
     versions = info["versions"]
     assert isinstance(versions, dict)
@@ -112,6 +125,7 @@ def render_markdown(info: dict[str, object], results: RowResults, mode: str) -> 
         "openssl s_time / the asyncio client, the backend nginx and the harness pinned to core 1. "
         f"A figure marked{FLAG_MARK} has a flag or errors listed below.",
         "",
+        *_shared_machine_warning(results),
         *_table(results, per_cpu=False),
         "",
         "Per proxy CPU-second (figure ÷ the proxy's CPU share during the measurement; compares "

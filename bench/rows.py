@@ -34,6 +34,7 @@ GENERATOR_BUSY_PERCENT = 90.0
 MIN_RESUMED_SHARE = 0.99
 ASYNC_PAUSES_METRIC = "ingress_proxy_tls_async_pauses_total"
 FOREIGN_LOAD_PERCENT = 10.0
+FOREIGN_LOAD_FLAG = "core 0 also ran other work"
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def _flag_foreign_load(run: RowRun, measurement: Measurement, window: CpuWindow)
         return
     foreign = window.proxy_core_percent - window.proxy_cpu_percent
     if foreign > FOREIGN_LOAD_PERCENT:
-        measurement.flags.append(f"core 0 also ran other work ({foreign:.0f} % of it)")
+        measurement.flags.append(f"{FOREIGN_LOAD_FLAG} ({foreign:.0f} % of it)")
 
 
 def _add_throughput(
