@@ -90,6 +90,7 @@ def _describe(measurement: Measurement) -> str:
     if measurement.proxy_cpu_percent is not None:
         parts.append(
             f"proxy CPU {measurement.proxy_cpu_percent:.0f} %, "
+            f"core 0 busy {measurement.proxy_core_percent:.0f} %, "
             f"generator core {measurement.generator_core_percent:.0f} %"
         )
     parts.extend(measurement.notes)

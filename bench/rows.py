@@ -52,7 +52,8 @@ class Measurement:
     values: dict[str, float] = field(default_factory=dict)
     per_cpu: dict[str, float] = field(default_factory=dict)
     command: str = ""
-    proxy_cpu_percent: float | None = None
+    proxy_cpu_percent: float | None = None  # the proxy's processes, 100 = one core
+    proxy_core_percent: float | None = None  # core 0 busy, whoever ran there
     generator_core_percent: float | None = None
     errors: dict[str, int] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
@@ -104,16 +105,22 @@ def _record(
     measurement.seconds = result.seconds
     measurement.errors.update(result.errors)
     measurement.proxy_cpu_percent = window.proxy_cpu_percent
+    measurement.proxy_core_percent = window.proxy_core_percent
     measurement.generator_core_percent = window.generator_core_percent
     if result.error_count:
         measurement.flags.append(f"{result.error_count} errors")
 
 
 def _flag_generator_bound(run: RowRun, measurement: Measurement) -> None:
-    cpu, generator = measurement.proxy_cpu_percent, measurement.generator_core_percent
-    if run.settings.workers != 1 or cpu is None or generator is None:
+    """The proxy had CPU to spare on its core while the generator's core was full."""
+    cpu, core, generator = (
+        measurement.proxy_cpu_percent,
+        measurement.proxy_core_percent,
+        measurement.generator_core_percent,
+    )
+    if run.settings.workers != 1 or cpu is None or core is None or generator is None:
         return
-    if cpu < CPU_BOUND_PERCENT and generator >= GENERATOR_BUSY_PERCENT:
+    if cpu < CPU_BOUND_PERCENT and core < CPU_BOUND_PERCENT and generator >= GENERATOR_BUSY_PERCENT:
         measurement.flags.append(
             f"generator-bound (proxy CPU {cpu:.0f} %, generator core {generator:.0f} %)"
         )
