@@ -77,7 +77,8 @@ def assert_contract(data: bytes, cuts: list[int]) -> None:
     assert (split_events, split_status) == (whole_events, whole_status)
     for event in whole_events:
         if event[0] == "head":
-            assert event[2].startswith(b"/"), "only origin-form targets may reach routing"
+            target = event[2]
+            assert isinstance(target, bytes) and target.startswith(b"/"), "only origin-form targets may reach routing"
 
 
 header_names = st.text(TOKEN_CHARACTERS, min_size=1, max_size=12).map(str.encode)

@@ -14,6 +14,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -83,7 +84,7 @@ class Traffic:
     keep_alive_clients: int = 3
     new_connection_clients: int = 1
     websocket: bool = False
-    accept: Callable[[dict], bool] = lambda body: True
+    accept: Callable[[Any], bool] = lambda body: True  # given the decoded JSON body of each 200
     ok: int = 0
     websocket_messages: int = 0
     failures: list[str] = field(default_factory=list)

@@ -23,7 +23,9 @@ def served_certificate(port: int, tls: ssl.SSLContext) -> bytes:
     """DER of the certificate a brand-new handshake gets."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with tls.wrap_socket(raw, server_hostname=SERVER_NAME) as sock:
-            return sock.getpeercert(binary_form=True)
+            certificate = sock.getpeercert(binary_form=True)
+            assert certificate is not None
+            return certificate
 
 
 def der(certificate: CertificateFiles) -> bytes:

@@ -17,6 +17,7 @@ from pathlib import Path
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.engine.conftest import PKCS11_ENGINE, SOFTHSM_MODULE
 from tests.hostile.proxy_process import Ports, routes_document, write_certificate
@@ -51,6 +52,7 @@ def token_with_ec_key(ca: trustme.CA, directory: Path) -> tuple[dict[str, str], 
           "-subj", f"/CN={ENGINE_HOST}", "-out", str(csr_path)], env)
     csr = x509.load_pem_x509_csr(csr_path.read_bytes())
     ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    assert isinstance(ca_key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey))
     now = datetime.datetime.now(datetime.timezone.utc)
     certificate = (
         x509.CertificateBuilder()
