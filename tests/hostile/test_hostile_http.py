@@ -51,7 +51,10 @@ CORPUS: dict[str, tuple[bytes, set[int]]] = {
     "cl-overflow": (post(b"Content-Length: 99999999999999999999999\r\n", b"hello" + SMUGGLED), {400}),
     "cl-case-duplicate": (post(b"Content-Length: 5\r\ncontent-length: 50\r\n", b"hello" + SMUGGLED), {400}),
     "te-case-and-cl": (post(b"transfer-ENCODING: Chunked\r\nContent-Length: 5\r\n", b"0\r\n\r\n" + SMUGGLED), {400}),
-    "te-two-headers": (post(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n", b"0\r\n\r\n" + SMUGGLED), {400, 501}),
+    "te-two-headers": (
+        post(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n", b"0\r\n\r\n" + SMUGGLED),
+        {400, 501},
+    ),
     "te-vertical-tab": (post(b"Transfer-Encoding:\x0bchunked\r\n", b"0\r\n\r\n" + SMUGGLED), {400, 501}),
     # versions and request lines
     "http-0.9": (b"GET /\r\n\r\n", {400}),
@@ -217,7 +220,12 @@ def test_hostile_request_over_tls_is_refused_the_same_way(hostile_proxy, app_req
 def test_slowloris_over_tls_gets_408_within_header_read(hostile_proxy, app_requests, trusted_client):
     """The handshake completes; then the head stalls. The header_read clock runs from its first byte."""
     answer = exchange(
-        hostile_proxy.ports.https, b"GET /slow-tls HTTP/1.1\r\n", HOST, wait=TIMEOUTS["header_read"] + SLACK, pause=0.3, tls=trusted_client
+        hostile_proxy.ports.https,
+        b"GET /slow-tls HTTP/1.1\r\n",
+        HOST,
+        wait=TIMEOUTS["header_read"] + SLACK,
+        pause=0.3,
+        tls=trusted_client,
     )
     assert answer.statuses == [408] and answer.closed
     assert answer.seconds < TIMEOUTS["header_read"] - 0.3 + SLACK

@@ -41,7 +41,9 @@ async def test_sigterm_under_load_loses_no_accepted_request(
     totals = {"slow": 0, "ok": 0, "refused": 0, "recorded": 0}
     for _ in range(rounds):
         ports = Ports()
-        routes = routes_document(ports, {"app": [str(backend.address)]}, [("/", "app")], [certificate.entry()], {"drain": DRAIN_SECONDS})
+        routes = routes_document(
+            ports, {"app": [str(backend.address)]}, [("/", "app")], [certificate.entry()], {"drain": DRAIN_SECONDS}
+        )
         proxy = await start_soak_proxy(ports, routes)
         backend.received.clear()
         slow = [asyncio.create_task(_slow_request(ports.https, client_tls)) for _ in range(8)]

@@ -42,7 +42,9 @@ def document(ports: Ports, web: RecordingBackend, alt: RecordingBackend, certifi
     )
 
 
-async def test_reloads_under_traffic_lose_nothing(start_soak_proxy, start_backend, soak_ca: trustme.CA, client_tls, tmp_path: Path):
+async def test_reloads_under_traffic_lose_nothing(
+    start_soak_proxy, start_backend, soak_ca: trustme.CA, client_tls, tmp_path: Path
+):
     web, alt = await start_backend("web"), await start_backend("alt")
     certificates = [write_certificate(soak_ca, tmp_path, name, SERVER_NAME) for name in ("cert-a", "cert-b")]
     ports = Ports()
@@ -52,6 +54,7 @@ async def test_reloads_under_traffic_lose_nothing(start_soak_proxy, start_backen
     rss_after_warm_up = 0
     current_certificate = 0
     extra_path = 0
+    rejected = 0
     for number in range(1, reloads + 1):
         if number % 2:
             current_certificate ^= 1
@@ -59,6 +62,10 @@ async def test_reloads_under_traffic_lose_nothing(start_soak_proxy, start_backen
             extra_path = number
         hangup = number > 2  # the first two go through the 1 s file poll, the rest through SIGHUP
         new_document = document(ports, web, alt, certificates[current_certificate], extra_path)
+        if number % 25 == 0:  # a broken file in between: refused, the last good configuration keeps serving
+            broken = {**new_document, "backends": {"web": {"endpoints": ["not-an-address"]}}}
+            assert await asyncio.to_thread(proxy.try_reload, broken) == "failed"
+            rejected += 1
         await asyncio.to_thread(proxy.reload, new_document, hangup)
         if number % 10 == 0 or number <= 2:
             served = await asyncio.to_thread(served_certificate, ports.https, client_tls)
@@ -69,7 +76,7 @@ async def test_reloads_under_traffic_lose_nothing(start_soak_proxy, start_backen
     await traffic.stop()
     rss_end = proxy.rss_bytes()
     print(
-        f"\nreload soak: {reloads} reloads, {traffic.ok} requests OK, {len(traffic.failures)} failed, "
+        f"\nreload soak: {reloads} reloads (+{rejected} refused files), {traffic.ok} requests OK, {len(traffic.failures)} failed, "
         f"{traffic.websocket_messages} WebSocket round trips; RSS after warm-up {rss_after_warm_up / 2**20:.1f} MiB, "
         f"end {rss_end / 2**20:.1f} MiB"
     )
@@ -78,7 +85,9 @@ async def test_reloads_under_traffic_lose_nothing(start_soak_proxy, start_backen
     assert rss_end <= rss_after_warm_up * 1.10
 
 
-async def test_certificate_rotation_by_file_poll(start_soak_proxy, start_backend, soak_ca: trustme.CA, client_tls, tmp_path: Path):
+async def test_certificate_rotation_by_file_poll(
+    start_soak_proxy, start_backend, soak_ca: trustme.CA, client_tls, tmp_path: Path
+):
     """Rewrite the certificate files in place (as cert-manager or certbot would), touch the routes
     file, no signal: after the next poll a new handshake sees the new certificate, and an
     established keep-alive connection keeps working."""
@@ -101,7 +110,9 @@ async def test_certificate_rotation_by_file_poll(start_soak_proxy, start_backend
     assert proxy.stderr().count("INFO ingress_proxy.routes_file: reloaded") == scaled(3)
 
 
-async def test_endpoint_churn_is_invisible_to_clients(start_soak_proxy, start_pod, soak_ca: trustme.CA, client_tls, tmp_path: Path):
+async def test_endpoint_churn_is_invisible_to_clients(
+    start_soak_proxy, start_pod, soak_ca: trustme.CA, client_tls, tmp_path: Path
+):
     """Rolling replacement: each step adds a new endpoint, removes the oldest from the routes file,
     and once that generation is live shuts the removed backend down (like a terminated pod)."""
     certificate = write_certificate(soak_ca, tmp_path, "churn", SERVER_NAME)

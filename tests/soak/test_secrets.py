@@ -37,7 +37,9 @@ def _run(command: list[str], env: dict[str, str]) -> None:
 def token_with_ec_key(ca: trustme.CA, directory: Path) -> tuple[dict[str, str], Path]:
     """A SoftHSM token with a non-extractable EC key; returns its environment and a certificate file."""
     (directory / "tokens").mkdir(parents=True)
-    (directory / "softhsm2.conf").write_text(f"directories.tokendir = {directory / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    (directory / "softhsm2.conf").write_text(
+        f"directories.tokendir = {directory / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
     (directory / "openssl.cnf").write_text(
         "openssl_conf = init\n[init]\nengines = engines\n[engines]\npkcs11 = pkcs11\n"
         f"[pkcs11]\ndynamic_path = {PKCS11_ENGINE}\nMODULE_PATH = {SOFTHSM_MODULE}\n"
@@ -87,7 +89,9 @@ def secret_fragments(key_pem: bytes) -> list[str]:
     return [TOKEN_PIN, *(body[start : start + 24] for start in range(0, len(body) - 24, 12))]
 
 
-async def test_private_keys_and_pins_never_written(start_soak_proxy, start_backend, soak_ca: trustme.CA, client_tls, tmp_path: Path):
+async def test_private_keys_and_pins_never_written(
+    start_soak_proxy, start_backend, soak_ca: trustme.CA, client_tls, tmp_path: Path
+):
     backend = await start_backend("app")
     token_env, engine_certificate = await asyncio.to_thread(token_with_ec_key, soak_ca, tmp_path / "token")
     pem_certificate = write_certificate(soak_ca, tmp_path, "pem", SERVER_NAME)
@@ -120,6 +124,8 @@ async def test_private_keys_and_pins_never_written(start_soak_proxy, start_backe
     written = {"stdout": proxy.stdout(), "stderr": proxy.stderr(), "metrics": metrics}
     fragments = secret_fragments(pem_certificate.key.read_bytes())
     leaks = [(where, fragment) for where, text in written.items() for fragment in fragments if fragment in text]
-    leaks += [(where, "pin-value=" + value) for where, text in written.items() for value in re.findall(r"pin-value=([^;:\s]*)", text) if value != "***"]
-    print(f"\nsecrets: {sum(len(text) for text in written.values())} bytes written, {len(fragments)} fragments probed, {len(leaks)} leaks")
+    for where, text in written.items():
+        leaks += [(where, f"pin-value={value}") for value in re.findall(r"pin-value=([^;:\s]*)", text) if value != "***"]
+    total = sum(len(text) for text in written.values())
+    print(f"\nsecrets: {total} bytes written, {len(fragments)} fragments probed, {len(leaks)} leaks")
     assert leaks == []
