@@ -413,7 +413,7 @@ class ClientConnection(FlowControlled):
                 upstream.begin_request(head.method)
                 upstream.write(request)
                 if has_body:  # never on a retry: only body-less requests are retried
-                    await self._forward_request_body(head, upstream, timeouts.idle)
+                    await self._forward_request_body(head, upstream, timeouts.idle, timeouts.backend_response)
                 response = await self._response_head(upstream, head, timeouts.backend_response)
             except _ClientFailed as failed:
                 if upstream is not None:
@@ -439,8 +439,13 @@ class ClientConnection(FlowControlled):
         self._send(simple_response(failure.status, _HttpDate.now(), close=has_body))
         return failure.status, not has_body
 
-    async def _forward_request_body(self, head: RequestHead, upstream: UpstreamConnection, timeout: float) -> None:
-        """Stream the request body (re-chunked if it came chunked) until its EndOfMessage."""
+    async def _forward_request_body(
+        self, head: RequestHead, upstream: UpstreamConnection, timeout: float, backend_timeout: float
+    ) -> None:
+        """Stream the request body (re-chunked if it came chunked) until its EndOfMessage.
+
+        `timeout` bounds each wait for the client, `backend_timeout` each wait for a backend that
+        does not read what we send (without it, both connections would hang forever)."""
         while True:
             if not self.events:
                 self._flush()  # e.g. our 100 Continue: the client waits for it before sending
@@ -454,9 +459,12 @@ class ClientConnection(FlowControlled):
                 upstream.write(encode_chunk(event.data) if head.chunked else event.data)
                 if upstream._writing_paused:
                     try:
-                        await upstream.drain()
+                        async with asyncio.timeout(backend_timeout):
+                            await upstream.drain()
                     except ConnectionGone:
                         raise _BackendFailed(502, "reset while sending") from None
+                    except TimeoutError:
+                        raise _BackendFailed(504, "backend not reading") from None
             elif type(event) is EndOfMessage:
                 if head.chunked:
                     upstream.write(LAST_CHUNK)
@@ -465,7 +473,9 @@ class ClientConnection(FlowControlled):
                 raise _ClientFailed(PeerError(400, "unexpected data in request body"))
 
     async def _response_head(self, upstream: UpstreamConnection, head: RequestHead, timeout: float) -> ResponseHead:
-        """The final response head; 1xx interim responses are passed on to HTTP/1.1 clients."""
+        """The final response head; 1xx interim responses are passed on to HTTP/1.1 clients, but
+        do not extend `timeout` (a backend sending 103s forever would otherwise never time out)."""
+        deadline = self.loop.time() + timeout
         while True:
             if not upstream.events:
                 self._flush()
@@ -475,6 +485,8 @@ class ClientConnection(FlowControlled):
             if event.status >= 200 or event.status == 101:
                 return event
             upstream.ready_event() or await upstream.next_event(timeout)  # the interim response's EndOfMessage
+            if self.loop.time() > deadline:
+                raise TimeoutError
             if head.version == "1.1" and event.status != 100:
                 self._send(client_response_head(event, False, True, _HttpDate.now(), b""))
 

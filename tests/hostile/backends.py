@@ -92,6 +92,20 @@ async def bad_framing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     await reader.read()
 
 
+async def endless_interim_responses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """103 Early Hints forever: each one is a response head, so no read timeout ever fires."""
+    await _read_head(reader)
+    while True:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n" * 64)
+        await writer.drain()
+        await asyncio.sleep(0.01)
+
+
+async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Accepts, then reads nothing at all: a request body upload stalls in the socket buffers."""
+    await asyncio.Event().wait()
+
+
 FAULTS: dict[str, Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]] = {
     "reset": reset_after_head,
     "hang": hang_after_head,
@@ -101,6 +115,8 @@ FAULTS: dict[str, Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitab
     "chunkreset": reset_mid_chunked_body,
     "hangbody": hang_mid_body,
     "badframing": bad_framing,
+    "interim": endless_interim_responses,
+    "noread": never_reads,
 }
 
 

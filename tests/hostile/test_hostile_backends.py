@@ -103,3 +103,37 @@ def test_pools_recover_after_every_fault(hostile_proxy, app_requests):
     answer = exchange(hostile_proxy.ports.http, *(get(f"/ok/{i}") for i in range(49)), get("/ok/49", close=True))
     assert [status for status, _ in split_responses(answer.received)] == [200] * 50
     assert len(app_requests) == 50
+
+
+def test_backend_that_never_reads_an_upload_gets_504_within_backend_response(hostile_proxy, zoo):
+    """Without a bound on waiting for the backend to take the body, client and backend connections
+    would hang for as long as the client kept trying."""
+    errors_before = hostile_proxy.metric("ingress_proxy_upstream_errors_total", backend="noread", kind="backend not reading")
+    body_size = 256 * 1024 * 1024
+    with connect(hostile_proxy.ports.http) as sock:
+        sock.sendall(b"POST /fault/noread HTTP/1.1\r\nHost: hostile.test\r\nContent-Length: %d\r\n\r\n" % body_size)
+        sock.settimeout(0.2)
+        started = time.monotonic()
+        sent, received = 0, b""
+        while time.monotonic() - started < TIMEOUTS["backend_response"] + 3 * SLACK:
+            try:
+                sent += sock.send(b"u" * 65536)
+            except TimeoutError:  # our send buffer is full: see whether the proxy answered
+                piece, closed = read_until_closed(sock, 0.2)
+                received += piece
+                if received or closed:
+                    break
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        seconds = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 504 ") or received == b""
+    assert seconds < TIMEOUTS["backend_response"] + 2 * SLACK and sent < body_size
+    assert hostile_proxy.metric("ingress_proxy_upstream_errors_total", backend="noread", kind="backend not reading") > errors_before
+    assert exchange(hostile_proxy.ports.http, get("/after-upload", close=True)).statuses == [200]
+
+
+def test_endless_interim_responses_end_in_504(hostile_proxy):
+    """1xx responses are passed on, but they do not extend backend_response."""
+    answer = exchange(hostile_proxy.ports.http, get("/fault/interim", close=True), wait=TIMEOUTS["backend_response"] * 2 + SLACK)
+    assert answer.closed
+    assert answer.statuses[0] == 103 and answer.statuses[-1] == 504 and set(answer.statuses) == {103, 504}
