@@ -53,7 +53,7 @@ def hostile_proxy(
     for name, backend in zoo.faulty.items():
         backends[name] = [str(backend.address)]
         paths.append((f"/fault/{name}", name))
-    ports = Ports()
+    ports = Ports()  # the proxy may move to others (ProxyProcess): tests use hostile_proxy.ports
     proxy = ProxyProcess(directory, ports, routes_document(ports, backends, paths, [certificate.entry()], TIMEOUTS))
     yield proxy
     exit_code = proxy.stop()

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 PROXY_COMMAND = str(REPO / ".venv" / "bin" / "ingress-proxy")
 LOOPBACK = "127.0.0.1"
 START_SECONDS = 20.0
+START_ATTEMPTS = 3
 
 
 def free_port() -> int:
@@ -62,6 +63,10 @@ class Ports:
     admin: int = field(default_factory=free_port)
 
 
+def listen_section(ports: Ports) -> dict[str, str]:
+    return {"https": f"{LOOPBACK}:{ports.https}", "http": f"{LOOPBACK}:{ports.http}", "admin": f"{LOOPBACK}:{ports.admin}"}
+
+
 def routes_document(
     ports: Ports,
     backends: dict[str, list[str]],
@@ -75,11 +80,7 @@ def routes_document(
     if host is not None:
         route["host"] = host
     document: dict = {
-        "listen": {
-            "https": f"{LOOPBACK}:{ports.https}",
-            "http": f"{LOOPBACK}:{ports.http}",
-            "admin": f"{LOOPBACK}:{ports.admin}",
-        },
+        "listen": listen_section(ports),
         "routes": [route],
         "backends": {name: {"endpoints": endpoints} for name, endpoints in backends.items()},
     }
@@ -102,11 +103,24 @@ class ProxyProcess:
     def __init__(
         self, directory: Path, ports: Ports, document: dict, env: dict[str, str] | None = None, log_level: str = "info"
     ) -> None:
+        """Start and wait for /readyz. Ports are picked free but bound later by the process: if
+        another test took one meanwhile, start again on fresh ports (use `self.ports` afterwards)."""
         self.directory = directory
-        self.ports = ports
         self.routes_path = directory / "routes.yaml"
         self.stdout_path = directory / "proxy.stdout"
         self.stderr_path = directory / "proxy.stderr"
+        for attempt in range(START_ATTEMPTS):
+            self.ports = ports
+            try:
+                self._start(document, env, log_level)
+                return
+            except RuntimeError:
+                if attempt + 1 == START_ATTEMPTS or "Address already in use" not in self.stderr():
+                    raise
+            ports = Ports()
+            document = {**document, "listen": listen_section(ports)}
+
+    def _start(self, document: dict, env: dict[str, str] | None, log_level: str) -> None:
         write_routes(self.routes_path, document)
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
@@ -114,7 +128,7 @@ class ProxyProcess:
                 stdout=stdout,
                 stderr=stderr,
                 env={**os.environ, **(env or {})},
-                cwd=directory,
+                cwd=self.directory,
             )
         self._wait_ready()
 
@@ -194,7 +208,7 @@ class ProxyProcess:
     def reload(self, document: dict, hangup: bool = True) -> int:
         """Rewrite the routes file (SIGHUP: reload now; else wait for the 1 s poll); the new generation."""
         before = self.generation()
-        write_routes(self.routes_path, document)
+        write_routes(self.routes_path, {**document, "listen": listen_section(self.ports)})
         if hangup:
             self.process.send_signal(signal.SIGHUP)
         self.wait_for_generation(before + 1)
@@ -204,7 +218,7 @@ class ProxyProcess:
         """Rewrite + SIGHUP a file that may be refused; the reload's result ("ok", "partial", "failed")."""
         results = ("ok", "partial", "failed")
         before = {result: self.metric("ingress_proxy_config_reloads_total", result=result) for result in results}
-        write_routes(self.routes_path, document)
+        write_routes(self.routes_path, {**document, "listen": listen_section(self.ports)})
         self.process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -45,6 +45,7 @@ async def test_sigterm_under_load_loses_no_accepted_request(
             ports, {"app": [str(backend.address)]}, [("/", "app")], [certificate.entry()], {"drain": DRAIN_SECONDS}
         )
         proxy = await start_soak_proxy(ports, routes)
+        ports = proxy.ports  # fresh ones if a port was taken meanwhile
         backend.received.clear()
         slow = [asyncio.create_task(_slow_request(ports.https, client_tls)) for _ in range(8)]
         traffic = Traffic(ports.https, client_tls, path="/drain", keep_alive_clients=4, new_connection_clients=2).start()

@@ -49,6 +49,7 @@ async def test_reloads_under_traffic_lose_nothing(
     certificates = [write_certificate(soak_ca, tmp_path, name, SERVER_NAME) for name in ("cert-a", "cert-b")]
     ports = Ports()
     proxy = await start_soak_proxy(ports, document(ports, web, alt, certificates[0], 0))
+    ports = proxy.ports  # fresh ones if a port was taken meanwhile
     traffic = Traffic(ports.https, client_tls, websocket=True, accept=lambda body: body["backend"] == "web").start()
     reloads = scaled(100)
     rss_after_warm_up = 0
@@ -96,6 +97,7 @@ async def test_certificate_rotation_by_file_poll(
     ports = Ports()
     routes = routes_document(ports, {"web": [str(web.address)]}, [("/", "web")], [certificate.entry()], TIMEOUTS)
     proxy = await start_soak_proxy(ports, routes)
+    ports = proxy.ports  # fresh ones if a port was taken meanwhile
     first = await asyncio.to_thread(served_certificate, ports.https, client_tls)
     traffic = Traffic(ports.https, client_tls, keep_alive_clients=1, new_connection_clients=0).start()
     for rotation in range(scaled(3)):
@@ -124,6 +126,8 @@ async def test_endpoint_churn_is_invisible_to_clients(
         return routes_document(ports, {"web": endpoints}, [("/", "web")], [certificate.entry()], TIMEOUTS)
 
     proxy = await start_soak_proxy(ports, routes())
+
+    ports = proxy.ports  # fresh ones if a port was taken meanwhile
     traffic = Traffic(ports.https, client_tls, keep_alive_clients=3, new_connection_clients=1).start()
     steps = scaled(20)
     served_by: set[str] = set()

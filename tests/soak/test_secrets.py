@@ -102,6 +102,7 @@ async def test_private_keys_and_pins_never_written(
     routes["tls"]["engine"] = {"id": "pkcs11", "so_path": PKCS11_ENGINE, "ctrl": [["MODULE_PATH", SOFTHSM_MODULE]],
                                "algorithms": ["EC"], "required": True}
     proxy = await start_soak_proxy(ports, routes, env=token_env, log_level="debug")
+    ports = proxy.ports  # fresh ones if a port was taken meanwhile
     for _ in range(scaled(3)):
         for server_name in (SERVER_NAME, ENGINE_HOST):
             assert await asyncio.to_thread(handshake, ports.https, client_tls, server_name) == "HTTP/1.1 200 OK"
