@@ -43,3 +43,18 @@ async def test_reused_connection_closed_by_backend_is_retried_for_get_only(start
     status, _, _ = await read_response(reader)
     assert status == 502
     assert served == [b"GET /1 HTTP/1.1", b"GET /2 HTTP/1.1", b"GET /3 HTTP/1.1"]
+
+
+async def test_keep_alive_connection_survives_local_and_backend_errors(start_proxy, start_backend):
+    alive = await start_backend("alive")
+    configuration = simple_configuration(
+        {"dead": [Address("127.0.0.1", 1)], "empty": [], "alive": [alive.address]},
+        {"": [("/dead", PathType.PREFIX, "dead"), ("/empty", PathType.PREFIX, "empty"), ("/alive", PathType.PREFIX, "alive")]},
+    )
+    proxy = await start_proxy(configuration)
+    reader, writer = await open_raw(proxy.http_port)
+    for path, expected in ((b"/dead", 502), (b"/alive", 200), (b"/empty", 503), (b"/nowhere", 404), (b"/alive", 200)):
+        writer.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+        status, _, _ = await read_response(reader)
+        assert status == expected, path
+    writer.close()
