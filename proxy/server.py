@@ -66,7 +66,10 @@ class ProxyServer:
 
     @property
     def ready(self) -> bool:
-        return self._generation is not None and not self.draining
+        """Configured, not draining, and every listener open: a probe passing between the first
+        publish and the listeners opening would send traffic to a closed port."""
+        listener_count = 1 if self.listeners.http is None else 2
+        return self._generation is not None and not self.draining and len(self._servers) == listener_count
 
     def publish(self, configuration: Configuration) -> tuple[Problem, ...]:
         problems: list[Problem] = []
