@@ -337,7 +337,7 @@ class CryptoRuntime:
         if lib.SSL_CTX_use_PrivateKey(context._context, pkey) != 1:  # the context takes its own reference
             raise CryptoSetupError(
                 f"private key {redact(key.uri)}: SSL_CTX_use_PrivateKey failed ({openssl_errors()}); "
-                "fix: use a key type TLS supports (RSA, EC)"
+                "fix: pair the certificate with the key it was issued for, of a type TLS supports (RSA, EC)"
             )
         return f"engine:{self.engine_id}"
 
