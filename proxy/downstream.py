@@ -540,7 +540,8 @@ class ClientConnection(FlowControlled):
                 event = await self.next_event(TUNNEL_IDLE_SECONDS)
                 if type(event) is TunnelData:
                     upstream.write(event.data)
-                    await upstream.drain()
+                    async with asyncio.timeout(TUNNEL_IDLE_SECONDS):  # a backend that stopped reading
+                        await upstream.drain()
 
         async def backend_to_client() -> None:
             while True:
