@@ -138,8 +138,11 @@ async def _serve_backend(backend: Backend) -> web.AppRunner:
     return runner
 
 
+StartBackends = Callable[..., Awaitable[list[Backend]]]
+
+
 @pytest.fixture
-async def start_backends() -> AsyncIterator[Callable[..., Awaitable[list[Backend]]]]:
+async def start_backends() -> AsyncIterator[StartBackends]:
     """`await start_backends(names, first_host=2)`: one backend per name on 127.0.0.<first_host+i>,
     all on one port (an EndpointSlice has one port list for all its endpoints)."""
     runners: list[web.AppRunner] = []

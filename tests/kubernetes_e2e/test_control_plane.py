@@ -10,6 +10,7 @@ from pathlib import Path
 from tests.fake_apiserver import FakeApiServer
 from tests.fake_apiserver.store import RESOURCES
 from tests.kubernetes_e2e.conftest import (
+    StartBackends,
     Cluster,
     StartController,
     backend_of,
@@ -24,7 +25,7 @@ CONVERGENCE_DEADLINE = 5.0  # after an API fault, the proxy serves the cluster's
 INGRESSES = next(resource for resource in RESOURCES if resource.kind == "Ingress")
 
 
-async def seed(cluster: Cluster, start_backends, *hosts: str) -> None:
+async def seed(cluster: Cluster, start_backends: StartBackends, *hosts: str) -> None:
     (web,) = await start_backends(["web"])
     await cluster.networking.create_ingress_class(ingress_class())
     await cluster.core.create_namespaced_service("default", service("web", [("http", 80, web.port)]))
@@ -38,7 +39,7 @@ async def served(port: int, host: str) -> bool:
 
 
 async def test_not_ready_and_not_listening_until_the_first_sync(
-    tmp_path: Path, start_controller: StartController, start_backends
+    tmp_path: Path, start_controller: StartController, start_backends: StartBackends
 ) -> None:
     server = FakeApiServer(allow_loopback=True, bookmark_interval=0.5)
     server.port = free_port()  # known before it listens, so the kubeconfig can name it
@@ -68,7 +69,7 @@ async def _accepts(port: int) -> bool:
 
 
 async def test_status_written_by_the_leader_only_and_handed_over(
-    cluster: Cluster, start_controller: StartController, start_backends
+    cluster: Cluster, start_controller: StartController, start_backends: StartBackends
 ) -> None:
     await seed(cluster, start_backends, "app.example")
     election = ("--election-id", "e2e-leader")
@@ -91,7 +92,7 @@ async def test_status_written_by_the_leader_only_and_handed_over(
     assert await second.metric("ingress_proxy_kubernetes_leader") == 1
 
 
-async def test_relist_after_410_expired_converges(cluster: Cluster, start_controller: StartController, start_backends) -> None:
+async def test_relist_after_410_expired_converges(cluster: Cluster, start_controller: StartController, start_backends: StartBackends) -> None:
     await seed(cluster, start_backends, "old.example")
     controller = await start_controller(cluster)
     assert await served(controller.http_port, "old.example")
@@ -109,7 +110,7 @@ async def test_relist_after_410_expired_converges(cluster: Cluster, start_contro
 
 
 async def test_dropped_watches_and_api_server_restarts_converge(
-    cluster: Cluster, start_controller: StartController, start_backends
+    cluster: Cluster, start_controller: StartController, start_backends: StartBackends
 ) -> None:
     await seed(cluster, start_backends, "app.example")
     controller = await start_controller(cluster)

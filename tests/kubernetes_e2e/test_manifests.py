@@ -55,7 +55,7 @@ FAKE_SERVED_KINDS = {resource.kind for resource in RESOURCES}
 
 
 def load(folder: Path) -> list[dict[str, Any]]:
-    documents = []
+    documents: list[dict[str, Any]] = []
     for path in sorted(folder.glob("*.yaml")):
         documents.extend(document for document in yaml.safe_load_all(path.read_text()) if document is not None)
     return documents

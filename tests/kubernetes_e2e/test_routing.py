@@ -6,7 +6,17 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from tests.kubernetes_e2e.conftest import Backend, Cluster, StartController, backend_of, eventually, http_get
+import trustme
+
+from tests.kubernetes_e2e.conftest import (
+    Backend,
+    Cluster,
+    StartBackends,
+    StartController,
+    backend_of,
+    eventually,
+    http_get,
+)
 from tests.kubernetes_e2e.objects import endpoint_slice, ingress, ingress_class, service, tls_secret
 
 CHANGE_DEADLINE = 1.0  # the bar: a change to an Ingress is served within one second
@@ -20,7 +30,7 @@ async def expose(cluster: Cluster, name: str, backends: list[Backend], port_name
 
 
 async def test_create_update_delete_are_served_within_a_second(
-    cluster: Cluster, start_controller: StartController, start_backends
+    cluster: Cluster, start_controller: StartController, start_backends: StartBackends
 ) -> None:
     blue, green = await start_backends(["blue", "green"])
     await cluster.networking.create_ingress_class(ingress_class())
@@ -45,7 +55,7 @@ async def test_create_update_delete_are_served_within_a_second(
 
 
 async def test_one_hundred_fresh_connections_reach_all_ten_endpoints(
-    cluster: Cluster, start_controller: StartController, start_backends
+    cluster: Cluster, start_controller: StartController, start_backends: StartBackends
 ) -> None:
     pods = await start_backends([f"pod-{index}" for index in range(10)])
     await cluster.networking.create_ingress_class(ingress_class())
@@ -76,7 +86,7 @@ async def test_one_hundred_fresh_connections_reach_all_ten_endpoints(
 
 
 async def test_service_port_by_name_follows_the_endpoint_slice_port_of_that_name(
-    cluster: Cluster, start_controller: StartController, start_backends
+    cluster: Cluster, start_controller: StartController, start_backends: StartBackends
 ) -> None:
     (web,) = await start_backends(["web-port"], first_host=20)
     (metrics,) = await start_backends(["metrics-port"], first_host=20)
@@ -96,7 +106,7 @@ async def test_service_port_by_name_follows_the_endpoint_slice_port_of_that_name
 
 
 async def test_class_filtering_by_class_name_legacy_annotation_and_default_class(
-    cluster: Cluster, start_controller: StartController, start_backends
+    cluster: Cluster, start_controller: StartController, start_backends: StartBackends
 ) -> None:
     (web,) = await start_backends(["web"])
     await cluster.networking.create_ingress_class(ingress_class())
@@ -135,7 +145,7 @@ async def test_class_filtering_by_class_name_legacy_annotation_and_default_class
 
 
 async def test_a_bad_ingress_blocks_nothing_and_gets_a_warning_event(
-    cluster: Cluster, start_controller: StartController, start_backends, ca
+    cluster: Cluster, start_controller: StartController, start_backends: StartBackends, ca: trustme.CA
 ) -> None:
     (web,) = await start_backends(["web"])
     await cluster.networking.create_ingress_class(ingress_class())

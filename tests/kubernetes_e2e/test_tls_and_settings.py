@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from pathlib import Path
 
 import trustme
 
-from tests.kubernetes_e2e.conftest import Cluster, StartController, backend_of, client_tls, eventually, http_get
+from tests.kubernetes_e2e.conftest import (
+    Cluster,
+    StartBackends,
+    StartController,
+    backend_of,
+    client_tls,
+    eventually,
+    http_get,
+)
 from tests.kubernetes_e2e.objects import configmap, endpoint_slice, ingress, ingress_class, service, tls_secret
 
 CHANGE_DEADLINE = 1.0
 
 
-async def seed_web(cluster: Cluster, start_backends) -> None:
+async def seed_web(cluster: Cluster, start_backends: StartBackends) -> None:
     (web,) = await start_backends(["web"])
     await cluster.networking.create_ingress_class(ingress_class())
     await cluster.core.create_namespaced_service("default", service("web", [("http", 80, web.port)]))
@@ -37,7 +46,7 @@ def der(issued: trustme.LeafCert) -> bytes:
 
 
 async def test_tls_secret_served_by_sni_and_rotated_without_restart(
-    cluster: Cluster, start_controller: StartController, start_backends, ca: trustme.CA, tmp_path
+    cluster: Cluster, start_controller: StartController, start_backends: StartBackends, ca: trustme.CA, tmp_path: Path
 ) -> None:
     await seed_web(cluster, start_backends)
     first_a, first_b = ca.issue_cert("a.example"), ca.issue_cert("b.example")
@@ -72,7 +81,7 @@ async def test_tls_secret_served_by_sni_and_rotated_without_restart(
 
 
 async def test_configmap_ssl_redirect_hsts_and_timeouts_apply_live(
-    cluster: Cluster, start_controller: StartController, start_backends, ca: trustme.CA
+    cluster: Cluster, start_controller: StartController, start_backends: StartBackends, ca: trustme.CA
 ) -> None:
     await seed_web(cluster, start_backends)
     await cluster.core.create_namespaced_secret("default", tls_secret("c-tls", ca.issue_cert("c.example")))
