@@ -18,16 +18,23 @@ Decisions:
   No port, no trailing dot: routing compares the Host header without port and SNI has neither.
 - A certificate's subjectAltName DNS names serve as its hosts only when they are valid host
   patterns: a name that cannot be routed (a bare "*", a Unicode IDN) is not served.
+
+One function is not a check: `self_signed_certificate` makes fresh key material, for the
+generated default certificate and the `make run` demo.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PRIVATE_KEY_TYPES
 
 PrivateKey = PRIVATE_KEY_TYPES
@@ -182,3 +189,28 @@ def san_host_patterns(certificate: x509.Certificate) -> tuple[str, ...]:
         except HostPatternError:
             continue
     return tuple(dict.fromkeys(patterns))
+
+
+def self_signed_certificate(
+    common_name: str, dns_names: Sequence[str] = (), ip_addresses: Sequence[str] = (), days: int = 365
+) -> tuple[bytes, bytes]:
+    """A fresh ECDSA P-256 key and a self-signed certificate for it: (certificate PEM, PKCS#8 key PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+    )
+    alternative_names: list[x509.GeneralName] = [x509.DNSName(host) for host in dns_names]
+    alternative_names += [x509.IPAddress(ipaddress.ip_address(address)) for address in ip_addresses]
+    if alternative_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
+    certificate = builder.sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem

@@ -9,17 +9,14 @@ runs `ingress-proxy serve --routes examples/routes.yaml` until Ctrl-C.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import signal
 import sys
 from pathlib import Path
 
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+
+from config.tls_material import self_signed_certificate
 
 EXAMPLES = Path(__file__).resolve().parent
 CERTS = EXAMPLES / "certs"
@@ -31,31 +28,11 @@ def write_demo_certificate() -> None:
     if (CERTS / "demo.pem").exists() and (CERTS / "demo.key").exists():
         return
     CERTS.mkdir(exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "ingress-proxy demo")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(host) for host in NAMES] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    (CERTS / "demo.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    chain_pem, key_pem = self_signed_certificate("ingress-proxy demo", NAMES, ["127.0.0.1"])
+    (CERTS / "demo.pem").write_bytes(chain_pem)
     key_path = CERTS / "demo.key"
     key_path.touch(mode=0o600)
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    key_path.write_bytes(key_pem)
 
 
 async def start_echo_backend(port: int) -> web.AppRunner:

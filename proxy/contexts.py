@@ -14,18 +14,14 @@ with several workers, across processes.
 
 from __future__ import annotations
 
-import datetime
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 
 from config.model import Certificate, Configuration, KeySource, PemKey, Problem
-from config.tls_material import PEM_CERTIFICATE_BLOCK
+from config.tls_material import PEM_CERTIFICATE_BLOCK, self_signed_certificate
 from proxy import libssl
 
 # Installs a key into a context and returns its key-source label ("file", "engine:<id>").
@@ -38,21 +34,8 @@ _SESSION_CACHE_SECONDS = 300
 @functools.cache
 def self_signed_default() -> Certificate:
     """The certificate for unknown SNI when none is configured: generated once per process."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "ingress-proxy default certificate")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    return Certificate(certificate.public_bytes(serialization.Encoding.PEM), PemKey(key_pem), (), "generated default")
+    chain_pem, key_pem = self_signed_certificate("ingress-proxy default certificate", days=3650)
+    return Certificate(chain_pem, PemKey(key_pem), (), "generated default")
 
 
 def _select_http1(connection: SSL.Connection, offered: list[bytes]) -> bytes:
