@@ -25,9 +25,6 @@ class Balancer:
         self._endpoints = {**self._endpoints, backend: endpoints}
         self._close_unused_pools()
 
-    def knows(self, backend: str) -> bool:
-        return backend in self._endpoints
-
     def candidates(self, backend: str) -> list[Address]:
         """All endpoints, starting at the next one in round-robin order (retries walk on)."""
         endpoints = self._endpoints.get(backend, ())

@@ -27,12 +27,10 @@ class UpstreamConnection(FlowControlled):
         self.address = address
         self.parser: ResponseParser | None = None
         self.pool: EndpointPool | None = None  # set while idle in a pool
-        self.requests_served = 0
         self.response_started = False  # any byte of the current response arrived
 
     def begin_request(self, method: bytes) -> None:
         self.parser = ResponseParser(method, self.events)
-        self.requests_served += 1
         self.response_started = False
 
     def write(self, data: bytes) -> None:
