@@ -1,9 +1,10 @@
 """Certificates of one configuration → prebuilt pyOpenSSL contexts, chosen per connection by SNI.
 
-Contexts are built once per published configuration, in the control plane, and never mutated
-after they served a connection (shared/NOTES.md §2): a certificate change builds a new set. Every
-connection starts on the default context; the SNI callback switches it to the context of the
-requested name (precise name, then `*.one-label` wildcard, then the default certificate).
+Contexts are built in the control plane when a configuration is published, and never mutated
+after they served a connection (shared/NOTES.md §2): a changed certificate gets a new context,
+unchanged ones keep theirs (`ContextCache`). Every connection starts on the default context; the
+SNI callback switches it to the context of the requested name (precise name, then `*.one-label`
+wildcard, then the default certificate), always by the newest published mapping.
 
 One context may hold several certificates for the same names (say RSA and ECDSA): OpenSSL then
 serves ECDSA to clients that support it and RSA to the rest.
@@ -72,16 +73,65 @@ class TlsContexts:
         return self.key_sources.get(id(context), "file")
 
 
-class _Builder:
-    def __init__(self, configuration: Configuration, install_key: KeyInstaller, ticket_keys: bytes) -> None:
-        self._configuration = configuration
-        self._install_key = install_key
-        self._ticket_keys = ticket_keys
-        self._failed: dict[str, str] = {}  # origin → reason, reported once per certificate
-        self.key_sources: dict[int, str] = {}
-        self.contexts: TlsContexts | None = None
+# What a context is built from: each certificate's chain and key, in SNI-group order.
+_ContextKey = tuple[tuple[bytes, KeySource], ...]
 
-    def _new_context(self) -> SSL.Context:
+
+class ContextCache:
+    """Builds each publish's contexts, reusing those whose certificates did not change.
+
+    Building a context parses its chain and key (about 1 ms per certificate, more from an HSM), so
+    rebuilding thousands on every Ingress change would stall the event loop for seconds. Contexts
+    are keyed by the certificates' content; a new crypto runtime (engine or async mode changed)
+    invalidates them all, since keys must be loaded after the engine defaults are set. Only the
+    contexts the latest publish uses are kept. The SNI callback of every context reads `current`,
+    so a reused context always switches by the newest mapping.
+    """
+
+    def __init__(self, ticket_keys: bytes) -> None:
+        self._ticket_keys = ticket_keys
+        self._built: dict[_ContextKey, tuple[SSL.Context, str]] = {}  # → (context, key-source label)
+        self._built_with: KeyInstaller | None = None
+        self.current: TlsContexts | None = None
+
+    def build(self, configuration: Configuration, install_key: KeyInstaller) -> TlsContexts:
+        """Contexts for `configuration`; certificates that fail are left out and reported."""
+        if install_key != self._built_with:
+            self._built, self._built_with = {}, install_key
+        build = _Build(self, configuration, install_key)
+        by_host: dict[str, list[Certificate]] = {}
+        for certificate in configuration.certificates:
+            for host in certificate.hosts:
+                by_host.setdefault(host.lower(), []).append(certificate)
+        precise: dict[str, SSL.Context] = {}
+        wildcard: dict[str, SSL.Context] = {}
+        for host, certificates in by_host.items():
+            context = build.context_for(certificates)
+            if context is None:
+                continue
+            if host.startswith("*."):
+                wildcard[host[2:]] = context
+            else:
+                precise[host] = context
+        default = None
+        if configuration.default_certificate is not None:
+            default = build.context_for([configuration.default_certificate])
+        if default is None:
+            default = build.context_for([self_signed_default()])
+        assert default is not None, "the generated default certificate always loads"
+        self._built = build.used
+        problems = tuple(Problem(origin, f"certificate left out: {reason}") for origin, reason in sorted(build.failed.items()))
+        key_sources = {id(context): label for context, label in build.used.values()}
+        self.current = TlsContexts(default, precise, wildcard, key_sources, problems)
+        return self.current
+
+    def _switch_by_sni(self, connection: SSL.Connection) -> None:
+        assert self.current is not None
+        chosen = self.current.for_server_name(connection.get_servername())
+        if chosen is not connection.get_context():
+            connection.set_context(chosen)
+
+    def new_context(self, async_mode: bool) -> SSL.Context:
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
         context.set_min_proto_version(SSL.TLS1_2_VERSION)
         context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
@@ -91,24 +141,40 @@ class _Builder:
         context.set_alpn_select_callback(_select_http1)
         context.set_tlsext_servername_callback(self._switch_by_sni)
         libssl.set_ticket_keys(context, self._ticket_keys)
-        if self._configuration.crypto.async_mode:
+        if async_mode:
             from proxy.offload import enable_async_mode
 
             enable_async_mode(context)
         return context
 
-    def _switch_by_sni(self, connection: SSL.Connection) -> None:
-        assert self.contexts is not None
-        chosen = self.contexts.for_server_name(connection.get_servername())
-        if chosen is not connection.get_context():
-            connection.set_context(chosen)
+
+class _Build:
+    """One publish's pass over the certificates."""
+
+    def __init__(self, cache: ContextCache, configuration: Configuration, install_key: KeyInstaller) -> None:
+        self._cache = cache
+        self._async_mode = configuration.crypto.async_mode
+        self._install_key = install_key
+        self.failed: dict[str, str] = {}  # origin → reason, reported once per certificate
+        self.used: dict[_ContextKey, tuple[SSL.Context, str]] = {}
 
     def context_for(self, certificates: list[Certificate]) -> SSL.Context | None:
-        context = self._new_context()
+        certificates = [certificate for certificate in certificates if certificate.origin not in self.failed]
+        if not certificates:
+            return None
+        key = tuple((certificate.chain_pem, certificate.key) for certificate in certificates)
+        entry = self.used.get(key) or self._cache._built.get(key)
+        if entry is None:
+            entry = self._build(certificates)
+            if entry is None:  # one of them failed: try again without it
+                return self.context_for(certificates)
+        self.used[key] = entry
+        return entry[0]
+
+    def _build(self, certificates: list[Certificate]) -> tuple[SSL.Context, str] | None:
+        context = self._cache.new_context(self._async_mode)
         labels = []
         for certificate in certificates:
-            if certificate.origin in self._failed:
-                continue
             try:
                 chain = _load_chain(certificate.chain_pem)
                 context.use_certificate(chain[0])
@@ -117,41 +183,6 @@ class _Builder:
                 labels.append(self._install_key(context, certificate.key))
                 context.check_privatekey()
             except Exception as error:  # any failure excludes just this certificate
-                self._failed[certificate.origin] = str(error) or type(error).__name__
-                return self.context_for([c for c in certificates if c.origin not in self._failed])
-        if not labels:
-            return None
-        self.key_sources[id(context)] = "+".join(sorted(set(labels)))
-        return context
-
-
-def build_contexts(configuration: Configuration, install_key: KeyInstaller, ticket_keys: bytes) -> TlsContexts:
-    """Build every context of `configuration`; certificates that fail are left out and reported."""
-    builder = _Builder(configuration, install_key, ticket_keys)
-    by_host: dict[str, list[Certificate]] = {}
-    for certificate in configuration.certificates:
-        for host in certificate.hosts:
-            by_host.setdefault(host.lower(), []).append(certificate)
-    by_group: dict[tuple[str, ...], SSL.Context | None] = {}
-    precise: dict[str, SSL.Context] = {}
-    wildcard: dict[str, SSL.Context] = {}
-    for host, certificates in by_host.items():
-        group = tuple(certificate.origin for certificate in certificates)
-        if group not in by_group:
-            by_group[group] = builder.context_for(certificates)
-        context = by_group[group]
-        if context is None:
-            continue
-        if host.startswith("*."):
-            wildcard[host[2:]] = context
-        else:
-            precise[host] = context
-    default = None
-    if configuration.default_certificate is not None:
-        default = builder.context_for([configuration.default_certificate])
-    if default is None:
-        default = builder.context_for([self_signed_default()])
-    assert default is not None, "the generated default certificate always loads"
-    problems = tuple(Problem(origin, f"certificate left out: {reason}") for origin, reason in sorted(builder._failed.items()))
-    builder.contexts = TlsContexts(default, precise, wildcard, builder.key_sources, problems)
-    return builder.contexts
+                self.failed[certificate.origin] = str(error) or type(error).__name__
+                return None
+        return context, "+".join(sorted(set(labels)))

@@ -26,7 +26,7 @@ from config.model import Address, Configuration, Listeners, Problem
 from config.source import RouteSource
 from proxy import metrics
 from proxy.balancer import Balancer
-from proxy.contexts import TlsContexts, build_contexts
+from proxy.contexts import ContextCache, TlsContexts
 from proxy.downstream import ClientConnection, Listener
 from proxy.libssl import TICKET_KEYS_LENGTH
 from proxy.router import Router
@@ -54,6 +54,7 @@ class ProxyServer:
         self._generation: Generation | None = None
         self._next_publish = asyncio.Event()  # set (and replaced) by every publish
         self._crypto: CryptoRuntime | None = None
+        self._contexts = ContextCache(self.ticket_keys)
         self._servers: list[asyncio.AbstractServer] = []
         self.bound_ports: dict[str, int] = {}  # listener name → port actually bound (port 0 in tests)
 
@@ -86,7 +87,7 @@ class ProxyServer:
                 self._crypto = crypto
                 if configuration.crypto.engine is not None:
                     metrics.ENGINE_UP.labels(configuration.crypto.engine.id).set(crypto.engine_status == "loaded")
-        tls = build_contexts(configuration, crypto.use_private_key, self.ticket_keys)
+        tls = self._contexts.build(configuration, crypto.use_private_key)
         problems.extend(tls.problems)
         number = self._generation.number + 1 if self._generation else 1
         self.balancer.set_backends(configuration.routes.backends)
