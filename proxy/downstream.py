@@ -351,13 +351,13 @@ class ClientConnection(FlowControlled):
         backend = match.backend
         if not self.listener.tls and virtual_host is not None and virtual_host.redirect_to_https:
             status = 308
-            keep = await self._answer_locally(head, status, self._redirect_header(head))
+            keep = self._answer_locally(head, status, self._redirect_header(head))
         elif backend is None:
             status = 404
-            keep = await self._answer_locally(head, status)
+            keep = self._answer_locally(head, status)
         elif not (candidates := self.server.balancer.candidates(backend)):
             status = 503
-            keep = await self._answer_locally(head, status)
+            keep = self._answer_locally(head, status)
         else:
             status, keep = await self._proxy(head, backend, candidates, generation)
         elapsed = self.loop.time() - started
@@ -375,7 +375,7 @@ class ClientConnection(FlowControlled):
         authority = host if port == 443 else b"%s:%d" % (host, port)
         return b"Location: https://%s%s\r\n" % (authority, head.target)
 
-    async def _answer_locally(self, head: RequestHead, status: int, extra: bytes = b"") -> bool:
+    def _answer_locally(self, head: RequestHead, status: int, extra: bytes = b"") -> bool:
         self._send(simple_response(status, _HttpDate.now(), close=head.has_body, extra=extra + self._hsts()))
         return not head.has_body  # an unread body would be taken for the next request: close instead
 
