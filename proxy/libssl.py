@@ -1,4 +1,5 @@
-"""ctypes access to the few libssl controls pyOpenSSL 23 does not bind.
+"""ctypes access to the few libssl functions pyOpenSSL 23 does not bind (the async-job ones are in
+proxy/offload.py, through the same `LIBSSL` handle).
 
 pyOpenSSL's cffi module and ctypes open the same shared libssl.so.3 (Debian's build), so an
 `SSL_CTX*` taken from `context._context` is valid here too (shared/NOTES.md §1).
@@ -12,9 +13,9 @@ import ctypes.util
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi
 
-_libssl = ctypes.CDLL(ctypes.util.find_library("ssl") or "libssl.so.3")
-_libssl.SSL_CTX_ctrl.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p)
-_libssl.SSL_CTX_ctrl.restype = ctypes.c_long
+LIBSSL = ctypes.CDLL(ctypes.util.find_library("ssl") or "libssl.so.3")
+LIBSSL.SSL_CTX_ctrl.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p)
+LIBSSL.SSL_CTX_ctrl.restype = ctypes.c_long
 
 _SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 _SSL_CTRL_CHAIN_CERT = 89
@@ -27,7 +28,7 @@ def _address(pointer: object) -> int:
 
 def add_chain_certificate(context: SSL.Context, certificate: crypto.X509) -> None:
     """Append an intermediate to the chain of the certificate last set on `context` (add1)."""
-    if not _libssl.SSL_CTX_ctrl(_address(context._context), _SSL_CTRL_CHAIN_CERT, 1, _address(certificate._x509)):
+    if not LIBSSL.SSL_CTX_ctrl(_address(context._context), _SSL_CTRL_CHAIN_CERT, 1, _address(certificate._x509)):
         raise SSL.Error("could not add the chain certificate")
 
 
@@ -36,5 +37,5 @@ def set_ticket_keys(context: SSL.Context, keys: bytes) -> None:
     if len(keys) != TICKET_KEYS_LENGTH:
         raise ValueError(f"ticket keys must be {TICKET_KEYS_LENGTH} bytes")
     buffer = ctypes.create_string_buffer(keys, len(keys))
-    if not _libssl.SSL_CTX_ctrl(_address(context._context), _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer):
+    if not LIBSSL.SSL_CTX_ctrl(_address(context._context), _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer):
         raise SSL.Error("could not set the session ticket keys")

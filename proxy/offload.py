@@ -25,13 +25,15 @@ from typing import Any
 from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 
+from proxy.libssl import LIBSSL
+
 SSL_ERROR_WANT_ASYNC = 9
 SSL_MODE_ASYNC = 0x100
 
 
 @functools.cache
 def _get_all_async_fds() -> Any:
-    function = ctypes.CDLL("libssl.so.3").SSL_get_all_async_fds
+    function = LIBSSL.SSL_get_all_async_fds
     function.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_size_t)]
     function.restype = ctypes.c_int
     return function

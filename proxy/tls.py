@@ -42,7 +42,8 @@ import enum
 from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 
-SSL_ERROR_WANT_ASYNC = 9  # not in pyOpenSSL 23's cffi bindings
+from proxy.offload import SSL_ERROR_WANT_ASYNC
+
 _READ_CHUNK = 256 * 1024
 _shared_buffer = ffi.new("char[]", _READ_CHUNK)  # one event-loop thread: safe to reuse
 
