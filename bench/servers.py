@@ -419,6 +419,7 @@ listen: {{https: "127.0.0.1:{port}", admin: "127.0.0.1:{admin_port}"}}
 tls:
   certificates: [{{cert: "{files.cert}", key: "{files.key}"}}]
   default_certificate: {{cert: "{files.cert}", key: "{files.key}"}}
+  session_resumption: {"true" if settings.resumption else "false"}
 {engine}timeouts: {{header_read: {IDLE_TIMEOUT_SECONDS}, idle: {IDLE_TIMEOUT_SECONDS}}}
 routes: [{{paths: [{{path: /, type: Prefix, backend: app}}]}}]
 backends: {{app: {{endpoints: ["127.0.0.1:{run.backend_port}"]}}}}
@@ -427,9 +428,6 @@ backends: {{app: {{endpoints: ["127.0.0.1:{run.backend_port}"]}}}}
         argv = [str(self.executable), "serve", "--routes", str(routes), "--no-access-log"]
         if settings.workers != 1:
             argv += ["--workers", str(settings.workers)]
-        notes = () if settings.resumption else (
-            "resumption stays on (not configurable yet); the client offers no session",
-        )
         environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with launch(self.name, argv, settings.cpus, run.workdir, environment) as (process, log_path):
 
@@ -446,7 +444,7 @@ backends: {{app: {{endpoints: ["127.0.0.1:{run.backend_port}"]}}}}
 
             wait_until(not_ready, process, log_path, self.name)
             check_ready_proxy(self.name, port, settings, run.certs.ca)
-            yield RunningProxy(self.name, process.pid, port, notes=notes, admin_port=admin_port)
+            yield RunningProxy(self.name, process.pid, port, notes=(), admin_port=admin_port)
 
 
 PROXIES: tuple[Proxy, ...] = (IngressProxy(), HAProxy(), Nginx())

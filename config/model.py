@@ -157,6 +157,7 @@ class Configuration:
     timeouts: Timeouts = Timeouts()
     hsts: Hsts | None = None
     access_log_json: bool = False
+    session_resumption: bool = True  # session cache + tickets; off = HAProxy's no-tls-tickets + cachesize 0
 
 
 @dataclass(frozen=True)

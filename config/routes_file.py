@@ -91,7 +91,7 @@ _TAG_FLOAT = "tag:yaml.org,2002:float"
 # Known keys per section, in the order the hint lists them.
 _TOP_KEYS = ("listen", "tls", "timeouts", "hsts", "access_log", "routes", "default_backend", "backends")
 _LISTEN_KEYS = ("https", "http", "admin")
-_TLS_KEYS = ("certificates", "default_certificate", "engine", "async", "providers")
+_TLS_KEYS = ("certificates", "default_certificate", "engine", "async", "providers", "session_resumption")
 _CERTIFICATE_KEYS = ("cert", "key", "hosts", "pin_env", "pin_file")
 _DEFAULT_CERTIFICATE_KEYS = ("cert", "key", "pin_env", "pin_file")
 _ENGINE_KEYS = ("id", "so_path", "ctrl", "algorithms", "required")
@@ -172,9 +172,9 @@ class _Checker:
         if "default_backend" in fields:
             default_backend = self.backend_reference(fields["default_backend"], "default_backend", defined_backends)
         certificates: tuple[Certificate, ...] = ()
-        default_certificate, crypto = None, CryptoSettings()
+        default_certificate, crypto, session_resumption = None, CryptoSettings(), True
         if "tls" in fields:
-            certificates, default_certificate, crypto = self.tls(fields["tls"])
+            certificates, default_certificate, crypto, session_resumption = self.tls(fields["tls"])
         timeouts = self.timeouts(fields["timeouts"]) if "timeouts" in fields else Timeouts()
         hsts = self.hsts(fields["hsts"]) if "hsts" in fields else None
         access_log_json = self.access_log_json(fields["access_log"]) if "access_log" in fields else False
@@ -189,6 +189,7 @@ class _Checker:
             timeouts=timeouts,
             hsts=hsts,
             access_log_json=access_log_json,
+            session_resumption=session_resumption,
         )
         return LoadedRoutes(listeners=listeners, configuration=configuration)
 
@@ -386,10 +387,11 @@ class _Checker:
 
     # ---- tls ----------------------------------------------------------------------------------
 
-    def tls(self, node: yaml.Node) -> tuple[tuple[Certificate, ...], Certificate | None, CryptoSettings]:
+    def tls(self, node: yaml.Node) -> tuple[tuple[Certificate, ...], Certificate | None, CryptoSettings, bool]:
+        """(certificates, default certificate, crypto settings, session resumption on)."""
         fields = self.mapping(node, "tls", _TLS_KEYS)
         if fields is None:
-            return (), None, CryptoSettings()
+            return (), None, CryptoSettings(), True
         engine = self.engine(fields["engine"]) if "engine" in fields else None
         engine_configured = "engine" in fields
         certificates: list[Certificate] = []
@@ -408,7 +410,10 @@ class _Checker:
         if "providers" in fields:
             providers = self.texts(fields["providers"], "tls.providers")
         crypto = CryptoSettings(engine=engine, async_mode=async_mode, providers=providers)
-        return tuple(certificates), default_certificate, crypto
+        resumption = True
+        if "session_resumption" in fields:
+            resumption = self.flag(fields["session_resumption"], "tls.session_resumption") is not False
+        return tuple(certificates), default_certificate, crypto, resumption
 
     def engine(self, node: yaml.Node) -> EngineSettings | None:
         fields = self.mapping(node, "tls.engine", _ENGINE_KEYS, required={"id": "id: pkcs11"})

@@ -91,13 +91,14 @@ class ContextCache:
     def __init__(self, ticket_keys: bytes) -> None:
         self._ticket_keys = ticket_keys
         self._built: dict[_ContextKey, tuple[SSL.Context, str]] = {}  # → (context, key-source label)
-        self._built_with: KeyInstaller | None = None
+        self._built_with: tuple[KeyInstaller, bool] | None = None  # (crypto runtime, resumption on)
         self.current: TlsContexts | None = None
 
     def build(self, configuration: Configuration, install_key: KeyInstaller) -> TlsContexts:
         """Contexts for `configuration`; certificates that fail are left out and reported."""
-        if install_key != self._built_with:
-            self._built, self._built_with = {}, install_key
+        built_with = (install_key, configuration.session_resumption)
+        if built_with != self._built_with:
+            self._built, self._built_with = {}, built_with
         build = _Build(self, configuration, install_key)
         by_host: dict[str, list[Certificate]] = {}
         for certificate in configuration.certificates:
@@ -131,13 +132,18 @@ class ContextCache:
         if chosen is not connection.get_context():
             connection.set_context(chosen)
 
-    def new_context(self, async_mode: bool) -> SSL.Context:
+    def new_context(self, async_mode: bool, resumption: bool) -> SSL.Context:
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
         context.set_min_proto_version(SSL.TLS1_2_VERSION)
         context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
         context.set_session_id(b"ingress-proxy")
-        context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-        context.set_timeout(_SESSION_CACHE_SECONDS)
+        if resumption:
+            context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+            context.set_timeout(_SESSION_CACHE_SECONDS)
+        else:  # no cache, no TLS 1.2 tickets, and no TLS 1.3 NewSessionTicket messages at all
+            context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+            context.set_options(SSL.OP_NO_TICKET)
+            libssl.set_ticket_count(context, 0)
         context.set_alpn_select_callback(_select_http1)
         context.set_tlsext_servername_callback(self._switch_by_sni)
         libssl.set_ticket_keys(context, self._ticket_keys)
@@ -154,6 +160,7 @@ class _Build:
     def __init__(self, cache: ContextCache, configuration: Configuration, install_key: KeyInstaller) -> None:
         self._cache = cache
         self._async_mode = configuration.crypto.async_mode
+        self._resumption = configuration.session_resumption
         self._install_key = install_key
         self.failed: dict[str, str] = {}  # origin → reason, reported once per certificate
         self.used: dict[_ContextKey, tuple[SSL.Context, str]] = {}
@@ -172,7 +179,7 @@ class _Build:
         return entry[0]
 
     def _build(self, certificates: list[Certificate]) -> tuple[SSL.Context, str] | None:
-        context = self._cache.new_context(self._async_mode)
+        context = self._cache.new_context(self._async_mode, self._resumption)
         labels = []
         for certificate in certificates:
             try:

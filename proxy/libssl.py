@@ -16,6 +16,8 @@ from OpenSSL._util import ffi
 LIBSSL = ctypes.CDLL(ctypes.util.find_library("ssl") or "libssl.so.3")
 LIBSSL.SSL_CTX_ctrl.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p)
 LIBSSL.SSL_CTX_ctrl.restype = ctypes.c_long
+LIBSSL.SSL_CTX_set_num_tickets.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+LIBSSL.SSL_CTX_set_num_tickets.restype = ctypes.c_int
 
 _SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 _SSL_CTRL_CHAIN_CERT = 89
@@ -39,3 +41,9 @@ def set_ticket_keys(context: SSL.Context, keys: bytes) -> None:
     buffer = ctypes.create_string_buffer(keys, len(keys))
     if not LIBSSL.SSL_CTX_ctrl(_address(context._context), _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer):
         raise SSL.Error("could not set the session ticket keys")
+
+
+def set_ticket_count(context: SSL.Context, count: int) -> None:
+    """How many TLS 1.3 session tickets a full handshake sends (OpenSSL's default is 2)."""
+    if not LIBSSL.SSL_CTX_set_num_tickets(_address(context._context), count):
+        raise SSL.Error("could not set the number of session tickets")

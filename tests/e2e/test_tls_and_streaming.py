@@ -75,6 +75,20 @@ async def test_tls12_and_tls13_with_resumption(ca, tls_proxy, version):
         assert reused
 
 
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_session_resumption_can_be_switched_off(ca, start_proxy, start_backend, version):
+    backend = await start_backend("app")
+    configuration = simple_configuration(
+        {"app": [backend.address]}, {"": [("/", P, "app")]},
+        certificates=(certificate_for(ca, "ec.test"),), session_resumption=False,
+    )
+    proxy = await start_proxy(configuration)
+    context = tls_client_context(ca, minimum_version=version, maximum_version=version)
+    _, _, _, session, _ = await asyncio.to_thread(_handshake, proxy.https_port, context, "ec.test")
+    _, _, reused, _, _ = await asyncio.to_thread(_handshake, proxy.https_port, context, "ec.test", session)
+    assert not reused
+
+
 async def test_ecdsa_preferred_rsa_for_clients_without_ecdsa(ca, tls_proxy):
     proxy, _ = tls_proxy
     context = tls_client_context(ca, maximum_version=ssl.TLSVersion.TLSv1_2)

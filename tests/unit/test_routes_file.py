@@ -261,6 +261,8 @@ VALID_CASES: dict[str, tuple[str, Getter, object]] = {
     ),
     "engine-defaults": (LISTEN + "tls: {engine: {id: qatengine}}", lambda r: r.configuration.crypto,
                         CryptoSettings(engine=EngineSettings(id="qatengine", algorithms=("ALL",), required=False))),
+    "session-resumption-off": (LISTEN + "tls: {session_resumption: false}", lambda r: r.configuration.session_resumption, False),
+    "session-resumption-default-on": (LISTEN + "tls: {async: false}", lambda r: r.configuration.session_resumption, True),
     "timeouts-integer-seconds": (LISTEN + "timeouts: {drain: 3}", lambda r: r.configuration.timeouts, Timeouts(drain=3.0)),
     "string-field-takes-number-as-written": (
         LISTEN + "tls: {engine: {id: 0123}}", lambda r: r.configuration.crypto.engine.id, "0123"  # type: ignore[union-attr]
@@ -447,6 +449,9 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
     "engine-ctrl-mapping": case(ENGINE_WITH + "ctrl: »{A: 1}}}\n", "tls.engine.ctrl: expected a list"),
     "engine-required-not-boolean": case(ENGINE_WITH + "required: »1}}\n", "expected true or false, got a number"),
     "async-not-boolean": case(LISTEN + "tls: {async: »'on'}\n", "tls.async: expected true or false"),
+    "session-resumption-not-boolean": case(
+        LISTEN + "tls: {session_resumption: »maybe}\n", "tls.session_resumption: expected true or false"
+    ),
     "providers-not-strings": case(LISTEN + "tls: {providers: [»{a: 1}]}\n", "tls.providers[0]: expected a string"),
     # timeouts, hsts, access log
     "timeout-zero": case(LISTEN + "timeouts: {connect: »0}\n", "timeouts.connect: 0 is not a positive number of seconds"),
