@@ -142,6 +142,15 @@ async def test_two_workers_share_listener_and_session_tickets(tmp_path, certific
         _, _, session = await asyncio.to_thread(https_get, https, "/", None, context)
         resumed = [(await asyncio.to_thread(https_get, https, "/", session, context))[1] for _ in range(12)]
         assert all(resumed), "tickets from one worker must resume in the other"
+        write_routes(routes, https, admin, f"{backend.address.host}:{backend.address.port}", cert, key, prefix="/v2")
+        process.send_signal(signal.SIGHUP)  # the master forwards it to every worker
+        deadline = time.monotonic() + 5
+        while True:
+            statuses = [(await asyncio.to_thread(https_get, https, "/v2"))[0] for _ in range(12)]
+            if statuses == [200] * 12:
+                break  # fresh connections land on both workers: both reloaded
+            assert time.monotonic() < deadline, f"not every worker reloaded: {statuses}"
+            await asyncio.sleep(0.2)
     finally:
         code, stderr = await stop(process)
     assert code == 0, stderr
