@@ -344,10 +344,11 @@ class _Checker:
             backend = None
             if "backend" in fields:
                 backend = self.backend_reference(fields["backend"], f"{item_where}.backend", defined_backends)
-            if path is None or path_type is None:
+            if path is not None and not path.startswith("/"):  # every type: ImplementationSpecific matches like Prefix
+                kind = f"{path_type.value} paths" if path_type is not None else "paths"
+                self.report(fields["path"], f"{item_where}.path: {kind} start with '/' (write '/{path}')")
                 continue
-            if not path.startswith("/"):  # ImplementationSpecific too: it matches like Prefix
-                self.report(fields["path"], f"{item_where}.path: {path_type.value} paths start with '/' (write '/{path}')")
+            if path is None or path_type is None:
                 continue
             if host is None:
                 continue

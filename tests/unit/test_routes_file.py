@@ -449,6 +449,10 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
     "engine-ctrl-mapping": case(ENGINE_WITH + "ctrl: »{A: 1}}}\n", "tls.engine.ctrl: expected a list"),
     "engine-required-not-boolean": case(ENGINE_WITH + "required: »1}}\n", "expected true or false, got a number"),
     "async-not-boolean": case(LISTEN + "tls: {async: »'on'}\n", "tls.async: expected true or false"),
+    "path-without-slash-reported-even-with-bad-type": case(
+        LISTEN + B + "routes: [{paths: [{path: »api, type: »Fuzzy, backend: b}]}]\n",
+        "paths start with '/'", "'Fuzzy' is not a path type",
+    ),
     "session-resumption-not-boolean": case(
         LISTEN + "tls: {session_resumption: »maybe}\n", "tls.session_resumption: expected true or false"
     ),
