@@ -79,7 +79,6 @@ _PAUSED_IN_ASYNC_JOB: set[ClientConnection] = set()
 class Listener:
     name: str  # "https" or "http": metrics label and X-Forwarded-Proto
     tls: bool
-    port: int
     address: bytes  # "host:port" as bound: the Host for HTTP/1.0 requests that carry none
 
 

@@ -24,13 +24,14 @@ _SSL_CTRL_CHAIN_CERT = 89
 TICKET_KEYS_LENGTH = 80  # OpenSSL 3: 16 bytes name + 32 HMAC secret + 32 AES secret
 
 
-def _address(pointer: object) -> int:
+def address(pointer: object) -> int:
+    """A cffi pointer (`context._context`, `connection._ssl`) as the integer ctypes takes."""
     return int(ffi.cast("uintptr_t", pointer))
 
 
 def add_chain_certificate(context: SSL.Context, certificate: crypto.X509) -> None:
     """Append an intermediate to the chain of the certificate last set on `context` (add1)."""
-    if not LIBSSL.SSL_CTX_ctrl(_address(context._context), _SSL_CTRL_CHAIN_CERT, 1, _address(certificate._x509)):
+    if not LIBSSL.SSL_CTX_ctrl(address(context._context), _SSL_CTRL_CHAIN_CERT, 1, address(certificate._x509)):
         raise SSL.Error("could not add the chain certificate")
 
 
@@ -39,11 +40,11 @@ def set_ticket_keys(context: SSL.Context, keys: bytes) -> None:
     if len(keys) != TICKET_KEYS_LENGTH:
         raise ValueError(f"ticket keys must be {TICKET_KEYS_LENGTH} bytes")
     buffer = ctypes.create_string_buffer(keys, len(keys))
-    if not LIBSSL.SSL_CTX_ctrl(_address(context._context), _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer):
+    if not LIBSSL.SSL_CTX_ctrl(address(context._context), _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer):
         raise SSL.Error("could not set the session ticket keys")
 
 
 def set_ticket_count(context: SSL.Context, count: int) -> None:
     """How many TLS 1.3 session tickets a full handshake sends (OpenSSL's default is 2)."""
-    if not LIBSSL.SSL_CTX_set_num_tickets(_address(context._context), count):
+    if not LIBSSL.SSL_CTX_set_num_tickets(address(context._context), count):
         raise SSL.Error("could not set the number of session tickets")

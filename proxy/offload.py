@@ -23,9 +23,9 @@ import functools
 from typing import Any
 
 from OpenSSL import SSL
-from OpenSSL._util import ffi, lib
+from OpenSSL._util import lib
 
-from proxy.libssl import LIBSSL
+from proxy.libssl import LIBSSL, address
 
 SSL_ERROR_WANT_ASYNC = 9
 SSL_MODE_ASYNC = 0x100
@@ -48,7 +48,7 @@ def enable_async_mode(context: SSL.Context) -> None:
 def async_wait_fds(connection: SSL.Connection) -> list[int]:
     """The fds to wait on (readable) before repeating the SSL call that returned WANT_ASYNC."""
     get_all_async_fds = _get_all_async_fds()
-    ssl = int(ffi.cast("uintptr_t", connection._ssl))
+    ssl = address(connection._ssl)
     count = ctypes.c_size_t(0)
     if not get_all_async_fds(ssl, None, ctypes.byref(count)):
         return []

@@ -117,7 +117,7 @@ class ProxyServer:
         for name, tls, address in plan:
             sock = _listening_socket(address)
             host, port = sock.getsockname()[:2]
-            listener = Listener(name, tls, port, f"{host}:{port}".encode())
+            listener = Listener(name, tls, f"{host}:{port}".encode())
             server = await loop.create_server(
                 lambda listener=listener: ClientConnection(self, listener),  # type: ignore[misc]
                 sock=sock,
