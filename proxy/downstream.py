@@ -327,7 +327,7 @@ class ClientConnection(FlowControlled):
                 if not await self._handle(head):
                     break
         except PeerError as error:
-            self._send(simple_response(error.status, _HttpDate.now(), close=True))
+            self._send(simple_response(error.status, _HttpDate.now(), close=True, extra=self._hsts()))
             LOG.debug("refused request from %s: %s", self.client_ip.decode(), error.reason)
         except (ConnectionGone, TimeoutError, TlsFailure) as error:
             LOG.debug("connection from %s ended: %r", self.client_ip.decode(), error)
@@ -413,6 +413,7 @@ class ClientConnection(FlowControlled):
                 upstream.write(request)
                 if has_body:  # never on a retry: only body-less requests are retried
                     await self._forward_request_body(head, upstream, timeouts.idle, timeouts.backend_response)
+                upstream.request_sent()
                 response = await self._response_head(upstream, head, timeouts.backend_response)
             except _ClientFailed as failed:
                 if upstream is not None:
@@ -435,7 +436,7 @@ class ClientConnection(FlowControlled):
             elif not retryable and failure.kind not in ("connect failed", "connect timeout"):
                 break  # the request may have reached the backend
         # An unread request body would be parsed as the next request: close instead.
-        self._send(simple_response(failure.status, _HttpDate.now(), close=has_body))
+        self._send(simple_response(failure.status, _HttpDate.now(), close=has_body, extra=self._hsts()))
         return failure.status, not has_body
 
     async def _forward_request_body(

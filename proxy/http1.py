@@ -21,6 +21,16 @@ the application, each mapped to the status the peer has earned (`PeerError`):
 Bodies are re-framed for the next hop by the shell: a Content-Length body is forwarded with the
 same length, a chunked one re-chunked piece by piece (trailers are dropped), so body bytes are
 streamed and never held whole.
+
+Framing is ours, never the peer's to remove. Every head we send is re-derived from what this
+parser decided, not filtered from the head we received: the framing headers (Content-Length,
+Transfer-Encoding), Host and our forwarding headers are never copied from the peer; they are
+written from the parsed values. A `Connection` token may therefore drop only headers we would
+otherwise copy verbatim; one that names a framing, routing or forwarding header (RFC 9110
+§7.6.1 forbids a proxy to let it remove the framing it decided on) is ignored, as HAProxy and
+nginx ignore it. So the next hop always frames the message exactly as we did, and a client cannot
+turn a body into a second request that never passed routing (request smuggling) nor a backend
+make a response run into the next one.
 """
 
 from __future__ import annotations
@@ -262,6 +272,11 @@ class ResponseParser(_ParserBase):
         if self._header_bytes > MAX_RESPONSE_HEADER_BYTES or len(self._headers) > MAX_HEADER_COUNT * 2:
             self._fail(PeerError(502, "backend response headers too large"))
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second response in the same read: nothing asked for it
+            self._fail(PeerError(502, "backend sent bytes after its response"))
+        super().on_message_begin()
+
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         try:
@@ -291,8 +306,9 @@ class ResponseParser(_ParserBase):
             self.events.append(END_OF_MESSAGE)
 
     def on_body(self, body: bytes) -> None:
-        if not self.complete:
-            super().on_body(body)
+        if self.complete:  # body bytes after a HEAD response (or 204/304) that announced a length
+            self._fail(PeerError(502, "backend sent a body where none is allowed"))
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         if self.complete:
@@ -335,6 +351,10 @@ LAST_CHUNK = b"0\r\n\r\n"
 _FORWARDED_BY_US = frozenset(
     (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip", b"expect")
 )
+# Never copied from the peer's head: written from the parsed message (see the theory above), so no
+# Connection token and no duplicate can change what the next hop frames or routes by.
+_DERIVED_IN_REQUEST = HOP_BY_HOP | _FORWARDED_BY_US | {b"content-length", b"host"}
+_DERIVED_IN_RESPONSE = HOP_BY_HOP | {b"content-length"}
 REASONS = {
     308: b"Permanent Redirect",
     400: b"Bad Request",
@@ -358,19 +378,21 @@ def encode_chunk(data: bytes) -> bytes:
 def upstream_request_head(head: RequestHead, client_ip: bytes, proto: bytes, local_address: bytes) -> bytes:
     """The request line and headers as sent to a backend (always HTTP/1.1).
 
-    Hop-by-hop headers (and those the client's Connection header names) are dropped; forwarding
-    headers are set by us, appending to a client's X-Forwarded-For but never trusting its other
-    X-Forwarded-* values. `Expect` is dropped because the proxy answers 100-continue itself.
+    Headers are copied in order except the hop-by-hop ones, those the client's Connection header
+    names, and those we derive: Host and the framing come from the parsed head, the forwarding
+    headers from us (appending to a client's X-Forwarded-For but never trusting its other
+    X-Forwarded-* values). `Expect` is dropped because the proxy answers 100-continue itself.
     An HTTP/1.0 request without Host gets the listener's `local_address` (`ip:port`), since
     HTTP/1.1 requires one.
     """
     named_by_connection = connection_tokens(head.headers)
-    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+    host = head.host or local_address
+    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     forwarded_for = b""
     upgrade = b""
     for name, value in head.headers:
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named_by_connection or lower in _FORWARDED_BY_US:
+        if lower in _DERIVED_IN_REQUEST or lower in named_by_connection:
             if lower == b"x-forwarded-for":
                 forwarded_for += value + b", "
             elif lower == b"upgrade":
@@ -378,13 +400,12 @@ def upstream_request_head(head: RequestHead, client_ip: bytes, proto: bytes, loc
             continue
         parts += (name, b": ", value, b"\r\n")
     parts += (b"X-Forwarded-For: ", forwarded_for, client_ip, b"\r\nX-Real-IP: ", client_ip)
-    host = head.host or local_address
     port = local_address.rpartition(b":")[2]
     parts += (b"\r\nX-Forwarded-Proto: ", proto, b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Forwarded-Port: ", port)
-    if not head.host:
-        parts += (b"\r\nHost: ", host)
     if head.chunked:
         parts.append(b"\r\nTransfer-Encoding: chunked")
+    elif head.content_length is not None:
+        parts.append(b"\r\nContent-Length: %d" % head.content_length)
     if head.upgrade and upgrade:
         parts += (b"\r\nConnection: upgrade\r\nUpgrade: ", upgrade)
     parts.append(b"\r\n\r\n")
@@ -396,7 +417,9 @@ def client_response_head(
 ) -> bytes:
     """The response head for the client: hop-by-hop dropped, our framing, Server and Date ensured.
 
-    `rechunk`: the body goes out chunked (backend sent chunked or read-until-close). `extra` is
+    `rechunk`: the body goes out chunked (backend sent chunked or read-until-close); otherwise a
+    parsed Content-Length is written from the parsed value (also for HEAD and 304, where it
+    describes the body not sent; never for 1xx and 204, which cannot have one). `extra` is
     pre-serialised header lines ("Name: value\\r\\n"...) such as HSTS.
     """
     named_by_connection = connection_tokens(response.headers)
@@ -405,7 +428,7 @@ def client_response_head(
     upgrade = b""
     for name, value in response.headers:
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named_by_connection:
+        if lower in _DERIVED_IN_RESPONSE or lower in named_by_connection:
             if lower == b"upgrade":
                 upgrade = value
             continue
@@ -420,6 +443,8 @@ def client_response_head(
         parts += (b"Date: ", date, b"\r\n")
     if rechunk:
         parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif response.content_length is not None and response.status >= 200 and response.status != 204:
+        parts.append(b"Content-Length: %d\r\n" % response.content_length)
     if response.status == 101:
         parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     elif not keep_alive:

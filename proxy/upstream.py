@@ -1,11 +1,22 @@
 """Connections to backend endpoints and the keep-alive pools that reuse them.
 
 An `UpstreamConnection` carries one request at a time (no upstream pipelining): the handler calls
-`begin_request(method)`, writes the request, then reads response events. Afterwards it is
-`reusable` only if the response ended cleanly and both sides allow keep-alive; it then waits in
-its endpoint's `EndpointPool` (most recently used first, so surplus connections age out) until
-the next request or until the pool's idle sweep closes it. A backend that closes an idle
-connection simply removes it from the pool.
+`begin_request(method)`, writes the request, marks it `request_sent()` once its last byte (head,
+or the body's end) is written, then reads response events. It waits in its endpoint's
+`EndpointPool` (most recently used first, so surplus connections age out) until the next request
+or until the pool's idle sweep closes it. A backend that closes an idle connection simply removes
+it from the pool.
+
+The pool invariant, enforced in one place (`reusable`, checked by `EndpointPool.give_back`, the
+only way into a pool): a connection goes back only when
+- the request was completely sent (a connection whose request was cut could carry its tail into
+  the next request),
+- its final response was completely framed and read (`ResponseParser.complete`, every event
+  consumed, not a tunnel, keep-alive allowed by the backend), and
+- no byte arrived unasked: bytes after the response in the same read fail the parser, bytes
+  while idle in the pool close the connection (`data_received`).
+Anything else closes it, so the next request on a pooled connection can only ever read the
+answer to itself, never one the backend still owed someone else.
 """
 
 from __future__ import annotations
@@ -28,10 +39,15 @@ class UpstreamConnection(FlowControlled):
         self.parser: ResponseParser | None = None
         self.pool: EndpointPool | None = None  # set while idle in a pool
         self.response_started = False  # any byte of the current response arrived
+        self.request_complete = False  # the last byte of the current request was written
 
     def begin_request(self, method: bytes) -> None:
         self.parser = ResponseParser(method, self.events)
         self.response_started = False
+        self.request_complete = False
+
+    def request_sent(self) -> None:
+        self.request_complete = True
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -72,6 +88,7 @@ class UpstreamConnection(FlowControlled):
         parser = self.parser
         return (
             not self.closed
+            and self.request_complete
             and parser is not None
             and parser.complete
             and not parser.tunnel
