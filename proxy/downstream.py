@@ -1,46 +1,38 @@
-"""Client connections: bytes → TLS → HTTP/1.1 requests → a backend → the response, in order.
+"""Client connections: bytes → TLS → HTTP/1.1 requests → `exchange` → responses, in order.
 
 Theory of operation
 -------------------
 Each accepted connection is a `ClientConnection` protocol plus one handler coroutine.
 `data_received` runs TLS (`proxy.tls.ServerTls`) and the request parser (`proxy.http1`) and only
-queues events; the handler (`_serve`) takes them one request at a time, so pipelined requests
-are answered strictly in order, and reading pauses while the queue is ahead of it
-(`proxy.flow`). For every request the handler takes the *current* configuration generation,
-routes the request, borrows a keep-alive connection to an endpoint (or opens one), streams the
-request body to it and the response back, and returns the backend connection to its pool.
+queues events; the handler (`_serve`) takes them one request at a time and hands each head to
+`proxy.exchange.exchange`, so pipelined requests are answered strictly in order, and reading
+pauses while the queue is ahead of it (`proxy.flow`). This class is the HTTP/1.1 `ClientSide`:
+it turns the exchange's response heads and body pieces into HTTP/1.1 framing (the plan is
+`decisions.plan_http1_response`) and owns the connection's timers and writes. When ALPN picks
+`h2`, the connection hands its plaintext to an `Http2Session` instead (`proxy.http2_session`)
+and this class only keeps the TLS pump.
 
 Writes to the client are coalesced: response pieces collect in `_out` and go through TLS and the
 socket in one `SSL_write` + one `transport.write` when the handler is about to wait for anything
 (or every `_FLUSH_AT` bytes of a large body). With small keep-alive responses this turns head +
 body into one TLS record and one syscall per response, or per pipelined burst.
 
-Failures map to the statuses users expect: no route 404; backend without endpoints 503;
-connect refused / reset / garbage 502; no response head within the backend timeout 504. A
-failure before any response byte was read is retried on the next endpoint when the request is
-idempotent and has no body. Once a response head went to the client, a backend failure can only
-cut the client connection.
-
 Timeouts: the TLS handshake must finish within `handshake`; a request head must arrive within
 `header_read` of its first byte (slowloris); a keep-alive connection may sit `idle` between
-requests; backend reads wait `backend_response`. On drain (SIGTERM) idle connections close at
-once and busy ones after their current response.
+requests. On drain (SIGTERM) idle connections close at once and busy ones after their current
+response.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import json
 import logging
 import socket
 import struct
-import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from config.model import Address, Timeouts
 from proxy import metrics
+from proxy.decisions import http1_connection_continues, plan_http1_response
+from proxy.exchange import HttpDate, exchange, hsts_header
 from proxy.flow import ConnectionGone, Failure, FlowControlled
 from proxy.http1 import (
     LAST_CHUNK,
@@ -54,18 +46,13 @@ from proxy.http1 import (
     client_response_head,
     encode_chunk,
     simple_response,
-    upstream_request_head,
 )
+from proxy.serving import Listener, ServingState
 from proxy.tls import ServerTls, TlsFailure, TlsState
-from proxy.upstream import UpstreamConnection, connect
-
-if TYPE_CHECKING:
-    from proxy.server import Generation, ProxyServer
+from proxy.upstream import UpstreamConnection
 
 LOG = logging.getLogger("ingress_proxy")
-ACCESS_LOG = logging.getLogger("ingress_proxy.access")
 
-IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 _FLUSH_AT = 64 * 1024  # flush a streamed body every 64 KiB: four TLS records, one write
 TUNNEL_IDLE_SECONDS = 3600.0  # an upgraded (WebSocket) connection may be quiet this long
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -75,45 +62,10 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PAUSED_IN_ASYNC_JOB: set[ClientConnection] = set()
 
 
-@dataclass(frozen=True)
-class Listener:
-    name: str  # "https" or "http": metrics label and X-Forwarded-Proto
-    tls: bool
-    address: bytes  # "host:port" as bound: the Host for HTTP/1.0 requests that carry none
-
-
-class _HttpDate:
-    """The Date header value, formatted once per second."""
-
-    second = 0
-    value = b""
-
-    @classmethod
-    def now(cls) -> bytes:
-        second = int(time.time())
-        if second != cls.second:
-            cls.second = second
-            cls.value = email.utils.formatdate(second, usegmt=True).encode("ascii")
-        return cls.value
-
-
-class _BackendFailed(Exception):
-    def __init__(self, status: int, kind: str) -> None:
-        super().__init__(kind)
-        self.status = status
-        self.kind = kind
-
-
-class _ClientFailed(Exception):
-    """The client broke off or sent a bad body while we were forwarding its request."""
-
-    def __init__(self, cause: Exception) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
 class ClientConnection(FlowControlled):
-    def __init__(self, server: ProxyServer, listener: Listener) -> None:
+    protocol = "http/1.1"
+
+    def __init__(self, server: ServingState, listener: Listener) -> None:
         super().__init__()
         self.server = server
         self.listener = listener
@@ -128,7 +80,8 @@ class ClientConnection(FlowControlled):
         self._async_fds: list[int] = []
         self._parse_failed = False
         self._handler: asyncio.Task[None] | None = None
-        self._upstream: UpstreamConnection | None = None  # in use by the current request
+        self.upstream: UpstreamConnection | None = None  # in use by the current request
+        self._rechunk = False  # the response being sent goes out chunked
 
     # -- protocol side ------------------------------------------------------------------------
 
@@ -314,224 +267,80 @@ class ClientConnection(FlowControlled):
     # -- the handler --------------------------------------------------------------------------
 
     async def _serve(self) -> None:
+        state = self.server
         try:
-            while not self.server.draining or self.events:
+            while not state.draining or self.events:
                 self._awaiting_head = True
                 if not self.events:
                     self._flush()
-                head = self.ready_event() or await self.next_event(self.server.generation.configuration.timeouts.idle)
+                head = self.ready_event() or await self.next_event(state.generation.configuration.timeouts.idle)
                 self._awaiting_head = False
                 if self._head_timer is not None:
                     self._head_timer.cancel()
                     self._head_timer = None
-                if not await self._handle(head):
+                if not head.has_body:  # take its EndOfMessage
+                    self.ready_event() or await self.next_event(state.generation.configuration.timeouts.idle)
+                keep = await exchange(self, state, head)
+                if not http1_connection_continues(head, keep, state.draining):
                     break
         except PeerError as error:
-            self._send(simple_response(error.status, _HttpDate.now(), close=True, extra=self._hsts()))
+            self._send(simple_response(error.status, HttpDate.now(), close=True, extra=hsts_header(self.listener, state.generation)))
             LOG.debug("refused request from %s: %s", self.client_ip.decode(), error.reason)
         except (ConnectionGone, TimeoutError, TlsFailure) as error:
             LOG.debug("connection from %s ended: %r", self.client_ip.decode(), error)
         except Exception:  # a bug must cost one connection, never the process
             LOG.exception("connection handler failed")
         finally:
-            if self._upstream is not None:
-                self._upstream.close()
+            if self.upstream is not None:
+                self.upstream.close()
             self._close()
 
-    async def _handle(self, head: RequestHead) -> bool:
-        """Answer one request; True when the connection may carry another."""
-        started = self.loop.time()
-        if not head.has_body:  # take its EndOfMessage
-            self.ready_event() or await self.next_event(self.server.generation.configuration.timeouts.idle)
-        generation = self.server.generation
-        match = generation.router.route(head.host.decode("latin-1"), head.path)
-        virtual_host = match.virtual_host
-        host_label = (virtual_host.host or "*") if virtual_host else "-"
-        backend = match.backend
-        if not self.listener.tls and virtual_host is not None and virtual_host.redirect_to_https:
-            status = 308
-            keep = self._answer_locally(head, status, self._redirect_header(head))
-        elif backend is None:
-            status = 404
-            keep = self._answer_locally(head, status)
-        elif not (candidates := self.server.balancer.candidates(backend)):
-            status = 503
-            keep = self._answer_locally(head, status)
-        else:
-            status, keep = await self._proxy(head, backend, candidates, generation)
-        elapsed = self.loop.time() - started
-        backend_label = backend or "-"
-        requests, durations = metrics.request_series(host_label, backend_label, status)
-        requests.inc()
-        durations.observe(elapsed)
-        if ACCESS_LOG.isEnabledFor(logging.INFO):
-            self._log_access(head, status, backend_label, elapsed, generation)
-        return keep and head.keep_alive and head.version == "1.1" and not self.server.draining
+    # -- ClientSide (proxy.exchange) ----------------------------------------------------------
 
-    def _redirect_header(self, head: RequestHead) -> bytes:
-        host = head.host.split(b":")[0] if not head.host.startswith(b"[") else head.host.split(b"]")[0] + b"]"
-        port = self.server.https_port
-        authority = host if port == 443 else b"%s:%d" % (host, port)
-        return b"Location: https://%s%s\r\n" % (authority, head.target)
+    async def next_body_event(self, timeout: float) -> Body | EndOfMessage:
+        if not self.events:
+            self._flush()  # e.g. our 100 Continue: the client waits for it before sending
+        event = await self.next_event(timeout)
+        if type(event) is not Body and type(event) is not EndOfMessage:
+            raise PeerError(400, "unexpected data in request body")
+        return event  # type: ignore[no-any-return]
 
-    def _answer_locally(self, head: RequestHead, status: int, extra: bytes = b"") -> bool:
-        self._send(simple_response(status, _HttpDate.now(), close=head.has_body, extra=extra + self._hsts()))
+    def invite_body(self, head: RequestHead) -> None:
+        if any(name.lower() == b"expect" for name, _ in head.headers):
+            self._send(_CONTINUE)  # we stream the body ourselves, so we invite it ourselves
+
+    def flush(self) -> None:
+        self._flush()
+
+    def answer_locally(self, head: RequestHead, status: int, extra: bytes) -> bool:
+        self._send(simple_response(status, HttpDate.now(), close=head.has_body, extra=extra))
         return not head.has_body  # an unread body would be taken for the next request: close instead
 
-    def _hsts(self) -> bytes:
-        hsts = self.server.generation.configuration.hsts
-        if hsts is None or not self.listener.tls:
-            return b""
-        return b"Strict-Transport-Security: %s\r\n" % hsts.header_value().encode()
+    def send_interim(self, head: RequestHead, response: ResponseHead) -> None:
+        if head.version == "1.1" and response.status != 100:
+            self._send(client_response_head(response, False, True, HttpDate.now(), b""))
 
-    async def _proxy(
-        self, head: RequestHead, backend: str, candidates: list[Address], generation: Generation
-    ) -> tuple[int, bool]:
-        timeouts = generation.configuration.timeouts
-        has_body = head.has_body
-        retryable = head.method in IDEMPOTENT_METHODS and not has_body
-        if has_body and any(name.lower() == b"expect" for name, _ in head.headers):
-            self._send(_CONTINUE)  # we stream the body ourselves, so we invite it ourselves
-        request = upstream_request_head(head, self.client_ip, self.listener.name.encode(), self.listener.address)
-        balancer = self.server.balancer
-        failure = _BackendFailed(502, "no endpoint")
-        attempts = list(candidates)
-        while attempts:
-            address = attempts.pop(0)
-            pool = balancer.pool(address)
-            upstream = self._upstream = pool.take()
-            reused = upstream is not None
-            try:
-                if upstream is None:
-                    try:
-                        upstream = self._upstream = await connect(address, timeouts.connect)
-                    except TimeoutError:
-                        raise _BackendFailed(504, "connect timeout") from None
-                    except OSError:
-                        raise _BackendFailed(502, "connect failed") from None
-                upstream.begin_request(head.method)
-                upstream.write(request)
-                if has_body:  # never on a retry: only body-less requests are retried
-                    await self._forward_request_body(head, upstream, timeouts.idle, timeouts.backend_response)
-                upstream.request_sent()
-                response = await self._response_head(upstream, head, timeouts.backend_response)
-            except _ClientFailed as failed:
-                if upstream is not None:
-                    upstream.close()
-                raise failed.cause from None
-            except _BackendFailed as error:
-                failure = error
-            except (PeerError, ConnectionGone) as error:
-                failure = _BackendFailed(502, "reset" if isinstance(error, ConnectionGone) else "bad response")
-            except TimeoutError:
-                failure = _BackendFailed(504, "response timeout")
-                retryable = False  # the backend may be working on it: never send it twice
-            else:
-                return response.status, await self._relay_response(head, upstream, response, backend, timeouts)
-            if upstream is not None:
-                upstream.close()
-            metrics.UPSTREAM_ERRORS.labels(backend, failure.kind).inc()
-            if reused and failure.kind == "reset" and retryable:
-                attempts.insert(0, address)  # a keep-alive connection the backend had closed
-            elif not retryable and failure.kind not in ("connect failed", "connect timeout"):
-                break  # the request may have reached the backend
-        # An unread request body would be parsed as the next request: close instead.
-        self._send(simple_response(failure.status, _HttpDate.now(), close=has_body, extra=self._hsts()))
-        return failure.status, not has_body
+    def start_response(self, head: RequestHead, response: ResponseHead, extra: bytes) -> tuple[bool, bool]:
+        plan = plan_http1_response(head, response, self.server.draining)
+        self._rechunk = plan.rechunk
+        self._send(client_response_head(response, plan.rechunk, plan.keep_alive and head.keep_alive, HttpDate.now(), extra))
+        return plan.tunnel, plan.keep_alive
 
-    async def _forward_request_body(
-        self, head: RequestHead, upstream: UpstreamConnection, timeout: float, backend_timeout: float
-    ) -> None:
-        """Stream the request body (re-chunked if it came chunked) until its EndOfMessage.
+    def send_body(self, data: bytes) -> None:
+        self._send(encode_chunk(data) if self._rechunk else data)
 
-        `timeout` bounds each wait for the client, `backend_timeout` each wait for a backend that
-        does not read what we send (without it, both connections would hang forever)."""
-        while True:
-            if not self.events:
-                self._flush()  # e.g. our 100 Continue: the client waits for it before sending
-            try:
-                event = await self.next_event(timeout)
-            except TimeoutError:
-                raise _ClientFailed(PeerError(408, "request body not received in time")) from None
-            except (PeerError, ConnectionGone) as error:
-                raise _ClientFailed(error) from None
-            if type(event) is Body:
-                upstream.write(encode_chunk(event.data) if head.chunked else event.data)
-                if upstream._writing_paused:
-                    try:
-                        async with asyncio.timeout(backend_timeout):
-                            await upstream.drain()
-                    except ConnectionGone:
-                        raise _BackendFailed(502, "reset while sending") from None
-                    except TimeoutError:
-                        raise _BackendFailed(504, "backend not reading") from None
-            elif type(event) is EndOfMessage:
-                if head.chunked:
-                    upstream.write(LAST_CHUNK)
-                return
-            else:
-                raise _ClientFailed(PeerError(400, "unexpected data in request body"))
+    async def body_sent(self) -> None:
+        if self._out_size >= _FLUSH_AT:
+            await self._flush_and_drain()
 
-    async def _response_head(self, upstream: UpstreamConnection, head: RequestHead, timeout: float) -> ResponseHead:
-        """The final response head; 1xx interim responses are passed on to HTTP/1.1 clients, but
-        do not extend `timeout` (a backend sending 103s forever would otherwise never time out)."""
-        deadline = self.loop.time() + timeout
-        while True:
-            if not upstream.events:
-                self._flush()
-            event = upstream.ready_event() or await upstream.next_event(timeout)
-            if type(event) is not ResponseHead:
-                raise PeerError(502, "backend sent data before a response head")
-            if event.status >= 200 or event.status == 101:
-                return event
-            upstream.ready_event() or await upstream.next_event(timeout)  # the interim response's EndOfMessage
-            if self.loop.time() > deadline:
-                raise TimeoutError
-            if head.version == "1.1" and event.status != 100:
-                self._send(client_response_head(event, False, True, _HttpDate.now(), b""))
+    def end_response(self) -> None:
+        if self._rechunk:
+            self._send(LAST_CHUNK)
 
-    async def _relay_response(
-        self, head: RequestHead, upstream: UpstreamConnection, response: ResponseHead, backend: str, timeouts: Timeouts
-    ) -> bool:
-        """Send the response to the client; True when the client connection may continue."""
-        is_tunnel = response.status == 101 and head.upgrade
-        unframed = response.has_body and response.content_length is None
-        rechunk = unframed and head.version == "1.1"
-        keep = (
-            not is_tunnel
-            and not (unframed and not rechunk)
-            and not (head.upgrade and response.status != 101)
-            and not self.server.draining
-        )
-        self._send(client_response_head(response, rechunk, keep and head.keep_alive, _HttpDate.now(), self._hsts()))
-        if is_tunnel:
-            await self._tunnel(upstream)
-            return False
-        try:
-            while True:
-                if not upstream.events:
-                    self._flush()
-                event = upstream.ready_event() or await upstream.next_event(timeouts.backend_response)
-                if type(event) is Body:
-                    self._send(encode_chunk(event.data) if rechunk else event.data)
-                    if self._out_size >= _FLUSH_AT:
-                        await self._flush_and_drain()
-                elif type(event) is EndOfMessage:
-                    if rechunk:
-                        self._send(LAST_CHUNK)
-                    break
-        except (PeerError, ConnectionGone, TimeoutError) as error:
-            upstream.close()
-            if self.closed:
-                raise ConnectionGone() from None
-            metrics.UPSTREAM_ERRORS.labels(backend, "cut mid-body").inc()
-            LOG.info("backend %s failed mid-response: %s", upstream.address, type(error).__name__)
-            return False  # the client sees a truncated body: the only honest signal left
-        self._upstream = None
-        self.server.balancer.release(upstream)
-        return keep
+    def abort_response(self) -> None:
+        """Nothing to send: the exchange ends the connection, which cuts the body short."""
 
-    async def _tunnel(self, upstream: UpstreamConnection) -> None:
+    async def tunnel(self, upstream: UpstreamConnection) -> None:
         """Copy bytes both ways after a 101 until either side closes or stays silent too long."""
         self._flush()
 
@@ -558,21 +367,3 @@ class ClientConnection(FlowControlled):
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
             upstream.close()
-
-    def _log_access(self, head: RequestHead, status: int, backend: str, elapsed: float, generation: Generation) -> None:
-        fields = {
-            "client": self.client_ip.decode(),
-            "listener": self.listener.name,
-            "host": head.host.decode("latin-1"),
-            "method": head.method.decode("latin-1"),
-            "target": head.target.decode("latin-1"),
-            "status": status,
-            "backend": backend,
-            "duration_ms": round(elapsed * 1000, 3),
-        }
-        if generation.configuration.access_log_json:
-            ACCESS_LOG.info(json.dumps(fields))
-        else:
-            ACCESS_LOG.info(
-                '%(client)s %(listener)s "%(method)s %(host)s%(target)s" %(status)s %(backend)s %(duration_ms)sms', fields
-            )

@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass
 
 from config.crypto import CryptoRuntime, CryptoSetupError
 from config.model import Address, Configuration, Listeners, Problem
@@ -27,20 +26,13 @@ from config.source import RouteSource
 from proxy import metrics
 from proxy.balancer import Balancer
 from proxy.contexts import ContextCache, TlsContexts
-from proxy.downstream import ClientConnection, Listener
+from proxy.downstream import ClientConnection
 from proxy.libssl import TICKET_KEYS_LENGTH
 from proxy.router import Router
+from proxy.serving import Generation, Listener
 
 LOG = logging.getLogger("ingress_proxy")
 LISTEN_BACKLOG = 1024
-
-
-@dataclass(frozen=True)
-class Generation:
-    number: int
-    configuration: Configuration
-    router: Router
-    tls: TlsContexts
 
 
 class ProxyServer:

@@ -1,0 +1,88 @@
+"""The decisions of an exchange as pure functions: failure kinds, retries, response plans.
+
+Kept apart from the code that moves bytes so that each is a table test (tests/unit/test_decisions.py)
+and so that every protocol shell decides the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from proxy.http1 import RequestHead, ResponseHead
+
+IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+
+
+class FailureKind(enum.Enum):
+    """Why a backend attempt failed; `label` is the metric label, `status` what the client gets."""
+
+    NO_ENDPOINT = ("no endpoint", 502)
+    CONNECT_FAILED = ("connect failed", 502)
+    CONNECT_TIMEOUT = ("connect timeout", 504)
+    RESET = ("reset", 502)  # closed or reset before any response byte
+    BAD_RESPONSE = ("bad response", 502)
+    RESPONSE_TIMEOUT = ("response timeout", 504)
+    RESET_WHILE_SENDING = ("reset while sending", 502)
+    BACKEND_NOT_READING = ("backend not reading", 504)
+    CUT_MID_BODY = ("cut mid-body", 502)  # after the head went out: only the connection can be cut
+
+    def __init__(self, label: str, status: int) -> None:
+        self.label = label
+        self.status = status
+
+    @property
+    def request_never_sent(self) -> bool:
+        return self in (FailureKind.CONNECT_FAILED, FailureKind.CONNECT_TIMEOUT)
+
+
+class Retry(enum.Enum):
+    SAME_ENDPOINT = "same endpoint"  # a fresh connection to it: the pooled one had gone stale
+    NEXT_ENDPOINT = "next endpoint"
+    STOP = "stop"  # answer the client with the failure
+
+
+def is_replayable(head: RequestHead) -> bool:
+    """Safe to send twice: idempotent and without a body (a body is streamed once, not kept)."""
+    return head.method in IDEMPOTENT_METHODS and not head.has_body
+
+
+def retry_after(kind: FailureKind, reused_connection: bool, replayable: bool) -> Retry:
+    """What to do after a failed attempt, before any response byte went to the client.
+
+    A reset on a reused keep-alive connection is the backend's idle timeout racing our request:
+    try the same endpoint again on a new connection. A request that was never sent may go to the
+    next endpoint whatever it is; one that may have reached the backend only when replayable, and
+    never after a response timeout (the backend may still be working on it)."""
+    if kind.request_never_sent:
+        return Retry.NEXT_ENDPOINT
+    if not replayable or kind is FailureKind.RESPONSE_TIMEOUT:
+        return Retry.STOP
+    if reused_connection and kind is FailureKind.RESET:
+        return Retry.SAME_ENDPOINT
+    return Retry.NEXT_ENDPOINT
+
+
+@dataclass(frozen=True, slots=True)
+class Http1ResponsePlan:
+    tunnel: bool  # 101 to an upgrade request: bytes flow both ways afterwards
+    rechunk: bool  # the body goes to the client chunked (backend sent chunked or read-until-close)
+    keep_alive: bool  # the client connection may carry another request after this response
+
+
+def plan_http1_response(request: RequestHead, response: ResponseHead, draining: bool) -> Http1ResponsePlan:
+    tunnel = response.status == 101 and request.upgrade
+    unframed = response.has_body and response.content_length is None
+    rechunk = unframed and request.version == "1.1"
+    keep_alive = (
+        not tunnel
+        and not (unframed and not rechunk)  # an HTTP/1.0 client reads such a body until we close
+        and not (request.upgrade and response.status != 101)  # the client may already send tunnel bytes
+        and not draining
+    )
+    return Http1ResponsePlan(tunnel, rechunk, keep_alive)
+
+
+def http1_connection_continues(request: RequestHead, exchange_keeps: bool, draining: bool) -> bool:
+    """After answering `request`: may the HTTP/1.1 connection read the next one?"""
+    return exchange_keeps and request.keep_alive and request.version == "1.1" and not draining
