@@ -42,11 +42,13 @@ Flow control, both ways bounded:
   windows reopen only when the shell calls `consumed(stream_id, n)` for body bytes it forwarded.
   Bytes the exchange will never forward (padding, refused or reset streams) are credited by the
   core itself, so the connection window never leaks.
-- Send: `send_data` sends what the peer's windows allow and queues the rest; `WindowUpdated` moves
-  the queue and yields `WindowOpened`. `pending(stream_id)` / `pending_total` say how much is
-  queued: the shell stops reading the backend above its watermark, so memory per stream is the
-  watermark, never the response size. `stalled()` lists streams whose queue waits on a window the
-  peer keeps shut: the shell times them out with `reset(stream_id, CANCEL)`.
+- Send: `send_data` queues; `outgoing()` frames as much of the queues as the peer's windows allow
+  (and the shell calls it only while its transport takes writes, so a peer that opens its windows
+  but does not read leaves the bytes queued here, not in a transport buffer). A WINDOW_UPDATE for
+  a stream with queued data yields `WindowOpened`. `pending(stream_id)` / `pending_total` say how
+  much is queued: the shell stops reading the backend above its watermark, so memory per stream
+  is the watermark, never the response size. `stalled()` lists streams whose queue waits on a
+  window the peer keeps shut: the shell times them out with `reset(stream_id, CANCEL)`.
 
 Stream lifetime: a stream counts in `open_streams` from its `StreamRequest` (or `StreamRefused`)
 until the request has ended and our END_STREAM has actually gone out, or until either side resets
@@ -369,7 +371,8 @@ class Http2Server:
         self._finished = 0  # streams that ended normally
         self._replies_unsent = 0  # SETTINGS/PING ACKs queued since the last outgoing()
         self._last_stream_id = 0  # highest stream processed (what a GOAWAY announces)
-        self._window_moved = False
+        self._ready: dict[int, None] = {}  # streams with response data or an end to frame, in order
+        self._window_opened = False
 
     # -- set-up and output ------------------------------------------------------------------------
 
@@ -398,8 +401,18 @@ class Http2Server:
             h2.increment_flow_control_window(limits.connection_window - 65535)
 
     def outgoing(self) -> bytes:
-        """Everything queued, in order. Call it only while the transport accepts writes."""
+        """Everything queued, in order, for one write. Call it only while the transport accepts
+        writes: response data is framed here, as far as the peer's windows allow, so what a slow
+        reader has not taken stays in `pending()` where the shell's watermark sees it."""
         self._replies_unsent = 0
+        if self._ready:
+            ready = list(self._ready)
+            self._ready.clear()
+            streams = self._streams
+            for sid in ready:
+                stream = streams.get(sid)
+                if stream is not None:
+                    self._flush(sid, stream)
         if self._out:
             self._out.append(self._h2.data_to_send())
             data = b"".join(self._out)
@@ -431,7 +444,7 @@ class Http2Server:
         events: list[Event] = []
         if self.closed:
             return events
-        self._window_moved = False
+        self._window_opened = False
         if self._inbound:
             data = self._inbound + data
             self._inbound = b""
@@ -463,8 +476,7 @@ class Http2Server:
             self._end(int(error.error_code), str(error) or type(error).__name__, events)
             return events
         self._inbound = data[pos:]
-        if self._window_moved:
-            self._window_moved = False
+        if self._window_opened:
             events.append(WINDOW_OPENED)
         return events
 
@@ -517,13 +529,10 @@ class Http2Server:
                 if self._close_stream(event.stream_id):
                     events.append(StreamReset(event.stream_id, int(event.error_code)))
             elif isinstance(event, h2_events.WindowUpdated):
-                if event.stream_id == 0:
-                    self._flush_all()
-                else:
-                    self._flush_id(event.stream_id)
+                self._windows_opened(event.stream_id)
             elif isinstance(event, h2_events.RemoteSettingsChanged):
                 if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                    self._flush_all()
+                    self._windows_opened(0)
             elif isinstance(event, h2_events.ConnectionTerminated):
                 reason = (event.additional_data or b"").decode("latin-1") or "peer sent GOAWAY"
                 self._end(int(event.error_code or 0), reason, events)
@@ -535,7 +544,7 @@ class Http2Server:
         if self.draining:
             h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: the client may retry elsewhere
             return
-        if h2.open_inbound_streams > self.limits.max_concurrent_streams:
+        if len(self._streams) >= self.limits.max_concurrent_streams:  # h2's own count walks every stream
             h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             self._count_reset("too many streams over the concurrency limit", events)
             return
@@ -636,7 +645,7 @@ class Http2Server:
             self._ended_out(stream_id, stream)
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
-        """Send what the peer's windows allow now, queue the rest (see pending())."""
+        """Queue response data; outgoing() frames what the peer's windows allow (see pending())."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.end_queued:
             return
@@ -645,16 +654,16 @@ class Http2Server:
             stream.pending_bytes += len(data)
             self.pending_total += len(data)
         stream.end_queued = end_stream
-        self._flush(stream_id, stream)
+        self._ready[stream_id] = None
 
     def send_trailers(self, stream_id: int, headers: Headers) -> None:
-        """Trailers end the response; they follow any data still queued."""
+        """Trailers end the response; they go out after the data still queued."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.end_queued:
             return
         stream.trailers_out = _response_fields(headers)
         stream.end_queued = True
-        self._flush(stream_id, stream)
+        self._ready[stream_id] = None
 
     def reset(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
         """End a stream now (backend failed mid-response, a deadline passed): RST_STREAM."""
@@ -686,15 +695,17 @@ class Http2Server:
             self._queue_raw(frame.serialize())
             self.draining = True
 
-    def _flush_all(self) -> None:
-        for sid, stream in list(self._streams.items()):
-            if stream.pending or (stream.end_queued and not stream.ended_out):
-                self._flush(sid, stream)
-
-    def _flush_id(self, sid: int) -> None:
-        stream = self._streams.get(sid)
-        if stream is not None and stream.pending:
-            self._flush(sid, stream)
+    def _windows_opened(self, sid: int) -> None:
+        """A WINDOW_UPDATE (or a larger initial window) for one stream, or for all (0)."""
+        if sid:
+            stream = self._streams.get(sid)
+            candidates = [(sid, stream)] if stream is not None else []
+        else:
+            candidates = list(self._streams.items())
+        for sid, stream in candidates:
+            if stream.pending:
+                self._ready[sid] = None
+                self._window_opened = True
 
     def _flush(self, sid: int, stream: _Stream) -> None:
         h2 = self._h2
@@ -713,9 +724,7 @@ class Http2Server:
             h2.send_data(sid, piece, end_stream=last)
             stream.pending_bytes -= len(piece)
         moved = before - stream.pending_bytes
-        if moved:
-            self.pending_total -= moved
-            self._window_moved = True
+        self.pending_total -= moved
         if pending or not stream.end_queued or stream.ended_out:
             return
         if stream.trailers_out is not None:

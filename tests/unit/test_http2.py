@@ -223,6 +223,19 @@ def test_zero_window_peer_holds_only_what_the_shell_queued_and_can_be_timed_out(
     assert (pair.server.pending_total, pair.server.stalled(), pair.server.open_streams) == (0, [], 0)
 
 
+def test_a_peer_that_does_not_read_leaves_data_in_pending_not_in_the_output() -> None:
+    pair = Pair(client_settings={SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    pair.client.increment_flow_control_window(2**31 - 1 - 65535)  # windows wide open
+    sid, _ = pair.request(GET)
+    pair.server.send_head(sid, 200, ())
+    for _ in range(4):  # the shell's transport is paused: it queues but does not take outgoing()
+        pair.server.send_data(sid, b"y" * 100_000)
+    assert pair.server.pending(sid) == pair.server.pending_total == 400_000  # what its watermark sees
+    wire = pair.server.outgoing()  # the transport drained: one write of everything
+    assert sum(len(frame.data) for frame in parse_frames(wire) if isinstance(frame, DataFrame)) == 400_000
+    assert pair.server.pending_total == 0 and pair.server.stalled() == []
+
+
 # -- validation: a pure function, as a table -------------------------------------------------------
 
 MALFORMED = {
@@ -368,6 +381,15 @@ def test_continuation_flood_is_cut_before_decoding() -> None:
     events, frames = pair.raw(head, *continuations)
     assert [type(event) for event in events] == [ConnectionEnded]
     assert goaway_code(frames) == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_empty_continuation_flood_is_cut_by_frame_count() -> None:
+    pair = Pair()
+    head = HeadersFrame(1)
+    head.data = pair.client.encoder.encode(GET)
+    events, frames = pair.raw(head, *(ContinuationFrame(1) for _ in range(100)))  # no bytes, no end
+    assert [type(event) for event in events] == [ConnectionEnded]
+    assert goaway_code(frames) == ErrorCodes.PROTOCOL_ERROR  # h2's cap: 64 frames a block
 
 
 def test_hpack_bomb_over_the_hard_limit_ends_the_connection() -> None:
