@@ -118,6 +118,13 @@ class Http2Limits:
     reset_cap: int = RESET_CAP
     control_reply_cap: int = CONTROL_REPLY_CAP
 
+    def __post_init__(self) -> None:
+        # These are enforced from the first byte, before the peer has read our SETTINGS, so they
+        # may not be below the RFC 9113 defaults the peer may use until then.
+        for name, floor in (("stream_window", 65535), ("max_frame_bytes", 16384), ("header_table_bytes", 4096)):
+            if getattr(self, name) < floor:
+                raise ValueError(f"HTTP/2 {name} must be at least {floor} (the RFC default)")
+
     @property
     def header_block_bytes(self) -> int:
         """Encoded header block (HEADERS + CONTINUATION) and decoded list beyond which the

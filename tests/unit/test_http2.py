@@ -508,3 +508,8 @@ def test_http1_head_serialises_for_the_backend() -> None:
     lines = written.split(b"\r\n")
     assert lines[0] == b"POST /up HTTP/1.1" and b"host: site.test" in lines and b"Transfer-Encoding: chunked" in lines
     assert not any(line.lower().startswith(b"te:") for line in lines)
+
+
+def test_limits_below_the_rfc_defaults_are_refused() -> None:
+    with pytest.raises(ValueError, match="stream_window must be at least 65535"):
+        Http2Limits(stream_window=1024)
