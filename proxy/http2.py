@@ -15,7 +15,10 @@ hands h2 one frame at a time, which lets us refuse what h2 would otherwise buffe
   buffer the whole announced length, up to 16 MiB) → GOAWAY FRAME_SIZE_ERROR;
 - HEADERS + CONTINUATION bytes are counted before HPACK sees them (CVE-2024-27316) → GOAWAY
   ENHANCE_YOUR_CALM over `header_block_bytes`;
-- client RST_STREAMs are counted (rapid reset, CVE-2023-44487) → GOAWAY ENHANCE_YOUR_CALM;
+- client RST_STREAMs are counted (rapid reset, CVE-2023-44487): each one, and each stream we reset
+  for the client's fault, adds one to a debt that each stream finished normally pays back by one
+  (never below zero, so finished streams cannot be banked for a later burst); a debt over
+  `reset_cap` → GOAWAY ENHANCE_YOUR_CALM. A browser cancelling some of its streams stays near 0;
 - SETTINGS and PING frames each oblige us to queue an ACK: those queued since the shell last took
   `outgoing()` are counted → GOAWAY ENHANCE_YOUR_CALM. The shell takes `outgoing()` only while its
   transport accepts writes, so this counts the replies a peer that does not read makes us hold;
@@ -85,7 +88,7 @@ HEADER_TABLE_BYTES = 4096  # the RFC default HPACK table: 4 KiB of decoder state
 MAX_FRAME_BYTES = 16384  # the RFC minimum and default: a frame never makes us buffer more than this
 STREAM_WINDOW = 65535  # the RFC default, so no SETTINGS race; a stream buffers at most this
 CONNECTION_WINDOW = 1024 * 1024  # all request bodies of one connection together buffer at most 1 MiB
-RESET_CAP = 100  # client resets (and our refusals) beyond the streams it let finish: rapid reset
+RESET_CAP = 100  # resets not paid back by finished streams (nghttp2 bursts 1000, HAProxy counts glitches)
 CONTROL_REPLY_CAP = 1000  # SETTINGS/PING ACKs queued unread (nghttp2's max-outbound-ack is 1000)
 
 _PREFACE_BYTES = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", checked by h2
@@ -374,8 +377,7 @@ class Http2Server:
         self._inbound = b""  # an incomplete frame
         self._preface_left = _PREFACE_BYTES
         self._block_bytes = 0  # of the header block being received (HEADERS + CONTINUATIONs)
-        self._resets = 0  # client RST_STREAMs + streams we refused for exceeding our limits
-        self._finished = 0  # streams that ended normally
+        self._reset_debt = 0  # resets (theirs, or ours for their fault) less the streams finished since
         self._replies_unsent = 0  # SETTINGS/PING ACKs queued since the last outgoing()
         self._last_stream_id = 0  # highest stream processed (what a GOAWAY announces)
         self._ready: dict[int, None] = {}  # streams with response data or an end to frame, in order
@@ -608,8 +610,8 @@ class Http2Server:
 
     def _count_reset(self, reason: str, events: list[Event]) -> None:
         """A stream ended by a client reset or by our reset for its fault: past the budget, GOAWAY."""
-        self._resets += 1
-        if self._resets - self._finished > self.limits.reset_cap:
+        self._reset_debt += 1
+        if self._reset_debt > self.limits.reset_cap:
             self._fail(ErrorCodes.ENHANCE_YOUR_CALM, reason, events)
 
     def _close_stream(self, sid: int) -> bool:
@@ -625,7 +627,8 @@ class Http2Server:
     def _maybe_finish(self, sid: int, stream: _Stream) -> None:
         if stream.ended_out and stream.request_ended:
             del self._streams[sid]
-            self._finished += 1
+            if self._reset_debt:
+                self._reset_debt -= 1
             if stream.unconsumed:
                 self._h2.acknowledge_received_data(stream.unconsumed, sid)
 

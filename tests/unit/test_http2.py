@@ -369,6 +369,29 @@ def test_resets_within_the_budget_of_finished_streams_are_fine() -> None:
     assert not pair.server.closed
 
 
+def test_finished_streams_cannot_be_banked_for_a_reset_burst() -> None:
+    pair = Pair(Http2Limits(reset_cap=5))
+    for _ in range(20):
+        sid, _ = pair.request(GET)
+        pair.server.send_head(sid, 204, (), end_stream=True)
+        pair.to_client()
+    events: list = []
+    for _ in range(6):
+        sid = pair.client.get_next_available_stream_id()
+        pair.client.send_headers(sid, GET)
+        pair.client.reset_stream(sid)
+        events += pair.server.receive(pair.client.data_to_send())
+    assert isinstance(events[-1], ConnectionEnded) and events[-1].error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_not_http2_at_all() -> None:
+    server = Http2Server()
+    server.initiate()
+    events = server.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [type(event) for event in events] == [ConnectionEnded] and events[0].error_code == ErrorCodes.PROTOCOL_ERROR
+    assert server.closed
+
+
 def test_continuation_flood_is_cut_before_decoding() -> None:
     pair = Pair()
     head = HeadersFrame(1)
