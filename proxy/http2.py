@@ -95,7 +95,7 @@ _PREFACE_BYTES = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", checked by h2
 
 # Frame types and flags we screen (RFC 9113 §6).
 _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x9
-_END_STREAM, _ACK, _END_HEADERS, _PADDED = 0x1, 0x1, 0x4, 0x8
+_END_STREAM, _ACK, _PADDED = 0x1, 0x1, 0x8
 
 # RFC 9113 §8.2.2: these make no sense on a multiplexed connection; a request carrying one is malformed.
 CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"))
@@ -499,12 +499,12 @@ class Http2Server:
                 self._fail(ErrorCodes.ENHANCE_YOUR_CALM, "header block too large (CONTINUATION flood)", events)
                 return False
         elif kind == _DATA:
-            stream = self._streams.get(int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF)
+            sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+            stream = self._streams.get(sid)
             if stream is not None and stream.content_length is not None:
                 body = length - (data[pos + 9] + 1 if flags & _PADDED and length else 0)
                 total = stream.received + body
                 if total > stream.content_length or (flags & _END_STREAM and total != stream.content_length):
-                    sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
                     self._reset_broken(sid, events)  # h2 then credits the frame to the connection window
                     return not self.closed
         elif kind == _RST_STREAM:

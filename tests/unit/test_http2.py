@@ -536,3 +536,12 @@ def test_http1_head_serialises_for_the_backend() -> None:
 def test_limits_below_the_rfc_defaults_are_refused() -> None:
     with pytest.raises(ValueError, match="stream_window must be at least 65535"):
         Http2Limits(stream_window=1024)
+
+
+def test_padding_is_not_body() -> None:
+    pair = Pair()
+    sid, _ = pair.request(post(3), end_stream=False)
+    data = DataFrame(sid, flags=["END_STREAM", "PADDED"])
+    data.data, data.pad_length = b"abc", 10
+    events, frames = pair.raw(data)
+    assert events == [StreamData(sid, b"abc"), StreamEnd(sid, ())] and not resets(frames)
