@@ -34,6 +34,7 @@ from proxy import metrics
 from proxy.decisions import http1_connection_continues, plan_http1_response
 from proxy.exchange import HttpDate, exchange, hsts_header
 from proxy.flow import ConnectionGone, Failure, FlowControlled
+from proxy.http2_session import Http2Session
 from proxy.http1 import (
     LAST_CHUNK,
     Body,
@@ -80,6 +81,7 @@ class ClientConnection(FlowControlled):
         self._async_fds: list[int] = []
         self._parse_failed = False
         self._handler: asyncio.Task[None] | None = None
+        self.http2: Http2Session | None = None  # set when ALPN chose h2
         self.upstream: UpstreamConnection | None = None  # in use by the current request
         self._rechunk = False  # the response being sent goes out chunked
 
@@ -92,12 +94,13 @@ class ClientConnection(FlowControlled):
         self.server.connections.add(self)
         metrics.OPEN_CONNECTIONS.labels(self.listener.name).inc()
         generation = self.server.generation
-        if self.listener.tls:
+        if self.listener.tls:  # the protocol is known once ALPN has spoken: see _handshake_done
             self.tls = ServerTls(generation.tls.default)
             self._handshake_timer = self.loop.call_later(
                 generation.configuration.timeouts.handshake, self._handshake_expired
             )
-        self._handler = self.loop.create_task(self._serve())
+        else:
+            self._handler = self.loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
         tls = self.tls
@@ -118,6 +121,9 @@ class ClientConnection(FlowControlled):
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
+        if self.http2 is not None:
+            self.http2.receive(data)
+            return
         if self._parse_failed:
             return
         try:
@@ -140,6 +146,13 @@ class ClientConnection(FlowControlled):
                 timer.cancel()
         if self._handler is not None and not self._handler.done():
             self._handler.cancel()  # nobody to answer: stop waiting for the backend too
+        if self.http2 is not None:
+            self.http2.connection_lost()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.http2 is not None:
+            self.http2.writable_again()
 
     # -- TLS handshake ------------------------------------------------------------------------
 
@@ -159,6 +172,17 @@ class ClientConnection(FlowControlled):
                 self._handshake_timer.cancel()
             key_source = self.server.generation.tls.key_source(tls.connection.get_context())
             metrics.handshake_series(tls.version, key_source, tls.resumed).inc()
+            self._handshake_done()
+
+    def _handshake_done(self) -> None:
+        """Start the protocol ALPN chose: HTTP/2, or HTTP/1.1 (also when the client offered none)."""
+        assert self.tls is not None
+        if self.tls.connection.get_alpn_proto_negotiated() == b"h2":
+            self.protocol = "h2"
+            self.http2 = Http2Session(self, self.server)
+            self.http2.write()
+        else:
+            self._handler = self.loop.create_task(self._serve())
 
     def _watch_async_job(self) -> None:
         from proxy.offload import async_wait_fds
@@ -249,6 +273,15 @@ class ClientConnection(FlowControlled):
                 self.transport.abort()
             raise ConnectionGone() from None
 
+    # -- HTTP/2 (the session writes plaintext through us) -------------------------------------
+
+    def write_plaintext(self, data: bytes) -> None:
+        self._send(data)
+        self._flush()
+
+    def close_transport(self) -> None:
+        self._close()
+
     def _close(self) -> None:
         self._flush()
         if self.closed or self.transport is None:
@@ -260,8 +293,11 @@ class ClientConnection(FlowControlled):
         self.transport.close()
 
     def drain_now(self) -> None:
-        """Server drain: close at once if idle between requests; else after the current response."""
-        if self._awaiting_head and not self.events and self._head_timer is None:
+        """Server drain: close at once if idle between requests; else after the current response
+        (HTTP/2: a graceful GOAWAY, then close once the streams in flight have finished)."""
+        if self.http2 is not None:
+            self.http2.drain()
+        elif self._awaiting_head and not self.events and self._head_timer is None:
             self._close()
 
     # -- the handler --------------------------------------------------------------------------
