@@ -529,7 +529,7 @@ def test_http1_head_serialises_for_the_backend() -> None:
     request = StreamRequest(1, b"POST", b"/up", b"site.test", b"https", ((b"te", b"trailers"),), False, None)
     written = upstream_request_head(as_http1_head(request), b"127.0.0.2", b"https", b"127.0.0.1:8443")
     lines = written.split(b"\r\n")
-    assert lines[0] == b"POST /up HTTP/1.1" and b"host: site.test" in lines and b"Transfer-Encoding: chunked" in lines
+    assert lines[0] == b"POST /up HTTP/1.1" and b"Host: site.test" in lines and b"Transfer-Encoding: chunked" in lines
     assert not any(line.lower().startswith(b"te:") for line in lines)
 
 
