@@ -133,7 +133,7 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
         status, keep = await _proxy(client, state, head, backend, candidates, generation.configuration.timeouts, hsts)
     elapsed = loop.time() - started
     backend_label = backend or "-"
-    requests, durations = metrics.request_series(host_label, backend_label, status)
+    requests, durations = metrics.request_series(host_label, backend_label, status, client.protocol)
     requests.inc()
     durations.observe(elapsed)
     if ACCESS_LOG.isEnabledFor(logging.INFO):

@@ -8,7 +8,7 @@ import functools
 
 from prometheus_client import Counter, Gauge, Histogram
 
-REQUESTS = Counter("ingress_proxy_requests", "Requests answered", ["host", "backend", "status"])
+REQUESTS = Counter("ingress_proxy_requests", "Requests answered", ["host", "backend", "status", "protocol"])
 REQUEST_SECONDS = Histogram(
     "ingress_proxy_request_duration_seconds",
     "Time from request head to the end of the response",
@@ -27,9 +27,9 @@ ENGINE_UP = Gauge("ingress_proxy_engine_up", "1 if the configured OpenSSL engine
 
 
 @functools.lru_cache(maxsize=4096)
-def request_series(host: str, backend: str, status: int) -> tuple[Counter, Histogram]:
-    """The labelled children for one (host, backend, status): looked up once, not per request."""
-    return REQUESTS.labels(host, backend, str(status)), REQUEST_SECONDS.labels(backend)
+def request_series(host: str, backend: str, status: int, protocol: str) -> tuple[Counter, Histogram]:
+    """The labelled children for one (host, backend, status, protocol): looked up once, not per request."""
+    return REQUESTS.labels(host, backend, str(status), protocol), REQUEST_SECONDS.labels(backend)
 
 
 @functools.lru_cache(maxsize=256)

@@ -185,3 +185,141 @@ async def test_mixed_h1_and_h2_clients_with_sni(h2_proxy) -> None:
     h2_answer, h1_status = await asyncio.to_thread(both)
     assert h2_answer.startswith(b"200") and b"/via-h2" in h2_answer and h1_status == 200
     assert [seen["path_qs"] for seen in backend.received] == ["/via-h2", "/via-h1"]
+
+
+def _frames_until_goaway(sock: ssl.SSLSocket) -> list:  # type: ignore[type-arg]
+    return _read_frames(sock, lambda frames: any(type(frame).__name__ == "GoAwayFrame" for frame in frames))
+
+
+def _raw_h2(port: int) -> ssl.SSLSocket:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname=HOST)
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # preface + SETTINGS
+    return sock
+
+
+async def test_continuation_flood_gets_goaway(h2_proxy) -> None:
+    """CVE-2024-27316: endless CONTINUATION frames without END_HEADERS must not be buffered."""
+    from hyperframe.frame import ContinuationFrame, HeadersFrame
+
+    proxy, _ = h2_proxy
+
+    def attack() -> list[object]:
+        with _raw_h2(proxy.https_port) as sock:
+            sock.sendall(HeadersFrame(1, data=b"\x82", flags=[]).serialize())  # no END_HEADERS
+            piece = ContinuationFrame(1, data=b"\x40\x03abc\x03def" * 1000, flags=[]).serialize()
+            try:
+                for _ in range(200):  # 2.2 MB of header block if nothing stopped us
+                    sock.sendall(piece)
+            except (ConnectionError, ssl.SSLError):
+                pass
+            return _frames_until_goaway(sock)
+
+    frames = await asyncio.to_thread(attack)
+    goaway = frames[-1]
+    assert type(goaway).__name__ == "GoAwayFrame"
+    assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM  # type: ignore[attr-defined]
+
+
+async def test_ping_flood_from_a_peer_that_never_reads_gets_goaway(h2_proxy) -> None:
+    from hyperframe.frame import PingFrame
+
+    proxy, _ = h2_proxy
+
+    def attack() -> list[object]:
+        with _raw_h2(proxy.https_port) as sock:
+            ping = PingFrame(0, opaque_data=b"12345678").serialize() * 500
+            try:
+                for _ in range(40):  # 20,000 PINGs, never reading the ACKs
+                    sock.sendall(ping)
+            except (ConnectionError, ssl.SSLError):
+                pass
+            return _frames_until_goaway(sock)
+
+    frames = await asyncio.to_thread(attack)
+    goaways = [frame for frame in frames if type(frame).__name__ == "GoAwayFrame"]
+    assert goaways and goaways[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM  # type: ignore[attr-defined]
+
+
+def _read_frames(sock: ssl.SSLSocket, done, seconds: float = 20.0) -> list:  # type: ignore[type-arg]
+    """Raw frames from the proxy until `done(frames)` or close (hyperframe, independent of our core)."""
+    from hyperframe.frame import Frame
+
+    sock.settimeout(seconds)
+    buffer, frames = b"", []
+    try:
+        while not done(frames):
+            data = sock.recv(65536)
+            if not data:
+                break
+            buffer += data
+            while len(buffer) >= 9:
+                frame, length = Frame.parse_frame_header(memoryview(buffer[:9]))
+                if len(buffer) < 9 + length:
+                    break
+                frame.parse_body(memoryview(buffer[9 : 9 + length]))
+                buffer = buffer[9 + length :]
+                frames.append(frame)
+    except (TimeoutError, ConnectionError, ssl.SSLError):
+        pass
+    return frames
+
+
+def _request_frame(stream_id: int, path: str) -> bytes:
+    import hpack
+    from hyperframe.frame import HeadersFrame
+
+    block = hpack.Encoder().encode([(":method", "GET"), (":scheme", "https"), (":authority", HOST), (":path", path)])
+    return HeadersFrame(stream_id, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize()
+
+
+async def test_zero_window_reader_is_reset_after_idle(ca, start_backend, start_proxy) -> None:
+    """A client that never opens its window: the stream holds at most the watermark, then is reset."""
+    from hyperframe.frame import DataFrame, RstStreamFrame, SettingsFrame
+
+    from config.model import Timeouts
+
+    backend = await start_backend("b1")
+    configuration = simple_configuration(
+        {"app": [backend.address]}, {"": [("/", PathType.PREFIX, "app")]}, (certificate_for(ca, HOST),),
+        timeouts=Timeouts(idle=1.0, drain=2.0),
+    )  # fmt: skip
+    proxy = await start_proxy(configuration)
+
+    def stall() -> list:  # type: ignore[type-arg]
+        with _raw_h2(proxy.https_port) as sock:
+            zero_window = SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}).serialize()
+            sock.sendall(zero_window + _request_frame(1, f"/stream/{50 * 1024 * 1024}"))
+            return _read_frames(sock, lambda frames: any(type(f) is RstStreamFrame for f in frames))
+
+    frames = await asyncio.to_thread(stall)
+    resets = [frame for frame in frames if type(frame) is RstStreamFrame]
+    assert resets and resets[0].error_code == h2.errors.ErrorCodes.CANCEL
+    assert not any(type(frame) is DataFrame and frame.data for frame in frames)  # the window stayed shut
+
+
+async def test_drain_sends_goaway_and_lets_the_stream_in_flight_finish(h2_proxy) -> None:
+    from hyperframe.frame import DataFrame, GoAwayFrame
+
+    proxy, _ = h2_proxy
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+
+    def slow_request() -> list:  # type: ignore[type-arg]
+        with _raw_h2(proxy.https_port) as sock:
+            sock.sendall(_request_frame(1, "/slow/1"))
+            loop.call_soon_threadsafe(ready.set)
+            return _read_frames(sock, lambda frames: any("END_STREAM" in f.flags for f in frames if type(f) is DataFrame))
+
+    request = asyncio.create_task(asyncio.to_thread(slow_request))
+    await ready.wait()
+    await asyncio.sleep(0.3)  # the stream is at the backend now
+    proxy.stop.set()
+    frames = await request
+    goaways = [frame for frame in frames if type(frame) is GoAwayFrame]
+    assert goaways and goaways[0].error_code == h2.errors.ErrorCodes.NO_ERROR and goaways[0].last_stream_id == 1
+    body = b"".join(frame.data for frame in frames if type(frame) is DataFrame)
+    assert body == b"late" and frames.index(goaways[0]) < len(frames) - 1  # the response came after the GOAWAY
