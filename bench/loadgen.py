@@ -185,6 +185,40 @@ def run_s_time(port: int, mode: str, seconds: float, expected_response_bytes: in
     )
 
 
+_H2LOAD_REQUESTS = re.compile(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored")
+_H2LOAD_STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
+_H2LOAD_TRAFFIC = re.compile(r"traffic: .*?\((\d+)\) total")
+
+
+def run_h2load(port: int, path: str, clients: int, streams: int, seconds: float) -> LoadResult:
+    """HTTP/2 closed loop: `clients` connections with up to `streams` requests in flight on each."""
+    whole_seconds = max(1, round(seconds))
+    argv = [
+        "h2load", f"-c{clients}", f"-m{streams}", "-t1", f"-D{whole_seconds}", "--warm-up-time=1",
+        f"https://127.0.0.1:{port}{path}",
+    ]
+    command = " ".join(argv[:-1]) + f" https://127.0.0.1:PORT{path}"
+    completed = _run(argv, seconds + 1)
+    requests = _H2LOAD_REQUESTS.search(completed.stdout)
+    if completed.returncode != 0 or requests is None:
+        return LoadResult(command, 0, seconds, 0, {f"h2load exit {completed.returncode}": 1})
+    done, succeeded, failed, errored = (int(requests.group(n)) for n in (2, 3, 4, 5))
+    errors = {kind: count for kind, count in (("failed", failed), ("errored", errored)) if count}
+    status = _H2LOAD_STATUS.search(completed.stdout)
+    if status is not None and (not_ok := sum(int(status.group(n)) for n in (3, 4))):
+        errors["non-2xx/5xx"] = not_ok
+    if status is not None and int(status.group(4)):
+        errors["5xx"] = int(status.group(4))
+    traffic = _H2LOAD_TRAFFIC.search(completed.stdout)
+    return LoadResult(
+        command=command,
+        completed=succeeded if succeeded <= done else done,
+        seconds=float(whole_seconds),
+        bytes_received=int(traffic.group(1)) if traffic else 0,
+        errors=errors,
+    )
+
+
 def _count(errors: dict[str, int], kind: str) -> None:
     errors[kind] = errors.get(kind, 0) + 1
 

@@ -28,6 +28,8 @@ from bench.servers import (
 KEEP_ALIVE_CONNECTIONS = 50
 LARGE_CONNECTIONS = 10
 LATENCY_CONNECTIONS = 100
+H2_CONNECTIONS = 10  # HTTP/2 row: connections, each with up to H2_STREAMS requests in flight
+H2_STREAMS = 32
 SATURATED_SHARE = 0.97  # a paced run that achieves less than this share of its target is saturated
 CPU_BOUND_PERCENT = 85.0  # below this, a one-core proxy had CPU to spare
 GENERATOR_BUSY_PERCENT = 90.0
@@ -160,6 +162,13 @@ def measure_keep_alive(run: RowRun, proxy: RunningProxy, measurement: Measuremen
     _add_throughput(run, measurement, "requests_per_second", result.rate)
 
 
+def measure_http2(run: RowRun, proxy: RunningProxy, measurement: Measurement) -> None:
+    with CpuWindow(proxy.pid) as window:
+        result = loadgen.run_h2load(proxy.port, SMALL_PATH, H2_CONNECTIONS, H2_STREAMS, run.budget.seconds)
+    _record(run, measurement, result, window)
+    _add_throughput(run, measurement, "requests_per_second", result.rate)
+
+
 def measure_large(run: RowRun, proxy: RunningProxy, measurement: Measurement) -> None:
     _warm_up(run, proxy, LARGE_PATH)
     with CpuWindow(proxy.pid) as window:
@@ -266,6 +275,12 @@ ROWS: tuple[Row, ...] = (
     Row(
         "keepalive", "Keep-alive HTTPS, 2-byte body", _RSA, (_REQUESTS,),
         f"wrk -t1 -c{KEEP_ALIVE_CONNECTIONS}, TLS 1.3, RSA-2048 certificate", measure_keep_alive,
+    ),
+    Row(
+        "h2", "HTTP/2, 2-byte body, many streams per connection", _RSA, (_REQUESTS,),
+        f"h2load -c{H2_CONNECTIONS} -m{H2_STREAMS} -t1, TLS 1.3, RSA-2048; backends spoken to in HTTP/1.1 "
+        "(HAProxy `alpn h2,http/1.1`, nginx `listen ... ssl http2`)",
+        measure_http2,
     ),
     Row(
         "large", "Keep-alive HTTPS, 1 MiB body", _RSA,

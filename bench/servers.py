@@ -346,7 +346,7 @@ defaults
     timeout http-keep-alive {IDLE_TIMEOUT_SECONDS}s
 
 frontend bench
-    bind 127.0.0.1:{port} ssl crt {cert}{tickets}
+    bind 127.0.0.1:{port} ssl crt {cert}{tickets} alpn h2,http/1.1
     default_backend app
 
 backend app
@@ -376,7 +376,7 @@ class Nginx:
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{port} ssl;
+        listen 127.0.0.1:{port} ssl http2;
         ssl_certificate {files.cert};
         ssl_certificate_key {files.key};
         ssl_session_cache {cache};
