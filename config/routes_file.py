@@ -458,7 +458,7 @@ class _Checker:
                 version = self.policy_value(fields[name], f"tls.{name}", check_version)
                 if version is not None:
                     settings[name] = version
-        checks = {
+        checks: dict[str, Callable[[str], str]] = {
             "ciphers": lambda text: check_ciphers(text, "tls.ciphersuites"),
             "ciphersuites": check_ciphersuites,
             "curves": check_curves,
