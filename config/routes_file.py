@@ -516,7 +516,11 @@ class _Checker:
                 good = False
         if not good:
             return None
-        return self.policy_value(node, where, lambda _: check(":".join(text or "" for _, _, text in items)))
+        try:
+            return check(":".join(text or "" for _, _, text in items))
+        except PolicyError as error:  # each name is fine, together they select nothing
+            self.report(node, f"{where}: {error}")
+            return None
 
     def engine(self, node: yaml.Node) -> EngineSettings | None:
         fields = self.mapping(node, "tls.engine", _ENGINE_KEYS, required={"id": "id: pkcs11"})
