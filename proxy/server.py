@@ -175,12 +175,19 @@ class ProxyServer:
             raise RuntimeError("the route source stopped before publishing a configuration")
         try:
             await self.start_listeners()
+        except ListenerError:  # nothing was served: close what opened, quietly
+            await self._stop(source_task)
+            raise
+        try:
             await stop.wait()
         finally:
             LOG.info("draining %d connections", len(self.connections))
-            await self.drain()
-            source_task.cancel()
-            await asyncio.gather(source_task, return_exceptions=True)
+            await self._stop(source_task)
+
+    async def _stop(self, source_task: asyncio.Task[None]) -> None:
+        await self.drain()
+        source_task.cancel()
+        await asyncio.gather(source_task, return_exceptions=True)
 
 
 def _held_message(name: str, address: Address, error: OSError) -> str:
