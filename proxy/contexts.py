@@ -76,7 +76,7 @@ def _alpn_selector(protocols: tuple[str, ...]) -> object:
     """A cffi ALPN callback choosing from `protocols`; the context must keep it alive."""
     ours = tuple(protocol.encode() for protocol in protocols)
 
-    @ffi.callback(_ALPN_CALLBACK)
+    @ffi.callback(_ALPN_CALLBACK, error=lib.SSL_TLSEXT_ERR_ALERT_FATAL)  # a bug here must not look like "OK"
     def select(_ssl: object, out: object, outlen: object, wire: object, wire_length: int, _arg: object) -> int:
         offsets = offered_protocols(bytes(ffi.buffer(wire, wire_length)))
         chosen = choose_protocol(ours, list(offsets))
@@ -128,9 +128,10 @@ class ContextCache:
 
     Building a context parses its chain and key (about 1 ms per certificate, more from an HSM), so
     rebuilding thousands on every Ingress change would stall the event loop for seconds. Contexts
-    are keyed by the certificates' content; a new crypto runtime (engine or async mode changed)
-    invalidates them all, since keys must be loaded after the engine defaults are set. Only the
-    contexts the latest publish uses are kept. The SNI callback of every context reads `current`,
+    are keyed by the certificates' content and OCSP responses. A new crypto runtime (engine or
+    async mode changed) invalidates them all, since keys must be loaded after the engine defaults
+    are set; so do a changed resumption setting or TLS policy, which every context carries. Only
+    the contexts the latest publish uses are kept. The SNI callback of every context reads `current`,
     so a reused context always switches by the newest mapping.
     """
 
