@@ -502,24 +502,23 @@ class _Checker:
             return None
 
     def policy_list(self, node: yaml.Node, where: str, check: Callable[[str], str]) -> str | None:
-        """An OpenSSL list as "A:B" or as a YAML list of names; each bad item is reported where it is."""
+        """An OpenSSL list as "A:B" or as a YAML list of names; unknown names are reported where they are."""
         if not isinstance(node, yaml.SequenceNode):
             return self.policy_value(node, where, check)
-        items = [(index, item, self.text(item, f"{where}[{index}]")) for index, item in enumerate(node.value)]
-        if not items:
+        if not node.value:
             self.report(node, f"{where}: the list is empty (name at least one, or omit it for the default)")
             return None
-        good = True
-        for index, item, text in items:
-            good = good and text is not None
-            if text is not None and self.policy_value(item, f"{where}[{index}]", check) is None:
-                good = False
-        if not good:
+        texts = [self.text(item, f"{where}[{index}]") for index, item in enumerate(node.value)]
+        if any(text is None for text in texts):
             return None
         try:
-            return check(":".join(text or "" for _, _, text in items))
-        except PolicyError as error:  # each name is fine, together they select nothing
-            self.report(node, f"{where}: {error}")
+            return check(":".join(text or "" for text in texts))
+        except PolicyError as error:
+            at_fault = [(index, item) for index, (item, text) in enumerate(zip(node.value, texts)) if text in error.unknown]
+            for index, item in at_fault:  # alone, each unknown name gets its own one-name message
+                self.policy_value(item, f"{where}[{index}]", check)
+            if not at_fault:  # each name is fine, together they select nothing
+                self.report(node, f"{where}: {error}")
             return None
 
     def engine(self, node: yaml.Node) -> EngineSettings | None:

@@ -31,7 +31,15 @@ _OLD_VERSIONS = ("sslv2", "sslv3", "tlsv1", "tlsv1.0", "tlsv1.1")
 
 
 class PolicyError(ValueError):
-    """A policy setting OpenSSL (or we) would not accept; str() says what and how to fix it."""
+    """A policy setting OpenSSL (or we) would not accept; str() says what and how to fix it.
+
+    `unknown` holds the list elements at fault when the fault is names OpenSSL does not know, so a
+    caller with a YAML list can point at each one.
+    """
+
+    def __init__(self, message: str, unknown: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.unknown = tuple(unknown)
 
 
 def apply_policy(context: SSL.Context, policy: TlsPolicy) -> None:
@@ -98,9 +106,11 @@ def check_ciphers(text: str, ciphersuites_setting: str) -> str:
             unknown.append(element)
     suites = [element for element in unknown if element.startswith("TLS_")]
     if suites:
-        raise PolicyError(f"{', '.join(suites)} {'is a TLS 1.3 suite' if len(suites) == 1 else 'are TLS 1.3 suites'} (list TLS 1.3 suites under {ciphersuites_setting})")
+        kind = "is a TLS 1.3 suite" if len(suites) == 1 else "are TLS 1.3 suites"
+        raise PolicyError(f"{', '.join(suites)} {kind} (list TLS 1.3 suites under {ciphersuites_setting})", suites)
     if unknown:
-        raise PolicyError(f"unknown cipher {', '.join(repr(name) for name in unknown)} (OpenSSL's names are listed by `openssl ciphers -v ALL`)")
+        names = ", ".join(repr(name) for name in unknown)
+        raise PolicyError(f"unknown cipher {names} (OpenSSL's names are listed by `openssl ciphers -v ALL`)", unknown)
     joined = ":".join(elements)
     try:
         probe.set_cipher_list(joined.encode("ascii"))
@@ -124,7 +134,7 @@ def check_ciphersuites(text: str) -> str:
     lib.ERR_clear_error()
     if unknown:
         known = "TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_CCM_SHA256"
-        raise PolicyError(f"unknown TLS 1.3 suite {', '.join(repr(name) for name in unknown)} (use some of {known})")
+        raise PolicyError(f"unknown TLS 1.3 suite {', '.join(repr(name) for name in unknown)} (use some of {known})", unknown)
     return ":".join(elements)
 
 
@@ -144,7 +154,7 @@ def check_curves(text: str) -> str:
             unknown.append(element)
     lib.ERR_clear_error()
     if unknown:
-        raise PolicyError(f"unknown curve {', '.join(repr(name) for name in unknown)} (use names like X25519, P-256, P-384)")
+        raise PolicyError(f"unknown curve {', '.join(repr(name) for name in unknown)} (use names like X25519, P-256, P-384)", unknown)
     return ":".join(elements)
 
 

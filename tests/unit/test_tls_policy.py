@@ -463,3 +463,17 @@ def test_routes_file_reads_the_ocsp_file_beside_the_certificate_or_named(ca, tmp
     (tmp_path / "site.pem.ocsp").unlink()
     beside = write(tmp_path, head + "  - {cert: site.pem, key: site.key}\n")
     assert load_routes_file(beside).configuration.certificates[0].ocsp_response is None
+
+
+def test_routes_file_cipher_list_with_exclusions_reports_only_the_unknown_items(tmp_path):
+    path = write(tmp_path, "listen: {https: 127.0.0.1:8443}\ntls: {ciphers: [ECDHE+AESGCM, '!aNULL', BOGUS, -RSA]}\n")
+    with pytest.raises(RoutesFileError) as error:
+        load_routes_file(path)
+    assert [str(problem) for problem in error.value.problems] == [
+        f"{path}:2:41: tls.ciphers[2]: unknown cipher 'BOGUS' (OpenSSL's names are listed by `openssl ciphers -v ALL`)"
+    ]
+    fine = write(tmp_path, "listen: {https: 127.0.0.1:8443}\ntls: {ciphers: [ECDHE+AESGCM, '!aNULL', -RSA]}\n")
+    assert load_routes_file(fine).configuration.tls_policy.ciphers == "ECDHE+AESGCM:!aNULL:-RSA"
+    empty = write(tmp_path, "listen: {https: 127.0.0.1:8443}\ntls: {ciphers: [HIGH, '!HIGH']}\n")
+    with pytest.raises(RoutesFileError, match=r":2:16: tls.ciphers: 'HIGH:!HIGH' leaves no TLS 1.2 cipher enabled"):
+        load_routes_file(empty)
