@@ -2,7 +2,7 @@
 PYTHON := /usr/bin/python3
 VENV := .venv
 APT_PACKAGES := python3-venv python3-openssl python3-cryptography python3-yaml libssl-dev gcc curl \
-	softhsm2 opensc libengine-pkcs11-openssl openssl iproute2
+	softhsm2 opensc libengine-pkcs11-openssl openssl iproute2 testssl.sh
 BENCH_APT_PACKAGES := haproxy nginx-light wrk nghttp2-client
 
 .PHONY: install run test fuzz soak bench clean

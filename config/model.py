@@ -81,6 +81,7 @@ class Certificate:
     key: KeySource
     hosts: tuple[str, ...]
     origin: str  # where it came from, for messages: "routes.yaml:12:7" or "Secret ns/name"
+    ocsp_response: bytes | None = field(default=None, repr=False)  # DER, stapled while valid (proxy/stapling.py)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,47 @@ class CryptoSettings:
     engine: EngineSettings | None = None
     async_mode: bool = False
     providers: tuple[str, ...] = ()
+
+
+# ---- TLS policy (issue 10): what every context offers; checked by config/tls_policy.py -------
+
+
+class TlsVersion(enum.Enum):
+    """The protocol versions a policy may name; older ones are refused (RFC 8996)."""
+
+    TLS1_2 = "TLSv1.2"
+    TLS1_3 = "TLSv1.3"
+
+
+# Mozilla "intermediate" (v5.7) without its DHE suites: ECDHE key exchange with AEAD ciphers only,
+# no CBC (LUCKY13), no static RSA key exchange (no forward secrecy). HAProxy's Debian default too.
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+INTERMEDIATE_CURVES = "X25519:P-256:P-384"
+
+
+@dataclass(frozen=True)
+class TlsPolicy:
+    """Versions, TLS 1.2 ciphers, TLS 1.3 suites, groups and ALPN protocols of every context.
+
+    The strings use OpenSSL's syntax and hold only names OpenSSL accepted when they were checked.
+    `alpn` is in our order of preference; a client offering none of them gets the fatal
+    no_application_protocol alert (RFC 7301 §3.2), a client offering no ALPN at all is served.
+    """
+
+    min_version: TlsVersion = TlsVersion.TLS1_2
+    max_version: TlsVersion = TlsVersion.TLS1_3
+    ciphers: str = INTERMEDIATE_CIPHERS
+    ciphersuites: str = TLS13_CIPHERSUITES
+    curves: str = INTERMEDIATE_CURVES
+    alpn: tuple[str, ...] = ("h2", "http/1.1")  # HTTP/2 preferred, as HAProxy, nginx and Traefik offer
+
+
+# ---- end of TLS policy ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -158,6 +200,7 @@ class Configuration:
     hsts: Hsts | None = None
     access_log_json: bool = False
     session_resumption: bool = True  # session cache + tickets; off = HAProxy's no-tls-tickets + cachesize 0
+    tls_policy: TlsPolicy = TlsPolicy()
 
 
 @dataclass(frozen=True)

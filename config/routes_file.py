@@ -27,6 +27,14 @@ Decisions a user can observe (documented in examples/routes.yaml too):
   PIN from `pin_env`/`pin_file` is appended as `;pin-value=<PIN, percent-encoded>` in memory.
   Messages never contain key bytes, PINs or engine key URIs (which may carry a PIN). The chain,
   key, key-match, host and SAN checks are `config.tls_material`'s, shared with the translator.
+- TLS policy (`tls.min_version`, `max_version`, `ciphers`, `ciphersuites`, `curves`, `alpn`):
+  each list is a string in OpenSSL's syntax ("A:B") or a YAML list of names; every name is
+  tried on a throwaway OpenSSL context (`config.tls_policy`, shared with the ConfigMap), so an
+  unknown name is a located problem, never silently dropped. Omitted keys keep the defaults
+  (Mozilla intermediate, `config.model.TlsPolicy`).
+- OCSP: a certificate entry's `ocsp:` names a DER response file; without it, `<cert>.ocsp` is used
+  when it exists (HAProxy's convention). It is read with the certificate on every load and checked
+  against it when contexts are built (`proxy.stapling`): a response that does not fit is not stapled.
 """
 
 from __future__ import annotations
@@ -39,9 +47,9 @@ import os
 import pathlib
 import re
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -63,7 +71,18 @@ from config.model import (
     Problem,
     RouteTable,
     Timeouts,
+    TlsPolicy,
+    TlsVersion,
     VirtualHost,
+)
+from config.tls_policy import (
+    PolicyError,
+    check_alpn,
+    check_ciphers,
+    check_ciphersuites,
+    check_curves,
+    check_policy,
+    check_version,
 )
 from config.tls_material import (
     CertificateChain,
@@ -91,9 +110,11 @@ _TAG_FLOAT = "tag:yaml.org,2002:float"
 # Known keys per section, in the order the hint lists them.
 _TOP_KEYS = ("listen", "tls", "timeouts", "hsts", "access_log", "routes", "default_backend", "backends")
 _LISTEN_KEYS = ("https", "http", "admin")
-_TLS_KEYS = ("certificates", "default_certificate", "engine", "async", "providers", "session_resumption")
-_CERTIFICATE_KEYS = ("cert", "key", "hosts", "pin_env", "pin_file")
-_DEFAULT_CERTIFICATE_KEYS = ("cert", "key", "pin_env", "pin_file")
+_TLS_POLICY_KEYS = ("min_version", "max_version", "ciphers", "ciphersuites", "curves", "alpn")
+_TLS_KEYS = ("certificates", "default_certificate", "engine", "async", "providers", "session_resumption") + _TLS_POLICY_KEYS
+_CERTIFICATE_KEYS = ("cert", "key", "hosts", "pin_env", "pin_file", "ocsp")
+_DEFAULT_CERTIFICATE_KEYS = ("cert", "key", "pin_env", "pin_file", "ocsp")
+OCSP_SUFFIX = ".ocsp"  # HAProxy's name for the DER response beside a certificate file
 _ENGINE_KEYS = ("id", "so_path", "ctrl", "algorithms", "required")
 _TIMEOUT_KEYS = tuple(field.name for field in dataclasses.fields(Timeouts))
 _HSTS_KEYS = ("max_age", "include_subdomains", "preload")
@@ -107,6 +128,7 @@ _URI_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:[^/\\]", re.IGNORECASE)
 _UNQUOTED_IPV6 = re.compile(r"(?<![\"'])\[[0-9a-f.]*:[0-9a-f:.%]*\]", re.IGNORECASE)
 _LOOKS_NUMERIC = re.compile(r"[0-9.]+")  # "127.0.0.01" is a mistyped IP, not a host name
 _UNSPECIFIED_HOSTS = frozenset({"0.0.0.0", "::"})
+_V = TypeVar("_V")
 
 
 @dataclass(frozen=True)
@@ -173,8 +195,10 @@ class _Checker:
             default_backend = self.backend_reference(fields["default_backend"], "default_backend", defined_backends)
         certificates: tuple[Certificate, ...] = ()
         default_certificate, crypto, session_resumption = None, CryptoSettings(), True
+        tls_policy = TlsPolicy()
         if "tls" in fields:
             certificates, default_certificate, crypto, session_resumption = self.tls(fields["tls"])
+            tls_policy = self.tls_policy(fields["tls"])
         timeouts = self.timeouts(fields["timeouts"]) if "timeouts" in fields else Timeouts()
         hsts = self.hsts(fields["hsts"]) if "hsts" in fields else None
         access_log_json = self.access_log_json(fields["access_log"]) if "access_log" in fields else False
@@ -190,6 +214,7 @@ class _Checker:
             hsts=hsts,
             access_log_json=access_log_json,
             session_resumption=session_resumption,
+            tls_policy=tls_policy,
         )
         return LoadedRoutes(listeners=listeners, configuration=configuration)
 
@@ -416,6 +441,86 @@ class _Checker:
             resumption = self.flag(fields["session_resumption"], "tls.session_resumption") is not False
         return tuple(certificates), default_certificate, crypto, resumption
 
+    # ---- tls policy (versions, ciphers, suites, curves, ALPN) ----------------------------------
+
+    def tls_policy(self, node: yaml.Node) -> TlsPolicy:
+        """The policy keys of the `tls:` mapping (whose unknown and duplicate keys `tls` reported)."""
+        if not isinstance(node, yaml.MappingNode):
+            return TlsPolicy()
+        fields: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value in _TLS_POLICY_KEYS:
+                fields.setdefault(key_node.value, value_node)
+        defaults = TlsPolicy()
+        settings: dict[str, Any] = {}
+        for name in ("min_version", "max_version"):
+            if name in fields:
+                version = self.policy_value(fields[name], f"tls.{name}", check_version)
+                if version is not None:
+                    settings[name] = version
+        checks: dict[str, Callable[[str], str]] = {
+            "ciphers": lambda text: check_ciphers(text, "tls.ciphersuites"),
+            "ciphersuites": check_ciphersuites,
+            "curves": check_curves,
+        }
+        for name, check in checks.items():
+            if name in fields:
+                value = self.policy_list(fields[name], f"tls.{name}", check)
+                if value is not None:
+                    settings[name] = value
+        if "alpn" in fields:
+            alpn = self.alpn(fields["alpn"])
+            if alpn is not None:
+                settings["alpn"] = alpn
+        policy = dataclasses.replace(defaults, **settings)
+        try:
+            check_policy(policy, "tls.min_version / tls.max_version")
+        except PolicyError as error:
+            self.report(fields.get("min_version") or fields.get("max_version") or node, f"tls.min_version: {error}")
+            return defaults
+        return policy
+
+    def alpn(self, node: yaml.Node) -> tuple[str, ...] | None:
+        items = self.sequence(node, "tls.alpn")
+        names = self.texts(node, "tls.alpn") if items is not None else None
+        if names is None or len(names) != len(items or ()):
+            return None
+        try:
+            return check_alpn(names)
+        except PolicyError as error:
+            self.report(node, f"tls.alpn: {error}")
+            return None
+
+    def policy_value(self, node: yaml.Node, where: str, check: Callable[[str], _V]) -> _V | None:
+        text = self.text(node, where)
+        if text is None:
+            return None
+        try:
+            return check(text)
+        except PolicyError as error:
+            self.report(node, f"{where}: {error}")
+            return None
+
+    def policy_list(self, node: yaml.Node, where: str, check: Callable[[str], str]) -> str | None:
+        """An OpenSSL list as "A:B" or as a YAML list of names; unknown names are reported where they are."""
+        if not isinstance(node, yaml.SequenceNode):
+            return self.policy_value(node, where, check)
+        if not node.value:
+            self.report(node, f"{where}: the list is empty (name at least one, or omit it for the default)")
+            return None
+        texts = [self.text(item, f"{where}[{index}]") for index, item in enumerate(node.value)]
+        if any(text is None for text in texts):
+            return None
+        try:
+            return check(":".join(text or "" for text in texts))
+        except PolicyError as error:
+            at_fault = [(index, item) for index, (item, text) in enumerate(zip(node.value, texts)) if text in error.unknown]
+            for index, item in at_fault:  # alone, each unknown name gets its own one-name message
+                self.policy_value(item, f"{where}[{index}]", check)
+            if not at_fault:  # each name is fine, together they select nothing
+                self.report(node, f"{where}: {error}")
+            return None
+
     def engine(self, node: yaml.Node) -> EngineSettings | None:
         fields = self.mapping(node, "tls.engine", _ENGINE_KEYS, required={"id": "id: pkcs11"})
         if fields is None:
@@ -488,9 +593,21 @@ class _Checker:
                     f"{where}: the certificate has no usable DNS name in subjectAltName "
                     '(add hosts: ["name.example.com"] to this entry)',
                 )
+        ocsp_response = self.ocsp_response(fields, where) if chain is not None or "ocsp" in fields else None
         if chain is None or key is None or hosts is None:
             return None
-        return Certificate(chain_pem=chain.pem, key=key, hosts=hosts, origin=self.location(node))
+        return Certificate(chain_pem=chain.pem, key=key, hosts=hosts, origin=self.location(node), ocsp_response=ocsp_response)
+
+    def ocsp_response(self, fields: Mapping[str, yaml.Node], where: str) -> bytes | None:
+        """The `ocsp:` file, else `<cert>.ocsp` if it exists; checked against the certificate later."""
+        if "ocsp" in fields:
+            path = self.file_path(fields["ocsp"], f"{where}.ocsp")
+            return self.read_file(fields["ocsp"], f"{where}.ocsp", path) if path else None
+        cert = self.file_path(fields["cert"], f"{where}.cert") if "cert" in fields else None
+        if cert is None:
+            return None
+        beside = cert.with_name(cert.name + OCSP_SUFFIX)
+        return self.read_file(fields["cert"], f"{where}.cert ({beside.name})", beside) if beside.is_file() else None
 
     def certificate_chain(self, node: yaml.Node, where: str) -> CertificateChain | None:
         path = self.file_path(node, where)

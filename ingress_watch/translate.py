@@ -55,7 +55,10 @@ The rules (shared/NOTES.md §4), in the order they are applied:
 - ConfigMap keys use haproxy-ingress spelling; durations are HAProxy-style integers with a unit
   (us, ms, s, m, h, d) and, as in HAProxy, a bare number means milliseconds. A bad value is a
   problem and keeps the default; an unknown key is a problem (typos would otherwise go unseen).
-  HSTS is on only with `hsts: "true"`.
+  HSTS is on only with `hsts: "true"`. The TLS policy keys take ingress-nginx's spelling and
+  syntax (`ssl-ciphers`, `ssl-ciphersuites`, `ssl-protocols: "TLSv1.2 TLSv1.3"`, `ssl-ecdh-curve`,
+  where "auto" means the default) and are checked by `config.tls_policy` like the routes file's;
+  a key with a bad value is a problem and keeps the default for that key.
 - Shapes: the API server validates objects, so a list where a mapping belongs cannot come from
   it; should one arrive anyway (a lax fake, a hand-made snapshot) that Ingress gets a problem
   and the translation goes on.
@@ -87,8 +90,10 @@ from config.model import (
     Problem,
     RouteTable,
     Timeouts,
+    TlsPolicy,
     VirtualHost,
 )
+from config.tls_policy import PolicyError, check_ciphers, check_ciphersuites, check_curves, check_protocols
 from config.tls_material import (
     CertificateParseError,
     EncryptedKeyError,
@@ -166,6 +171,7 @@ def translate(snapshot: Snapshot, options: TranslateOptions) -> Translation:
         crypto=settings.crypto,
         timeouts=settings.timeouts,
         hsts=settings.hsts,
+        tls_policy=settings.tls_policy,
     )
     return Translation(
         configuration=configuration,
@@ -680,6 +686,7 @@ class _GlobalSettings:
     timeouts: Timeouts = Timeouts()
     hsts: Hsts | None = None
     ssl_redirect: bool = False
+    tls_policy: TlsPolicy = TlsPolicy()
 
 
 def _parse_bool(raw: str) -> bool:
@@ -725,9 +732,24 @@ def _parse_engine(raw: str) -> EngineSettings | None:
 
 _T = TypeVar("_T")
 SUPPORTED_CONFIGMAP_KEYS = (
-    "hsts", "hsts-include-subdomains", "hsts-max-age", "hsts-preload", "ssl-engine", "ssl-mode-async", "ssl-redirect",
-    "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server",
+    "hsts", "hsts-include-subdomains", "hsts-max-age", "hsts-preload", "ssl-ciphers", "ssl-ciphersuites", "ssl-ecdh-curve",
+    "ssl-engine", "ssl-mode-async", "ssl-protocols", "ssl-redirect",
+    "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server", "use-http2",
 )
+
+
+def _policy_check(check: Callable[[str], _T]) -> Callable[[str], _T]:
+    def parse(raw: str) -> _T:
+        try:
+            return check(str(raw))
+        except PolicyError as error:
+            raise _Rejected(str(error)) from None
+
+    return parse
+
+
+def _parse_curves(raw: str) -> str:
+    return TlsPolicy().curves if str(raw).strip() == "auto" else check_curves(str(raw))  # ingress-nginx's default value
 
 
 def _read_configmap(configmap: dict | None, problems: list[Problem]) -> _GlobalSettings:
@@ -769,4 +791,17 @@ def _read_configmap(configmap: dict | None, problems: list[Problem]) -> _GlobalS
         preload=read("hsts-preload", _parse_bool, hsts_defaults.preload),
     )
     enabled_hsts = hsts if read("hsts", _parse_bool, False) else None
-    return _GlobalSettings(crypto, timeouts, enabled_hsts, read("ssl-redirect", _parse_bool, False))
+    policy_defaults = TlsPolicy()
+    min_version, max_version = read(
+        "ssl-protocols", _policy_check(check_protocols), (policy_defaults.min_version, policy_defaults.max_version)
+    )
+    tls_policy = TlsPolicy(
+        min_version=min_version,
+        max_version=max_version,
+        ciphers=read("ssl-ciphers", _policy_check(lambda raw: check_ciphers(raw, "ssl-ciphersuites")), policy_defaults.ciphers),
+        ciphersuites=read("ssl-ciphersuites", _policy_check(check_ciphersuites), policy_defaults.ciphersuites),
+        curves=read("ssl-ecdh-curve", _policy_check(_parse_curves), policy_defaults.curves),
+        alpn=policy_defaults.alpn if read("use-http2", _parse_bool, True) else ("http/1.1",),  # ingress-nginx's key
+    )
+    ssl_redirect = read("ssl-redirect", _parse_bool, False)
+    return _GlobalSettings(crypto, timeouts, enabled_hsts, ssl_redirect, tls_policy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -125,21 +126,29 @@ def _serve(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 1
     if args.workers == 1:
-        return _serve_routes_file_worker(args.routes, loaded, None, True)
+        return _serve_routes_file_worker(args.routes, loaded, None, True, {})
+    from proxy.server import ListenerError, bind_listeners
     from proxy.workers import run_workers
 
+    try:
+        sockets = bind_listeners(loaded.listeners)  # before fork: the workers inherit them (proxy/workers.py)
+    except ListenerError as error:
+        print(error, file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory(prefix="ingress-proxy-metrics-") as metrics_directory:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_directory  # before prometheus_client is imported
         return run_workers(
-            args.workers, lambda index, keys: _serve_routes_file_worker(args.routes, loaded, keys, index == 0)
+            args.workers, lambda index, keys: _serve_routes_file_worker(args.routes, loaded, keys, index == 0, sockets)
         )
 
 
-def _serve_routes_file_worker(path: Path, loaded: LoadedRoutes, ticket_keys: bytes | None, with_admin: bool) -> int:
+def _serve_routes_file_worker(
+    path: Path, loaded: LoadedRoutes, ticket_keys: bytes | None, with_admin: bool, sockets: dict[str, socket.socket]
+) -> int:
     from config.file_source import RoutesFileSource
     from proxy.server import run_proxy
 
-    return uvloop.run(run_proxy(loaded.listeners, RoutesFileSource(path, loaded), ticket_keys, with_admin))
+    return uvloop.run(run_proxy(loaded.listeners, RoutesFileSource(path, loaded), ticket_keys, with_admin, sockets))
 
 
 def _add_kubernetes_arguments(serve: argparse.ArgumentParser) -> None:
@@ -165,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--routes", type=Path, help="routes file (YAML): standalone mode")
-    serve.add_argument("--workers", type=int, default=1, help="processes sharing the listeners (SO_REUSEPORT)")
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the listeners (bound once, inherited)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True, help="one line per request on stdout")
     _add_kubernetes_arguments(serve)

@@ -11,25 +11,39 @@ serves ECDSA to clients that support it and RSA to the rest.
 
 All contexts share the process's session-ticket keys, so tickets stay valid across reloads and,
 with several workers, across processes.
+
+Every context carries the configuration's `TlsPolicy` (versions, ciphers, TLS 1.3 suites, groups,
+applied by `config.tls_policy.apply_policy`, the function the route sources checked the strings
+with) and its ALPN list. ALPN is selected by our own cffi callback rather than pyOpenSSL's: on
+OpenSSL 3 pyOpenSSL's NO_OVERLAPPING_PROTOCOLS answer only NOACKs, while RFC 7301 §3.2 wants the
+fatal no_application_protocol alert, which OpenSSL sends when the callback returns
+SSL_TLSEXT_ERR_ALERT_FATAL. A client that sends no ALPN extension never reaches the callback and
+is served. A changed policy rebuilds every context (it is part of what the cache is keyed on).
+
+OCSP responses (proxy/stapling.py) are checked when a context is built and stapled per handshake
+for the certificate OpenSSL chose, so an RSA + ECDSA context staples each one's own response.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi, lib
 
-from config.model import Certificate, Configuration, KeySource, PemKey, Problem
+from config.model import Certificate, Configuration, KeySource, PemKey, Problem, TlsPolicy
 from config.tls_material import PEM_CERTIFICATE_BLOCK, self_signed_certificate
+from config.tls_policy import apply_policy
 from proxy import libssl
+from proxy.stapling import OcspMismatch, StapledResponse
 
 # Installs a key into a context and returns its key-source label ("file", "engine:<id>").
 KeyInstaller = Callable[[SSL.Context, KeySource], str]
 
-_ALPN_PREFERENCE = (b"h2", b"http/1.1")
 _SESSION_CACHE_SECONDS = 300
+_ALPN_CALLBACK = "int(*)(SSL *, unsigned char **, unsigned char *, unsigned char *, unsigned int, void *)"
 
 
 @functools.cache
@@ -39,8 +53,40 @@ def self_signed_default() -> Certificate:
     return Certificate(chain_pem, PemKey(key_pem), (), "generated default")
 
 
-def _select_protocol(connection: SSL.Connection, offered: list[bytes]) -> bytes:
-    return next((ours for ours in _ALPN_PREFERENCE if ours in offered), SSL.NO_OVERLAPPING_PROTOCOLS)
+def choose_protocol(ours: Sequence[bytes], offered: Sequence[bytes]) -> bytes | None:
+    """The first of our protocols (our preference order) that the client offered; None: no overlap."""
+    for protocol in ours:
+        if protocol in offered:
+            return protocol
+    return None
+
+
+def offered_protocols(wire: bytes) -> dict[bytes, int]:
+    """A ClientHello ALPN list (length-prefixed names) → name → offset of its first byte."""
+    offsets: dict[bytes, int] = {}
+    position = 0
+    while position < len(wire):
+        length = wire[position]
+        offsets.setdefault(wire[position + 1 : position + 1 + length], position + 1)
+        position += 1 + length
+    return offsets
+
+
+def _alpn_selector(protocols: tuple[str, ...]) -> object:
+    """A cffi ALPN callback choosing from `protocols`; the context must keep it alive."""
+    ours = tuple(protocol.encode() for protocol in protocols)
+
+    @ffi.callback(_ALPN_CALLBACK, error=lib.SSL_TLSEXT_ERR_ALERT_FATAL)  # a bug here must not look like "OK"
+    def select(_ssl: object, out: object, outlen: object, wire: object, wire_length: int, _arg: object) -> int:
+        offsets = offered_protocols(bytes(ffi.buffer(wire, wire_length)))
+        chosen = choose_protocol(ours, list(offsets))
+        if chosen is None:
+            return int(lib.SSL_TLSEXT_ERR_ALERT_FATAL)  # → no_application_protocol (RFC 7301 §3.2)
+        out[0] = wire + offsets[chosen]  # type: ignore[index,operator]  # points into the ClientHello
+        outlen[0] = len(chosen)  # type: ignore[index]
+        return int(lib.SSL_TLSEXT_ERR_OK)
+
+    return select
 
 
 def _load_chain(chain_pem: bytes) -> list[crypto.X509]:
@@ -73,8 +119,8 @@ class TlsContexts:
         return self.key_sources.get(id(context), "file")
 
 
-# What a context is built from: each certificate's chain and key, in SNI-group order.
-_ContextKey = tuple[tuple[bytes, KeySource], ...]
+# What a context is built from: each certificate's chain, key and OCSP response, in SNI-group order.
+_ContextKey = tuple[tuple[bytes, KeySource, bytes | None], ...]
 
 
 class ContextCache:
@@ -82,21 +128,22 @@ class ContextCache:
 
     Building a context parses its chain and key (about 1 ms per certificate, more from an HSM), so
     rebuilding thousands on every Ingress change would stall the event loop for seconds. Contexts
-    are keyed by the certificates' content; a new crypto runtime (engine or async mode changed)
-    invalidates them all, since keys must be loaded after the engine defaults are set. Only the
-    contexts the latest publish uses are kept. The SNI callback of every context reads `current`,
+    are keyed by the certificates' content and OCSP responses. A new crypto runtime (engine or
+    async mode changed) invalidates them all, since keys must be loaded after the engine defaults
+    are set; so do a changed resumption setting or TLS policy, which every context carries. Only
+    the contexts the latest publish uses are kept. The SNI callback of every context reads `current`,
     so a reused context always switches by the newest mapping.
     """
 
     def __init__(self, ticket_keys: bytes) -> None:
         self._ticket_keys = ticket_keys
         self._built: dict[_ContextKey, tuple[SSL.Context, str]] = {}  # → (context, key-source label)
-        self._built_with: tuple[KeyInstaller, bool] | None = None  # (crypto runtime, resumption on)
+        self._built_with: tuple[KeyInstaller, bool, TlsPolicy] | None = None  # (crypto runtime, resumption, policy)
         self.current: TlsContexts | None = None
 
     def build(self, configuration: Configuration, install_key: KeyInstaller) -> TlsContexts:
         """Contexts for `configuration`; certificates that fail are left out and reported."""
-        built_with = (install_key, configuration.session_resumption)
+        built_with = (install_key, configuration.session_resumption, configuration.tls_policy)
         if built_with != self._built_with:
             self._built, self._built_with = {}, built_with
         build = _Build(self, configuration, install_key)
@@ -122,6 +169,7 @@ class ContextCache:
         assert default is not None, "the generated default certificate always loads"
         self._built = build.used
         problems = tuple(Problem(origin, f"certificate left out: {reason}") for origin, reason in sorted(build.failed.items()))
+        problems += tuple(sorted(build.not_stapled, key=lambda problem: (problem.location, problem.message)))
         key_sources = {id(context): label for context, label in build.used.values()}
         self.current = TlsContexts(default, precise, wildcard, key_sources, problems)
         return self.current
@@ -132,9 +180,9 @@ class ContextCache:
         if chosen is not connection.get_context():
             connection.set_context(chosen)
 
-    def new_context(self, async_mode: bool, resumption: bool) -> SSL.Context:
+    def new_context(self, async_mode: bool, resumption: bool, policy: TlsPolicy) -> SSL.Context:
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        apply_policy(context, policy)
         context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
         context.set_session_id(b"ingress-proxy")
         if resumption:
@@ -147,7 +195,8 @@ class ContextCache:
         # Free OpenSSL's record buffers while a connection is idle: idle RSS 25.7 → 12.4 KiB per
         # TLS connection, keep-alive req/s unchanged (`make bench --quick --only idle-rss --only keepalive`).
         context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-        context.set_alpn_select_callback(_select_protocol)
+        context._ingress_alpn = _alpn_selector(policy.alpn)  # type: ignore[attr-defined]  # lives as long as the context
+        lib.SSL_CTX_set_alpn_select_cb(context._context, context._ingress_alpn, ffi.NULL)  # type: ignore[attr-defined]
         context.set_tlsext_servername_callback(self._switch_by_sni)
         libssl.set_ticket_keys(context, self._ticket_keys)
         if async_mode:
@@ -164,15 +213,17 @@ class _Build:
         self._cache = cache
         self._async_mode = configuration.crypto.async_mode
         self._resumption = configuration.session_resumption
+        self._policy = configuration.tls_policy
         self._install_key = install_key
         self.failed: dict[str, str] = {}  # origin → reason, reported once per certificate
+        self.not_stapled: set[Problem] = set()  # OCSP responses refused while building new contexts
         self.used: dict[_ContextKey, tuple[SSL.Context, str]] = {}
 
     def context_for(self, certificates: list[Certificate]) -> SSL.Context | None:
         certificates = [certificate for certificate in certificates if certificate.origin not in self.failed]
         if not certificates:
             return None
-        key = tuple((certificate.chain_pem, certificate.key) for certificate in certificates)
+        key = tuple((certificate.chain_pem, certificate.key, certificate.ocsp_response) for certificate in certificates)
         entry = self.used.get(key) or self._cache._built.get(key)
         if entry is None:
             entry = self._build(certificates)
@@ -182,8 +233,9 @@ class _Build:
         return entry[0]
 
     def _build(self, certificates: list[Certificate]) -> tuple[SSL.Context, str] | None:
-        context = self._cache.new_context(self._async_mode, self._resumption)
+        context = self._cache.new_context(self._async_mode, self._resumption, self._policy)
         labels = []
+        stapled: dict[tuple[int, bytes], StapledResponse] = {}
         for certificate in certificates:
             try:
                 chain = _load_chain(certificate.chain_pem)
@@ -195,4 +247,27 @@ class _Build:
             except Exception as error:  # any failure excludes just this certificate
                 self.failed[certificate.origin] = str(error) or type(error).__name__
                 return None
+            if certificate.ocsp_response is not None:
+                try:
+                    response = StapledResponse.prepare(
+                        certificate.ocsp_response, [item.to_cryptography() for item in chain], certificate.origin
+                    )
+                except OcspMismatch as mismatch:
+                    self.not_stapled.add(Problem(certificate.origin, f"OCSP response not stapled: {mismatch}"))
+                else:
+                    stapled[_identity(chain[0])] = response
+        if stapled:
+            context.set_ocsp_server_callback(_staple, stapled)
         return context, "+".join(sorted(set(labels)))
+
+
+def _identity(certificate: crypto.X509) -> tuple[int, bytes]:
+    """Which of a context's certificates a handshake uses: serial number and issuer name."""
+    return certificate.get_serial_number(), certificate.get_issuer().der()
+
+
+def _staple(connection: SSL.Connection, stapled: dict[tuple[int, bytes], StapledResponse]) -> bytes:
+    """OpenSSL asks only when the client sent status_request; b"" = staple nothing."""
+    chosen = connection.get_certificate()
+    response = stapled.get(_identity(chosen)) if chosen is not None else None
+    return response.for_handshake() if response is not None else b""

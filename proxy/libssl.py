@@ -48,3 +48,12 @@ def set_ticket_count(context: SSL.Context, count: int) -> None:
     """How many TLS 1.3 session tickets a full handshake sends (OpenSSL's default is 2)."""
     if not LIBSSL.SSL_CTX_set_num_tickets(address(context._context), count):
         raise SSL.Error("could not set the number of session tickets")
+
+
+_SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list is a macro over SSL_CTX_ctrl
+
+
+def set_groups(context: SSL.Context, groups: str) -> None:
+    """Key-exchange groups ("X25519:P-256"); OpenSSL refuses the whole list if one name is unknown."""
+    if not LIBSSL.SSL_CTX_ctrl(address(context._context), _SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode("ascii")):
+        raise SSL.Error(f"unknown group in {groups!r}")

@@ -9,6 +9,13 @@ the admin endpoint wait for "generation N is live" instead of sleeping.
 
 Listeners open only after the first configuration is live (readyz is false before); SIGTERM
 closes them, lets requests in flight finish within `timeouts.drain`, and returns.
+
+Listener addresses are exclusive: no SO_REUSEPORT, so a second, unrelated instance on a held
+address fails at start with one line naming the address (`ListenerError`, exit status 1) instead
+of silently taking half the traffic. SO_REUSEADDR stays on so a restart is not refused while old
+connections sit in TIME_WAIT; Linux still refuses a bind next to a listening socket. `--workers`
+shares listeners by inheritance instead (proxy/workers.py): the master binds, workers get the
+sockets as `inherited`.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Mapping
 
 from config.crypto import CryptoRuntime, CryptoSetupError
 from config.model import Address, Configuration, Listeners, Problem
@@ -35,9 +43,16 @@ LOG = logging.getLogger("ingress_proxy")
 LISTEN_BACKLOG = 1024
 
 
+class ListenerError(Exception):
+    """A listener address cannot be had; str() is the one line the user sees."""
+
+
 class ProxyServer:
-    def __init__(self, listeners: Listeners, ticket_keys: bytes | None = None) -> None:
+    def __init__(
+        self, listeners: Listeners, ticket_keys: bytes | None = None, inherited: Mapping[str, socket.socket] | None = None
+    ) -> None:
         self.listeners = listeners
+        self._inherited = dict(inherited or {})  # listener name → socket bound by the --workers master
         self.https_port = listeners.https.port
         self.ticket_keys = ticket_keys or os.urandom(TICKET_KEYS_LENGTH)
         self.balancer = Balancer()
@@ -107,14 +122,18 @@ class ProxyServer:
         if self.listeners.http is not None:
             plan.append(("http", False, self.listeners.http))
         for name, tls, address in plan:
-            sock = _listening_socket(address)
+            sock = self._inherited.pop(name, None) or bind_listener(name, address)
             host, port = sock.getsockname()[:2]
             listener = Listener(name, tls, f"{host}:{port}".encode())
-            server = await loop.create_server(
-                lambda listener=listener: ClientConnection(self, listener),  # type: ignore[misc]
-                sock=sock,
-                backlog=LISTEN_BACKLOG,
-            )
+            try:
+                server = await loop.create_server(
+                    lambda listener=listener: ClientConnection(self, listener),  # type: ignore[misc]
+                    sock=sock,
+                    backlog=LISTEN_BACKLOG,
+                )
+            except OSError as error:  # two instances bound at once: the second listen() fails
+                sock.close()
+                raise ListenerError(_held_message(name, address, error)) from None
             self._servers.append(server)
             self.bound_ports[name] = server.sockets[0].getsockname()[1]
             if name == "https":
@@ -146,42 +165,80 @@ class ProxyServer:
             first.cancel()
             source_task.result()  # the source failed before publishing: raise its error
             raise RuntimeError("the route source stopped before publishing a configuration")
-        await self.start_listeners()
+        try:
+            await self.start_listeners()
+        except ListenerError:  # nothing was served: close what opened, quietly
+            await self._stop(source_task)
+            raise
         try:
             await stop.wait()
         finally:
             LOG.info("draining %d connections", len(self.connections))
-            await self.drain()
-            source_task.cancel()
-            await asyncio.gather(source_task, return_exceptions=True)
+            await self._stop(source_task)
+
+    async def _stop(self, source_task: asyncio.Task[None]) -> None:
+        await self.drain()
+        source_task.cancel()
+        await asyncio.gather(source_task, return_exceptions=True)
 
 
-def _listening_socket(address: Address) -> socket.socket:
-    """SO_REUSEPORT so that several worker processes can share one listener address."""
+def _held_message(name: str, address: Address, error: OSError) -> str:
+    return (
+        f"cannot listen for {name} on {address}: {error.strerror or error} "
+        "(another process holds this address: stop it, or choose another address)"
+    )
+
+
+def bind_listener(name: str, address: Address) -> socket.socket:
+    """A socket bound to `address`, not yet listening, exclusively (no SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((address.host, address.port))
+    try:
+        sock.bind((address.host, address.port))
+    except OSError as error:
+        sock.close()
+        raise ListenerError(_held_message(name, address, error)) from None
     sock.setblocking(False)
     return sock
 
 
+def bind_listeners(listeners: Listeners) -> dict[str, socket.socket]:
+    """The data-plane sockets for the --workers master to bind before it forks."""
+    sockets = {"https": bind_listener("https", listeners.https)}
+    if listeners.http is not None:
+        try:
+            sockets["http"] = bind_listener("http", listeners.http)
+        except ListenerError:
+            sockets["https"].close()
+            raise
+    return sockets
+
+
 async def run_proxy(
-    listeners: Listeners, source: RouteSource, ticket_keys: bytes | None = None, with_admin: bool = True
+    listeners: Listeners,
+    source: RouteSource,
+    ticket_keys: bytes | None = None,
+    with_admin: bool = True,
+    inherited: Mapping[str, socket.socket] | None = None,
 ) -> int:
     """A process's main coroutine: admin listener, route source, data plane, drain on SIGTERM."""
     from proxy.admin import start_admin
 
-    server = ProxyServer(listeners, ticket_keys)
+    server = ProxyServer(listeners, ticket_keys, inherited)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    admin = await start_admin(listeners.admin, lambda: server.ready) if listeners.admin and with_admin else None
+    admin = None
     try:
+        if listeners.admin and with_admin:
+            try:
+                admin = await start_admin(listeners.admin, lambda: server.ready)
+            except OSError as error:
+                raise ListenerError(_held_message("admin", listeners.admin, error)) from None
         await server.serve(source, stop)
-    except CryptoSetupError as error:
+    except (CryptoSetupError, ListenerError) as error:
         LOG.error("%s", error)
         return 1
     finally:

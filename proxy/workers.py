@@ -1,4 +1,13 @@
-"""`--workers N`: N forked processes share the listeners through SO_REUSEPORT.
+"""`--workers N`: N forked processes share the listeners the master bound before forking.
+
+Sharing is by inheritance, not SO_REUSEPORT: the master (proxy/cli.py) binds the https/http
+sockets once, exclusively, and every worker inherits the same sockets across fork, so the kernel
+spreads connections over the workers' accept loops while any other process trying the address —
+a second instance, a stale one — is refused at bind with a one-line error naming the address.
+SO_REUSEPORT would instead let that other process join the group and take part of the traffic
+unseen (issue 10 item 8). A worker that is restarted inherits the same sockets again (the master
+keeps them open), so no connection is refused while it comes back. Only worker 0 runs the admin
+listener and binds it itself, the same exclusive way.
 
 The master forks before any event loop, thread or engine exists; each worker then builds its own
 loop, crypto runtime (engines and engine keys are initialised after fork, as OpenSSL requires)
