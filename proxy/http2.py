@@ -338,7 +338,7 @@ def _response_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
 class _Stream:
     __slots__ = (
         "refused", "request_ended", "content_length", "received", "unconsumed",
-        "trailers_in", "pending", "pending_bytes", "end_queued", "trailers_out", "ended_out",
+        "trailers_in", "head_sent", "pending", "pending_bytes", "end_queued", "trailers_out", "ended_out",
     )
 
     def __init__(self, refused: bool, request_ended: bool, content_length: int | None) -> None:
@@ -348,6 +348,7 @@ class _Stream:
         self.received = 0  # request body bytes (no padding)
         self.unconsumed = 0  # handed to the exchange, not yet consumed()
         self.trailers_in: Headers = ()
+        self.head_sent = False  # the final (non-1xx) response head
         self.pending: deque[memoryview] = deque()  # response bytes waiting for the peer's window
         self.pending_bytes = 0
         self.end_queued = False  # the exchange has ended the response (data or trailers)
@@ -645,8 +646,14 @@ class Http2Server:
     def send_head(self, stream_id: int, status: int, headers: Headers, end_stream: bool = False) -> None:
         """Response head (1xx allowed before the final one). Names are lower-cased here."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.end_queued:
+        if stream is None:
             return
+        if stream.head_sent:
+            raise RuntimeError(f"stream {stream_id}: a second response head")
+        if status >= 200:
+            stream.head_sent = True
+        elif end_stream:
+            raise RuntimeError(f"stream {stream_id}: an interim response cannot end the stream")
         fields = [(b":status", b"%d" % status)]
         fields += _response_fields(headers)
         self._h2.send_headers(stream_id, fields, end_stream=end_stream)
@@ -657,8 +664,9 @@ class Http2Server:
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """Queue response data; outgoing() frames what the peer's windows allow (see pending())."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.end_queued:
+        if stream is None:
             return
+        self._check_body_allowed(stream_id, stream)
         if data:
             stream.pending.append(memoryview(data))
             stream.pending_bytes += len(data)
@@ -669,11 +677,20 @@ class Http2Server:
     def send_trailers(self, stream_id: int, headers: Headers) -> None:
         """Trailers end the response; they go out after the data still queued."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.end_queued:
+        if stream is None:
             return
+        self._check_body_allowed(stream_id, stream)
         stream.trailers_out = _response_fields(headers)
         stream.end_queued = True
         self._ready[stream_id] = None
+
+    @staticmethod
+    def _check_body_allowed(stream_id: int, stream: _Stream) -> None:
+        """The exchange's order of calls is a contract: breaking it is our bug, not the peer's."""
+        if not stream.head_sent:
+            raise RuntimeError(f"stream {stream_id}: response body or trailers before the head")
+        if stream.end_queued:
+            raise RuntimeError(f"stream {stream_id}: response already ended")
 
     def reset(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
         """End a stream now (backend failed mid-response, a deadline passed): RST_STREAM."""
