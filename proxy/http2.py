@@ -57,7 +57,9 @@ Stream lifetime: a stream counts in `open_streams` from its `StreamRequest` (or 
 until the request has ended and our END_STREAM has actually gone out, or until either side resets
 it. Ending the response while the request body is still coming closes the stream with RST_STREAM
 NO_ERROR (§8.1). Send calls for a stream that is gone are ignored: a `StreamReset` told the
-exchange, and in an async shell its last writes may cross that event.
+exchange, and in an async shell its last writes may cross that event. The order of send calls on a
+live stream is a contract (any 1xx heads, one final head, data, then one end: `end_stream` or
+trailers); breaking it raises RuntimeError, a bug of ours, rather than writing invalid HTTP/2.
 
 Drain: `goaway()` sends GOAWAY NO_ERROR with the highest stream id processed; streams in flight
 finish, later ones are refused with REFUSED_STREAM; close when `open_streams` reaches 0. h2 itself
@@ -82,7 +84,7 @@ from hyperframe.frame import GoAwayFrame
 from proxy.http1 import MAX_HEADER_BYTES, MAX_HEADER_COUNT, RequestHead
 
 # Limits. HAProxy's and nginx's defaults where they have one; the reason beside each.
-MAX_CONCURRENT_STREAMS = 100  # HAProxy tune.h2.max-concurrent-streams, nginx http2_max_concurrent_streams
+MAX_CONCURRENT_STREAMS = 100  # HAProxy tune.h2.max-concurrent-streams (nginx: 128); each holds an exchange
 MAX_HEADER_LIST_BYTES = MAX_HEADER_BYTES  # same budget as HTTP/1.1 (32 KiB); beyond it 431
 HEADER_TABLE_BYTES = 4096  # the RFC default HPACK table: 4 KiB of decoder state per connection
 MAX_FRAME_BYTES = 16384  # the RFC minimum and default: a frame never makes us buffer more than this
