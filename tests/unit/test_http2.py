@@ -330,6 +330,15 @@ def test_content_length_contradicted_by_data_is_a_stream_error(declared: int, se
     assert isinstance(events[0], StreamRequest) and not pair.server.closed
 
 
+@pytest.mark.parametrize("values", [[b"abc"], [b"3", b"4"]], ids=["not digits", "conflicting"])
+def test_invalid_content_length_value_ends_the_connection(values: list[bytes]) -> None:
+    # A quirk of h2: it checks the value while it handles the HEADERS frame and makes any failure
+    # there a connection error. Stricter than RFC 9113's stream error; the other streams go too.
+    pair = Pair()
+    _, events = pair.request(post() + [(b"content-length", value) for value in values], end_stream=False)
+    assert [type(event) for event in events] == [ConnectionEnded] and events[0].error_code == ErrorCodes.PROTOCOL_ERROR
+
+
 def test_client_reset_stops_the_exchange_and_credits_unconsumed_bytes() -> None:
     pair = Pair()
     for _ in range(ROUNDS_PAST_THE_WINDOW):
