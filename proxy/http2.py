@@ -236,6 +236,7 @@ def parse_request(
     hosts: list[bytes] = []
     content_length: int | None = None
     size = 0
+    pseudo_count = 0
     in_pseudo = True
     for name, value in fields:
         size += len(name) + len(value) + 32  # SETTINGS_MAX_HEADER_LIST_SIZE counts 32 per field (§6.5.2)
@@ -252,6 +253,7 @@ def parse_request(
                 authority = value
             else:
                 raise Malformed(f"unknown or repeated pseudo-header {name[:40]!r}")
+            pseudo_count += 1
             continue
         in_pseudo = False
         _check_field(name, value)
@@ -267,7 +269,7 @@ def parse_request(
         elif name == b"content-length" and content_length is None:
             content_length = int(value)  # h2 has checked: digits, and equal when repeated
         regular.append((name, value))
-    if size > limits.max_header_list_bytes or len(fields) > limits.max_header_count:
+    if size > limits.max_header_list_bytes or len(fields) - pseudo_count > limits.max_header_count:
         raise Refused(431, "request headers too large")
     if method == b"CONNECT":
         raise Refused(405, "CONNECT is not supported by a reverse proxy")
