@@ -57,7 +57,9 @@ Stream lifetime: a stream counts in `open_streams` from its `StreamRequest` (or 
 until the request has ended and our END_STREAM has actually gone out, or until either side resets
 it. Ending the response while the request body is still coming closes the stream with RST_STREAM
 NO_ERROR (§8.1). Send calls for a stream that is gone are ignored: a `StreamReset` told the
-exchange, and in an async shell its last writes may cross that event.
+exchange, and in an async shell its last writes may cross that event. The order of send calls on a
+live stream is a contract (any 1xx heads, one final head, data, then one end: `end_stream` or
+trailers); breaking it raises RuntimeError, a bug of ours, rather than writing invalid HTTP/2.
 
 Drain: `goaway()` sends GOAWAY NO_ERROR with the highest stream id processed; streams in flight
 finish, later ones are refused with REFUSED_STREAM; close when `open_streams` reaches 0. h2 itself
@@ -82,7 +84,7 @@ from hyperframe.frame import GoAwayFrame
 from proxy.http1 import MAX_HEADER_BYTES, MAX_HEADER_COUNT, RequestHead
 
 # Limits. HAProxy's and nginx's defaults where they have one; the reason beside each.
-MAX_CONCURRENT_STREAMS = 100  # HAProxy tune.h2.max-concurrent-streams, nginx http2_max_concurrent_streams
+MAX_CONCURRENT_STREAMS = 100  # HAProxy tune.h2.max-concurrent-streams (nginx: 128); each holds an exchange
 MAX_HEADER_LIST_BYTES = MAX_HEADER_BYTES  # same budget as HTTP/1.1 (32 KiB); beyond it 431
 HEADER_TABLE_BYTES = 4096  # the RFC default HPACK table: 4 KiB of decoder state per connection
 MAX_FRAME_BYTES = 16384  # the RFC minimum and default: a frame never makes us buffer more than this
@@ -234,6 +236,7 @@ def parse_request(
     hosts: list[bytes] = []
     content_length: int | None = None
     size = 0
+    pseudo_count = 0
     in_pseudo = True
     for name, value in fields:
         size += len(name) + len(value) + 32  # SETTINGS_MAX_HEADER_LIST_SIZE counts 32 per field (§6.5.2)
@@ -250,6 +253,7 @@ def parse_request(
                 authority = value
             else:
                 raise Malformed(f"unknown or repeated pseudo-header {name[:40]!r}")
+            pseudo_count += 1
             continue
         in_pseudo = False
         _check_field(name, value)
@@ -265,7 +269,7 @@ def parse_request(
         elif name == b"content-length" and content_length is None:
             content_length = int(value)  # h2 has checked: digits, and equal when repeated
         regular.append((name, value))
-    if size > limits.max_header_list_bytes or len(fields) > limits.max_header_count:
+    if size > limits.max_header_list_bytes or len(fields) - pseudo_count > limits.max_header_count:
         raise Refused(431, "request headers too large")
     if method == b"CONNECT":
         raise Refused(405, "CONNECT is not supported by a reverse proxy")
@@ -338,7 +342,7 @@ def _response_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
 class _Stream:
     __slots__ = (
         "refused", "request_ended", "content_length", "received", "unconsumed",
-        "trailers_in", "pending", "pending_bytes", "end_queued", "trailers_out", "ended_out",
+        "trailers_in", "head_sent", "pending", "pending_bytes", "end_queued", "trailers_out", "ended_out",
     )
 
     def __init__(self, refused: bool, request_ended: bool, content_length: int | None) -> None:
@@ -348,6 +352,7 @@ class _Stream:
         self.received = 0  # request body bytes (no padding)
         self.unconsumed = 0  # handed to the exchange, not yet consumed()
         self.trailers_in: Headers = ()
+        self.head_sent = False  # the final (non-1xx) response head
         self.pending: deque[memoryview] = deque()  # response bytes waiting for the peer's window
         self.pending_bytes = 0
         self.end_queued = False  # the exchange has ended the response (data or trailers)
@@ -645,8 +650,14 @@ class Http2Server:
     def send_head(self, stream_id: int, status: int, headers: Headers, end_stream: bool = False) -> None:
         """Response head (1xx allowed before the final one). Names are lower-cased here."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.end_queued:
+        if stream is None:
             return
+        if stream.head_sent:
+            raise RuntimeError(f"stream {stream_id}: a second response head")
+        if status >= 200:
+            stream.head_sent = True
+        elif end_stream:
+            raise RuntimeError(f"stream {stream_id}: an interim response cannot end the stream")
         fields = [(b":status", b"%d" % status)]
         fields += _response_fields(headers)
         self._h2.send_headers(stream_id, fields, end_stream=end_stream)
@@ -657,8 +668,9 @@ class Http2Server:
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """Queue response data; outgoing() frames what the peer's windows allow (see pending())."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.end_queued:
+        if stream is None:
             return
+        self._check_body_allowed(stream_id, stream)
         if data:
             stream.pending.append(memoryview(data))
             stream.pending_bytes += len(data)
@@ -669,11 +681,20 @@ class Http2Server:
     def send_trailers(self, stream_id: int, headers: Headers) -> None:
         """Trailers end the response; they go out after the data still queued."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.end_queued:
+        if stream is None:
             return
+        self._check_body_allowed(stream_id, stream)
         stream.trailers_out = _response_fields(headers)
         stream.end_queued = True
         self._ready[stream_id] = None
+
+    @staticmethod
+    def _check_body_allowed(stream_id: int, stream: _Stream) -> None:
+        """The exchange's order of calls is a contract: breaking it is our bug, not the peer's."""
+        if not stream.head_sent:
+            raise RuntimeError(f"stream {stream_id}: response body or trailers before the head")
+        if stream.end_queued:
+            raise RuntimeError(f"stream {stream_id}: response already ended")
 
     def reset(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
         """End a stream now (backend failed mid-response, a deadline passed): RST_STREAM."""
