@@ -25,6 +25,7 @@ from bench.servers import (
     ProxyUnavailable,
     RunContext,
     backend,
+    split_writes_backend,
 )
 
 FULL_BUDGET = Budget(seconds=10, idle_connections=2000, warm_up=True)
@@ -146,8 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[tuple[Row, list[Measurement]]] = []
     try:
         certificate_set = certs.generate(workdir)
-        with backend(workdir) as backend_port:
-            runner = Runner(RunContext(workdir, certificate_set, backend_port), budget)
+        with backend(workdir) as backend_port, split_writes_backend(workdir) as split_writes_port:
+            runner = Runner(RunContext(workdir, certificate_set, backend_port, split_writes_port), budget)
             for row in rows:
                 print(f"{row.name}: {row.title}", file=sys.stderr, flush=True)
                 results.append((row, runner.run_row(row)))

@@ -244,6 +244,14 @@ def measure_latency(run: RowRun, proxy: RunningProxy, measurement: Measurement) 
     )
 
 
+def measure_split_writes_latency(run: RowRun, proxy: RunningProxy, measurement: Measurement) -> None:
+    """One request at a time on one keep-alive connection: the latency a delayed ACK would add."""
+    with CpuWindow(proxy.pid) as window:
+        result = loadgen.run_wrk(run.workdir, proxy.port, SMALL_PATH, 1, run.budget.seconds)
+    _record(run, measurement, result, window)
+    measurement.values.update({"latency_p50_ms": result.latency_ms["p50"], "latency_p99_ms": result.latency_ms["p99"]})
+
+
 def measure_idle_memory(run: RowRun, proxy: RunningProxy, measurement: Measurement) -> None:
     count = run.budget.idle_connections
     result = idle.measure_idle_rss(proxy.port, run.certs.ca, proxy.pid, count)
@@ -312,6 +320,17 @@ ROWS: tuple[Row, ...] = (
         f"wrk -t1 -c{LATENCY_CONNECTIONS} paced by a Lua delay() schedule (1 ms batches) at half "
         "of HAProxy's keep-alive req/s from this run",
         measure_latency, needs_target_rate=True,
+    ),
+    Row(
+        "latency-split", "Latency, backend writing head and body apart (Nagle on)",
+        ProxySettings(key_type="rsa", resumption=True, workers=1, split_writes_backend=True),
+        (
+            Metric("latency_p50_ms", "p50 ms", "ms", higher_is_better=False),
+            Metric("latency_p99_ms", "p99 ms", "ms", higher_is_better=False),
+        ),
+        "wrk -t1 -c1 (one request at a time) to bench/split_writes_backend.py (Python http.server's "
+        "two sends per response): a proxy that delays its ACK of the head adds up to 40 ms",
+        measure_split_writes_latency,
     ),
     Row(
         "idle-rss", "Memory per idle TLS connection", _RSA,

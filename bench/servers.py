@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ class ProxySettings:
     resumption: bool  # False: server-side session cache and tickets off where the proxy allows it
     workers: int  # threads (HAProxy), worker processes (nginx), --workers (ingress-proxy)
     async_engine: bool = False  # private-key operations through the async fixture engine
+    split_writes_backend: bool = False  # behind bench/split_writes_backend.py instead of nginx
+
+    def backend_port(self, run: RunContext) -> int:
+        return run.split_writes_port if self.split_writes_backend else run.backend_port
 
     @property
     def cpus(self) -> str:
@@ -67,7 +72,8 @@ class ProxySettings:
 class RunContext:
     workdir: Path
     certs: CertSet
-    backend_port: int
+    backend_port: int  # nginx
+    split_writes_port: int  # bench/split_writes_backend.py
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,26 @@ def backend(workdir: Path) -> Iterator[int]:
         yield port
 
 
+@contextlib.contextmanager
+def split_writes_backend(workdir: Path) -> Iterator[int]:
+    """bench/split_writes_backend.py on the generator core."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.split_writes_backend", str(port)]
+    with launch("split-writes-backend", argv, GENERATOR_CPUS, workdir) as (process, log_path):
+
+        def not_ready() -> str | None:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                connection.request("GET", SMALL_PATH)
+                status = connection.getresponse().status
+            except (OSError, http.client.HTTPException) as error:
+                return f"GET {SMALL_PATH}: {error}"
+            return None if status == 200 else f"GET {SMALL_PATH} gave status {status}"
+
+        wait_until(not_ready, process, log_path, "split-writes backend")
+        yield port
+
+
 def scrape_metric(admin_port: int, sample_name: str) -> float | None:
     """One unlabelled sample from ingress-proxy's Prometheus /metrics, None when absent."""
     connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
@@ -350,7 +376,7 @@ frontend bench
     default_backend app
 
 backend app
-    server app 127.0.0.1:{run.backend_port}
+    server app 127.0.0.1:{settings.backend_port(run)}
 """
         )
         argv = ["haproxy", "-db", "-f", str(config)]
@@ -371,7 +397,7 @@ class Nginx:
         tickets = "on" if settings.resumption else "off"
         server_block = f"""\
     upstream app {{
-        server 127.0.0.1:{run.backend_port};
+        server 127.0.0.1:{settings.backend_port(run)};
         keepalive 64;
         keepalive_requests 1000000;
     }}
@@ -422,7 +448,7 @@ tls:
   session_resumption: {"true" if settings.resumption else "false"}
 {engine}timeouts: {{header_read: {IDLE_TIMEOUT_SECONDS}, idle: {IDLE_TIMEOUT_SECONDS}}}
 routes: [{{paths: [{{path: /, type: Prefix, backend: app}}]}}]
-backends: {{app: {{endpoints: ["127.0.0.1:{run.backend_port}"]}}}}
+backends: {{app: {{endpoints: ["127.0.0.1:{settings.backend_port(run)}"]}}}}
 """
         )
         argv = [str(self.executable), "serve", "--routes", str(routes), "--no-access-log"]

@@ -40,6 +40,7 @@ class UpstreamConnection(FlowControlled):
         self.pool: EndpointPool | None = None  # set while idle in a pool
         self.response_started = False  # any byte of the current response arrived
         self.request_complete = False  # the last byte of the current request was written
+        self._socket: socket.socket | None = None
 
     def begin_request(self, method: bytes) -> None:
         self.parser = ResponseParser(method, self.events)
@@ -64,7 +65,18 @@ class UpstreamConnection(FlowControlled):
         except PeerError as error:
             self.events.append(Failure(error))
             self.close()
+        else:
+            if not parser.complete and self._socket is not None:
+                # A backend that writes head and body apart with Nagle on (Python's http.server)
+                # sends the body only once its head is ACKed; Linux delays that ACK by up to 40 ms
+                # on a connection it deems interactive. Quick-ACK now (the flag is not sticky, so
+                # again on each partial read; a response complete in one read costs nothing).
+                self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         self.queued(len(data))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._socket = transport.get_extra_info("socket")
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -163,7 +175,6 @@ async def connect(address: Address, timeout: float) -> UpstreamConnection:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         _, protocol = await loop.create_connection(lambda: UpstreamConnection(address), address.host, address.port)
-    sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if protocol._socket is not None:
+        protocol._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return protocol
