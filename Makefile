@@ -2,8 +2,8 @@
 PYTHON := /usr/bin/python3
 VENV := .venv
 APT_PACKAGES := python3-venv python3-openssl python3-cryptography python3-yaml libssl-dev gcc curl \
-	softhsm2 opensc libengine-pkcs11-openssl openssl iproute2 testssl.sh
-BENCH_APT_PACKAGES := haproxy nginx-light wrk nghttp2-client
+	softhsm2 opensc libengine-pkcs11-openssl openssl iproute2 testssl.sh nghttp2-client
+BENCH_APT_PACKAGES := haproxy nginx-light wrk
 
 .PHONY: install run test fuzz soak bench clean
 install: $(VENV)/.installed

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import ssl
 import subprocess
@@ -101,7 +100,6 @@ async def test_large_response_streams_over_h2(h2_proxy, ca, tmp_path) -> None:
     assert out == b"x" * (5 * 1024 * 1024)
 
 
-@pytest.mark.skipif(shutil.which("nghttp") is None, reason="nghttp2-client is installed by make test")
 async def test_nghttp_many_streams_on_one_connection(h2_proxy) -> None:
     proxy, backend = h2_proxy
     port = proxy.https_port
@@ -111,7 +109,6 @@ async def test_nghttp_many_streams_on_one_connection(h2_proxy) -> None:
     assert {seen["path_qs"] for seen in backend.received} == {f"/n/{n}" for n in range(20)}
 
 
-@pytest.mark.skipif(shutil.which("h2load") is None, reason="nghttp2-client is installed by make test")
 async def test_h2load_all_requests_succeed(h2_proxy) -> None:
     proxy, _ = h2_proxy
     code, out, err = await _run("h2load", "-n", "400", "-c", "4", "-m", "16", f"https://127.0.0.1:{proxy.https_port}/load")
