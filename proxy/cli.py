@@ -14,21 +14,15 @@ import uvloop
 
 from config.model import Address, Listeners
 from config.routes_file import LoadedRoutes, RoutesFileError, load_routes_file
+from proxy.access_log import ACCESS_LOG
 
 LOG = logging.getLogger("ingress_proxy")
 
 
 def _configure_logging(level: str, access_log: bool) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    access = logging.getLogger("ingress_proxy.access")
-    access.propagate = False
     if access_log:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access.addHandler(handler)
-        access.setLevel(logging.INFO)
-    else:
-        access.setLevel(logging.CRITICAL)
+        ACCESS_LOG.enable(sys.stdout)
 
 
 def _check(args: argparse.Namespace) -> int:

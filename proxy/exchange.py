@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import logging
 import time
 from typing import Protocol
 
 from config.model import Address, Timeouts
 from proxy import metrics
+from proxy.access_log import ACCESS_LOG
 from proxy.decisions import FailureKind, Retry, is_replayable, retry_after
 from proxy.flow import ConnectionGone
 from proxy.http1 import LAST_CHUNK, Body, EndOfMessage, PeerError, RequestHead, ResponseHead, encode_chunk
@@ -39,7 +39,6 @@ from proxy.serving import Generation, Listener, ServingState
 from proxy.upstream import UpstreamConnection, connect
 
 LOG = logging.getLogger("ingress_proxy")
-ACCESS_LOG = logging.getLogger("ingress_proxy.access")
 
 
 class HttpDate:
@@ -136,8 +135,11 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     requests, durations = metrics.request_series(host_label, backend_label, status, client.protocol)
     requests.inc()
     durations.observe(elapsed)
-    if ACCESS_LOG.isEnabledFor(logging.INFO):
-        _log_access(client, head, status, backend_label, elapsed, generation)
+    if ACCESS_LOG.enabled:
+        ACCESS_LOG.record(
+            (client.client_ip, client.listener.name, client.protocol, head.host, head.method, head.target, status,
+             backend_label, elapsed, generation.configuration.access_log_json)
+        )  # fmt: skip
     return keep
 
 
@@ -304,24 +306,3 @@ async def _relay_response(
     client.upstream = None
     state.balancer.release(upstream)
     return keep
-
-
-def _log_access(client: ClientSide, head: RequestHead, status: int, backend: str, elapsed: float, generation: Generation) -> None:
-    fields = {
-        "client": client.client_ip.decode(),
-        "listener": client.listener.name,
-        "protocol": client.protocol,
-        "host": head.host.decode("latin-1"),
-        "method": head.method.decode("latin-1"),
-        "target": head.target.decode("latin-1"),
-        "status": status,
-        "backend": backend,
-        "duration_ms": round(elapsed * 1000, 3),
-    }
-    if generation.configuration.access_log_json:
-        ACCESS_LOG.info(json.dumps(fields))
-    else:
-        ACCESS_LOG.info(
-            '%(client)s %(listener)s %(protocol)s "%(method)s %(host)s%(target)s" %(status)s %(backend)s %(duration_ms)sms',
-            fields,
-        )

@@ -32,6 +32,7 @@ from config.crypto import CryptoRuntime, CryptoSetupError
 from config.model import Address, Configuration, Listeners, Problem
 from config.source import RouteSource
 from proxy import metrics
+from proxy.access_log import ACCESS_LOG
 from proxy.balancer import Balancer
 from proxy.contexts import ContextCache, TlsContexts
 from proxy.downstream import ClientConnection
@@ -153,6 +154,7 @@ class ProxyServer:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abort()
+        ACCESS_LOG.flush()
         if self._crypto is not None:
             self._crypto.close()
 

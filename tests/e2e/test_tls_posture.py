@@ -44,7 +44,7 @@ def s_client(port: int, *options: str) -> str:
     """One `openssl s_client` handshake (stdin closed at once); stdout and stderr together."""
     result = subprocess.run(
         ["openssl", "s_client", "-connect", f"{LOOPBACK}:{port}", "-servername", HOST, *options],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CLIENT_SECONDS,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=CLIENT_SECONDS,  # h2: a binary SETTINGS frame may be printed
     )
     return result.stdout + result.stderr
 
