@@ -257,6 +257,17 @@ def _nginx_argv(directory: Path, server_block: str, workers: int) -> list[str]:
     return ["nginx", "-p", str(directory), "-c", str(config), "-e", str(directory / "error.log")]
 
 
+def _backend_problem(port: int) -> str | None:
+    """Why the plain-HTTP backend on `port` does not answer GET SMALL_PATH with 200 yet (None: it does)."""
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        connection.request("GET", SMALL_PATH)
+        status = connection.getresponse().status
+    except (OSError, http.client.HTTPException) as error:
+        return f"GET {SMALL_PATH}: {error}"
+    return None if status == 200 else f"GET {SMALL_PATH} gave status {status}"
+
+
 @contextlib.contextmanager
 def backend(workdir: Path) -> Iterator[int]:
     """nginx on the generator core: `/` answers "ok", `/1m` sends 1 MiB from tmpfs."""
@@ -272,16 +283,7 @@ def backend(workdir: Path) -> Iterator[int]:
     argv = _nginx_argv(workdir / "backend", server_block, workers=1)
     with launch("backend", argv, GENERATOR_CPUS, workdir) as (process, log_path):
 
-        def not_ready() -> str | None:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                connection.request("GET", SMALL_PATH)
-                status = connection.getresponse().status
-            except (OSError, http.client.HTTPException) as error:
-                return f"GET {SMALL_PATH}: {error}"
-            return None if status == 200 else f"GET {SMALL_PATH} gave status {status}"
-
-        wait_until(not_ready, process, log_path, "backend nginx")
+        wait_until(lambda: _backend_problem(port), process, log_path, "backend nginx")
         yield port
 
 
@@ -292,16 +294,7 @@ def split_writes_backend(workdir: Path) -> Iterator[int]:
     argv = [sys.executable, "-m", "bench.split_writes_backend", str(port)]
     with launch("split-writes-backend", argv, GENERATOR_CPUS, workdir) as (process, log_path):
 
-        def not_ready() -> str | None:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                connection.request("GET", SMALL_PATH)
-                status = connection.getresponse().status
-            except (OSError, http.client.HTTPException) as error:
-                return f"GET {SMALL_PATH}: {error}"
-            return None if status == 200 else f"GET {SMALL_PATH} gave status {status}"
-
-        wait_until(not_ready, process, log_path, "split-writes backend")
+        wait_until(lambda: _backend_problem(port), process, log_path, "split-writes backend")
         yield port
 
 

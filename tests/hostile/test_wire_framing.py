@@ -15,7 +15,6 @@ The named tests below reproduce each defect of the issue with one hand-made exch
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from tests.hostile.conftest import TIMEOUTS
 from tests.hostile.proxy_process import LOOPBACK, Ports, ProxyProcess, routes_document
 from tests.hostile.strict_backends import ScriptedResponder, StrictRecorder
 from tests.hostile.test_parser_fuzz import header_names, header_values, mutated_requests, valid_requests
+from tests.hostile.test_wire_fuzz import send_and_half_close
 
 WIRE_EXAMPLES = max(settings().max_examples // 5, 40)  # a fifth of the profile's: each is a round trip
 RECORDED_HOST = "h.test"  # routed to the StrictRecorder
@@ -85,19 +85,6 @@ def rig(zoo: BackendZoo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F
         zoo.loop.call_soon_threadsafe(server.close)
     assert exit_code == 0, proxy.stderr()[-3000:]
     assert proxy.tracebacks() == [], proxy.stderr()[-5000:]
-
-
-def send_and_half_close(port: int, data: bytes) -> bytes:
-    with socket.create_connection((LOOPBACK, port), timeout=10) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)  # the proxy answers what it parsed, then closes
-        received = b""
-        try:
-            while piece := sock.recv(65536):
-                received += piece
-        except ConnectionResetError:
-            pass
-        return received
 
 
 # -- requests ------------------------------------------------------------------------------------
