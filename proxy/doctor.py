@@ -102,7 +102,7 @@ def _start_runtime(settings: CryptoSettings, lines: list[str]) -> tuple[CryptoRu
     if settings.propquery:
         lines.append(f"property query: {settings.propquery}")
     if engine is None:
-        lines.append("engine: none configured")
+        lines.append("engine: none configured (software crypto)")
         return runtime, True
     source = f"from {engine.so_path}" if engine.so_path else "by id"
     if runtime.engine_status == "loaded":

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL, crypto
 
 from config.crypto import CryptoRuntime
-from config.model import CryptoSettings, EngineKey, EngineSettings, KeySource, PemKey
+from config.model import CryptoSettings, EngineKey, EngineSettings, KeySource, PemKey, ProviderSettings, StoreKey
 from proxy.offload import enable_async_mode
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,6 +28,8 @@ FIXTURE_ENGINE_SOURCE = Path(__file__).parent / "async_engine" / "async_engine.c
 BUILD_DIR = REPO / "tests" / "fixtures" / "build"  # gitignored
 PKCS11_ENGINE = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+PKCS11_PROVIDER_MODULE = "/usr/lib/x86_64-linux-gnu/ossl-modules/pkcs11.so"  # Debian pkcs11-provider
+PKCS11_SPY_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so"  # opensc: logs every PKCS#11 call (and the PIN)
 TOKEN_LABEL = "proxy"
 USER_PIN = "1234"
 FIXTURE_ENGINE_ID = "asyncfixture"
@@ -155,6 +157,11 @@ class SoftHsmToken:
             async_mode=async_mode,
         )
 
+    def store_identity(self, identity: ServerIdentity, pin: str | None = USER_PIN) -> ServerIdentity:
+        """`identity` with its key reached through pkcs11-provider by URI instead of the engine."""
+        object_label = "rsakey" if identity.label == "rsa" else "eckey"
+        return ServerIdentity(identity.chain_pem, StoreKey(store_uri(object_label), pin), identity.label)
+
     def pkcs11_tool(self, *arguments: str) -> str:
         return _run(["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", TOKEN_LABEL, *arguments], self.env)
 
@@ -164,6 +171,17 @@ def _run(command: list[str], env: dict[str, str]) -> str:
     if completed.returncode != 0:
         raise RuntimeError(f"{command[0]} failed: {completed.stderr.strip()}")
     return completed.stdout + completed.stderr
+
+
+def provider_settings(module: str = SOFTHSM_MODULE, async_mode: bool = False) -> CryptoSettings:
+    """pkcs11-provider on the test token. In-process tests all use these settings: a provider's
+    parameters are fixed for the life of a process (config.crypto.apply_providers)."""
+    provider = ProviderSettings("pkcs11", parameters=(("pkcs11-module-path", module),))
+    return CryptoSettings(providers=(provider,), async_mode=async_mode)
+
+
+def store_uri(object_label: str) -> str:
+    return f"pkcs11:token={TOKEN_LABEL};object={object_label};type=private"
 
 
 def key_uri(object_label: str) -> str:

@@ -10,24 +10,38 @@ from OpenSSL import SSL
 from OpenSSL import _util as pyopenssl_binding
 
 from config.crypto import CryptoRuntime, CryptoSetupError, check_engine_support, redact, split_pin
-from config.model import CryptoSettings, EngineKey, EngineSettings
+from config.model import CryptoSettings, EngineKey, EngineSettings, ProviderSettings
 from tests.engine.conftest import FixtureEngineProbe, ServerIdentity, key_uri
 
 MISSING_ENGINE = EngineSettings(id="no-such-engine-xyz")
 
 
 def test_default_and_legacy_providers_load() -> None:
-    runtime = CryptoRuntime.start(CryptoSettings(providers=("default", "legacy")))
-    assert runtime.providers_loaded == ("default", "legacy")
+    runtime = CryptoRuntime.start(CryptoSettings(providers=(ProviderSettings("legacy"),)))
+    assert runtime.providers_loaded == ("default", "legacy")  # default first, added for the user
     assert runtime.engine_status == "none"
 
 
 def test_bogus_provider_fails_with_name_and_fix() -> None:
     with pytest.raises(CryptoSetupError) as failure:
-        CryptoRuntime.start(CryptoSettings(providers=("bogus-provider",)))
+        CryptoRuntime.start(CryptoSettings(providers=(ProviderSettings("bogus-provider"),)))
     message = str(failure.value)
     assert "'bogus-provider'" in message and "fix:" in message and "ossl-modules" in message
     assert "\n" not in message
+
+
+def test_a_provider_module_that_does_not_exist_is_named() -> None:
+    with pytest.raises(CryptoSetupError) as failure:
+        CryptoRuntime.start(CryptoSettings(providers=(ProviderSettings("ghost", module="/nonexistent/ghost.so"),)))
+    message = str(failure.value)
+    assert "'ghost' did not load from /nonexistent/ghost.so" in message and "\n" not in message
+
+
+def test_a_bad_property_query_is_a_one_line_error() -> None:
+    with pytest.raises(CryptoSetupError, match=r"tls.propquery: '\?\?provider' is not a property query"):
+        CryptoRuntime.start(CryptoSettings(propquery="??provider"))
+    CryptoRuntime.start(CryptoSettings(propquery="?provider=default"))
+    CryptoRuntime.start(CryptoSettings())  # and back to no property query
 
 
 def test_missing_engine_not_required_warns_once_and_serves_software(
