@@ -328,6 +328,7 @@ def apply_providers(settings: CryptoSettings) -> tuple[str, ...]:
         libcrypto.OSSL_PROVIDER_set_default_search_path(None, settings.provider_path.encode())
     pending = []
     for provider in ordered:
+        _check_pkcs11_module(provider)
         active = _activated_providers.get(provider.name)
         if active is None:
             pending.append(provider)
@@ -347,6 +348,17 @@ def apply_providers(settings: CryptoSettings) -> tuple[str, ...]:
             'fix: write it like "?provider=pkcs11" or "provider=default"'
         )
     return tuple(provider.name for provider in ordered)
+
+
+def _check_pkcs11_module(provider: ProviderSettings) -> None:
+    """pkcs11-provider opens its PKCS#11 module only when a key is first loaded, and then a missing
+    module looks like a missing key: name the file while the cause is still obvious."""
+    module = dict(provider.parameters).get("pkcs11-module-path")
+    if is_pkcs11_provider(provider) and module is not None and not os.path.isfile(module):
+        raise CryptoSetupError(
+            f"tls.providers: {provider.name} parameter pkcs11-module-path: no such file {module}; fix: name "
+            "the token's PKCS#11 library (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)"
+        )
 
 
 def _load_provider_config(text: str, providers: list[ProviderSettings]) -> None:

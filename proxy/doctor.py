@@ -17,6 +17,7 @@ from pathlib import Path
 import cryptography
 import OpenSSL
 from OpenSSL import _util as pyopenssl_binding
+from OpenSSL import crypto
 
 from config.crypto import (
     CryptoRuntime,
@@ -161,10 +162,11 @@ def _sign_and_verify(pkey: object) -> tuple[bool, str]:
             return False, f"{description}: EVP_DigestSign: {openssl_errors()}"
     finally:
         lib.EVP_MD_CTX_free(context)
+    public = _software_public_half(pkey)
     context = lib.EVP_MD_CTX_new()
     try:
         verified = (
-            lib.EVP_DigestVerifyInit(context, ffi.NULL, lib.EVP_get_digestbyname(b"sha256"), ffi.NULL, pkey) == 1
+            lib.EVP_DigestVerifyInit(context, ffi.NULL, lib.EVP_get_digestbyname(b"sha256"), ffi.NULL, public._pkey) == 1
             and lib.EVP_DigestVerify(context, signature, length[0], _TEST_MESSAGE, len(_TEST_MESSAGE)) == 1
         )
     finally:
@@ -172,6 +174,17 @@ def _sign_and_verify(pkey: object) -> tuple[bool, str]:
     if not verified:
         return False, f"{description}: signature did not verify: {openssl_errors()}"
     return True, description
+
+
+def _software_public_half(pkey: object) -> crypto.PKey:
+    """The public half of `pkey` copied into the default provider, so the token's signature is
+    checked by software (a token may not verify with a private-key object, and should not be
+    trusted to check itself)."""
+    holder = crypto.PKey.__new__(crypto.PKey)  # pyOpenSSL has no constructor from an EVP_PKEY*
+    holder._pkey = pkey
+    holder._only_public = False
+    holder._initialized = True
+    return crypto.load_publickey(crypto.FILETYPE_ASN1, crypto.dump_publickey(crypto.FILETYPE_ASN1, holder))
 
 
 def _qat_lines() -> list[str]:
