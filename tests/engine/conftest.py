@@ -8,6 +8,7 @@ import ctypes
 import datetime
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -157,6 +158,29 @@ class SoftHsmToken:
             async_mode=async_mode,
         )
 
+    @property
+    def pin_file(self) -> Path:
+        return self.directory / "user.pin"
+
+    @property
+    def provider_module(self) -> Path:
+        """A copy of libsofthsm2.so for pkcs11-provider in this process. The pkcs11 engine tests
+        share the process; with one module instance under both, pkcs11-provider closing its
+        sessions (C_CloseAllSessions) logs the engine's sessions out too, and the engine's next
+        signature fails. A second file is a second instance, as two processes would have; both
+        open the same token directory. (Deployments use one or the other, never both.)"""
+        return self.directory / "libsofthsm2-for-provider.so"
+
+    def provider(self) -> ProviderSettings:
+        """pkcs11-provider on this token, the PIN from a file as a Kubernetes pod would mount it.
+        In-process tests all use these settings: a provider's parameters are fixed for the life
+        of a process (config.crypto.apply_providers)."""
+        parameters = (("pkcs11-module-path", str(self.provider_module)), ("pkcs11-module-token-pin", f"file:{self.pin_file}"))
+        return ProviderSettings("pkcs11", parameters=parameters)
+
+    def provider_settings(self, async_mode: bool = False) -> CryptoSettings:
+        return CryptoSettings(providers=(self.provider(),), async_mode=async_mode)
+
     def store_identity(self, identity: ServerIdentity, pin: str | None = USER_PIN) -> ServerIdentity:
         """`identity` with its key reached through pkcs11-provider by URI instead of the engine."""
         object_label = "rsakey" if identity.label == "rsa" else "eckey"
@@ -171,13 +195,6 @@ def _run(command: list[str], env: dict[str, str]) -> str:
     if completed.returncode != 0:
         raise RuntimeError(f"{command[0]} failed: {completed.stderr.strip()}")
     return completed.stdout + completed.stderr
-
-
-def provider_settings(module: str = SOFTHSM_MODULE, async_mode: bool = False) -> CryptoSettings:
-    """pkcs11-provider on the test token. In-process tests all use these settings: a provider's
-    parameters are fixed for the life of a process (config.crypto.apply_providers)."""
-    provider = ProviderSettings("pkcs11", parameters=(("pkcs11-module-path", module),))
-    return CryptoSettings(providers=(provider,), async_mode=async_mode)
 
 
 def store_uri(object_label: str) -> str:
@@ -229,6 +246,8 @@ def create_softhsm_token(ca: trustme.CA, directory: Path) -> SoftHsmToken:
         f"[pkcs11]\ndynamic_path = {PKCS11_ENGINE}\nMODULE_PATH = {SOFTHSM_MODULE}\n"
     )
     env = {**os.environ, "SOFTHSM2_CONF": str(config), "OPENSSL_CONF": str(openssl_config)}
+    (directory / "user.pin").write_text(USER_PIN + "\n")
+    shutil.copyfile(SOFTHSM_MODULE, directory / "libsofthsm2-for-provider.so")
     _run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL, "--pin", USER_PIN, "--so-pin", "4321"], env)
     token = ["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", TOKEN_LABEL, "--login", "--pin", USER_PIN]
     for key_type, key_id, label in (("rsa:2048", "01", "rsakey"), ("EC:prime256v1", "02", "eckey")):

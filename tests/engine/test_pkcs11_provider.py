@@ -11,13 +11,13 @@ from OpenSSL import SSL
 
 from config.crypto import CryptoRuntime, CryptoSetupError, activation_order, provider_config_text, public_key_uri
 from config.model import CryptoSettings, ProviderSettings, StoreKey
-from tests.engine.conftest import USER_PIN, ServerIdentity, SoftHsmToken, provider_settings, server_context, store_uri
+from tests.engine.conftest import USER_PIN, ServerIdentity, SoftHsmToken, server_context, store_uri
 from tests.engine.tls_pump import TlsTestServer, s_client, signature_type
 
 
 @pytest.fixture
 def provider_runtime(softhsm_token: SoftHsmToken):
-    runtime = CryptoRuntime.start(provider_settings())
+    runtime = CryptoRuntime.start(softhsm_token.provider_settings())
     yield runtime
     runtime.close()
 
@@ -59,7 +59,7 @@ def test_a_key_is_fetched_from_the_token_once_per_runtime(provider_runtime: Cryp
 def test_keys_the_token_lacks_are_one_line_each_without_the_pin(
     softhsm_token: SoftHsmToken, key: StoreKey, expected: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    runtime = CryptoRuntime.start(provider_settings())  # a fresh runtime: no key cached
+    runtime = CryptoRuntime.start(softhsm_token.provider_settings())  # a fresh runtime: no key cached
     try:
         with pytest.raises(CryptoSetupError) as failure:
             runtime.load_store_key(key)
