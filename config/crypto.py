@@ -521,7 +521,7 @@ class CryptoRuntime:
         if settings.engine is not None:
             algorithm_flags(settings.engine.algorithms)  # a typo is a config error, never a fallback
         if settings.engine is not None or settings.providers or settings.async_mode or settings.propquery:
-            check_engine_support()  # async mode reaches libssl through ctypes too (proxy.offload)
+            check_engine_support()  # async mode reaches libssl through ctypes too (proxy.tls.offload)
         if settings.providers or settings.propquery or settings.provider_path:
             runtime.providers_loaded = apply_providers(settings)
         if settings.engine is not None:

@@ -23,7 +23,7 @@ from OpenSSL import SSL, crypto
 
 from config.model import Certificate, Configuration, KeySource, PemKey, Problem
 from config.tls_material import PEM_CERTIFICATE_BLOCK, self_signed_certificate
-from proxy import libssl
+from proxy.tls import libssl
 
 # Installs a key into a context and returns its key-source label ("file", "engine:<id>").
 KeyInstaller = Callable[[SSL.Context, KeySource], str]
@@ -151,7 +151,7 @@ class ContextCache:
         context.set_tlsext_servername_callback(self._switch_by_sni)
         libssl.set_ticket_keys(context, self._ticket_keys)
         if async_mode:
-            from proxy.offload import enable_async_mode
+            from proxy.tls.offload import enable_async_mode
 
             enable_async_mode(context)
         return context

@@ -30,7 +30,7 @@ from config.crypto import (
     shown_parameters,
 )
 from config.model import CryptoSettings, EngineKey, KeySource, PemKey, StoreKey
-from proxy.offload import async_jobs_supported
+from proxy.tls.offload import async_jobs_supported
 
 _TEST_MESSAGE = b"ingress-proxy doctor test signature"
 _QAT_DEBUGFS_GLOB = "/sys/kernel/debug/qat_*"

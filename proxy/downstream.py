@@ -208,12 +208,10 @@ class ClientConnection(FlowControlled):
             metrics.handshake_series(tls.version, key_source, tls.resumed).inc()
 
     def _watch_async_job(self) -> None:
-        from proxy.offload import async_wait_fds
-
         assert self.tls is not None
         metrics.TLS_ASYNC_PAUSES.inc()
         _PAUSED_IN_ASYNC_JOB.add(self)
-        self._async_fds = async_wait_fds(self.tls.connection)
+        self._async_fds = self.tls.async_wait_fds()
         for fd in self._async_fds:
             self.loop.add_reader(fd, self._async_job_ready)
 

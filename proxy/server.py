@@ -28,7 +28,7 @@ from proxy import metrics
 from proxy.balancer import Balancer
 from proxy.contexts import ContextCache, TlsContexts
 from proxy.downstream import ClientConnection, Listener
-from proxy.libssl import TICKET_KEYS_LENGTH
+from proxy.tls.libssl import TICKET_KEYS_LENGTH
 from proxy.router import Router
 
 LOG = logging.getLogger("ingress_proxy")

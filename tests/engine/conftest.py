@@ -22,7 +22,7 @@ from OpenSSL import SSL, crypto
 
 from config.crypto import CryptoRuntime
 from config.model import CryptoSettings, EngineKey, EngineSettings, KeySource, PemKey, ProviderSettings, StoreKey
-from proxy.offload import enable_async_mode
+from proxy.tls.offload import enable_async_mode
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE_ENGINE_SOURCE = Path(__file__).parent / "async_engine" / "async_engine.c"

@@ -25,7 +25,7 @@ from typing import Any
 from OpenSSL import SSL
 from OpenSSL._util import lib
 
-from proxy.libssl import LIBSSL, address
+from proxy.tls.libssl import LIBSSL, address
 
 SSL_ERROR_WANT_ASYNC = 9
 SSL_MODE_ASYNC = 0x100
