@@ -26,6 +26,8 @@ from proxy.tls.offload import enable_async_mode
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE_ENGINE_SOURCE = Path(__file__).parent / "async_engine" / "async_engine.c"
+FIXTURE_PROVIDER_SOURCE = Path(__file__).parent / "async_provider" / "async_provider.c"
+FIXTURE_PROVIDER_NAME = "testoffload"  # sorts after "default": see async_provider.c
 BUILD_DIR = REPO / "tests" / "fixtures" / "build"  # gitignored
 PKCS11_ENGINE = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -47,19 +49,71 @@ COUNTER_NAMES = (
 )
 
 
-def build_fixture_engine(build_dir: Path = BUILD_DIR) -> Path:
-    """gcc the fixture engine into build_dir (again only when the source is newer)."""
-    build_dir.mkdir(parents=True, exist_ok=True)
-    library = build_dir / f"{FIXTURE_ENGINE_ID}.so"
-    if not library.exists() or library.stat().st_mtime < FIXTURE_ENGINE_SOURCE.stat().st_mtime:
+def _build(source: Path, library: Path) -> Path:
+    """gcc `source` into `library` (again only when the source is newer)."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    if not library.exists() or library.stat().st_mtime < source.stat().st_mtime:
         partial = library.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(
             ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Wno-deprecated-declarations",
-             str(FIXTURE_ENGINE_SOURCE), "-o", str(partial), "-lcrypto", "-lpthread"],
+             str(source), "-o", str(partial), "-lcrypto", "-lpthread"],
             check=True,
         )
         partial.replace(library)
     return library
+
+
+def build_fixture_engine(build_dir: Path = BUILD_DIR) -> Path:
+    return _build(FIXTURE_ENGINE_SOURCE, build_dir / f"{FIXTURE_ENGINE_ID}.so")
+
+
+def build_fixture_provider(build_dir: Path = BUILD_DIR) -> Path:
+    return _build(FIXTURE_PROVIDER_SOURCE, build_dir / f"{FIXTURE_PROVIDER_NAME}.so")
+
+
+PROVIDER_COUNTER_NAMES = (
+    "signatures",
+    "rsa_sign",
+    "ec_sign",
+    "offloaded",
+    "pauses",
+    "in_flight",
+    "peak_in_flight",
+    "synchronous",
+    "keys_loaded",
+)
+
+
+class FixtureProviderProbe:
+    """Counters and gate of the fixture provider (tests/engine/async_provider), through ctypes on
+    the same file OpenSSL loads as the provider module, so both see the same counters."""
+
+    def __init__(self, library: Path) -> None:
+        self.library_path = str(library)
+        self._library = ctypes.CDLL(self.library_path)
+        self._library.testoffload_counters.argtypes = [ctypes.POINTER(ctypes.c_longlong), ctypes.c_int]
+        self._library.testoffload_set_gate.argtypes = [ctypes.c_int]
+
+    def counters(self) -> dict[str, int]:
+        values = (ctypes.c_longlong * len(PROVIDER_COUNTER_NAMES))()
+        self._library.testoffload_counters(values, len(PROVIDER_COUNTER_NAMES))
+        return dict(zip(PROVIDER_COUNTER_NAMES, values))
+
+    def reset(self) -> None:
+        self._library.testoffload_reset_counters()
+
+    def set_gate(self, open_: bool) -> None:
+        self._library.testoffload_set_gate(int(open_))
+
+    def provider(self) -> ProviderSettings:
+        return ProviderSettings(FIXTURE_PROVIDER_NAME, module=self.library_path)
+
+    def settings(self, async_mode: bool = True) -> CryptoSettings:
+        return CryptoSettings(providers=(self.provider(),), async_mode=async_mode)
+
+    @staticmethod
+    def key(key_file: Path) -> StoreKey:
+        return StoreKey(f"{FIXTURE_PROVIDER_NAME}:{key_file}")
 
 
 class FixtureEngineProbe:
@@ -105,6 +159,36 @@ def engine_probe(fixture_engine: FixtureEngineProbe) -> Iterator[FixtureEnginePr
     fixture_engine.set_gate(True)
     yield fixture_engine
     fixture_engine.set_gate(True)
+
+
+@pytest.fixture(scope="session")
+def fixture_provider() -> Iterator[FixtureProviderProbe]:
+    probe = FixtureProviderProbe(build_fixture_provider())
+    yield probe
+    probe.set_gate(True)
+
+
+@pytest.fixture
+def provider_probe(fixture_provider: FixtureProviderProbe) -> Iterator[FixtureProviderProbe]:
+    fixture_provider.reset()
+    fixture_provider.set_gate(True)
+    yield fixture_provider
+    fixture_provider.set_gate(True)
+
+
+@pytest.fixture(scope="session")
+def provider_identities(
+    software_rsa: ServerIdentity, software_ec: ServerIdentity, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, ServerIdentity]:
+    """The software identities with their keys held by the fixture provider (via its store)."""
+    directory = tmp_path_factory.mktemp("provider-keys")
+    identities = {}
+    for identity in (software_rsa, software_ec):
+        assert isinstance(identity.key, PemKey)
+        key_file = directory / f"{identity.label}.pem"
+        key_file.write_bytes(identity.key.pem)
+        identities[identity.label] = ServerIdentity(identity.chain_pem, FixtureProviderProbe.key(key_file), identity.label)
+    return identities
 
 
 @pytest.fixture(scope="session")
