@@ -26,7 +26,9 @@ Decisions a user can observe (documented in examples/routes.yaml too):
   certificate's public key. `key: "engine:<URI>"` becomes `EngineKey(URI)` and reads no file; a
   PIN from `pin_env`/`pin_file` is appended as `;pin-value=<PIN, percent-encoded>` in memory.
   `key: "pkcs11:<RFC 7512 URI>"` becomes `StoreKey(URI, PIN)`, opened through a provider's
-  OSSL_STORE; it needs a provider in `tls.providers` other than OpenSSL's own, and its PIN
+  OSSL_STORE, and so does `key: "<name>:..."` for a provider <name> in `tls.providers` (a provider
+  that holds keys under its own scheme, like the test suite's async fixture provider). A pkcs11:
+  key needs a provider in `tls.providers` other than OpenSSL's own, and its PIN
   (pin_env/pin_file, or a pin-value taken out of the URI) travels beside the URI, not in it.
 - `tls.providers` lists names or {name, module, parameters} mappings, each name once; config.crypto
   activates them with `default` first. Whether a key matches its certificate is checked for files
@@ -170,6 +172,7 @@ class _Checker:
         self.base_directory = path.parent
         self._problems: list[tuple[int, int, Problem]] = []
         self.store_provider_configured = False  # tls.providers names one that opens key URIs
+        self.provider_schemes: frozenset[str] = frozenset()  # `<provider name>:` keys go to its store
 
     # ---- the document -------------------------------------------------------------------------
 
@@ -412,7 +415,9 @@ class _Checker:
         engine = self.engine(fields["engine"]) if "engine" in fields else None
         engine_configured = "engine" in fields
         provider_crypto = self.provider_settings(fields)
-        self.store_provider_configured = any(p.name not in _OPENSSL_OWN_PROVIDERS for p in provider_crypto.providers)
+        store_providers = [p.name for p in provider_crypto.providers if p.name not in _OPENSSL_OWN_PROVIDERS]
+        self.store_provider_configured = bool(store_providers)
+        self.provider_schemes = frozenset(f"{name.lower()}:" for name in store_providers)
         certificates: list[Certificate] = []
         if "certificates" in fields:
             for index, item in enumerate(self.sequence(fields["certificates"], "tls.certificates") or []):
@@ -651,7 +656,8 @@ class _Checker:
             return None, None
         if text.startswith(ENGINE_KEY_PREFIX):
             return self.engine_key(text[len(ENGINE_KEY_PREFIX) :], fields, where, engine_configured), None
-        if text.lower().startswith(PKCS11_URI_SCHEME):
+        scheme = text[: text.find(":") + 1].lower()
+        if scheme and (scheme == PKCS11_URI_SCHEME or scheme in self.provider_schemes):
             return self.store_key(text, fields, where), None
         for pin_field in ("pin_env", "pin_file"):
             if pin_field in fields:

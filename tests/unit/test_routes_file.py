@@ -632,3 +632,14 @@ def test_shipped_example_loads(tmp_path: pathlib.Path) -> None:
     assert {"localhost", "demo.localhost", "*.demo.localhost"} <= set(hosts)
     assert any(virtual_host.redirect_to_https for virtual_host in hosts.values())
     assert not all(virtual_host.redirect_to_https for virtual_host in hosts.values())
+
+
+def test_a_key_under_a_providers_own_scheme_goes_to_its_store(routes_dir: pathlib.Path) -> None:
+    """`key: "<provider>:..."` names a key that provider holds (its OSSL_STORE scheme), not a file."""
+    path = write_routes(
+        routes_dir,
+        LISTEN + "tls:\n  providers: [{name: testoffload}]\n"
+        "  certificates: [{cert: certs/hsm.pem, key: 'testoffload:/keys/site.pem'}]\n",
+    )
+    certificate = load_routes_file(path).configuration.certificates[0]
+    assert certificate.key == StoreKey("testoffload:/keys/site.pem")

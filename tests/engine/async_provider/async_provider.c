@@ -23,6 +23,7 @@
  *     signature runs synchronously on the caller's thread.
  *   - Errors raised on a worker land on the worker's error queue: cleared there; the caller gets
  *     a generic error on its own queue.
+ *   - TESTOFFLOAD_WORKER_CPU=<n> pins the worker threads to CPU n.
  *   - Counters (signatures by kind, offloaded, pauses, jobs in flight and their peak, synchronous,
  *     keys loaded) and a "gate" that holds workers back are plain exported C functions for tests
  *     (ctypes), so tests prove concurrency with counts instead of timing.
@@ -136,9 +137,23 @@ static void perform(struct work *w)
         w->result = EVP_DigestSignFinal(w->digest, w->signature, w->length);
 }
 
+/* TESTOFFLOAD_WORKER_CPU=<n> pins the worker threads to CPU n (the bench puts them on the core the proxy does
+ * not use, as an accelerator would sit beside the CPU). */
+static void pin_worker(void)
+{
+    const char *cpu = getenv("TESTOFFLOAD_WORKER_CPU");
+    if (cpu == NULL || *cpu == '\0')
+        return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(atoi(cpu), &set);
+    pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+}
+
 static void *worker_main(void *unused)
 {
     (void)unused;
+    pin_worker();
     for (;;) {
         pthread_mutex_lock(&queue_lock);
         while (!stopping && (queue_head == NULL || !gate_open))
