@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterator
 import pytest
 import trustme
 from OpenSSL import SSL
+from OpenSSL._util import lib
 
 from config.crypto import CryptoRuntime
 from config.model import CryptoSettings
 from proxy.tls import ServerTls, TlsState
+from proxy.tls.offload import SSL_MODE_ASYNC
 from tests.engine.conftest import FixtureEngineProbe, ServerIdentity, client_context, server_context
 from tests.engine.tls_pump import TlsTestServer, pump_handshakes, s_client, signature_type
 
@@ -196,3 +198,16 @@ def test_async_pause_is_a_state_of_the_tls_machine(
     server.receive(client.bio_read(65536))
     assert server.state is TlsState.OPEN
     assert engine_probe.counters()["offloaded"] == 1
+
+
+def test_a_connection_leaves_async_mode_once_its_handshake_is_done(
+    engine_probe: FixtureEngineProbe, start_runtime: RuntimeFactory, ca: trustme.CA, software_rsa: ServerIdentity
+) -> None:
+    """Only handshakes pause; keeping SSL_MODE_ASYNC would wrap every later read and write in a job."""
+    runtime = start_runtime(engine_probe.settings(algorithms=("RSA",)))
+    context, _ = server_context(runtime, software_rsa)
+    (server,) = pump_handshakes(context, client_context(ca), 1).servers
+    assert engine_probe.counters()["offloaded"] == 1
+    assert server.state is TlsState.OPEN
+    assert not lib.SSL_get_mode(server.connection._ssl) & SSL_MODE_ASYNC
+    assert lib.SSL_CTX_get_mode(context._context) & SSL_MODE_ASYNC, "the context keeps it for new handshakes"
