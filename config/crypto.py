@@ -7,22 +7,38 @@ Theory of operation. Everything here runs in the control plane, once per distinc
    API and that `ctypes.CDLL("libcrypto.so.3")` is that same library instance (an error pushed
    through ctypes must show up in pyOpenSSL's error queue). PyPI's pyOpenSSL/cryptography wheels
    carry a static OpenSSL without ENGINE support: nothing an engine does could reach them.
-2. Providers are loaded with `OSSL_PROVIDER_load` (process-global, kept for the process lifetime).
+2. Providers (`apply_providers`) are activated once per process, in order, `default` first (added
+   when missing: activating any provider explicitly ends OpenSSL's implicit `default`, and
+   pkcs11-provider activated before it deadlocks SoftHSM2). OpenSSL 3.0 has no
+   OSSL_PROVIDER_load_ex, so a provider's module and parameters reach it as an openssl.cnf
+   section built in memory (`provider_config_text`, values quoted) and loaded with
+   CONF_modules_load; pkcs11-provider always gets the `no-deinit` quirk (its de-init at exit can
+   crash the process). A provider stays active for the process, as first configured: OpenSSL
+   cannot re-initialise one with new parameters, so a reload that changes them is refused with
+   "restart to apply". `propquery` is the default property query (EVP_set_default_properties).
+   The default UI method is set to UI_null: a provider that wants a PIN must never prompt.
 3. The engine is loaded by id, or through the `dynamic` engine from `so_path`; the ctrl commands
    run in the order given, then `ENGINE_init` and `ENGINE_set_default(e, flags)` with the flags
    named by `algorithms` (HAProxy's `ssl-engine <id> algo RSA,EC`). The defaults must be set
    BEFORE keys are loaded: OpenSSL 3 binds a legacy key to the default engine when the key is
    created, and a key loaded earlier stays in software.
 4. `use_private_key` installs each certificate's key into a context: PEM keys the usual way,
-   `engine:<URI>` keys with `ENGINE_load_private_key`, so key material never enters Python.
-   A UI method that answers nothing is passed, so a missing PIN fails instead of prompting on a tty.
-   A `pin-value` in the URI goes to the engine's PIN command when it has one (libp11 does) and is
+   `engine:<URI>` keys with `ENGINE_load_private_key`, and `StoreKey`s (`pkcs11:` URIs, or a
+   provider's own scheme) with OSSL_STORE_open_ex + OSSL_STORE_load (`load_store_key`), the PIN
+   handed to the provider's passphrase callback, so key material never enters Python. Each key is
+   loaded once per runtime and shared by the contexts built from it; keys are loaded in the
+   process that serves (after fork: a token key loaded before fork cannot sign in the child).
+   pkcs11-provider puts nothing on the error queue when a key is not found, whatever the reason;
+   the same URI with type=public, asked without a PIN, tells "PIN refused" from "no such key".
+   For engine keys a UI method that answers nothing is passed, so a missing PIN fails instead of
+   prompting on a tty, and a `pin-value` in the URI goes to the engine's PIN command when it has one (libp11 does) and is
    removed from the URI, because libp11 prints the URI to stderr when the key is not found.
 5. `close` unregisters the engine's default methods. The engine stays loaded for the process and
    a later runtime with the same engine settings reuses it (see `_process_engine` for why).
 
-Failure policy: an engine that does not load with `required: false` logs one warning (engine id
-and reason) and the runtime serves with software crypto; with `required: true` start-up fails with
+Failure policy: an engine or provider that does not load with `required: false` logs one warning
+(its name and the reason) and the runtime serves without it (software crypto; certificates whose
+keys it held are left out, each with its own problem); with `required: true` start-up fails with
 the same message. PINs (`pin-value=` in URIs, ctrl values) never appear in messages or logs.
 
 pyOpenSSL 23's cffi `lib` lacks `ENGINE_set_default`, `ENGINE_unregister_*`, `UI_null` and
@@ -309,11 +325,14 @@ def provider_config_text(providers: tuple[ProviderSettings, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def apply_providers(settings: CryptoSettings) -> tuple[str, ...]:
-    """Activate `settings.providers` (default first) and set the property query; returns the names
-    active for these settings. Providers stay active for the process: contexts still serving use
-    their keys. A provider already active with the same settings is kept; with other settings it
-    is an error, because OpenSSL cannot re-initialise a provider with new parameters."""
+def apply_providers(settings: CryptoSettings) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Activate `settings.providers` (default first), one at a time, and set the property query.
+
+    Returns (names active for these settings, name → why it did not load) for providers with
+    `required: false`, which are left out with one warning each; a required one that does not load
+    raises. Providers stay active for the process: contexts still serving use their keys. A
+    provider already active with the same settings is kept; with other settings it is an error,
+    because OpenSSL cannot re-initialise a provider with new parameters."""
     libcrypto = _system_libcrypto()
     # pkcs11-provider falls back to its own console prompt (UI_new → the default UI method) when
     # our passphrase callback has no PIN: a server has no one at its terminal, so prompt nobody.
@@ -326,28 +345,39 @@ def apply_providers(settings: CryptoSettings) -> tuple[str, ...]:
                 f"that holds the provider modules (Debian: {openssl_directory('modules')})"
             )
         libcrypto.OSSL_PROVIDER_set_default_search_path(None, settings.provider_path.encode())
-    pending = []
+    active: list[str] = []
+    failed: dict[str, str] = {}
     for provider in ordered:
-        _check_pkcs11_module(provider)
-        active = _activated_providers.get(provider.name)
-        if active is None:
-            pending.append(provider)
-        elif active != provider:
-            raise CryptoSetupError(
-                f"tls.providers: provider {provider.name!r} is already active in this process with other "
-                "module or parameters, and OpenSSL cannot re-initialise it; fix: restart ingress-proxy to apply them"
-            )
-    if pending:
-        _load_provider_config(provider_config_text(tuple(pending)), pending)
-    for provider in pending:
-        _activated_providers[provider.name] = provider
+        try:
+            _activate(provider)
+        except CryptoSetupError as error:
+            if provider.required or provider.name == DEFAULT_PROVIDER:
+                raise
+            log.warning("%s; serving without it (tls.providers[].required is false)", error)
+            failed[provider.name] = str(error)
+            continue
+        active.append(provider.name)
     pyopenssl_binding.lib.ERR_clear_error()
     if not libcrypto.EVP_set_default_properties(None, (settings.propquery or "").encode()):
         raise CryptoSetupError(
             f"tls.propquery: {settings.propquery!r} is not a property query ({openssl_errors()}); "
             'fix: write it like "?provider=pkcs11" or "provider=default"'
         )
-    return tuple(provider.name for provider in ordered)
+    return tuple(active), failed
+
+
+def _activate(provider: ProviderSettings) -> None:
+    _check_pkcs11_module(provider)
+    active = _activated_providers.get(provider.name)
+    if active is not None:
+        if dataclasses.replace(active, required=provider.required) != provider:
+            raise CryptoSetupError(
+                f"tls.providers: provider {provider.name!r} is already active in this process with other "
+                "module or parameters, and OpenSSL cannot re-initialise it; fix: restart ingress-proxy to apply them"
+            )
+        return
+    _load_provider_config(provider_config_text((provider,)), provider)
+    _activated_providers[provider.name] = provider
 
 
 def _check_pkcs11_module(provider: ProviderSettings) -> None:
@@ -361,7 +391,7 @@ def _check_pkcs11_module(provider: ProviderSettings) -> None:
         )
 
 
-def _load_provider_config(text: str, providers: list[ProviderSettings]) -> None:
+def _load_provider_config(text: str, provider: ProviderSettings) -> None:
     libcrypto = _system_libcrypto()
     pyopenssl_binding.lib.ERR_clear_error()
     data = text.encode()
@@ -376,15 +406,14 @@ def _load_provider_config(text: str, providers: list[ProviderSettings]) -> None:
     finally:
         libcrypto.NCONF_free(conf)
         libcrypto.BIO_free(bio)
-    for provider in providers:
-        if not libcrypto.OSSL_PROVIDER_available(None, provider.name.encode()):
-            where = provider.module or f"{provider.name}.so in the modules directory"
-            raise CryptoSetupError(
-                f"tls.providers: OpenSSL provider {provider.name!r} did not load from {where} "
-                f"({reason or 'no OpenSSL error reported'}); fix: install it (Debian: apt-get install "
-                f"{'pkcs11-provider' if is_pkcs11_provider(provider) else '<provider package>'}), put it in "
-                f"{openssl_directory('modules')}, or set its module (tls.providers[].module / tls.provider_path)"
-            )
+    if not libcrypto.OSSL_PROVIDER_available(None, provider.name.encode()):
+        where = provider.module or f"{provider.name}.so in the modules directory"
+        raise CryptoSetupError(
+            f"tls.providers: OpenSSL provider {provider.name!r} did not load from {where} "
+            f"({reason or 'no OpenSSL error reported'}); fix: install it (Debian: apt-get install "
+            f"{'pkcs11-provider' if is_pkcs11_provider(provider) else '<provider package>'}), put it in "
+            f"{openssl_directory('modules')}, or set its module (tls.providers[].module / tls.provider_path)"
+        )
 
 
 def provider_of(pkey: Any) -> str | None:
@@ -508,6 +537,7 @@ class CryptoRuntime:
         self.engine_status = "none"
         self.fallback_reason: str | None = None
         self.providers_loaded: tuple[str, ...] = ()
+        self.provider_failures: dict[str, str] = {}  # required: false providers that did not load
         self.keys_installed: collections.Counter[str] = collections.Counter()
         self.engine_keys_loaded = 0
         self._engine_keys: dict[str, Any] = {}  # EngineKey.uri → EVP_PKEY* (ffi.gc-owned)
@@ -523,7 +553,7 @@ class CryptoRuntime:
         if settings.engine is not None or settings.providers or settings.async_mode or settings.propquery:
             check_engine_support()  # async mode reaches libssl through ctypes too (proxy.tls.offload)
         if settings.providers or settings.propquery or settings.provider_path:
-            runtime.providers_loaded = apply_providers(settings)
+            runtime.providers_loaded, runtime.provider_failures = apply_providers(settings)
         if settings.engine is not None:
             runtime._start_engine(settings.engine)
         return runtime
@@ -631,6 +661,12 @@ class CryptoRuntime:
                     f"private key {redact(key.uri)}: a key URI needs a provider that opens it, but "
                     "tls.providers is empty; fix: add tls.providers: [{name: pkcs11, parameters: "
                     "{pkcs11-module-path: <your PKCS#11 module>}}]"
+                )
+            scheme = key.uri.partition(":")[0]
+            if scheme in self.provider_failures:
+                raise CryptoSetupError(
+                    f"private key {redact(key.uri)}: needs provider {scheme!r}, which did not load "
+                    f"({self.provider_failures[scheme]})"
                 )
             pkey = ffi.gc(load_store_key(key), lib.EVP_PKEY_free)
             loaded = (pkey, f"provider:{provider_of(pkey) or 'unknown'}")

@@ -113,6 +113,9 @@ class ProviderSettings:
     name: str
     module: str | None = None
     parameters: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # True (the default): start-up stops when it does not load, since the keys it holds cannot be
+    # served without it; False: one warning and software crypto (an accelerator like qatprovider).
+    required: bool = True
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ _TLS_KEYS = (
     "certificates", "default_certificate", "engine", "async", "providers", "propquery", "provider_path",
     "session_resumption",
 )
-_PROVIDER_KEYS = ("name", "module", "parameters")
+_PROVIDER_KEYS = ("name", "module", "parameters", "required")
 _PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # an openssl.cnf section key
 _CERTIFICATE_KEYS = ("cert", "key", "hosts", "pin_env", "pin_file")
 _DEFAULT_CERTIFICATE_KEYS = ("cert", "key", "pin_env", "pin_file")
@@ -467,8 +467,9 @@ class _Checker:
                 provider = self.provider_name(name_node, f"{where}.name")
                 module = self.provider_module(fields["module"], f"{where}.module") if "module" in fields else None
                 parameters = self.provider_parameters(fields["parameters"], f"{where}.parameters") if "parameters" in fields else ()
+                required = "required" not in fields or self.flag(fields["required"], f"{where}.required") is not False
                 if provider is not None:
-                    provider = ProviderSettings(provider.name, module, parameters)
+                    provider = ProviderSettings(provider.name, module, parameters, required)
             if provider is None:
                 continue
             if provider.name in seen:

@@ -63,7 +63,9 @@ The rules (shared/NOTES.md §4), in the order they are applied:
   problem and keeps the default; an unknown key is a problem (typos would otherwise go unseen).
   HSTS is on only with `hsts: "true"`. Providers: `ssl-provider` lists names in order (HAProxy's
   `ssl-provider`, one key for all), `ssl-provider-path` (HAProxy's) and `ssl-propquery` (HAProxy's
-  `ssl-propquery`) as written, `ssl-provider-parameters` one `<provider> <parameter>=<value>` a line.
+  `ssl-propquery`) as written, `ssl-provider-parameters` one `<provider> <parameter>=<value>` a line,
+  `ssl-provider-optional` the providers whose failure to load is a warning (software fallback)
+  rather than a stop.
 - Shapes: the API server validates objects, so a list where a mapping belongs cannot come from
   it; should one arrive anyway (a lax fake, a hand-made snapshot) that Ingress gets a problem
   and the translation goes on.
@@ -780,15 +782,22 @@ def _parse_provider_parameters(raw: str) -> tuple[tuple[str, str, str], ...]:
 
 
 def _provider_settings(
-    names: tuple[str, ...], parameters: tuple[tuple[str, str, str], ...], location: str, problems: list[Problem]
+    names: tuple[str, ...],
+    parameters: tuple[tuple[str, str, str], ...],
+    optional: tuple[str, ...],
+    location: str,
+    problems: list[Problem],
 ) -> tuple[ProviderSettings, ...]:
-    unknown = sorted({provider for provider, _, _ in parameters if provider not in names})
-    if unknown:
-        problems.append(
-            Problem(location, f"ssl-provider-parameters: {', '.join(unknown)} not in ssl-provider; their parameters are ignored")
-        )
+    for key, named in (("ssl-provider-parameters", {provider for provider, _, _ in parameters}), ("ssl-provider-optional", set(optional))):
+        unknown = sorted(named - set(names))
+        if unknown:
+            problems.append(Problem(location, f"{key}: {', '.join(unknown)} not in ssl-provider; ignored"))
     return tuple(
-        ProviderSettings(name, parameters=tuple((key, value) for provider, key, value in parameters if provider == name))
+        ProviderSettings(
+            name,
+            parameters=tuple((key, value) for provider, key, value in parameters if provider == name),
+            required=name not in optional,
+        )
         for name in names
     )
 
@@ -796,7 +805,8 @@ def _provider_settings(
 _T = TypeVar("_T")
 SUPPORTED_CONFIGMAP_KEYS = (
     "hsts", "hsts-include-subdomains", "hsts-max-age", "hsts-preload", "ssl-engine", "ssl-mode-async",
-    "ssl-propquery", "ssl-provider", "ssl-provider-parameters", "ssl-provider-path", "ssl-redirect",
+    "ssl-propquery", "ssl-provider", "ssl-provider-optional", "ssl-provider-parameters", "ssl-provider-path",
+    "ssl-redirect",
     "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server",
 )
 
@@ -835,6 +845,7 @@ def _read_configmap(configmap: dict | None, problems: list[Problem]) -> _GlobalS
         providers=_provider_settings(
             read("ssl-provider", _parse_provider_names, ()),
             read("ssl-provider-parameters", _parse_provider_parameters, ()),
+            read("ssl-provider-optional", _parse_provider_names, ()),
             location,
             problems,
         ),

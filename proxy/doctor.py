@@ -96,7 +96,12 @@ def _start_runtime(settings: CryptoSettings, lines: list[str]) -> tuple[CryptoRu
         what = "providers" if "tls.provider" in str(error) or "tls.propquery" in str(error) else f"engine {engine.id if engine else '-'}"
         lines.append(f"{what}: FAILED: {error}")
         return None, False
+    providers_ok = True
     for provider in activation_order(settings.providers) if settings.providers else ():
+        if provider.name in runtime.provider_failures:
+            lines.append(f"provider {provider.name}: FAILED (required: false, serving without it): {runtime.provider_failures[provider.name]}")
+            providers_ok = False
+            continue
         module = provider.module or f"{provider.name}.so in {settings.provider_path or openssl_directory('modules')}"
         parameters = shown_parameters(provider)
         lines.append(f"provider {provider.name}: active, from {module}" + (f", {parameters}" if parameters else ""))
@@ -104,14 +109,14 @@ def _start_runtime(settings: CryptoSettings, lines: list[str]) -> tuple[CryptoRu
         lines.append(f"property query: {settings.propquery}")
     if engine is None:
         lines.append("engine: none configured (software crypto)")
-        return runtime, True
+        return runtime, providers_ok
     source = f"from {engine.so_path}" if engine.so_path else "by id"
     if runtime.engine_status == "loaded":
         lines.append(
             f"engine {engine.id}: loaded {source}, default for {','.join(engine.algorithms) or 'nothing'}, "
             f"{len(engine.ctrl)} ctrl command(s) accepted"
         )
-        return runtime, True
+        return runtime, providers_ok
     lines.append(f"engine {engine.id}: FAILED ({runtime.engine_status}); serving would fall back to software")
     return runtime, False
 

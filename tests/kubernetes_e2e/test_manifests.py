@@ -204,9 +204,10 @@ def test_configmaps_are_read_by_the_real_translator_without_problems(documents: 
     [
         (
             QAT_PROVIDER,
-            {"ssl-provider": "qatprovider", "ssl-provider-path": "/usr/local/lib/ossl-modules",
+            {"ssl-provider": "qatprovider", "ssl-provider-optional": "qatprovider",
+             "ssl-provider-path": "/usr/local/lib/ossl-modules",
              "ssl-propquery": "?provider=qatprovider", "ssl-mode-async": "true"},
-            CryptoSettings(async_mode=True, providers=(ProviderSettings("qatprovider"),),
+            CryptoSettings(async_mode=True, providers=(ProviderSettings("qatprovider", required=False),),
                            propquery="?provider=qatprovider", provider_path="/usr/local/lib/ossl-modules"),
         ),
         (

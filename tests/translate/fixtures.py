@@ -169,7 +169,11 @@ def expected_configuration(case: Case) -> Configuration:
             else None,
             async_mode=crypto.get("async_mode", False),
             providers=tuple(
-                ProviderSettings(provider["name"], parameters=tuple((provider.get("parameters") or {}).items()))
+                ProviderSettings(
+                    provider["name"],
+                    parameters=tuple((provider.get("parameters") or {}).items()),
+                    required=provider.get("required", True),
+                )
                 for provider in crypto.get("providers") or ()
             ),
             propquery=crypto.get("propquery"),

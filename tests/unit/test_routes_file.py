@@ -643,3 +643,10 @@ def test_a_key_under_a_providers_own_scheme_goes_to_its_store(routes_dir: pathli
     )
     certificate = load_routes_file(path).configuration.certificates[0]
     assert certificate.key == StoreKey("testoffload:/keys/site.pem")
+
+
+def test_a_provider_may_be_optional(routes_dir: pathlib.Path) -> None:
+    path = write_routes(routes_dir, LISTEN + "tls: {providers: [{name: qatprovider, required: false}, pkcs11]}\n")
+    assert load_routes_file(path).configuration.crypto.providers == (
+        ProviderSettings("qatprovider", required=False), ProviderSettings("pkcs11"),
+    )
