@@ -208,17 +208,19 @@ class ClientConnection(FlowControlled):
             metrics.handshake_series(tls.version, key_source, tls.resumed).inc()
 
     def _watch_async_job(self) -> None:
+        from proxy.tls.offload import async_job_watcher
+
         assert self.tls is not None
         metrics.TLS_ASYNC_PAUSES.inc()
         _PAUSED_IN_ASYNC_JOB.add(self)
         self._async_fds = self.tls.async_wait_fds()
-        for fd in self._async_fds:
-            self.loop.add_reader(fd, self._async_job_ready)
+        async_job_watcher(self.loop).watch(self._async_fds, self._async_job_ready)
 
     def _async_job_ready(self) -> None:
+        from proxy.tls.offload import async_job_watcher
+
         assert self.tls is not None
-        for fd in self._async_fds:
-            self.loop.remove_reader(fd)
+        async_job_watcher(self.loop).forget(self._async_fds)
         _PAUSED_IN_ASYNC_JOB.discard(self)
         try:
             plaintext = self.tls.resume_handshake()
