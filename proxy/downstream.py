@@ -233,6 +233,12 @@ class ClientConnection(FlowControlled):
             else:
                 self.tls.close()
             return
+        timer = self._handshake_timer
+        if timer is not None and timer.when() <= self.loop.time() and self.tls.state is TlsState.HANDSHAKING:
+            # The handshake timeout fell while the job was paused (ASYNC_PAUSED is not HANDSHAKING,
+            # and a paused connection must not be dropped): apply it now that the job is back.
+            self._handshake_expired()
+            return
         self._write_tls_output()
         self._after_handshake_step()
         if plaintext:

@@ -13,7 +13,7 @@ import trustme
 from prometheus_client import REGISTRY
 
 from config.crypto import CryptoRuntime
-from config.model import Certificate, PathType
+from config.model import Certificate, PathType, Timeouts
 from proxy.doctor import run_doctor
 from tests.conftest import simple_configuration
 from tests.e2e.helpers import open_raw, read_response
@@ -158,3 +158,34 @@ async def test_proxy_parks_16_handshakes_on_the_async_provider(
     assert counters["peak_in_flight"] == clients and counters["offloaded"] == clients
     assert (REGISTRY.get_sample_value("ingress_proxy_tls_handshakes_total", labels) or 0.0) - before == clients
     assert (REGISTRY.get_sample_value("ingress_proxy_tls_async_pauses_total") or 0.0) - pauses_before >= clients
+
+
+@pytest.mark.e2e
+async def test_a_handshake_whose_timeout_falls_while_paused_is_dropped_when_the_job_returns(
+    start_proxy, provider_probe: FixtureProviderProbe, provider_identities: dict[str, ServerIdentity], ca: trustme.CA,
+) -> None:
+    """The paused connection is kept while its job runs (OpenSSL owns its stack), then the handshake
+    timeout that fell meanwhile applies: the client is dropped, counted as a timeout."""
+    identity = provider_identities["rsa"]
+    configuration = simple_configuration(
+        {}, {}, certificates=(Certificate(identity.chain_pem, identity.key, ("localhost",), "test:provider"),),
+        crypto=provider_probe.settings(), timeouts=Timeouts(handshake=0.2, drain=2.0),
+    )
+    proxy = await start_proxy(configuration)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    timeouts_before = REGISTRY.get_sample_value("ingress_proxy_tls_handshake_failures_total", {"reason": "timeout"}) or 0.0
+    provider_probe.set_gate(False)
+    try:
+        attempt = asyncio.create_task(open_raw(proxy.https_port, client_tls, "localhost"))
+        async with asyncio.timeout(15):
+            while provider_probe.counters()["in_flight"] < 1:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # well past the 0.2 s handshake timeout, still paused
+        assert not attempt.done()
+    finally:
+        provider_probe.set_gate(True)
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(attempt, 15)
+    timeouts = REGISTRY.get_sample_value("ingress_proxy_tls_handshake_failures_total", {"reason": "timeout"}) or 0.0
+    assert timeouts - timeouts_before == 1
