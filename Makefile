@@ -3,13 +3,16 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 APT_PACKAGES := python3-venv python3-openssl python3-cryptography python3-yaml libssl-dev gcc curl \
 	softhsm2 opensc libengine-pkcs11-openssl openssl iproute2 testssl.sh nghttp2-client
+# From bookworm-backports (scripts/install.sh adds that source): not in bookworm main.
+APT_BACKPORTS_PACKAGES := pkcs11-provider
 BENCH_APT_PACKAGES := haproxy nginx-light wrk
 
 .PHONY: install run test fuzz soak bench clean
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install.sh
-	APT_PACKAGES="$(APT_PACKAGES)" PYTHON=$(PYTHON) VENV=$(VENV) scripts/install.sh
+$(VENV)/.installed: pyproject.toml scripts/install.sh Makefile
+	APT_PACKAGES="$(APT_PACKAGES)" APT_BACKPORTS_PACKAGES="$(APT_BACKPORTS_PACKAGES)" \
+		PYTHON=$(PYTHON) VENV=$(VENV) scripts/install.sh
 	touch $@
 
 run: install

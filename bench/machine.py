@@ -62,6 +62,12 @@ def tree_cpu_seconds(root_pid: int) -> float:
     return total_ticks / _CLOCK_TICKS
 
 
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """utime + stime of one thread (the proxy's event-loop thread is its main thread: tid = pid)."""
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def core_busy_ticks() -> dict[str, tuple[int, int]]:
     """Per core (`cpu0`, `cpu1`, ...): (busy ticks, total ticks) since boot."""
     result = {}

@@ -21,6 +21,8 @@ def _format(value: float, unit: str) -> str:
         return f"{value:.2f}"
     if unit.startswith("KiB"):
         return f"{value:.1f}"
+    if unit.startswith("×"):
+        return f"{value:.2f}×"
     return f"{value:,.0f}"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench import idle, loadgen
 from bench.certs import CertSet
-from bench.machine import CpuWindow
+from bench.machine import GENERATOR_CPUS, CpuWindow, thread_cpu_seconds
 from bench.servers import (
     LARGE_PATH,
     SMALL_PATH,
@@ -220,6 +220,42 @@ def measure_async_engine_handshakes(
         measurement.flags.append("the engine never paused a handshake: async offload not in effect")
 
 
+# Handshakes per proxy-core CPU-second of this run's software offload rows, by key type: the
+# engine and provider rows (which run after them) report their gain against it.
+_offload_software_baseline: dict[str, float] = {}
+
+
+def measure_offload_handshakes(run: RowRun, proxy: RunningProxy, measurement: Measurement) -> None:
+    """Full handshakes; the figure is what they cost the proxy's event-loop thread (its main
+    thread, on core 0): the private-key work of the engine or provider runs on its worker threads,
+    pinned to core 1 like an accelerator beside the CPU, and what stays on core 0 is the proxy's
+    share, async bookkeeping included."""
+    assert proxy.admin_port is not None
+    pauses_before = scrape_metric(proxy.admin_port, ASYNC_PAUSES_METRIC) or 0.0
+    loop_cpu_before = thread_cpu_seconds(proxy.pid, proxy.pid)
+    _measure_handshakes(run, proxy, measurement, "new")
+    loop_cpu = thread_cpu_seconds(proxy.pid, proxy.pid) - loop_cpu_before
+    pauses = (scrape_metric(proxy.admin_port, ASYNC_PAUSES_METRIC) or 0.0) - pauses_before
+    handshakes = measurement.values.pop("handshakes_per_second") * (measurement.seconds or 0)
+    measurement.per_cpu.pop("handshakes_per_second", None)
+    if not handshakes or not loop_cpu:
+        measurement.flags.append("no handshakes or no event-loop CPU measured")
+        return
+    per_core_second = handshakes / loop_cpu
+    measurement.values["handshakes_per_proxy_core_second"] = per_core_second
+    measurement.values["proxy_core_microseconds_per_handshake"] = loop_cpu / handshakes * 1e6
+    offload = run.settings.offload
+    measurement.notes.append(f"{handshakes:.0f} handshakes, {loop_cpu:.2f} s of event-loop CPU, {pauses:.0f} async pauses")
+    if offload is None:
+        _offload_software_baseline[run.settings.key_type] = per_core_second
+        return
+    if pauses == 0:
+        measurement.flags.append(f"the {offload} never paused a handshake: async offload not in effect")
+    baseline = _offload_software_baseline.get(run.settings.key_type)
+    if baseline:
+        measurement.values["gain_over_software"] = per_core_second / baseline
+
+
 def measure_resumed_handshakes(run: RowRun, proxy: RunningProxy, measurement: Measurement) -> None:
     _measure_handshakes(run, proxy, measurement, "reuse")
 
@@ -277,6 +313,16 @@ _HANDSHAKES = Metric("handshakes_per_second", "handshakes/s", "handshakes/s", pe
 _S_TIME = (
     f"{loadgen.S_TIME_PROCESSES} x `openssl s_time -{{mode}} -www /` side by side: a new TCP+TLS "
     "connection per `GET / HTTP/1.0`"
+)
+
+_OFFLOAD_METRICS = (
+    Metric("handshakes_per_proxy_core_second", "hs/proxy-core-s", "handshakes per event-loop CPU-second"),
+    Metric("proxy_core_microseconds_per_handshake", "µs/hs", "µs of event-loop CPU per handshake", higher_is_better=False),
+    Metric("gain_over_software", "× software", "× the software row of this run"),
+)
+_OFFLOAD_NOT_APPLICABLE = (
+    ("haproxy", "measures ingress-proxy's offload paths against each other (Debian's HAProxy has no engine support)"),
+    ("nginx", "measures ingress-proxy's offload paths against each other (nginx has no async mode)"),
 )
 
 ROWS: tuple[Row, ...] = (
@@ -340,7 +386,7 @@ ROWS: tuple[Row, ...] = (
     ),
     Row(
         "handshake-async-engine", "Full handshakes RSA-2048, async fixture engine",
-        ProxySettings(key_type="rsa", resumption=False, workers=1, async_engine=True), (_HANDSHAKES,),
+        ProxySettings(key_type="rsa", resumption=False, workers=1, offload="engine"), (_HANDSHAKES,),
         "as handshake-rsa; ingress-proxy with `tls.engine` = the test suite's async fixture engine "
         "(tests/engine/async_engine, RSA+EC on 2 worker threads) and `tls.async: true`. The engine's "
         "threads inherit the proxy's pinning to core 0, so this shows the async path's cost on one "
@@ -351,6 +397,30 @@ ROWS: tuple[Row, ...] = (
             ("haproxy", "Debian's HAProxy is built without engine support (`haproxy -vv`: -ENGINE)"),
             ("nginx", "nginx has no async mode (its `ssl_engine` would run the engine synchronously)"),
         ),
+    ),
+    *(
+        Row(
+            f"offload-{key_label}-{offload or 'software'}",
+            f"Offload {title}: {offload_title}",
+            ProxySettings(
+                key_type=key_type, resumption=False, workers=1, offload=offload,
+                accelerator_cpus=GENERATOR_CPUS if offload else None,
+            ),
+            _OFFLOAD_METRICS,
+            _S_TIME.format(mode="new") + f"; ingress-proxy {offload_how}. Figure: handshakes per CPU-second of "
+            "the proxy's event-loop thread (core 0); the fixture's 2 worker threads are pinned to core 1, "
+            "beside s_time, as an accelerator sits beside the CPU",
+            measure_offload_handshakes,
+            not_applicable=_OFFLOAD_NOT_APPLICABLE,
+        )
+        for key_type, key_label, title in (("rsa", "rsa", "RSA-2048"), ("ecdsa", "ecdsa", "ECDSA P-256"))
+        for offload, offload_title, offload_how in (
+            (None, "software", "with the key in software"),
+            ("engine", "async fixture engine", "with `tls.engine` = tests/engine/async_engine and `tls.async: true`"),
+            ("provider", "async fixture provider",
+             "with `tls.providers` = tests/engine/async_provider (the key held by it, `key: testoffload:FILE`) "
+             "and `tls.async: true`"),
+        )
     ),
     Row(
         "keepalive-w2", "Keep-alive HTTPS, 2 workers",

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -42,6 +42,11 @@ IDLE_TIMEOUT_SECONDS = 120
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_ENGINE_SOURCE = REPO / "tests" / "engine" / "async_engine" / "async_engine.c"
 FIXTURE_ENGINE_ID = "asyncfixture"
+FIXTURE_PROVIDER_SOURCE = REPO / "tests" / "engine" / "async_provider" / "async_provider.c"
+FIXTURE_PROVIDER_NAME = "testoffload"
+# How each fixture is told where to run its worker threads (see their C sources).
+WORKER_CPU_VARIABLES = {"engine": "ASYNCFIXTURE_WORKER_CPU", "provider": "TESTOFFLOAD_WORKER_CPU"}
+Offload = Literal["engine", "provider"]
 
 
 class ProxyUnavailable(Exception):
@@ -57,7 +62,10 @@ class ProxySettings:
     key_type: KeyType
     resumption: bool  # False: server-side session cache and tickets off where the proxy allows it
     workers: int  # threads (HAProxy), worker processes (nginx), --workers (ingress-proxy)
-    async_engine: bool = False  # private-key operations through the async fixture engine
+    # Private-key operations through the async fixture engine or provider, with `tls.async: true`;
+    # their worker threads on `accelerator_cpus` (None: inherit the proxy's pinning).
+    offload: Offload | None = None
+    accelerator_cpus: str | None = None
     split_writes_backend: bool = False  # behind bench/split_writes_backend.py instead of nginx
 
     def backend_port(self, run: RunContext) -> int:
@@ -313,20 +321,23 @@ def scrape_metric(admin_port: int, sample_name: str) -> float | None:
     return None
 
 
-def build_fixture_engine(workdir: Path) -> Path:
-    """Compile the test suite's async fixture engine (tests/engine/async_engine) into `workdir`."""
-    library = workdir / f"{FIXTURE_ENGINE_ID}.so"
+def build_fixture(workdir: Path, offload: Offload) -> Path:
+    """Compile the test suite's async fixture engine or provider (tests/engine/async_*) into `workdir`."""
+    source, name = (
+        (FIXTURE_ENGINE_SOURCE, FIXTURE_ENGINE_ID) if offload == "engine" else (FIXTURE_PROVIDER_SOURCE, FIXTURE_PROVIDER_NAME)
+    )
+    library = workdir / f"{name}.so"
     if library.exists():
         return library
-    if not FIXTURE_ENGINE_SOURCE.exists():
-        raise ProxyUnavailable(f"no async fixture engine: {FIXTURE_ENGINE_SOURCE} is missing")
+    if not source.exists():
+        raise ProxyUnavailable(f"no async fixture {offload}: {source} is missing")
     compiled = subprocess.run(
-        ["gcc", "-shared", "-fPIC", "-O2", "-Wno-deprecated-declarations",
-         str(FIXTURE_ENGINE_SOURCE), "-o", str(library), "-lcrypto", "-lpthread"],
+        ["gcc", "-shared", "-fPIC", "-O2", "-Wno-deprecated-declarations", str(source), "-o", str(library),
+         "-lcrypto", "-lpthread"],
         capture_output=True, text=True,
     )
     if compiled.returncode != 0:
-        raise ProxyUnavailable(f"cannot build the async fixture engine: {compiled.stderr.strip()[-300:]}")
+        raise ProxyUnavailable(f"cannot build the async fixture {offload}: {compiled.stderr.strip()[-300:]}")
     return library
 
 
@@ -425,19 +436,26 @@ class IngressProxy:
         directory.mkdir(mode=0o755, exist_ok=True)
         files = run.certs.by_key_type[settings.key_type]
         routes = directory / "routes.yaml"
-        engine = ""
-        if settings.async_engine:
-            library = build_fixture_engine(run.workdir)
-            engine = (
-                f'  engine: {{id: {FIXTURE_ENGINE_ID}, so_path: "{library}", '
-                "algorithms: [RSA, EC], required: true}\n  async: true\n"
-            )
+        engine, key = "", f'"{files.key}"'
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if settings.offload is not None:
+            library = build_fixture(run.workdir, settings.offload)
+            if settings.offload == "engine":
+                engine = (
+                    f'  engine: {{id: {FIXTURE_ENGINE_ID}, so_path: "{library}", '
+                    "algorithms: [RSA, EC], required: true}\n  async: true\n"
+                )
+            else:  # the key is held by the provider, reached through its store
+                engine = f'  providers: [{{name: {FIXTURE_PROVIDER_NAME}, module: "{library}"}}]\n  async: true\n'
+                key = f'"{FIXTURE_PROVIDER_NAME}:{files.key}"'
+            if settings.accelerator_cpus is not None:
+                environment[WORKER_CPU_VARIABLES[settings.offload]] = settings.accelerator_cpus
         routes.write_text(
             f"""\
 listen: {{https: "127.0.0.1:{port}", admin: "127.0.0.1:{admin_port}"}}
 tls:
-  certificates: [{{cert: "{files.cert}", key: "{files.key}"}}]
-  default_certificate: {{cert: "{files.cert}", key: "{files.key}"}}
+  certificates: [{{cert: "{files.cert}", key: {key}}}]
+  default_certificate: {{cert: "{files.cert}", key: {key}}}
   session_resumption: {"true" if settings.resumption else "false"}
 {engine}timeouts: {{header_read: {IDLE_TIMEOUT_SECONDS}, idle: {IDLE_TIMEOUT_SECONDS}}}
 routes: [{{paths: [{{path: /, type: Prefix, backend: app}}]}}]
@@ -447,7 +465,6 @@ backends: {{app: {{endpoints: ["127.0.0.1:{settings.backend_port(run)}"]}}}}
         argv = [str(self.executable), "serve", "--routes", str(routes), "--no-access-log"]
         if settings.workers != 1:
             argv += ["--workers", str(settings.workers)]
-        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with launch(self.name, argv, settings.cpus, run.workdir, environment) as (process, log_path):
 
             def not_ready() -> str | None:

@@ -70,7 +70,17 @@ class EngineKey:
     uri: str = field(repr=False)
 
 
-KeySource = PemKey | EngineKey
+@dataclass(frozen=True)
+class StoreKey:
+    """A private key that stays inside an OpenSSL provider (an HSM through pkcs11-provider), named
+    by a URI that `OSSL_STORE` opens (RFC 7512 `pkcs11:token=...;object=...`). The PIN, when there is
+    one, travels beside the URI, never inside it: URIs end up in messages, PINs must not."""
+
+    uri: str = field(repr=False)
+    pin: str | None = field(default=None, repr=False)
+
+
+KeySource = PemKey | EngineKey | StoreKey
 
 
 @dataclass(frozen=True)
@@ -96,12 +106,33 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class ProviderSettings:
+    """An OpenSSL 3 provider to activate, like an `openssl.cnf` provider section: its name, the
+    module file (default: `<name>.so` in the modules directory) and its parameters in order
+    (`pkcs11-module-path`, ...). Parameters are kept out of `repr`: one may name a PIN."""
+
+    name: str
+    module: str | None = None
+    parameters: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # True (the default): start-up stops when it does not load, since the keys it holds cannot be
+    # served without it; False: one warning and software crypto (an accelerator like qatprovider).
+    required: bool = True
+
+
+@dataclass(frozen=True)
 class CryptoSettings:
-    """Process-wide crypto set-up: loaded once in the control plane, before contexts are built."""
+    """Process-wide crypto set-up: loaded once in the control plane, before contexts are built.
+
+    `providers` are activated in order, with `default` first (see config.crypto); `propquery` is
+    the default property query (HAProxy's `ssl-propquery`, e.g. "?provider=pkcs11"); and
+    `provider_path` is where provider modules named without `module` are looked for (HAProxy's
+    `ssl-provider-path`)."""
 
     engine: EngineSettings | None = None
     async_mode: bool = False
-    providers: tuple[str, ...] = ()
+    providers: tuple[ProviderSettings, ...] = ()
+    propquery: str | None = None
+    provider_path: str | None = None
 
 
 # ---- TLS policy (issue 10): what every context offers; checked by config/tls_policy.py -------

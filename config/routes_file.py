@@ -25,6 +25,14 @@ Decisions a user can observe (documented in examples/routes.yaml too):
 - A PEM key is read from its file (PKCS#1, SEC1 or PKCS#8, unencrypted) and must match the
   certificate's public key. `key: "engine:<URI>"` becomes `EngineKey(URI)` and reads no file; a
   PIN from `pin_env`/`pin_file` is appended as `;pin-value=<PIN, percent-encoded>` in memory.
+  `key: "pkcs11:<RFC 7512 URI>"` becomes `StoreKey(URI, PIN)`, opened through a provider's
+  OSSL_STORE, and so does `key: "<name>:..."` for a provider <name> in `tls.providers` (a provider
+  that holds keys under its own scheme, like the test suite's async fixture provider). A pkcs11:
+  key needs a provider in `tls.providers` other than OpenSSL's own, and its PIN
+  (pin_env/pin_file, or a pin-value taken out of the URI) travels beside the URI, not in it.
+- `tls.providers` lists names or {name, module, parameters} mappings, each name once; config.crypto
+  activates them with `default` first. Whether a key matches its certificate is checked for files
+  here and for token keys by `ingress-proxy check`, which asks the token.
   Messages never contain key bytes, PINs or engine key URIs (which may carry a PIN). The chain,
   key, key-match, host and SAN checks are `config.tls_material`'s, shared with the translator.
 - TLS policy (`tls.min_version`, `max_version`, `ciphers`, `ciphersuites`, `curves`, `alpn`):
@@ -53,7 +61,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from config.crypto import ALGORITHM_FLAGS, ENGINE_KEY_PREFIX
+from config.crypto import ALGORITHM_FLAGS, ENGINE_KEY_PREFIX, split_pin
 from config.model import (
     Address,
     Backend,
@@ -69,7 +77,9 @@ from config.model import (
     PathType,
     PemKey,
     Problem,
+    ProviderSettings,
     RouteTable,
+    StoreKey,
     Timeouts,
     TlsPolicy,
     TlsVersion,
@@ -111,7 +121,12 @@ _TAG_FLOAT = "tag:yaml.org,2002:float"
 _TOP_KEYS = ("listen", "tls", "timeouts", "hsts", "access_log", "routes", "default_backend", "backends")
 _LISTEN_KEYS = ("https", "http", "admin")
 _TLS_POLICY_KEYS = ("min_version", "max_version", "ciphers", "ciphersuites", "curves", "alpn")
-_TLS_KEYS = ("certificates", "default_certificate", "engine", "async", "providers", "session_resumption") + _TLS_POLICY_KEYS
+_TLS_KEYS = (
+    "certificates", "default_certificate", "engine", "async", "providers", "propquery", "provider_path",
+    "session_resumption",
+) + _TLS_POLICY_KEYS
+_PROVIDER_KEYS = ("name", "module", "parameters", "required")
+_PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # an openssl.cnf section key
 _CERTIFICATE_KEYS = ("cert", "key", "hosts", "pin_env", "pin_file", "ocsp")
 _DEFAULT_CERTIFICATE_KEYS = ("cert", "key", "pin_env", "pin_file", "ocsp")
 OCSP_SUFFIX = ".ocsp"  # HAProxy's name for the DER response beside a certificate file
@@ -129,6 +144,8 @@ _UNQUOTED_IPV6 = re.compile(r"(?<![\"'])\[[0-9a-f.]*:[0-9a-f:.%]*\]", re.IGNOREC
 _LOOKS_NUMERIC = re.compile(r"[0-9.]+")  # "127.0.0.01" is a mistyped IP, not a host name
 _UNSPECIFIED_HOSTS = frozenset({"0.0.0.0", "::"})
 _V = TypeVar("_V")
+PKCS11_URI_SCHEME = "pkcs11:"  # RFC 7512 key URIs: opened by a provider's OSSL_STORE (pkcs11-provider)
+_OPENSSL_OWN_PROVIDERS = frozenset({"default", "base", "legacy", "fips", "null"})
 
 
 @dataclass(frozen=True)
@@ -176,6 +193,8 @@ class _Checker:
         self.path = path
         self.base_directory = path.parent
         self._problems: list[tuple[int, int, Problem]] = []
+        self.store_provider_configured = False  # tls.providers names one that opens key URIs
+        self.provider_schemes: frozenset[str] = frozenset()  # `<provider name>:` keys go to its store
 
     # ---- the document -------------------------------------------------------------------------
 
@@ -420,6 +439,10 @@ class _Checker:
             return (), None, CryptoSettings(), True
         engine = self.engine(fields["engine"]) if "engine" in fields else None
         engine_configured = "engine" in fields
+        provider_crypto = self.provider_settings(fields)
+        store_providers = [p.name for p in provider_crypto.providers if p.name not in _OPENSSL_OWN_PROVIDERS]
+        self.store_provider_configured = bool(store_providers)
+        self.provider_schemes = frozenset(f"{name.lower()}:" for name in store_providers)
         certificates: list[Certificate] = []
         if "certificates" in fields:
             for index, item in enumerate(self.sequence(fields["certificates"], "tls.certificates") or []):
@@ -432,10 +455,7 @@ class _Checker:
                 fields["default_certificate"], "tls.default_certificate", engine_configured, is_default=True
             )
         async_mode = "async" in fields and self.flag(fields["async"], "tls.async") is True
-        providers: tuple[str, ...] = ()
-        if "providers" in fields:
-            providers = self.texts(fields["providers"], "tls.providers")
-        crypto = CryptoSettings(engine=engine, async_mode=async_mode, providers=providers)
+        crypto = dataclasses.replace(provider_crypto, engine=engine, async_mode=async_mode)
         resumption = True
         if "session_resumption" in fields:
             resumption = self.flag(fields["session_resumption"], "tls.session_resumption") is not False
@@ -520,6 +540,126 @@ class _Checker:
             if not at_fault:  # each name is fine, together they select nothing
                 self.report(node, f"{where}: {error}")
             return None
+    # ---- tls: providers (OpenSSL 3), their property query, keys by URI ---------------------------
+
+    def provider_settings(self, fields: Mapping[str, yaml.Node]) -> CryptoSettings:
+        providers = self.providers(fields["providers"]) if "providers" in fields else ()
+        propquery = self.text(fields["propquery"], "tls.propquery") if "propquery" in fields else None
+        provider_path = None
+        if "provider_path" in fields:
+            path = self.file_path(fields["provider_path"], "tls.provider_path")
+            if path is not None and not path.is_dir():
+                self.report(fields["provider_path"], f"tls.provider_path: {path} is not a directory (name the folder holding the provider modules)")
+            elif path is not None:
+                provider_path = str(path)
+        return CryptoSettings(providers=providers, propquery=propquery or None, provider_path=provider_path)
+
+    def providers(self, node: yaml.Node) -> tuple[ProviderSettings, ...]:
+        """`providers: [default, {name: pkcs11, module: ..., parameters: {...}}]`, in activation order."""
+        providers: list[ProviderSettings] = []
+        seen: set[str] = set()
+        for index, item in enumerate(self.sequence(node, "tls.providers") or []):
+            where = f"tls.providers[{index}]"
+            name_node: yaml.Node = item
+            if isinstance(item, yaml.ScalarNode):
+                provider = self.provider_name(item, where)
+            else:
+                fields = self.mapping(item, where, _PROVIDER_KEYS, required={"name": "name: pkcs11"}, expected="a name or a mapping")
+                if fields is None or "name" not in fields:
+                    continue
+                name_node = fields["name"]
+                provider = self.provider_name(name_node, f"{where}.name")
+                module = self.provider_module(fields["module"], f"{where}.module") if "module" in fields else None
+                parameters = self.provider_parameters(fields["parameters"], f"{where}.parameters") if "parameters" in fields else ()
+                required = "required" not in fields or self.flag(fields["required"], f"{where}.required") is not False
+                if provider is not None:
+                    provider = ProviderSettings(provider.name, module, parameters, required)
+            if provider is None:
+                continue
+            if provider.name in seen:
+                self.report(name_node, f"{where}: provider '{provider.name}' is listed twice (keep one entry)")
+                continue
+            seen.add(provider.name)
+            providers.append(provider)
+        return tuple(providers)
+
+    def provider_name(self, node: yaml.Node, where: str) -> ProviderSettings | None:
+        name = self.text(node, where)
+        if name is None:
+            return None
+        if not _PROVIDER_NAME.fullmatch(name):
+            self.report(node, f"{where}: '{name}' is not a provider name (letters, digits, '_', '-', '.'; e.g. pkcs11)")
+            return None
+        return ProviderSettings(name)
+
+    def provider_module(self, node: yaml.Node, where: str) -> str | None:
+        path = self.file_path(node, where)
+        if path is None:
+            return None
+        if not path.is_file():
+            self.report(
+                node,
+                f"{where}: no such file {path} (name the provider's .so, e.g. "
+                "/usr/lib/x86_64-linux-gnu/ossl-modules/pkcs11.so from Debian's pkcs11-provider)",
+            )
+            return None
+        return str(path)
+
+    def provider_parameters(self, node: yaml.Node, where: str) -> tuple[tuple[str, str], ...]:
+        fields = self.mapping(node, where, known=None)
+        parameters: list[tuple[str, str]] = []
+        for name, value_node in (fields or {}).items():
+            value = self.text(value_node, f"{where}.{name}")
+            if value is None:
+                continue
+            if "\n" in value or "\r" in value:
+                self.report(value_node, f"{where}.{name}: the value spans lines (write it on one line)")
+                continue
+            parameters.append((name, value))
+        return tuple(parameters)
+
+    def store_key(self, uri: str, fields: Mapping[str, yaml.Node], where: str) -> StoreKey | None:
+        """`key: "pkcs11:..."`: a key kept in a token, loaded through a provider's OSSL_STORE."""
+        key_node = fields["key"]
+        usable = True
+        if not self.store_provider_configured:
+            self.report(
+                key_node,
+                f"{where}.key: a pkcs11: key needs a provider that opens pkcs11: URIs (add tls.providers: "
+                "[{name: pkcs11, parameters: {pkcs11-module-path: /usr/lib/softhsm/libsofthsm2.so}}])",
+            )
+            usable = False
+        uri_without_pin, uri_pin = split_pin(uri)
+        pin_usable, pin = self.pin(fields, where)
+        if not pin_usable:
+            return None
+        if uri_pin is not None and pin is not None:
+            pin_field = "pin_env" if "pin_env" in fields else "pin_file"
+            self.report(
+                key_node,
+                f"{where}.key: the key URI already carries pin-value while {pin_field} is set "
+                "(remove pin-value from the URI)",
+            )
+            usable = False
+        if not usable:
+            return None
+        return StoreKey(uri=uri_without_pin, pin=pin if pin is not None else uri_pin)
+
+    def pin(self, fields: Mapping[str, yaml.Node], where: str) -> tuple[bool, str | None]:
+        """(usable, the PIN from pin_env or pin_file or None when neither is given)."""
+        if "pin_env" in fields and "pin_file" in fields:
+            self.report(fields["pin_file"], f"{where}.pin_file: give either pin_env or pin_file, not both (remove one)")
+            return False, None
+        pin = None
+        if "pin_env" in fields:
+            pin = self.pin_from_environment(fields["pin_env"], f"{where}.pin_env")
+        elif "pin_file" in fields:
+            pin = self.pin_from_file(fields["pin_file"], f"{where}.pin_file")
+        else:
+            return True, None
+        return pin is not None, pin
+
+    # ---- tls: engine ---------------------------------------------------------------------------
 
     def engine(self, node: yaml.Node) -> EngineSettings | None:
         fields = self.mapping(node, "tls.engine", _ENGINE_KEYS, required={"id": "id: pkcs11"})
@@ -633,11 +773,14 @@ class _Checker:
             return None, None
         if text.startswith(ENGINE_KEY_PREFIX):
             return self.engine_key(text[len(ENGINE_KEY_PREFIX) :], fields, where, engine_configured), None
+        scheme = text[: text.find(":") + 1].lower()
+        if scheme and (scheme == PKCS11_URI_SCHEME or scheme in self.provider_schemes):
+            return self.store_key(text, fields, where), None
         for pin_field in ("pin_env", "pin_file"):
             if pin_field in fields:
                 self.report(
                     fields[pin_field],
-                    f"{where}.{pin_field}: only engine: keys take a PIN "
+                    f"{where}.{pin_field}: only engine: and pkcs11: keys take a PIN "
                     f"(remove {pin_field})",
                 )
         path = self.file_path(key_node, f"{where}.key")
@@ -647,7 +790,8 @@ class _Checker:
             self.report(  # the text is not echoed: a URI may carry a PIN
                 key_node,
                 f"{where}.key: no such key file "
-                f'(for a key inside an engine write key: "engine:{text.split(":")[0]}:...")',
+                '(for a key in a token write key: "pkcs11:token=...;object=..." with tls.providers, '
+                f'or "engine:{text.split(":")[0]}:..." with tls.engine)',
             )
             return None, None
         data = self.read_file(key_node, f"{where}.key", path)

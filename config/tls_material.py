@@ -13,6 +13,9 @@ Decisions:
   a bundle with a key or comments in it still yields its certificates); the first is the leaf.
 - Keys are unencrypted PEM: PKCS#1, SEC1 or PKCS#8. An encrypted key is its own error, because
   its fix (decrypt it, or keep it in an HSM) differs from the one for a key that does not parse.
+- A key kept in a token is named instead of given: a `pkcs11:` URI, bare or in pkcs11-provider's
+  PEM wrapping (`key_uri_in`). Whether it matches its certificate can only be asked of the token,
+  so that check happens where the token is reached (config.crypto), not here.
 - Host patterns are lower-case DNS names (RFC 1035 lengths, letters, digits and '-', IDNs in
   punycode), optionally with `*` as the whole leftmost label; "" (any host) only when allowed.
   No port, no trailing dot: routing compares the Host header without port and SNI has neither.
@@ -25,6 +28,8 @@ generated default certificate and the `make run` demo.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import ipaddress
 import re
@@ -115,6 +120,82 @@ def parse_private_key(data: bytes) -> PrivateKey:
         raise EncryptedKeyError() from None
     except (ValueError, UnsupportedAlgorithm):
         raise KeyParseError() from None
+
+
+# ---- keys that stay in a token: a URI instead of key material ------------------------------------
+
+PKCS11_URI_SCHEME = "pkcs11:"  # RFC 7512
+PKCS11_URI_PEM_BLOCK = re.compile(
+    rb"-----BEGIN PKCS#11 PROVIDER URI-----\r?\n(.+?)\r?\n-----END PKCS#11 PROVIDER URI-----", re.DOTALL
+)
+_PKCS11_URI_DESCRIPTION = b"PKCS#11 Provider URI v1.0"
+_DER_SEQUENCE, _DER_VISIBLE_STRING, _DER_UTF8_STRING = 0x30, 0x1A, 0x0C
+
+
+class KeyUriError(ValueError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"holds a PKCS#11 PROVIDER URI block that does not parse ({detail}); write it again with pkcs11-provider, or store the bare pkcs11: URI")
+
+
+def _der_element(data: bytes, offset: int, tag: int) -> tuple[bytes, int]:
+    """The value of the DER element of type `tag` at `offset`, and the offset after it."""
+    if offset + 2 > len(data) or data[offset] != tag:
+        raise KeyUriError(f"expected DER tag 0x{tag:02x} at byte {offset}")
+    length, start = data[offset + 1], offset + 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 2 or start + count > len(data):
+            raise KeyUriError("bad DER length")
+        length, start = int.from_bytes(data[start : start + count], "big"), start + count
+    if start + length > len(data):
+        raise KeyUriError("DER element runs past the end")
+    return data[start : start + length], start + length
+
+
+def key_uri_in(data: bytes) -> str | None:
+    """The key URI `data` holds in place of key material, or None when it holds no such thing.
+
+    Two spellings: the bare URI on one line (`pkcs11:token=...;object=...`), or the PEM block
+    pkcs11-provider writes for a key it holds (`-----BEGIN PKCS#11 PROVIDER URI-----`, DER
+    `SEQUENCE { desc VisibleString "PKCS#11 Provider URI v1.0", uri UTF8String }`). KeyUriError
+    when a block is there but broken."""
+    text = data.strip()
+    if text[: len(PKCS11_URI_SCHEME)].lower() == PKCS11_URI_SCHEME.encode() and b"\n" not in text:
+        try:
+            return text.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    match = PKCS11_URI_PEM_BLOCK.search(data)
+    if match is None:
+        return None
+    try:
+        der = base64.b64decode(b"".join(match[1].split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyUriError("not base64") from None
+    body, _ = _der_element(der, 0, _DER_SEQUENCE)
+    description, offset = _der_element(body, 0, _DER_VISIBLE_STRING)
+    if description != _PKCS11_URI_DESCRIPTION:
+        raise KeyUriError(f"unknown description {description[:40]!r}")
+    uri, _ = _der_element(body, offset, _DER_UTF8_STRING)
+    try:
+        decoded = uri.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyUriError("the URI is not UTF-8") from None
+    if not decoded.lower().startswith(PKCS11_URI_SCHEME):
+        raise KeyUriError("the URI is not a pkcs11: URI")
+    return decoded
+
+
+def wrap_key_uri(uri: str) -> bytes:
+    """`uri` as pkcs11-provider's PEM block (the inverse of `key_uri_in`; for tests and docs)."""
+
+    def element(tag: int, value: bytes) -> bytes:
+        length = len(value)
+        encoded = bytes([length]) if length < 0x80 else bytes([0x81, length]) if length < 0x100 else bytes([0x82]) + length.to_bytes(2, "big")
+        return bytes([tag]) + encoded + value
+
+    der = element(_DER_SEQUENCE, element(_DER_VISIBLE_STRING, _PKCS11_URI_DESCRIPTION) + element(_DER_UTF8_STRING, uri.encode()))
+    return b"-----BEGIN PKCS#11 PROVIDER URI-----\n" + base64.encodebytes(der) + b"-----END PKCS#11 PROVIDER URI-----\n"
 
 
 def key_matches_certificate(private_key: PrivateKey, certificate: x509.Certificate) -> bool:

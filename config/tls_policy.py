@@ -20,7 +20,7 @@ from OpenSSL import SSL
 from OpenSSL._util import lib
 
 from config.model import TlsPolicy, TlsVersion
-from proxy import libssl
+from proxy.tls import libssl
 
 _SEPARATORS = re.compile(r"[:,; ]+")  # what OpenSSL's cipher-string parser splits on
 _CIPHER_DIRECTIVE = re.compile(r"@(STRENGTH|SECLEVEL=[0-5])")

@@ -47,6 +47,12 @@ The rules (shared/NOTES.md §4), in the order they are applied:
   "Secret ns/name: ..." and its routes are still served (with the default certificate). Parsing
   is memoized by content: OpenSSL 3 spends ~36 ms checking each RSA-2048 key. A tls entry with
   no secretName is left to the default certificate, as the Ingress API specifies.
+  An HSM-backed key: tls.key may hold a `pkcs11:` URI instead (bare, or in pkcs11-provider's
+  `PKCS#11 PROVIDER URI` PEM block); it becomes a `StoreKey` that the data plane opens through
+  the providers of the ConfigMap (`ssl-provider`), and the private key never leaves the token.
+  Whether it pairs with tls.crt is only known once the token is asked: a mismatch is a problem
+  when the contexts are built ("certificate left out"), not here. The PIN is no Secret key: give
+  pkcs11-provider `pkcs11-module-token-pin=file:<mounted Secret>` in `ssl-provider-parameters`.
 - `ssl-redirect` (ConfigMap, default false, overridden by the per-Ingress annotation
   `ingress.kubernetes.io/ssl-redirect` of the oldest Ingress routing that host) only redirects
   virtual hosts that some certificate covers: redirecting to HTTPS a host served only by the
@@ -58,7 +64,12 @@ The rules (shared/NOTES.md §4), in the order they are applied:
   HSTS is on only with `hsts: "true"`. The TLS policy keys take ingress-nginx's spelling and
   syntax (`ssl-ciphers`, `ssl-ciphersuites`, `ssl-protocols: "TLSv1.2 TLSv1.3"`, `ssl-ecdh-curve`,
   where "auto" means the default) and are checked by `config.tls_policy` like the routes file's;
-  a key with a bad value is a problem and keeps the default for that key.
+  a key with a bad value is a problem and keeps the default for that key. `use-http2: "false"`
+  offers only http/1.1 in ALPN. Providers: `ssl-provider` lists names in order (HAProxy's
+  `ssl-provider`, one key for all), `ssl-provider-path` (HAProxy's) and `ssl-propquery` (HAProxy's
+  `ssl-propquery`) as written, `ssl-provider-parameters` one `<provider> <parameter>=<value>` a line,
+  `ssl-provider-optional` the providers whose failure to load is a warning (software fallback)
+  rather than a stop.
 - Shapes: the API server validates objects, so a list where a mapping belongs cannot come from
   it; should one arrive anyway (a lax fake, a hand-made snapshot) that Ingress gets a problem
   and the translation goes on.
@@ -75,7 +86,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from config.crypto import ALGORITHM_FLAGS
+from config.crypto import ALGORITHM_FLAGS, split_pin
 from config.model import (
     Address,
     Backend,
@@ -86,9 +97,12 @@ from config.model import (
     Hsts,
     PathRule,
     PathType,
+    KeySource,
     PemKey,
     Problem,
+    ProviderSettings,
     RouteTable,
+    StoreKey,
     Timeouts,
     TlsPolicy,
     VirtualHost,
@@ -99,8 +113,10 @@ from config.tls_material import (
     EncryptedKeyError,
     HostPatternError,
     KeyParseError,
+    KeyUriError,
     NoCertificateError,
     key_matches_certificate,
+    key_uri_in,
     parse_certificate_chain,
     parse_host_pattern,
     parse_private_key,
@@ -522,11 +538,11 @@ def _ssl_redirect_annotation(ingress: dict, location: str, problems: list[Proble
 @dataclass(frozen=True)
 class _TlsMaterial:
     chain_pem: bytes
-    key_pem: bytes
+    key: KeySource
     dns_names: tuple[str, ...]
 
     def certificate(self, hosts: tuple[str, ...], origin: str) -> Certificate:
-        return Certificate(self.chain_pem, PemKey(self.key_pem), hosts, origin)
+        return Certificate(self.chain_pem, self.key, hosts, origin)
 
 
 def _load_tls_secret(secret: dict | None, reference_to_fix: str) -> _TlsMaterial:
@@ -563,13 +579,24 @@ def _parse_tls_data(certificate_base64: str, key_base64: str) -> _TlsMaterial | 
         return f"tls.crt holds a PEM certificate that does not parse ({error.detail}); re-export the chain"
     except NoCertificateError:
         return "tls.crt holds no PEM certificate (-----BEGIN CERTIFICATE-----); re-export the chain as PEM"
+    dns_names = tuple(sorted(san_host_patterns(chain.leaf)))
+    try:
+        uri = key_uri_in(decoded["tls.key"])
+    except KeyUriError as error:
+        return f"tls.key {error}"
+    if uri is not None:  # an HSM-backed key: the token checks the pair when the key is loaded
+        uri_without_pin, pin = split_pin(uri)
+        return _TlsMaterial(decoded["tls.crt"], StoreKey(uri_without_pin, pin), dns_names)
     try:
         private_key = parse_private_key(decoded["tls.key"])
     except (EncryptedKeyError, KeyParseError):
-        return "tls.key is not an unencrypted PEM private key (PKCS#1 or PKCS#8); re-export the key"
+        return (
+            "tls.key is not an unencrypted PEM private key (PKCS#1 or PKCS#8) nor a pkcs11: key URI; "
+            "re-export the key"
+        )
     if not key_matches_certificate(private_key, chain.leaf):
         return "tls.key does not match the first certificate in tls.crt; store the key of that certificate"
-    return _TlsMaterial(decoded["tls.crt"], decoded["tls.key"], tuple(sorted(san_host_patterns(chain.leaf))))
+    return _TlsMaterial(decoded["tls.crt"], PemKey(decoded["tls.key"]), dns_names)
 
 
 class _ParsedSecretMemo:
@@ -730,10 +757,64 @@ def _parse_engine(raw: str) -> EngineSettings | None:
     return EngineSettings(id=words[0], algorithms=algorithms)
 
 
+_PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _parse_provider_names(raw: str) -> tuple[str, ...]:
+    """`ssl-provider`: provider names in activation order, separated by spaces or commas (HAProxy
+    takes one `ssl-provider` line per provider; a ConfigMap key holds them all)."""
+    names = tuple(name for name in re.split(r"[\s,]+", str(raw)) if name)
+    bad = [name for name in names if not _PROVIDER_NAME.fullmatch(name)]
+    if bad:
+        raise _Rejected(f"{bad[0]!r} is not a provider name; list names like \"pkcs11\" or \"qatprovider\"")
+    if len(set(names)) != len(names):
+        raise _Rejected("a provider is listed twice; list each once")
+    return names
+
+
+def _parse_provider_parameters(raw: str) -> tuple[tuple[str, str, str], ...]:
+    """`ssl-provider-parameters`: one `<provider> <parameter>=<value>` a line, in order."""
+    parameters = []
+    for number, line in enumerate(str(raw).splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        provider, _, assignment = line.strip().partition(" ")
+        name, equals, value = assignment.strip().partition("=")
+        if not equals or not name.strip() or not provider:
+            raise _Rejected(
+                f"line {number} is not '<provider> <parameter>=<value>' "
+                "(e.g. pkcs11 pkcs11-module-path=/usr/lib/softhsm/libsofthsm2.so)"
+            )
+        parameters.append((provider, name.strip(), value.strip()))
+    return tuple(parameters)
+
+
+def _provider_settings(
+    names: tuple[str, ...],
+    parameters: tuple[tuple[str, str, str], ...],
+    optional: tuple[str, ...],
+    location: str,
+    problems: list[Problem],
+) -> tuple[ProviderSettings, ...]:
+    for key, named in (("ssl-provider-parameters", {provider for provider, _, _ in parameters}), ("ssl-provider-optional", set(optional))):
+        unknown = sorted(named - set(names))
+        if unknown:
+            problems.append(Problem(location, f"{key}: {', '.join(unknown)} not in ssl-provider; ignored"))
+    return tuple(
+        ProviderSettings(
+            name,
+            parameters=tuple((key, value) for provider, key, value in parameters if provider == name),
+            required=name not in optional,
+        )
+        for name in names
+    )
+
+
 _T = TypeVar("_T")
 SUPPORTED_CONFIGMAP_KEYS = (
     "hsts", "hsts-include-subdomains", "hsts-max-age", "hsts-preload", "ssl-ciphers", "ssl-ciphersuites", "ssl-ecdh-curve",
-    "ssl-engine", "ssl-mode-async", "ssl-protocols", "ssl-redirect",
+    "ssl-engine", "ssl-mode-async", "ssl-propquery", "ssl-protocols", "ssl-provider", "ssl-provider-optional",
+    "ssl-provider-parameters", "ssl-provider-path", "ssl-redirect",
     "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server", "use-http2",
 )
 
@@ -783,6 +864,15 @@ def _read_configmap(configmap: dict | None, problems: list[Problem]) -> _GlobalS
     crypto = CryptoSettings(
         engine=read("ssl-engine", _parse_engine, None),
         async_mode=read("ssl-mode-async", _parse_bool, False),
+        providers=_provider_settings(
+            read("ssl-provider", _parse_provider_names, ()),
+            read("ssl-provider-parameters", _parse_provider_parameters, ()),
+            read("ssl-provider-optional", _parse_provider_names, ()),
+            location,
+            problems,
+        ),
+        propquery=read("ssl-propquery", lambda raw: str(raw).strip() or None, None),
+        provider_path=read("ssl-provider-path", lambda raw: str(raw).strip() or None, None),
     )
     hsts_defaults = Hsts()
     hsts = Hsts(

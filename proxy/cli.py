@@ -12,9 +12,23 @@ from pathlib import Path
 
 import uvloop
 
-from config.model import Address, Listeners
-from config.routes_file import LoadedRoutes, RoutesFileError, load_routes_file
-from proxy.access_log import ACCESS_LOG
+
+def _refuse_unusable_openssl_modules() -> None:
+    """cryptography loads OpenSSL's `legacy` provider when it is imported and dies with a traceback
+    if OPENSSL_MODULES names a folder without it (a way users try to reach a provider's module)."""
+    folder = os.environ.get("OPENSSL_MODULES")
+    if folder and not os.path.isfile(os.path.join(folder, "legacy.so")):
+        raise SystemExit(
+            f"OPENSSL_MODULES={folder} has no legacy.so, which the crypto library loads at start; fix: unset "
+            "OPENSSL_MODULES and name the provider's file in tls.providers[].module (or set tls.provider_path)"
+        )
+
+
+_refuse_unusable_openssl_modules()  # before anything imports cryptography
+
+from config.model import Address, Listeners  # noqa: E402
+from config.routes_file import LoadedRoutes, RoutesFileError, load_routes_file  # noqa: E402
+from proxy.access_log import ACCESS_LOG  # noqa: E402
 
 LOG = logging.getLogger("ingress_proxy")
 
@@ -26,17 +40,23 @@ def _configure_logging(level: str, access_log: bool) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from config.crypto import check_crypto
+
     try:
-        load_routes_file(args.routes)
+        loaded = load_routes_file(args.routes)
     except RoutesFileError as error:
         print(error, file=sys.stderr)
+        return 1
+    problems = check_crypto(loaded.configuration, str(args.routes))  # asks tokens and engines
+    if problems:
+        print(RoutesFileError(problems), file=sys.stderr)
         return 1
     print(f"{args.routes}: OK")
     return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from config.model import EngineKey, KeySource
+    from config.model import KeySource, PemKey
     from proxy.doctor import run_doctor
 
     settings = None
@@ -49,7 +69,7 @@ def _doctor(args: argparse.Namespace) -> int:
             return 1
         configuration = loaded.configuration
         settings = configuration.crypto
-        keys = [certificate.key for certificate in configuration.certificates if isinstance(certificate.key, EngineKey)]
+        keys = [certificate.key for certificate in configuration.certificates if not isinstance(certificate.key, PemKey)]
     lines, ok = run_doctor(settings, keys)
     for line in lines:
         print(line)
@@ -121,16 +141,18 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     if args.workers == 1:
         return _serve_routes_file_worker(args.routes, loaded, None, True, {})
-    from proxy.server import ListenerError, bind_listeners
-    from proxy.workers import run_workers
-
-    try:
-        sockets = bind_listeners(loaded.listeners)  # before fork: the workers inherit them (proxy/workers.py)
-    except ListenerError as error:
-        print(error, file=sys.stderr)
-        return 1
     with tempfile.TemporaryDirectory(prefix="ingress-proxy-metrics-") as metrics_directory:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_directory  # before prometheus_client is imported
+        # Before prometheus_client is imported (proxy.server imports the metrics), or every worker
+        # keeps its samples to itself and /metrics shows only the admin worker's.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_directory
+        from proxy.server import ListenerError, bind_listeners
+        from proxy.workers import run_workers
+
+        try:
+            sockets = bind_listeners(loaded.listeners)  # before fork: the workers inherit them (proxy/workers.py)
+        except ListenerError as error:
+            print(error, file=sys.stderr)
+            return 1
         return run_workers(
             args.workers, lambda index, keys: _serve_routes_file_worker(args.routes, loaded, keys, index == 0, sockets)
         )

@@ -36,8 +36,8 @@ from OpenSSL._util import ffi, lib
 from config.model import Certificate, Configuration, KeySource, PemKey, Problem, TlsPolicy
 from config.tls_material import PEM_CERTIFICATE_BLOCK, self_signed_certificate
 from config.tls_policy import apply_policy
-from proxy import libssl
 from proxy.stapling import OcspMismatch, StapledResponse
+from proxy.tls import libssl
 
 # Installs a key into a context and returns its key-source label ("file", "engine:<id>").
 KeyInstaller = Callable[[SSL.Context, KeySource], str]
@@ -200,7 +200,7 @@ class ContextCache:
         context.set_tlsext_servername_callback(self._switch_by_sni)
         libssl.set_ticket_keys(context, self._ticket_keys)
         if async_mode:
-            from proxy.offload import enable_async_mode
+            from proxy.tls.offload import enable_async_mode
 
             enable_async_mode(context)
         return context

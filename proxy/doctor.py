@@ -1,8 +1,8 @@
 """`ingress-proxy doctor`: is crypto offload set up, and is it actually used?
 
 Each check yields one line; `ok` is False when anything the configuration asks for is broken
-(an engine or provider that does not load, an engine key that cannot sign, async mode without
-async support). Facts that are merely informative (no QAT device) never make `ok` False.
+(an engine or provider that does not load, an engine or token key that cannot sign, async mode
+without async support). Facts that are merely informative (no QAT device) never make `ok` False.
 Key URIs are shown redacted: a PIN never reaches the output.
 """
 
@@ -17,20 +17,24 @@ from pathlib import Path
 import cryptography
 import OpenSSL
 from OpenSSL import _util as pyopenssl_binding
+from OpenSSL import crypto
 
 from config.crypto import (
     CryptoRuntime,
     CryptoSetupError,
+    activation_order,
     check_engine_support,
-    load_provider,
+    openssl_directory,
     openssl_errors,
     redact,
+    shown_parameters,
 )
-from config.model import CryptoSettings, EngineKey, KeySource, PemKey
-from proxy.offload import async_jobs_supported
+from config.model import CryptoSettings, EngineKey, KeySource, PemKey, StoreKey
+from proxy.tls.offload import async_jobs_supported
 
 _TEST_MESSAGE = b"ingress-proxy doctor test signature"
 _QAT_DEBUGFS_GLOB = "/sys/kernel/debug/qat_*"
+_QAT_PROVIDER_MODULE = "qatprovider.so"  # Intel's QAT provider, as its installer names it
 
 
 def run_doctor(settings: CryptoSettings | None, keys: list[KeySource]) -> tuple[list[str], bool]:
@@ -38,7 +42,7 @@ def run_doctor(settings: CryptoSettings | None, keys: list[KeySource]) -> tuple[
     lines = [_library_line()]
     ok = True
 
-    engine_api_needed = settings.engine is not None or bool(settings.providers) or settings.async_mode
+    engine_api_needed = settings.engine is not None or bool(settings.providers) or settings.async_mode or bool(settings.propquery)
     try:
         check_engine_support()
         lines.append("ENGINE API: available, and ctypes reaches the same libcrypto instance as pyOpenSSL")
@@ -84,31 +88,35 @@ def _library_line() -> str:
 
 
 def _start_runtime(settings: CryptoSettings, lines: list[str]) -> tuple[CryptoRuntime | None, bool]:
-    """Providers one by one (each gets its line), then the engine through CryptoRuntime."""
-    ok = True
-    for name in settings.providers:
-        try:
-            load_provider(name)
-            lines.append(f"provider {name}: loaded")
-        except CryptoSetupError as error:
-            lines.append(f"provider {name}: FAILED: {error}")
-            ok = False
+    """Providers (one line each, in activation order), then the engine, through CryptoRuntime."""
     engine = settings.engine
     try:
-        runtime = CryptoRuntime.start(dataclasses.replace(settings, providers=()))
+        runtime = CryptoRuntime.start(settings)
     except CryptoSetupError as error:
-        lines.append(f"engine {engine.id if engine else '-'}: FAILED: {error}")
+        what = "providers" if "tls.provider" in str(error) or "tls.propquery" in str(error) else f"engine {engine.id if engine else '-'}"
+        lines.append(f"{what}: FAILED: {error}")
         return None, False
+    providers_ok = True
+    for provider in activation_order(settings.providers) if settings.providers else ():
+        if provider.name in runtime.provider_failures:
+            lines.append(f"provider {provider.name}: FAILED (required: false, serving without it): {runtime.provider_failures[provider.name]}")
+            providers_ok = False
+            continue
+        module = provider.module or f"{provider.name}.so in {settings.provider_path or openssl_directory('modules')}"
+        parameters = shown_parameters(provider)
+        lines.append(f"provider {provider.name}: active, from {module}" + (f", {parameters}" if parameters else ""))
+    if settings.propquery:
+        lines.append(f"property query: {settings.propquery}")
     if engine is None:
         lines.append("engine: none configured (software crypto)")
-        return runtime, ok
+        return runtime, providers_ok
     source = f"from {engine.so_path}" if engine.so_path else "by id"
     if runtime.engine_status == "loaded":
         lines.append(
             f"engine {engine.id}: loaded {source}, default for {','.join(engine.algorithms) or 'nothing'}, "
             f"{len(engine.ctrl)} ctrl command(s) accepted"
         )
-        return runtime, ok
+        return runtime, providers_ok
     lines.append(f"engine {engine.id}: FAILED ({runtime.engine_status}); serving would fall back to software")
     return runtime, False
 
@@ -116,24 +124,28 @@ def _start_runtime(settings: CryptoSettings, lines: list[str]) -> tuple[CryptoRu
 def _test_key(runtime: CryptoRuntime | None, key: KeySource) -> tuple[bool, str]:
     if isinstance(key, PemKey):
         return True, "key (PEM): software key, nothing to test"
-    assert isinstance(key, EngineKey)
     shown = redact(key.uri)
     if runtime is None:
         return False, f"key {shown}: not tested, crypto set-up failed"
+    lib = pyopenssl_binding.lib
     try:
-        pkey = runtime.load_engine_key(key)
+        if isinstance(key, StoreKey):
+            pkey, label = runtime.load_store_key(key)  # owned by the runtime
+            via = f"via {label.replace(':', ' ', 1)}"
+        else:
+            pkey, via = runtime.load_engine_key(key), f"via engine {runtime.engine_id}"
     except CryptoSetupError as error:
         return False, f"key {shown}: FAILED: {error}"
-    lib = pyopenssl_binding.lib
     try:
         started = time.perf_counter()
         signed, detail = _sign_and_verify(pkey)
         elapsed_ms = (time.perf_counter() - started) * 1000
     finally:
-        lib.EVP_PKEY_free(pkey)
+        if isinstance(key, EngineKey):
+            lib.EVP_PKEY_free(pkey)
     if not signed:
-        return False, f"key {shown}: test signature FAILED via engine {runtime.engine_id}: {detail}"
-    return True, f"key {shown}: test signature OK via engine {runtime.engine_id} ({detail}, {elapsed_ms:.1f} ms)"
+        return False, f"key {shown}: test signature FAILED {via}: {detail}"
+    return True, f"key {shown}: test signature OK {via} ({detail}, {elapsed_ms:.1f} ms)"
 
 
 def _sign_and_verify(pkey: object) -> tuple[bool, str]:
@@ -155,10 +167,11 @@ def _sign_and_verify(pkey: object) -> tuple[bool, str]:
             return False, f"{description}: EVP_DigestSign: {openssl_errors()}"
     finally:
         lib.EVP_MD_CTX_free(context)
+    public = _software_public_half(pkey)
     context = lib.EVP_MD_CTX_new()
     try:
         verified = (
-            lib.EVP_DigestVerifyInit(context, ffi.NULL, lib.EVP_get_digestbyname(b"sha256"), ffi.NULL, pkey) == 1
+            lib.EVP_DigestVerifyInit(context, ffi.NULL, lib.EVP_get_digestbyname(b"sha256"), ffi.NULL, public._pkey) == 1
             and lib.EVP_DigestVerify(context, signature, length[0], _TEST_MESSAGE, len(_TEST_MESSAGE)) == 1
         )
     finally:
@@ -168,11 +181,27 @@ def _sign_and_verify(pkey: object) -> tuple[bool, str]:
     return True, description
 
 
+def _software_public_half(pkey: object) -> crypto.PKey:
+    """The public half of `pkey` copied into the default provider, so the token's signature is
+    checked by software (a token may not verify with a private-key object, and should not be
+    trusted to check itself)."""
+    holder = crypto.PKey.__new__(crypto.PKey)  # pyOpenSSL has no constructor from an EVP_PKEY*
+    holder._pkey = pkey
+    holder._only_public = False
+    holder._initialized = True
+    return crypto.load_publickey(crypto.FILETYPE_ASN1, crypto.dump_publickey(crypto.FILETYPE_ASN1, holder))
+
+
 def _qat_lines() -> list[str]:
+    module = Path(openssl_directory("modules")) / _QAT_PROVIDER_MODULE
+    lines = [
+        f"QAT provider: {module} installed (use tls.providers: [{{name: qatprovider}}])"
+        if module.is_file()
+        else f"QAT provider: no {module} (Intel's qatprovider not installed)"
+    ]
     devices = sorted(glob.glob(_QAT_DEBUGFS_GLOB))
     if not devices:
-        return [f"QAT: no {_QAT_DEBUGFS_GLOB} (no QAT device, or debugfs not mounted)"]
-    lines = []
+        return [*lines, f"QAT: no {_QAT_DEBUGFS_GLOB} (no QAT device, or debugfs not mounted)"]
     for device in devices:
         counters = Path(device) / "fw_counters"
         try:

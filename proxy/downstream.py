@@ -185,19 +185,19 @@ class ClientConnection(FlowControlled):
             self._handler = self.loop.create_task(self._serve())
 
     def _watch_async_job(self) -> None:
-        from proxy.offload import async_wait_fds
+        from proxy.tls.offload import async_job_watcher
 
         assert self.tls is not None
         metrics.TLS_ASYNC_PAUSES.inc()
         _PAUSED_IN_ASYNC_JOB.add(self)
-        self._async_fds = async_wait_fds(self.tls.connection)
-        for fd in self._async_fds:
-            self.loop.add_reader(fd, self._async_job_ready)
+        self._async_fds = self.tls.async_wait_fds()
+        async_job_watcher(self.loop).watch(self._async_fds, self._async_job_ready)
 
     def _async_job_ready(self) -> None:
+        from proxy.tls.offload import async_job_watcher
+
         assert self.tls is not None
-        for fd in self._async_fds:
-            self.loop.remove_reader(fd)
+        async_job_watcher(self.loop).forget(self._async_fds)
         _PAUSED_IN_ASYNC_JOB.discard(self)
         try:
             plaintext = self.tls.resume_handshake()
@@ -209,6 +209,12 @@ class ClientConnection(FlowControlled):
                 self._watch_async_job()
             else:
                 self.tls.close()
+            return
+        timer = self._handshake_timer
+        if timer is not None and timer.when() <= self.loop.time() and self.tls.state is TlsState.HANDSHAKING:
+            # The handshake timeout fell while the job was paused (ASYNC_PAUSED is not HANDSHAKING,
+            # and a paused connection must not be dropped): apply it now that the job is back.
+            self._handshake_expired()
             return
         self._write_tls_output()
         self._after_handshake_step()

@@ -36,7 +36,7 @@ from proxy.access_log import ACCESS_LOG
 from proxy.balancer import Balancer
 from proxy.contexts import ContextCache, TlsContexts
 from proxy.downstream import ClientConnection
-from proxy.libssl import TICKET_KEYS_LENGTH
+from proxy.tls.libssl import TICKET_KEYS_LENGTH
 from proxy.router import Router
 from proxy.serving import Generation, Listener
 

@@ -26,7 +26,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from proxy.libssl import TICKET_KEYS_LENGTH
+from proxy.tls.libssl import TICKET_KEYS_LENGTH
 
 LOG = logging.getLogger("ingress_proxy.workers")
 RESTART_BACKOFF_SECONDS = 1.0  # a worker that keeps crashing is restarted at most once a second

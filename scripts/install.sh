@@ -1,18 +1,45 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Debian packages that are missing, then a venv on Debian's Python that sees
 # Debian's pyOpenSSL/cryptography (linked to the system OpenSSL 3, which has the ENGINE API).
+#
+# APT_PACKAGES come from the release's main suites. APT_BACKPORTS_PACKAGES (pkcs11-provider 1.0,
+# which bookworm main lacks) come from bookworm-backports: the source is added once, as its own
+# deb822 file signed by the Debian archive key already on the machine, and only the packages named
+# here are installed from it (`-t bookworm-backports`); nothing else changes suite.
 set -euo pipefail
-: "${PYTHON:=/usr/bin/python3}" "${VENV:=.venv}" "${APT_PACKAGES:=}"
+: "${PYTHON:=/usr/bin/python3}" "${VENV:=.venv}" "${APT_PACKAGES:=}" "${APT_BACKPORTS_PACKAGES:=}"
+BACKPORTS_SOURCE=/etc/apt/sources.list.d/bookworm-backports.sources
+ARCHIVE_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
-missing=()
-for pkg in $APT_PACKAGES; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-done
+missing_from() {
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || echo "$pkg"
+    done
+}
+sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# shellcheck disable=SC2086  # the lists are space-separated package names
+mapfile -t missing < <(missing_from $APT_PACKAGES)
+mapfile -t missing_backports < <(missing_from $APT_BACKPORTS_PACKAGES)
+if ((${#missing_backports[@]})) && [ ! -f "$BACKPORTS_SOURCE" ]; then
+    [ -f "$ARCHIVE_KEYRING" ] || { echo "no $ARCHIVE_KEYRING; fix: apt-get install debian-archive-keyring" >&2; exit 1; }
+    echo "adding Debian bookworm-backports as $BACKPORTS_SOURCE (for ${missing_backports[*]})"
+    printf '%s\n' "Types: deb" "URIs: http://deb.debian.org/debian" "Suites: bookworm-backports" \
+        "Components: main" "Signed-By: $ARCHIVE_KEYRING" | $sudo_cmd tee "$BACKPORTS_SOURCE" >/dev/null
+fi
+if ((${#missing[@]} + ${#missing_backports[@]})); then
+    $sudo_cmd apt-get -o DPkg::Lock::Timeout=600 update -qq
+fi
 if ((${#missing[@]})); then
     echo "installing Debian packages: ${missing[*]}"
-    sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    apt_install "${missing[@]}"
+fi
+if ((${#missing_backports[@]})); then
+    echo "installing from bookworm-backports: ${missing_backports[*]}"
+    apt_install -t bookworm-backports "${missing_backports[@]}"
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"

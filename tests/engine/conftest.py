@@ -8,6 +8,7 @@ import ctypes
 import datetime
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,14 +21,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL, crypto
 
 from config.crypto import CryptoRuntime
-from config.model import CryptoSettings, EngineKey, EngineSettings, KeySource, PemKey
-from proxy.offload import enable_async_mode
+from config.model import CryptoSettings, EngineKey, EngineSettings, KeySource, PemKey, ProviderSettings, StoreKey
+from proxy.tls.offload import enable_async_mode
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE_ENGINE_SOURCE = Path(__file__).parent / "async_engine" / "async_engine.c"
+FIXTURE_PROVIDER_SOURCE = Path(__file__).parent / "async_provider" / "async_provider.c"
+FIXTURE_PROVIDER_NAME = "testoffload"  # sorts after "default": see async_provider.c
 BUILD_DIR = REPO / "tests" / "fixtures" / "build"  # gitignored
 PKCS11_ENGINE = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+PKCS11_PROVIDER_MODULE = "/usr/lib/x86_64-linux-gnu/ossl-modules/pkcs11.so"  # Debian pkcs11-provider
+PKCS11_SPY_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so"  # opensc: logs every PKCS#11 call (and the PIN)
 TOKEN_LABEL = "proxy"
 USER_PIN = "1234"
 FIXTURE_ENGINE_ID = "asyncfixture"
@@ -44,19 +49,71 @@ COUNTER_NAMES = (
 )
 
 
-def build_fixture_engine(build_dir: Path = BUILD_DIR) -> Path:
-    """gcc the fixture engine into build_dir (again only when the source is newer)."""
-    build_dir.mkdir(parents=True, exist_ok=True)
-    library = build_dir / f"{FIXTURE_ENGINE_ID}.so"
-    if not library.exists() or library.stat().st_mtime < FIXTURE_ENGINE_SOURCE.stat().st_mtime:
+def _build(source: Path, library: Path) -> Path:
+    """gcc `source` into `library` (again only when the source is newer)."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    if not library.exists() or library.stat().st_mtime < source.stat().st_mtime:
         partial = library.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(
             ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Wno-deprecated-declarations",
-             str(FIXTURE_ENGINE_SOURCE), "-o", str(partial), "-lcrypto", "-lpthread"],
+             str(source), "-o", str(partial), "-lcrypto", "-lpthread"],
             check=True,
         )
         partial.replace(library)
     return library
+
+
+def build_fixture_engine(build_dir: Path = BUILD_DIR) -> Path:
+    return _build(FIXTURE_ENGINE_SOURCE, build_dir / f"{FIXTURE_ENGINE_ID}.so")
+
+
+def build_fixture_provider(build_dir: Path = BUILD_DIR) -> Path:
+    return _build(FIXTURE_PROVIDER_SOURCE, build_dir / f"{FIXTURE_PROVIDER_NAME}.so")
+
+
+PROVIDER_COUNTER_NAMES = (
+    "signatures",
+    "rsa_sign",
+    "ec_sign",
+    "offloaded",
+    "pauses",
+    "in_flight",
+    "peak_in_flight",
+    "synchronous",
+    "keys_loaded",
+)
+
+
+class FixtureProviderProbe:
+    """Counters and gate of the fixture provider (tests/engine/async_provider), through ctypes on
+    the same file OpenSSL loads as the provider module, so both see the same counters."""
+
+    def __init__(self, library: Path) -> None:
+        self.library_path = str(library)
+        self._library = ctypes.CDLL(self.library_path)
+        self._library.testoffload_counters.argtypes = [ctypes.POINTER(ctypes.c_longlong), ctypes.c_int]
+        self._library.testoffload_set_gate.argtypes = [ctypes.c_int]
+
+    def counters(self) -> dict[str, int]:
+        values = (ctypes.c_longlong * len(PROVIDER_COUNTER_NAMES))()
+        self._library.testoffload_counters(values, len(PROVIDER_COUNTER_NAMES))
+        return dict(zip(PROVIDER_COUNTER_NAMES, values))
+
+    def reset(self) -> None:
+        self._library.testoffload_reset_counters()
+
+    def set_gate(self, open_: bool) -> None:
+        self._library.testoffload_set_gate(int(open_))
+
+    def provider(self) -> ProviderSettings:
+        return ProviderSettings(FIXTURE_PROVIDER_NAME, module=self.library_path)
+
+    def settings(self, async_mode: bool = True) -> CryptoSettings:
+        return CryptoSettings(providers=(self.provider(),), async_mode=async_mode)
+
+    @staticmethod
+    def key(key_file: Path) -> StoreKey:
+        return StoreKey(f"{FIXTURE_PROVIDER_NAME}:{key_file}")
 
 
 class FixtureEngineProbe:
@@ -102,6 +159,36 @@ def engine_probe(fixture_engine: FixtureEngineProbe) -> Iterator[FixtureEnginePr
     fixture_engine.set_gate(True)
     yield fixture_engine
     fixture_engine.set_gate(True)
+
+
+@pytest.fixture(scope="session")
+def fixture_provider() -> Iterator[FixtureProviderProbe]:
+    probe = FixtureProviderProbe(build_fixture_provider())
+    yield probe
+    probe.set_gate(True)
+
+
+@pytest.fixture
+def provider_probe(fixture_provider: FixtureProviderProbe) -> Iterator[FixtureProviderProbe]:
+    fixture_provider.reset()
+    fixture_provider.set_gate(True)
+    yield fixture_provider
+    fixture_provider.set_gate(True)
+
+
+@pytest.fixture(scope="session")
+def provider_identities(
+    software_rsa: ServerIdentity, software_ec: ServerIdentity, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, ServerIdentity]:
+    """The software identities with their keys held by the fixture provider (via its store)."""
+    directory = tmp_path_factory.mktemp("provider-keys")
+    identities = {}
+    for identity in (software_rsa, software_ec):
+        assert isinstance(identity.key, PemKey)
+        key_file = directory / f"{identity.label}.pem"
+        key_file.write_bytes(identity.key.pem)
+        identities[identity.label] = ServerIdentity(identity.chain_pem, FixtureProviderProbe.key(key_file), identity.label)
+    return identities
 
 
 @pytest.fixture(scope="session")
@@ -155,6 +242,34 @@ class SoftHsmToken:
             async_mode=async_mode,
         )
 
+    @property
+    def pin_file(self) -> Path:
+        return self.directory / "user.pin"
+
+    @property
+    def provider_module(self) -> Path:
+        """A copy of libsofthsm2.so for pkcs11-provider in this process. The pkcs11 engine tests
+        share the process; with one module instance under both, pkcs11-provider closing its
+        sessions (C_CloseAllSessions) logs the engine's sessions out too, and the engine's next
+        signature fails. A second file is a second instance, as two processes would have; both
+        open the same token directory. (Deployments use one or the other, never both.)"""
+        return self.directory / "libsofthsm2-for-provider.so"
+
+    def provider(self) -> ProviderSettings:
+        """pkcs11-provider on this token, the PIN from a file as a Kubernetes pod would mount it.
+        In-process tests all use these settings: a provider's parameters are fixed for the life
+        of a process (config.crypto.apply_providers)."""
+        parameters = (("pkcs11-module-path", str(self.provider_module)), ("pkcs11-module-token-pin", f"file:{self.pin_file}"))
+        return ProviderSettings("pkcs11", parameters=parameters)
+
+    def provider_settings(self, async_mode: bool = False) -> CryptoSettings:
+        return CryptoSettings(providers=(self.provider(),), async_mode=async_mode)
+
+    def store_identity(self, identity: ServerIdentity, pin: str | None = USER_PIN) -> ServerIdentity:
+        """`identity` with its key reached through pkcs11-provider by URI instead of the engine."""
+        object_label = "rsakey" if identity.label == "rsa" else "eckey"
+        return ServerIdentity(identity.chain_pem, StoreKey(store_uri(object_label), pin), identity.label)
+
     def pkcs11_tool(self, *arguments: str) -> str:
         return _run(["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", TOKEN_LABEL, *arguments], self.env)
 
@@ -164,6 +279,10 @@ def _run(command: list[str], env: dict[str, str]) -> str:
     if completed.returncode != 0:
         raise RuntimeError(f"{command[0]} failed: {completed.stderr.strip()}")
     return completed.stdout + completed.stderr
+
+
+def store_uri(object_label: str) -> str:
+    return f"pkcs11:token={TOKEN_LABEL};object={object_label};type=private"
 
 
 def key_uri(object_label: str) -> str:
@@ -211,6 +330,8 @@ def create_softhsm_token(ca: trustme.CA, directory: Path) -> SoftHsmToken:
         f"[pkcs11]\ndynamic_path = {PKCS11_ENGINE}\nMODULE_PATH = {SOFTHSM_MODULE}\n"
     )
     env = {**os.environ, "SOFTHSM2_CONF": str(config), "OPENSSL_CONF": str(openssl_config)}
+    (directory / "user.pin").write_text(USER_PIN + "\n")
+    shutil.copyfile(SOFTHSM_MODULE, directory / "libsofthsm2-for-provider.so")
     _run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL, "--pin", USER_PIN, "--so-pin", "4321"], env)
     token = ["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", TOKEN_LABEL, "--login", "--pin", USER_PIN]
     for key_type, key_id, label in (("rsa:2048", "01", "rsakey"), ("EC:prime256v1", "02", "eckey")):

@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+import select
 from collections.abc import Callable, Iterator
 
 import pytest
 import trustme
+from OpenSSL import SSL
+from OpenSSL._util import lib
 
 from config.crypto import CryptoRuntime
 from config.model import CryptoSettings
+from proxy.tls import ServerTls, TlsState
+from proxy.tls.offload import SSL_MODE_ASYNC
 from tests.engine.conftest import FixtureEngineProbe, ServerIdentity, client_context, server_context
 from tests.engine.tls_pump import TlsTestServer, pump_handshakes, s_client, signature_type
 
@@ -157,3 +162,52 @@ async def test_asyncio_server_keeps_serving_while_s_clients_are_parked(
     assert server.handshakes == clients
     assert server.want_async >= clients
     assert engine_probe.counters()["peak_in_flight"] == clients
+
+
+def test_async_pause_is_a_state_of_the_tls_machine(
+    engine_probe: FixtureEngineProbe, start_runtime: RuntimeFactory, ca: trustme.CA, software_rsa: ServerIdentity
+) -> None:
+    """HANDSHAKING → ASYNC_PAUSED on WANT_ASYNC; while paused, input is buffered and closing is
+    refused (OpenSSL owns the job's stack); resume_handshake goes back to HANDSHAKING and on."""
+    runtime = start_runtime(engine_probe.settings(algorithms=("RSA",)))
+    context, _ = server_context(runtime, software_rsa)
+    client = SSL.Connection(client_context(ca), None)
+    client.set_connect_state()
+    engine_probe.set_gate(False)
+    try:
+        with pytest.raises(SSL.WantReadError):
+            client.do_handshake()
+        server = ServerTls(context)
+        assert server.receive(client.bio_read(65536)) == b""
+        assert server.state is TlsState.ASYNC_PAUSED and server.waiting_for_async
+        assert server.receive(b"") == b"" and server.state is TlsState.ASYNC_PAUSED
+        with pytest.raises(AssertionError, match="paused async job must not be closed"):
+            server.close()
+        with pytest.raises(AssertionError, match="ASYNC_PAUSED cannot become OPEN"):
+            server._move(TlsState.OPEN)
+        fds = server.async_wait_fds()
+        assert fds and engine_probe.counters()["in_flight"] == 1
+    finally:
+        engine_probe.set_gate(True)
+    readable, _, _ = select.select(fds, [], [], 10)
+    assert readable
+    server.resume_handshake()
+    assert server.state is TlsState.HANDSHAKING  # TLS 1.3: the client's Finished is still to come
+    client.bio_write(server.outgoing())
+    client.do_handshake()
+    server.receive(client.bio_read(65536))
+    assert server.state is TlsState.OPEN
+    assert engine_probe.counters()["offloaded"] == 1
+
+
+def test_a_connection_leaves_async_mode_once_its_handshake_is_done(
+    engine_probe: FixtureEngineProbe, start_runtime: RuntimeFactory, ca: trustme.CA, software_rsa: ServerIdentity
+) -> None:
+    """Only handshakes pause; keeping SSL_MODE_ASYNC would wrap every later read and write in a job."""
+    runtime = start_runtime(engine_probe.settings(algorithms=("RSA",)))
+    context, _ = server_context(runtime, software_rsa)
+    (server,) = pump_handshakes(context, client_context(ca), 1).servers
+    assert engine_probe.counters()["offloaded"] == 1
+    assert server.state is TlsState.OPEN
+    assert not lib.SSL_get_mode(server.connection._ssl) & SSL_MODE_ASYNC
+    assert lib.SSL_CTX_get_mode(context._context) & SSL_MODE_ASYNC, "the context keeps it for new handshakes"

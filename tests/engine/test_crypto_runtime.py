@@ -10,24 +10,39 @@ from OpenSSL import SSL
 from OpenSSL import _util as pyopenssl_binding
 
 from config.crypto import CryptoRuntime, CryptoSetupError, check_engine_support, redact, split_pin
-from config.model import CryptoSettings, EngineKey, EngineSettings
+from config.model import CryptoSettings, EngineKey, EngineSettings, ProviderSettings, StoreKey
+from proxy.doctor import run_doctor
 from tests.engine.conftest import FixtureEngineProbe, ServerIdentity, key_uri
 
 MISSING_ENGINE = EngineSettings(id="no-such-engine-xyz")
 
 
 def test_default_and_legacy_providers_load() -> None:
-    runtime = CryptoRuntime.start(CryptoSettings(providers=("default", "legacy")))
-    assert runtime.providers_loaded == ("default", "legacy")
+    runtime = CryptoRuntime.start(CryptoSettings(providers=(ProviderSettings("legacy"),)))
+    assert runtime.providers_loaded == ("default", "legacy")  # default first, added for the user
     assert runtime.engine_status == "none"
 
 
 def test_bogus_provider_fails_with_name_and_fix() -> None:
     with pytest.raises(CryptoSetupError) as failure:
-        CryptoRuntime.start(CryptoSettings(providers=("bogus-provider",)))
+        CryptoRuntime.start(CryptoSettings(providers=(ProviderSettings("bogus-provider"),)))
     message = str(failure.value)
     assert "'bogus-provider'" in message and "fix:" in message and "ossl-modules" in message
     assert "\n" not in message
+
+
+def test_a_provider_module_that_does_not_exist_is_named() -> None:
+    with pytest.raises(CryptoSetupError) as failure:
+        CryptoRuntime.start(CryptoSettings(providers=(ProviderSettings("ghost", module="/nonexistent/ghost.so"),)))
+    message = str(failure.value)
+    assert "'ghost' did not load from /nonexistent/ghost.so" in message and "\n" not in message
+
+
+def test_a_bad_property_query_is_a_one_line_error() -> None:
+    with pytest.raises(CryptoSetupError, match=r"tls.propquery: '\?\?provider' is not a property query"):
+        CryptoRuntime.start(CryptoSettings(propquery="??provider"))
+    CryptoRuntime.start(CryptoSettings(propquery="?provider=default"))
+    CryptoRuntime.start(CryptoSettings())  # and back to no property query
 
 
 def test_missing_engine_not_required_warns_once_and_serves_software(
@@ -142,3 +157,27 @@ def test_redact_hides_pin_values(text: str, expected: str) -> None:
 )
 def test_split_pin(uri: str, expected: tuple[str, str | None]) -> None:
     assert split_pin(uri) == expected
+
+
+def test_an_optional_provider_that_does_not_load_warns_once_and_serves_software(
+    caplog: pytest.LogCaptureFixture, software_rsa: ServerIdentity
+) -> None:
+    """`required: false` (an accelerator like qatprovider on a host without the device): one warning,
+    the process serves in software; keys that only it could open fail by name."""
+    ghost = ProviderSettings("ghost-accelerator", module="/nonexistent/ghost.so", required=False)
+    with caplog.at_level(logging.WARNING, logger="config.crypto"):
+        runtime = CryptoRuntime.start(CryptoSettings(providers=(ghost,), async_mode=True))
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'ghost-accelerator'" in warnings[0] and "serving without it" in warnings[0]
+    assert runtime.providers_loaded == ("default",) and set(runtime.provider_failures) == {"ghost-accelerator"}
+    assert runtime.use_private_key(SSL.Context(SSL.TLS_SERVER_METHOD), software_rsa.key) == "file"
+    with pytest.raises(CryptoSetupError, match=r"needs provider 'ghost-accelerator', which did not load \(tls.providers"):
+        runtime.load_store_key(StoreKey("ghost-accelerator:/keys/site.pem"))
+    lines, ok = run_doctor(CryptoSettings(providers=(ghost,)), [])
+    assert not ok
+    assert any(line.startswith("provider ghost-accelerator: FAILED (required: false, serving without it)") for line in lines)
+
+
+def test_a_required_provider_that_does_not_load_stops_start_up() -> None:
+    with pytest.raises(CryptoSetupError, match=r"'ghost-accelerator' did not load from /nonexistent/ghost.so"):
+        CryptoRuntime.start(CryptoSettings(providers=(ProviderSettings("ghost-accelerator", module="/nonexistent/ghost.so"),)))

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from config.model import CryptoSettings, EngineKey, EngineSettings
+from config.model import CryptoSettings, EngineKey, EngineSettings, ProviderSettings
 from proxy.doctor import run_doctor
 from tests.engine.conftest import (
     PKCS11_ENGINE,
@@ -30,11 +30,11 @@ def test_plain_software_set_up_is_ok_and_names_the_libraries() -> None:
 
 
 def test_pkcs11_engine_and_token_keys_sign(softhsm_token: SoftHsmToken, software_rsa: ServerIdentity) -> None:
-    settings = CryptoSettings(engine=softhsm_token.settings().engine, providers=("default",))
+    settings = CryptoSettings(engine=softhsm_token.settings().engine, providers=(ProviderSettings("default"),))
     lines, ok = run_doctor(settings, [softhsm_token.rsa.key, softhsm_token.ec.key, software_rsa.key])
     assert ok, lines
     text = "\n".join(lines)
-    assert "provider default: loaded" in lines
+    assert "provider default: active, from default.so in /usr/lib/x86_64-linux-gnu/ossl-modules" in lines
     assert "engine pkcs11: loaded from /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so, default for RSA,EC" in text
     assert "object=rsakey;type=private;pin-value=***: test signature OK via engine pkcs11 (RSA-2048" in text
     assert "object=eckey;type=private;pin-value=***: test signature OK via engine pkcs11 (EC-256" in text
@@ -49,11 +49,10 @@ def test_broken_parts_make_it_not_ok(softhsm_token: SoftHsmToken) -> None:
     assert any(line.startswith("engine no-such-engine-xyz: FAILED (failed: no engine with this id") for line in lines)
     assert any("object=rsakey" in line and "FAILED" in line for line in lines)
 
-    lines, ok = run_doctor(CryptoSettings(engine=softhsm_token.settings().engine, providers=("bogus-provider", "legacy")), [])
+    bogus = (ProviderSettings("bogus-provider"), ProviderSettings("legacy"))
+    lines, ok = run_doctor(CryptoSettings(engine=softhsm_token.settings().engine, providers=bogus), [])
     assert not ok
-    assert any(line.startswith("provider bogus-provider: FAILED: tls.providers") for line in lines)
-    assert "provider legacy: loaded" in lines
-    assert any(line.startswith("engine pkcs11: loaded") for line in lines)
+    assert any(line.startswith("providers: FAILED: tls.providers: OpenSSL provider 'bogus-provider'") for line in lines)
 
     lines, ok = run_doctor(CryptoSettings(engine=EngineSettings(id="no-such-engine-xyz", required=True)), [])
     assert not ok and any(line.startswith("engine no-such-engine-xyz: FAILED: OpenSSL engine") for line in lines)

@@ -1,9 +1,10 @@
-"""Small pyOpenSSL memory-BIO TLS servers for the engine tests (stand-ins until proxy/tls.py).
+"""Drive the real TLS state machine (`proxy.tls.ServerTls`) for the engine and provider tests.
 
-`pump_handshakes` runs many client/server handshakes in one thread with no sockets, parking a
-server connection whenever its handshake returns SSL_ERROR_WANT_ASYNC and resuming it when its
-async fd is readable — the loop proxy/tls.py runs, reduced to handshakes. `TlsTestServer` does
-the same for real loopback clients (openssl s_client) on an asyncio loop.
+`pump_handshakes` runs many client/server handshakes in one thread with no sockets: pyOpenSSL
+clients on memory BIOs against `ServerTls` servers, a server that enters ASYNC_PAUSED parked until
+one of its wait fds is readable, then `resume_handshake()` — the loop proxy/downstream.py runs,
+reduced to handshakes. `TlsTestServer` does the same for real loopback clients (openssl s_client)
+on an asyncio loop.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from OpenSSL import SSL
-from OpenSSL._util import lib
 
-from proxy.offload import SSL_ERROR_WANT_ASYNC, async_wait_fds
+from proxy.tls import ServerTls, TlsFailure, TlsState
 
-_SSL_ERROR_WANT_READ = 2
 _READ_SIZE = 65536
 
 
@@ -27,52 +26,64 @@ class HandshakeFailed(Exception):
     pass
 
 
-def server_handshake_step(server: SSL.Connection) -> int:
-    """One SSL_do_handshake on the server: 1 done, else the SSL_get_error code (2 or 9)."""
-    lib.ERR_clear_error()  # a resumed job leaves old errors behind (NOTES §1)
-    result = lib.SSL_do_handshake(server._ssl)
-    if result == 1:
-        return 1
-    error = lib.SSL_get_error(server._ssl, result)
-    if error in (_SSL_ERROR_WANT_READ, SSL_ERROR_WANT_ASYNC):
-        return error
-    raise HandshakeFailed(f"server handshake failed: SSL_get_error={error}")
-
-
-def _move(source: SSL.Connection, destination: SSL.Connection) -> None:
+def _client_output(client: SSL.Connection) -> bytes:
+    pieces = []
     while True:
         try:
-            data = source.bio_read(_READ_SIZE)
+            data = client.bio_read(_READ_SIZE)
         except SSL.WantReadError:
-            return
+            break
         if not data:
-            return
-        destination.bio_write(data)
+            break
+        pieces.append(data)
+    return b"".join(pieces)
 
 
 @dataclass
 class _Pair:
-    server: SSL.Connection
+    server: ServerTls
     client: SSL.Connection
-    server_done: bool = False
     client_done: bool = False
     wait_fds: list[int] = field(default_factory=list)
+
+    @property
+    def server_done(self) -> bool:
+        return self.server.state is TlsState.OPEN
 
 
 @dataclass
 class PumpResult:
-    servers: list[SSL.Connection]
-    want_async: int  # server calls that returned SSL_ERROR_WANT_ASYNC
+    servers: list[ServerTls]
+    want_async: int  # times a server entered ASYNC_PAUSED
     peak_paused: int  # most server connections paused at once
 
 
 def _new_pair(server_context: SSL.Context, client_context: SSL.Context) -> _Pair:
-    server = SSL.Connection(server_context, None)
-    server.set_accept_state()
     client = SSL.Connection(client_context, None)
     client.set_connect_state()
     client.set_tlsext_host_name(b"localhost")
-    return _Pair(server, client)
+    return _Pair(ServerTls(server_context), client)
+
+
+def _step(pair: _Pair) -> bool:
+    """Client handshake step, its bytes into the server, the server's back: True if it paused."""
+    if not pair.client_done:
+        try:
+            pair.client.do_handshake()
+            pair.client_done = True
+        except SSL.WantReadError:
+            pass
+    try:
+        if pair.server.state is TlsState.ASYNC_PAUSED:
+            pair.server.resume_handshake()
+        elif not pair.server_done:
+            pair.server.receive(_client_output(pair.client))
+    except TlsFailure as failure:
+        raise HandshakeFailed(f"server handshake failed: {failure.reason}") from None
+    outgoing = pair.server.outgoing()
+    if outgoing:
+        pair.client.bio_write(outgoing)
+    return pair.server.state is TlsState.ASYNC_PAUSED
 
 
 def pump_handshakes(
@@ -89,7 +100,7 @@ def pump_handshakes(
     concurrency = concurrency or count
     started = want_async = peak_paused = 0
     active: list[_Pair] = []
-    finished: list[SSL.Connection] = []
+    finished: list[ServerTls] = []
     deadline = time.monotonic() + timeout
     while started < count or active:
         if time.monotonic() > deadline:
@@ -100,22 +111,13 @@ def pump_handshakes(
         for pair in active:
             if pair.wait_fds:
                 continue
-            if not pair.client_done:
-                try:
-                    pair.client.do_handshake()
-                    pair.client_done = True
-                except SSL.WantReadError:
-                    pass
-            _move(pair.client, pair.server)
-            if not pair.server_done:
-                step = server_handshake_step(pair.server)
-                pair.server_done = step == 1
-                if step == SSL_ERROR_WANT_ASYNC:
-                    want_async += 1
-                    pair.wait_fds = async_wait_fds(pair.server)
-                    if not pair.wait_fds:
-                        raise HandshakeFailed("WANT_ASYNC without wait fds")
-            _move(pair.server, pair.client)
+            if _step(pair):
+                want_async += 1
+                pair.wait_fds = pair.server.async_wait_fds()
+                if not pair.wait_fds:
+                    raise HandshakeFailed("ASYNC_PAUSED without wait fds")
+            elif pair.server_done and not pair.client_done:
+                _step(pair)  # the client reads the server's last flight
         finished.extend(pair.server for pair in active if pair.server_done and pair.client_done)
         active = [pair for pair in active if not (pair.server_done and pair.client_done)]
         paused = [pair for pair in active if pair.wait_fds]
@@ -131,12 +133,13 @@ def pump_handshakes(
                 readable, _, _ = select.select(fds, [], [], 1.0)
             for pair in paused:
                 if set(pair.wait_fds) & set(readable):
-                    pair.wait_fds = []
+                    pair.wait_fds = []  # the next _step resumes it
     return PumpResult(finished, want_async, peak_paused)
 
 
 class TlsTestServer:
-    """Loopback TLS server: handshake (async-job aware), answer b"hello\\n", close_notify, close."""
+    """Loopback TLS server on `ServerTls`: handshake (async-job aware), answer b"hello\\n",
+    close_notify, close."""
 
     def __init__(self, context: SSL.Context) -> None:
         self.context = context
@@ -156,39 +159,29 @@ class TlsTestServer:
         await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = SSL.Connection(self.context, None)
-        connection.set_accept_state()
+        tls = ServerTls(self.context)
         try:
-            while (step := server_handshake_step(connection)) != 1:
-                self._flush(connection, writer)
-                if step == SSL_ERROR_WANT_ASYNC:
+            while tls.state in (TlsState.HANDSHAKING, TlsState.ASYNC_PAUSED):
+                if tls.state is TlsState.ASYNC_PAUSED:
                     self.want_async += 1
-                    await _readable(async_wait_fds(connection))
-                    continue
-                data = await reader.read(_READ_SIZE)
-                if not data:
-                    return
-                connection.bio_write(data)
-            self.handshakes += 1
-            connection.send(b"hello\n")
-            connection.shutdown()  # close_notify: s_client treats a bare EOF as an error
-            self._flush(connection, writer)
+                    await _readable(tls.async_wait_fds())  # never drop a paused connection
+                    tls.resume_handshake()
+                else:
+                    data = await reader.read(_READ_SIZE)
+                    if not data:
+                        return
+                    tls.receive(data)
+                writer.write(tls.outgoing())
+            self.handshakes += 1  # OPEN, or CLOSED by a close_notify that came with the Finished
+            if tls.state is TlsState.OPEN:
+                tls.send(b"hello\n")
+            tls.close()  # close_notify: s_client treats a bare EOF as an error
+            writer.write(tls.outgoing())
             await writer.drain()
-        except (HandshakeFailed, ConnectionError):
+        except (TlsFailure, ConnectionError):
             return
         finally:
             writer.close()
-
-    @staticmethod
-    def _flush(connection: SSL.Connection, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                data = connection.bio_read(_READ_SIZE)
-            except SSL.WantReadError:
-                return
-            if not data:
-                return
-            writer.write(data)
 
 
 async def _readable(fds: list[int]) -> None:

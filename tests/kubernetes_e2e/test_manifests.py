@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import re
 import shlex
@@ -23,7 +24,8 @@ import pytest
 import yaml
 from kubernetes_asyncio import client, utils
 
-from config.model import CryptoSettings, EngineSettings
+from config.model import CryptoSettings, EngineSettings, ProviderSettings, StoreKey
+from config.tls_material import self_signed_certificate
 from ingress_watch.controller import ControllerSettings, KubernetesSource
 from ingress_watch.leader import LeaderSettings
 from ingress_watch.snapshot import Snapshot
@@ -69,6 +71,8 @@ def one(documents: list[dict[str, Any]], kind: str, name: str | None = None) -> 
 
 BASE = load(DEPLOY)
 QAT = load(DEPLOY / "qat")
+QAT_PROVIDER = load(DEPLOY / "qat-provider")
+HSM = load(DEPLOY / "hsm")
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -193,6 +197,55 @@ def test_configmaps_are_read_by_the_real_translator_without_problems(documents: 
         assert configuration.crypto == CryptoSettings(EngineSettings("qatengine", algorithms=("RSA", "EC")), async_mode=True)
     else:
         assert configuration.crypto == CryptoSettings()
+
+
+@pytest.mark.parametrize(
+    ("documents", "settings", "expected"),
+    [
+        (
+            QAT_PROVIDER,
+            {"ssl-provider": "qatprovider", "ssl-provider-optional": "qatprovider",
+             "ssl-provider-path": "/usr/local/lib/ossl-modules",
+             "ssl-propquery": "?provider=qatprovider", "ssl-mode-async": "true"},
+            CryptoSettings(async_mode=True, providers=(ProviderSettings("qatprovider", required=False),),
+                           propquery="?provider=qatprovider", provider_path="/usr/local/lib/ossl-modules"),
+        ),
+        (
+            HSM,
+            {"ssl-provider": "pkcs11", "ssl-provider-parameters": (
+                "pkcs11 pkcs11-module-path=/usr/lib/softhsm/libsofthsm2.so\n"
+                "pkcs11 pkcs11-module-token-pin=file:/etc/ingress-proxy/hsm/pin\n")},
+            CryptoSettings(providers=(ProviderSettings("pkcs11", parameters=(
+                ("pkcs11-module-path", "/usr/lib/softhsm/libsofthsm2.so"),
+                ("pkcs11-module-token-pin", "file:/etc/ingress-proxy/hsm/pin"),
+            )),)),
+        ),
+    ],
+    ids=["qat-provider", "hsm"],
+)
+def test_provider_configmaps_are_the_base_plus_their_crypto_keys(
+    documents: list[dict[str, Any]], settings: dict[str, str], expected: CryptoSettings
+) -> None:
+    configmap = one(documents, "ConfigMap")
+    assert configmap["data"] == {**one(BASE, "ConfigMap")["data"], **settings}, "only the crypto keys differ"
+    translation = translate(Snapshot(configmap=configmap), TranslateOptions())
+    assert translation.problems == ()
+    assert translation.configuration.crypto == expected
+
+
+def test_the_hsm_secret_example_becomes_a_key_kept_in_the_token() -> None:
+    secret = json.loads(json.dumps(one(HSM, "Secret", "shop-hsm")))
+    assert one(HSM, "Secret", "ingress-proxy-hsm-pin")["metadata"]["namespace"] == NAMESPACE
+    chain_pem, _ = self_signed_certificate("shop.example.com", ["shop.example.com"])
+    secret["stringData"]["tls.crt"] = chain_pem.decode()  # the example's placeholder, made real
+    secret["data"] = {key: base64.b64encode(value.encode()).decode() for key, value in secret.pop("stringData").items()}
+    shop = ingress("shop", "shop.example.com", class_name=None, tls_secret="shop-hsm")
+    shop["metadata"]["namespace"] = "shop"
+    snapshot = Snapshot(ingresses=(shop,), secrets=(secret,))
+    translation = translate(snapshot, TranslateOptions(watch_ingress_without_class=True))
+    (certificate,) = translation.configuration.certificates
+    assert certificate.key == StoreKey("pkcs11:token=proxy;object=shop-key;type=private")
+    assert certificate.hosts == ("shop.example.com",)
 
 
 # --- the Dockerfile ------------------------------------------------------------------------------

@@ -19,8 +19,11 @@ expected.yaml (every key optional; absent = empty or the model's default):
   backends: {ns/svc:80: ["10.0.0.1:8080", ...]}
   default_backend: ns/svc:80
   certificates: [{secret: ns/name, hosts: [...]}]   # chain and key: that input Secret's decoded data
+                  # (or {..., store_key: {uri: "pkcs11:...", pin: "..."}} for a key kept in a token)
   default_certificate: {secret: ns/name}
-  crypto: {engine: {id: qatengine, algorithms: [RSA]}, async_mode: true}
+  crypto: {engine: {id: qatengine, algorithms: [RSA]}, async_mode: true,
+           providers: [{name: pkcs11, parameters: {pkcs11-module-path: /x.so}}], propquery: "?provider=pkcs11",
+           provider_path: /opt/modules}
   timeouts: {connect: 0.5, ...}
   hsts: {max_age: 60, include_subdomains: true, preload: false}
   problems: [{location: "Ingress ns/name", message: "a substring of the message"}, ...]
@@ -52,7 +55,9 @@ from config.model import (
     PathRule,
     PathType,
     PemKey,
+    ProviderSettings,
     RouteTable,
+    StoreKey,
     Timeouts,
     VirtualHost,
 )
@@ -126,9 +131,10 @@ def expected_configuration(case: Case) -> Configuration:
 
     def certificate(spec: dict, hosts: tuple[str, ...]) -> Certificate:
         data = secrets[spec["secret"]]["data"]
+        store_key = spec.get("store_key")
         return Certificate(
             chain_pem=base64.b64decode(data["tls.crt"]),
-            key=PemKey(base64.b64decode(data["tls.key"])),
+            key=StoreKey(store_key["uri"], store_key.get("pin")) if store_key else PemKey(base64.b64decode(data["tls.key"])),
             hosts=hosts,
             origin=f"Secret {spec['secret']}",
         )
@@ -162,6 +168,16 @@ def expected_configuration(case: Case) -> Configuration:
             if engine
             else None,
             async_mode=crypto.get("async_mode", False),
+            providers=tuple(
+                ProviderSettings(
+                    provider["name"],
+                    parameters=tuple((provider.get("parameters") or {}).items()),
+                    required=provider.get("required", True),
+                )
+                for provider in crypto.get("providers") or ()
+            ),
+            propquery=crypto.get("propquery"),
+            provider_path=crypto.get("provider_path"),
         ),
         timeouts=Timeouts(**(expected.get("timeouts") or {})),
         hsts=Hsts(**expected["hsts"]) if expected.get("hsts") is not None else None,

@@ -34,6 +34,8 @@ from config.model import (
     PathRule,
     PathType,
     PemKey,
+    ProviderSettings,
+    StoreKey,
     RouteTable,
     Timeouts,
     VirtualHost,
@@ -147,6 +149,7 @@ tls:
     - {cert: certs/chain.pem, key: certs/site.key, hosts: [chain.example.com]}
     - {cert: certs/hsm.pem, key: "engine:pkcs11:token=proxy;object=tlskey;type=private", pin_env: HSM_PIN}
     - {cert: certs/hsm.pem, key: "engine:pkcs11:object=second", pin_file: secrets/hsm.pin}
+    - {cert: certs/hsm.pem, key: "pkcs11:token=proxy;object=provided?pin-value=4321"}
   default_certificate: {cert: certs/nosan.pem, key: certs/nosan.key}
   engine:
     id: pkcs11
@@ -155,7 +158,11 @@ tls:
     algorithms: [RSA, EC]
     required: true
   async: true
-  providers: [legacy]
+  providers:
+    - legacy
+    - name: pkcs11
+      parameters: {pkcs11-module-path: /usr/lib/softhsm/libsofthsm2.so, pkcs11-module-cache-keys: "true"}
+  propquery: "?provider=pkcs11"
 timeouts: {connect: 0.5, idle: 120}
 hsts: {max_age: 60, include_subdomains: yes}
 access_log: {json: true}
@@ -207,9 +214,11 @@ def test_full_file_gives_the_expected_configuration(routes_dir: pathlib.Path, mo
                         ("hsm.example.com",), f"{path}:12:7"),
             Certificate(material["hsm.pem"], EngineKey(f"pkcs11:object=second;pin-value={SECRET_PIN}"),
                         ("hsm.example.com",), f"{path}:13:7"),
+            Certificate(material["hsm.pem"], StoreKey("pkcs11:token=proxy;object=provided", "4321"),
+                        ("hsm.example.com",), f"{path}:14:7"),
         ),
         default_certificate=Certificate(
-            material["nosan.pem"], PemKey((routes_dir / "certs/nosan.key").read_bytes()), (), f"{path}:14:24"
+            material["nosan.pem"], PemKey((routes_dir / "certs/nosan.key").read_bytes()), (), f"{path}:15:24"
         ),
         crypto=CryptoSettings(
             engine=EngineSettings(
@@ -220,7 +229,14 @@ def test_full_file_gives_the_expected_configuration(routes_dir: pathlib.Path, mo
                 required=True,
             ),
             async_mode=True,
-            providers=("legacy",),
+            providers=(
+                ProviderSettings("legacy"),
+                ProviderSettings(
+                    "pkcs11",
+                    parameters=(("pkcs11-module-path", "/usr/lib/softhsm/libsofthsm2.so"), ("pkcs11-module-cache-keys", "true")),
+                ),
+            ),
+            propquery="?provider=pkcs11",
         ),
         timeouts=Timeouts(connect=0.5, idle=120.0),
         hsts=Hsts(max_age=60, include_subdomains=True),
@@ -231,6 +247,7 @@ def test_full_file_gives_the_expected_configuration(routes_dir: pathlib.Path, mo
     assert loaded.configuration == expected
     # chain_pem, PemKey.pem and EngineKey.uri are excluded from equality's repr, not from equality:
     assert loaded.configuration.certificates[3].key.uri.endswith(";pin-value=12%3B34")  # type: ignore[union-attr]
+    assert "4321" not in repr(loaded.configuration)  # a StoreKey's PIN stays out of repr
 
 
 # ---- small valid variants: one field, its expected value ------------------------------------------
@@ -417,8 +434,15 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
         LISTEN + "tls: {default_certificate: {cert: certs/site.pem, key: certs/site.key, »hosts: [a.com]}}\n",
         "tls.default_certificate: unknown key 'hosts'",
     ),
-    "uri-without-engine-prefix": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: »'pkcs11:token=x'}]}\n",
-                                      'write key: "engine:pkcs11:...'),
+    "uri-of-an-unknown-scheme": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: »'tpm2:handle=1'}]}\n",
+                                     'write key: "pkcs11:token=...;object=..." with tls.providers'),
+    "pkcs11-key-without-provider": case(
+        LISTEN + "tls: {providers: [legacy], certificates: [{cert: certs/hsm.pem, key: »'pkcs11:token=x;object=k'}]}\n",
+        "a pkcs11: key needs a provider that opens pkcs11: URIs (add tls.providers"),
+    "pkcs11-key-pin-twice": case(
+        LISTEN + "tls: {providers: [pkcs11], certificates: [{cert: certs/hsm.pem, key: »'pkcs11:object=k?pin-value=1', "
+        "pin_env: HSM_PIN}]}\n",
+        "the key URI already carries pin-value while pin_env is set", env={"HSM_PIN": SECRET_PIN}),
     # engine keys and PINs
     "engine-key-without-engine": case(LISTEN + "tls: {certificates: [{cert: certs/hsm.pem, key: »'engine:pkcs11:object=k'}]}\n",
                                       "an engine: key needs tls.engine"),
@@ -435,7 +459,7 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
     "pin-env-and-pin-file": case(HSM_ENTRY + "pin_env: HSM_PIN, pin_file: »secrets/hsm.pin}]\n",
                                  "give either pin_env or pin_file", env={"HSM_PIN": "1"}),
     "pin-with-pem-key": case(LISTEN + "tls: {certificates: [{cert: certs/site.pem, key: certs/site.key, pin_env: »HSM_PIN}]}\n",
-                             "only engine: keys take a PIN"),
+                             "only engine: and pkcs11: keys take a PIN"),
     "pin-twice": case(
         LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: »'engine:pkcs11:object=k;pin-value=1', "
         "pin_env: HSM_PIN}]\n",
@@ -456,7 +480,19 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
     "session-resumption-not-boolean": case(
         LISTEN + "tls: {session_resumption: »maybe}\n", "tls.session_resumption: expected true or false"
     ),
-    "providers-not-strings": case(LISTEN + "tls: {providers: [»{a: 1}]}\n", "tls.providers[0]: expected a string"),
+    "providers-entry-a-list": case(LISTEN + "tls: {providers: [»[1]]}\n", "tls.providers[0]: expected a name or a mapping"),
+    "provider-key-typo": case(LISTEN + "tls: {providers: [{name: pkcs11, »modul: /x.so}]}\n",
+                              "tls.providers[0]: unknown key 'modul' (did you mean 'module'?)"),
+    "provider-without-name": case(LISTEN + "tls: {providers: [»{module: /x.so}]}\n",
+                                  "tls.providers[0]: missing required key 'name'"),
+    "provider-twice": case(LISTEN + "tls: {providers: [pkcs11, {name: »pkcs11}]}\n", "provider 'pkcs11' is listed twice"),
+    "provider-bad-name": case(LISTEN + "tls: {providers: [»'pk cs11']}\n", "'pk cs11' is not a provider name"),
+    "provider-module-missing": case(LISTEN + "tls: {providers: [{name: qat, module: »/nonexistent/qatprovider.so}]}\n",
+                                    "tls.providers[0].module: no such file /nonexistent/qatprovider.so"),
+    "provider-parameter-not-text": case(LISTEN + "tls: {providers: [{name: p, parameters: {a: »[1]}}]}\n",
+                                        "tls.providers[0].parameters.a: expected a string"),
+    "provider-path-missing": case(LISTEN + "tls: {provider_path: »/nonexistent/modules}\n",
+                                  "tls.provider_path: /nonexistent/modules is not a directory"),
     # timeouts, hsts, access log
     "timeout-zero": case(LISTEN + "timeouts: {connect: »0}\n", "timeouts.connect: 0 is not a positive number of seconds"),
     "timeout-negative": case(LISTEN + "timeouts: {idle: »-1.5}\n", "-1.5 is not a positive number"),
@@ -596,3 +632,21 @@ def test_shipped_example_loads(tmp_path: pathlib.Path) -> None:
     assert {"localhost", "demo.localhost", "*.demo.localhost"} <= set(hosts)
     assert any(virtual_host.redirect_to_https for virtual_host in hosts.values())
     assert not all(virtual_host.redirect_to_https for virtual_host in hosts.values())
+
+
+def test_a_key_under_a_providers_own_scheme_goes_to_its_store(routes_dir: pathlib.Path) -> None:
+    """`key: "<provider>:..."` names a key that provider holds (its OSSL_STORE scheme), not a file."""
+    path = write_routes(
+        routes_dir,
+        LISTEN + "tls:\n  providers: [{name: testoffload}]\n"
+        "  certificates: [{cert: certs/hsm.pem, key: 'testoffload:/keys/site.pem'}]\n",
+    )
+    certificate = load_routes_file(path).configuration.certificates[0]
+    assert certificate.key == StoreKey("testoffload:/keys/site.pem")
+
+
+def test_a_provider_may_be_optional(routes_dir: pathlib.Path) -> None:
+    path = write_routes(routes_dir, LISTEN + "tls: {providers: [{name: qatprovider, required: false}, pkcs11]}\n")
+    assert load_routes_file(path).configuration.crypto.providers == (
+        ProviderSettings("qatprovider", required=False), ProviderSettings("pkcs11"),
+    )

@@ -15,6 +15,7 @@
  *   - Outside a job (no async mode) the operation runs synchronously on the calling thread.
  *   - Errors raised on a worker land on the worker's error queue: they are cleared there and a
  *     generic error is raised on the caller's queue instead.
+ *   - ASYNCFIXTURE_WORKER_CPU=<n> pins the worker threads to CPU n.
  *   - Counters (operations by kind, pauses, jobs in flight and their peak) and a "gate" that holds
  *     workers back are exported as plain C functions for tests (ctypes), so tests prove
  *     concurrency with counts instead of timing.
@@ -28,6 +29,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -139,9 +141,23 @@ static int succeeded(const struct work *w)
     return w->kind == OP_EC_SIGN ? w->result == 1 : w->result >= 0;
 }
 
+/* ASYNCFIXTURE_WORKER_CPU=<n> pins the worker threads to CPU n (the bench puts them on the core the proxy does
+ * not use, as an accelerator would sit beside the CPU). */
+static void pin_worker(void)
+{
+    const char *cpu = getenv("ASYNCFIXTURE_WORKER_CPU");
+    if (cpu == NULL || *cpu == '\0')
+        return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(atoi(cpu), &set);
+    pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+}
+
 static void *worker_main(void *unused)
 {
     (void)unused;
+    pin_worker();
     for (;;) {
         pthread_mutex_lock(&queue_lock);
         while (!stopping && (queue_head == NULL || !gate_open))

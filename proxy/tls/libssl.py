@@ -1,5 +1,5 @@
 """ctypes access to the few libssl functions pyOpenSSL 23 does not bind (the async-job ones are in
-proxy/offload.py, through the same `LIBSSL` handle).
+proxy/tls/offload.py, through the same `LIBSSL` handle).
 
 pyOpenSSL's cffi module and ctypes open the same shared libssl.so.3 (Debian's build), so an
 `SSL_CTX*` taken from `context._context` is valid here too (shared/NOTES.md §1).
