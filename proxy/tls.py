@@ -45,6 +45,8 @@ from OpenSSL._util import ffi, lib
 from proxy.offload import SSL_ERROR_WANT_ASYNC
 
 _READ_CHUNK = 256 * 1024
+# OpenSSL's memory BIO never shrinks: it keeps the largest size it ever held for the connection's
+# life. `send` moves ciphertext out after every record, so it stays at one record (16 KiB + 22).
 _shared_buffer = ffi.new("char[]", _READ_CHUNK)  # one event-loop thread: safe to reuse
 
 
@@ -81,7 +83,7 @@ def _error_queue_reason() -> str:
 
 
 class ServerTls:
-    __slots__ = ("connection", "state", "waiting_for_async", "_ssl", "_into_ssl", "_from_ssl")
+    __slots__ = ("connection", "state", "waiting_for_async", "_ssl", "_into_ssl", "_from_ssl", "_encrypted")
 
     def __init__(self, context: SSL.Context) -> None:
         self.connection = SSL.Connection(context, None)
@@ -91,6 +93,7 @@ class ServerTls:
         self._ssl = self.connection._ssl
         self._into_ssl = self.connection._into_ssl
         self._from_ssl = self.connection._from_ssl
+        self._encrypted: list[bytes] = []  # ciphertext `send` took out of the BIO, for outgoing()
 
     def _move(self, new_state: TlsState) -> None:
         if new_state not in _ALLOWED[self.state]:
@@ -162,7 +165,8 @@ class ServerTls:
         """Encrypt `plaintext` into the outgoing BIO.
 
         pyOpenSSL turns on SSL_MODE_ENABLE_PARTIAL_WRITE, so one SSL_write takes one record
-        (16 KiB) at most: loop. The memory BIO grows as needed, so every call makes progress.
+        (16 KiB) at most: loop. The memory BIO grows as needed, so every call makes progress;
+        after each record of a longer plaintext the ciphertext leaves the BIO (see _READ_CHUNK).
         """
         if self.state is not TlsState.OPEN:
             raise TlsFailure(f"cannot send in state {self.state.value}")
@@ -174,6 +178,7 @@ class ServerTls:
         offset = 0
         while written > 0:
             offset += written
+            self._encrypted.append(self._take_ciphertext())
             if offset == total:
                 return
             written = lib.SSL_write(self._ssl, buffer + offset, total - offset)
@@ -181,6 +186,14 @@ class ServerTls:
 
     def outgoing(self) -> bytes:
         """Ciphertext waiting to go to the socket (handshake records, alerts, application data)."""
+        if not self._encrypted:
+            return self._take_ciphertext()
+        self._encrypted.append(self._take_ciphertext())
+        ciphertext = b"".join(self._encrypted)
+        self._encrypted.clear()
+        return ciphertext
+
+    def _take_ciphertext(self) -> bytes:
         pending = lib.BIO_ctrl_pending(self._from_ssl)
         if not pending:
             return b""
