@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from config.model import Address, Timeouts
-from proxy import metrics
+from proxy import memory, metrics
 from proxy.flow import ConnectionGone, Failure, FlowControlled
 from proxy.http1 import (
     LAST_CHUNK,
@@ -66,7 +66,7 @@ LOG = logging.getLogger("ingress_proxy")
 ACCESS_LOG = logging.getLogger("ingress_proxy.access")
 
 IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
-_FLUSH_AT = 64 * 1024  # flush a streamed body every 64 KiB: four TLS records, one write
+_FLUSH_AT = 32 * 1024  # flush a streamed body every 32 KiB (proxy.flow.READ_SIZE): two TLS records, one write
 TUNNEL_IDLE_SECONDS = 3600.0  # an upgraded (WebSocket) connection may be quiet this long
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -129,6 +129,7 @@ class ClientConnection(FlowControlled):
         self._parse_failed = False
         self._handler: asyncio.Task[None] | None = None
         self._upstream: UpstreamConnection | None = None  # in use by the current request
+        self._held_large_buffers = False  # writing paused once: its buffers reached the high-water mark
 
     # -- protocol side ------------------------------------------------------------------------
 
@@ -187,6 +188,8 @@ class ClientConnection(FlowControlled):
                 timer.cancel()
         if self._handler is not None and not self._handler.done():
             self._handler.cancel()  # nobody to answer: stop waiting for the backend too
+        if self._held_large_buffers:
+            memory.release_freed_memory_soon(self.loop)
 
     # -- TLS handshake ------------------------------------------------------------------------
 
@@ -260,6 +263,22 @@ class ClientConnection(FlowControlled):
 
     # -- writing ------------------------------------------------------------------------------
 
+    def backlog(self) -> int:
+        """Response bytes not yet with the kernel: pending pieces plus the transport's buffer."""
+        if self.closed or self.transport is None:
+            return 0
+        return self._out_size + self.transport.get_write_buffer_size()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._held_large_buffers = True
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.backlog_shrank()
+        if self._upstream is not None:
+            self._upstream.backlog_shrank()
+
     def _send(self, data: bytes) -> None:
         self._out.append(data)
         self._out_size += len(data)
@@ -278,9 +297,12 @@ class ClientConnection(FlowControlled):
         self.transport.write(data)
 
     async def _flush_and_drain(self) -> None:
-        """Flush, then wait while the client does not read. One that stalls our writes for `idle`
-        seconds is dropped (nginx's send_timeout): else it would hold a backend connection forever."""
         self._flush()
+        await self._drain_client()
+
+    async def _drain_client(self) -> None:
+        """Wait while the client does not read. One that stalls our writes for `idle` seconds is
+        dropped (nginx's send_timeout): else it would hold a backend connection forever."""
         if not self._writing_paused or self.closed:
             await self.drain()
             return
@@ -319,6 +341,8 @@ class ClientConnection(FlowControlled):
                 self._awaiting_head = True
                 if not self.events:
                     self._flush()
+                    if self._writing_paused:  # the last response must reach a reader, not a staller
+                        await self._drain_client()
                 head = self.ready_event() or await self.next_event(self.server.generation.configuration.timeouts.idle)
                 self._awaiting_head = False
                 if self._head_timer is not None:
@@ -335,8 +359,11 @@ class ClientConnection(FlowControlled):
             LOG.exception("connection handler failed")
         finally:
             if self._upstream is not None:
-                self._upstream.close()
+                self._upstream.abandon()
             self._close()
+            # The task keeps its CancelledError, whose traceback holds our frames: without this
+            # cycle breaker every buffer of a dropped client waits for a full garbage collection.
+            self._handler = None
 
     async def _handle(self, head: RequestHead) -> bool:
         """Answer one request; True when the connection may carry another."""
@@ -409,7 +436,7 @@ class ClientConnection(FlowControlled):
                         raise _BackendFailed(504, "connect timeout") from None
                     except OSError:
                         raise _BackendFailed(502, "connect failed") from None
-                upstream.begin_request(head.method)
+                upstream.begin_request(head.method, self.backlog)
                 upstream.write(request)
                 if has_body:  # never on a retry: only body-less requests are retried
                     await self._forward_request_body(head, upstream, timeouts.idle, timeouts.backend_response)
@@ -510,6 +537,8 @@ class ClientConnection(FlowControlled):
             while True:
                 if not upstream.events:
                     self._flush()
+                    if self._writing_paused:  # the backend waits for the client (proxy.flow)
+                        await self._drain_client()
                 event = upstream.ready_event() or await upstream.next_event(timeouts.backend_response)
                 if type(event) is Body:
                     self._send(encode_chunk(event.data) if rechunk else event.data)

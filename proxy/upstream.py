@@ -1,17 +1,19 @@
 """Connections to backend endpoints and the keep-alive pools that reuse them.
 
 An `UpstreamConnection` carries one request at a time (no upstream pipelining): the handler calls
-`begin_request(method)`, writes the request, then reads response events. Afterwards it is
-`reusable` only if the response ended cleanly and both sides allow keep-alive; it then waits in
-its endpoint's `EndpointPool` (most recently used first, so surplus connections age out) until
-the next request or until the pool's idle sweep closes it. A backend that closes an idle
-connection simply removes it from the pool.
+`begin_request(method, client_backlog)`, writes the request, then reads response events; reading
+pauses while the client is behind (`proxy.flow`). Afterwards it is `reusable` only if the
+response ended cleanly and both sides allow keep-alive; it then waits in its endpoint's
+`EndpointPool` (most recently used first, so surplus connections age out) until the next request
+or until the pool's idle sweep closes it. A backend that closes an idle connection simply removes
+it from the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 from config.model import Address
 from proxy.flow import ConnectionGone, Failure, FlowControlled
@@ -21,6 +23,10 @@ MAX_IDLE_PER_ENDPOINT = 64  # like nginx `keepalive 64`: more idle sockets than 
 IDLE_SECONDS = 30.0  # below common backend keep-alive timeouts (nginx 75 s, aiohttp 75 s, Go 90 s)
 
 
+def _no_backlog() -> int:
+    return 0
+
+
 class UpstreamConnection(FlowControlled):
     def __init__(self, address: Address) -> None:
         super().__init__()
@@ -28,10 +34,17 @@ class UpstreamConnection(FlowControlled):
         self.parser: ResponseParser | None = None
         self.pool: EndpointPool | None = None  # set while idle in a pool
         self.response_started = False  # any byte of the current response arrived
+        self._client_backlog: Callable[[], int] = _no_backlog  # set per request (proxy.flow)
 
-    def begin_request(self, method: bytes) -> None:
+    def begin_request(self, method: bytes, client_backlog: Callable[[], int]) -> None:
+        """`client_backlog`: what the client has not yet taken of earlier response bytes; reading
+        pauses while it is high, so a client that stops reading stops us reading its backend."""
         self.parser = ResponseParser(method, self.events)
         self.response_started = False
+        self._client_backlog = client_backlog
+
+    def backlog(self) -> int:
+        return self._client_backlog()
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -54,6 +67,7 @@ class UpstreamConnection(FlowControlled):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._client_backlog = _no_backlog
         if self.pool is not None:
             self.pool.discard(self)
         elif self.parser is not None and not self.response_started:
@@ -84,6 +98,12 @@ class UpstreamConnection(FlowControlled):
             self.transport.close()
         self.closed = True
 
+    def abandon(self) -> None:
+        """Close, and drop what the backend sent that nobody will read now: the parser holds the
+        queue in a reference cycle, which would keep those bytes until a full garbage collection."""
+        self.close()
+        self.events.clear()
+
 
 class EndpointPool:
     """Idle keep-alive connections to one endpoint, most recently used last.
@@ -111,6 +131,7 @@ class EndpointPool:
             return
         connection.pool = self
         connection.parser = None
+        connection._client_backlog = _no_backlog  # idle: no client, and no reference cycle to one
         self._idle.append((connection, connection.loop.time()))
         if self._sweep is None:
             self._sweep = connection.loop.call_later(IDLE_SECONDS, self._expire_idle)
