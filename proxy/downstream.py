@@ -66,7 +66,7 @@ LOG = logging.getLogger("ingress_proxy")
 ACCESS_LOG = logging.getLogger("ingress_proxy.access")
 
 IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
-_FLUSH_AT = 32 * 1024  # flush a streamed body every 32 KiB (proxy.flow.READ_SIZE): two TLS records, one write
+_FLUSH_AT = 64 * 1024  # flush a streamed body every 64 KiB: four TLS records, one write
 TUNNEL_IDLE_SECONDS = 3600.0  # an upgraded (WebSocket) connection may be quiet this long
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -543,6 +543,7 @@ class ClientConnection(FlowControlled):
                 if type(event) is Body:
                     self._send(encode_chunk(event.data) if rechunk else event.data)
                     if self._out_size >= _FLUSH_AT:
+                        del event  # encrypted now: don't keep the plaintext while the client drains
                         await self._flush_and_drain()
                 elif type(event) is EndOfMessage:
                     if rechunk:

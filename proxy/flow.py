@@ -9,8 +9,10 @@ buffer a byte can wait in is counted, and reading stops while the count is high:
     backend socket ─► upstream events ─► handler ─► `_out` ─► TLS ─► client transport buffer
     client socket  ─► TLS ─► request events (pipelined requests) ─► handler ─► backend socket
 
-- Reads land in one loop-wide buffer of READ_SIZE bytes (`asyncio.BufferedProtocol`), so a read
-  brings at most READ_SIZE bytes however much the kernel holds (uvloop's own reads are 256 KiB).
+- Reads land in one loop-wide buffer (`asyncio.BufferedProtocol`), of which a protocol offers
+  only the room left under READ_HIGH_WATER (at least MIN_READ_SIZE, at most READ_SIZE), so a read
+  never brings more than the budget allows however much the kernel holds (uvloop's own reads
+  are 256 KiB). A client that keeps up gets full-size reads; one that lags, small ones.
 - After a read, a protocol pauses reading when its unconsumed bytes plus its `backlog()` exceed
   READ_HIGH_WATER, or when more than MAX_QUEUED_EVENTS events wait. `backlog()` is what its
   events already became further on: for the client connection, and for the backend connection it
@@ -31,8 +33,10 @@ waits while the transport is paused. The kernel's socket buffers do the real buf
 need to cover the time until the next `resume_writing`.
 
 Sizes (per connection; compare HAProxy's `tune.bufsize` 16 KiB per direction and nginx's
-`proxy_buffer_size` 4-8 KiB with `proxy_buffering off`): one read may cross the high-water mark,
-so at most READ_HIGH_WATER + READ_SIZE bytes are queued or in flight on the way out.
+`proxy_buffer_size` 4-8 KiB with `proxy_buffering off`): a read may cross the high-water mark
+by MIN_READ_SIZE, so at most READ_HIGH_WATER + MIN_READ_SIZE bytes are queued or on their way out
+per connection, plus the TLS layer's one record (proxy.tls). Measured with `make bench`'s
+slow-readers row and tests/hostile/test_slow_readers.py.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ import asyncio
 from collections import deque
 from typing import Any
 
-READ_SIZE = 32 * 1024  # two TLS records per read: large-body CPU within a few % of 256 KiB reads
+READ_SIZE = 64 * 1024  # the largest read: 16 handler wake-ups per MiB of body (uvloop: 256 KiB)
+MIN_READ_SIZE = 4 * 1024  # the smallest read offered while the connection is near its budget
 READ_HIGH_WATER = 64 * 1024  # queued + on the way out; HAProxy holds 2 x 16 KiB per stream
 READ_LOW_WATER = 32 * 1024  # resume reading once no more than this waits on the way out
 MAX_QUEUED_EVENTS = 64  # 32 tiny pipelined requests: their event objects outweigh their bytes
@@ -85,7 +90,8 @@ class FlowControlled(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_buffer
+        room = READ_HIGH_WATER - self._unconsumed_bytes - self.backlog()
+        return _read_buffer if room >= READ_SIZE else _read_buffer[: max(room, MIN_READ_SIZE)]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(bytes(_read_buffer[:nbytes]))
