@@ -8,7 +8,8 @@ receive buffer set before connecting, and its TLS transport paused as soon as th
 sent.
 
 While the readers are held, one honest client sends small requests one after another and records
-each latency. Then the readers are closed and the proxy's RSS is read again after `after_seconds`.
+each latency. Then the readers are closed (or left for the proxy to drop) and the proxy's RSS is
+read again after `after_seconds`.
 The same code drives the bench row (`bench.rows`) and the hostile and soak tests.
 """
 
@@ -133,8 +134,12 @@ async def attack(
     count: int,
     rss: Callable[[], int],
     after_seconds: float,
+    leave_to_proxy: bool = False,
 ) -> SlowReaderResult:
-    """Hold `count` stalled readers, measure, drop them, measure again after `after_seconds`."""
+    """Hold `count` stalled readers, measure, drop them, measure again after `after_seconds`.
+
+    `leave_to_proxy`: don't close the readers before that last measurement, so the proxy must
+    drop them itself (its idle timeout, like nginx's send_timeout); they are closed afterwards."""
     large, small = request_bytes(server_name, large_path), request_bytes(server_name, small_path)
     in_flight = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
 
@@ -155,7 +160,10 @@ async def attack(
     finally:
         stop.set()
         await honest
-        await _close_all(writers)
+        if not leave_to_proxy:
+            await _close_all(writers)
     await asyncio.sleep(after_seconds)
     result.rss_after = rss()
+    if leave_to_proxy:
+        await _close_all(writers)
     return result

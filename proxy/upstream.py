@@ -99,9 +99,11 @@ class UpstreamConnection(FlowControlled):
         self.closed = True
 
     def abandon(self) -> None:
-        """Close, and drop what the backend sent that nobody will read now: the parser holds the
-        queue in a reference cycle, which would keep those bytes until a full garbage collection."""
+        """Close and forget the exchange: nobody will read its events now. The parser holds the
+        queue in a reference cycle (and a Failure queued at connection_lost would add one through
+        its traceback), which would keep those bytes until a full garbage collection."""
         self.close()
+        self.parser = None
         self.events.clear()
 
 
