@@ -13,8 +13,9 @@ buffer a byte can wait in is counted, and reading stops while the count is high:
   only the room left under READ_HIGH_WATER (at least MIN_READ_SIZE, at most READ_SIZE), so a read
   never brings more than the budget allows however much the kernel holds (uvloop's own reads
   are 256 KiB). A client that keeps up gets full-size reads; one that lags, small ones.
-- After a read, a protocol pauses reading when its unconsumed bytes plus its `backlog()` exceed
-  READ_HIGH_WATER, or when more than MAX_QUEUED_EVENTS events wait. `backlog()` is what its
+- After a read that queued events, a protocol pauses reading when its unconsumed bytes plus its
+  `backlog()` exceed READ_HIGH_WATER, or when more than MAX_QUEUED_EVENTS events wait. (Never
+  with an empty queue: bytes a parser holds for a partial head need more bytes, not a consumer.) `backlog()` is what its
   events already became further on: for the client connection, and for the backend connection it
   has borrowed, that is the client's pending response pieces plus its transport's write buffer.
   So a client that stops reading stops us reading its backend, and its own pipelined requests.
@@ -126,8 +127,9 @@ class FlowControlled(asyncio.BufferedProtocol):
     def queued(self, byte_count: int) -> None:
         """Call after parsing `byte_count` bytes into events."""
         self._unconsumed_bytes += byte_count
-        if self.events:
-            self._wake()
+        if not self.events:
+            return  # bytes held in the parser (a partial head, bounded by http1): only more can end it
+        self._wake()
         if not self._reading_paused and self.transport is not None and (
             self._unconsumed_bytes + self.backlog() > READ_HIGH_WATER or len(self.events) > MAX_QUEUED_EVENTS
         ):

@@ -23,7 +23,7 @@ TRIM_DELAY_SECONDS = 1.0  # let a burst of closing connections finish first; one
 # A full garbage collection first frees the reference cycles (parsers) that hold memory of closed
 # connections; it pauses the loop ~50 ms per 100k objects (measured on the 2-core test machine),
 # so trims are at least this far apart.
-TRIM_INTERVAL_SECONDS = 10.0
+TRIM_INTERVAL_SECONDS = 5.0
 
 _libc = ctypes.CDLL(None)
 _malloc_trim = getattr(_libc, "malloc_trim", None)

@@ -20,6 +20,7 @@ import pytest
 import trustme
 
 from bench import slow_readers
+from proxy.memory import TRIM_DELAY_SECONDS, TRIM_INTERVAL_SECONDS
 from tests.hostile.backends import BackendZoo
 from tests.hostile.clients import SERVER_NAME
 from tests.hostile.proxy_process import Ports, ProxyProcess, routes_document, write_certificate
@@ -33,8 +34,9 @@ IDLE_SECONDS = 6.0  # opening 150 readers and the settle take ~4 s; then the pro
 # for a busy machine while that gap is open (README, "Slow readers").
 MAX_GROWTH_PER_READER = 256 * 1024
 MAX_RESIDUE_SHARE = 0.35  # RSS after the readers were dropped, above the pre-attack figure
-# Dropped after IDLE_SECONDS of stalled writes, then proxy.memory trims 1 s after; slack for a busy machine.
-DROP_WAIT_SECONDS = IDLE_SECONDS + 1.0 + 4.0
+# Dropped after IDLE_SECONDS of stalled writes; proxy.memory trims 1 s after the first drop and
+# again at most TRIM_INTERVAL_SECONDS later for the rest; slack for a busy machine.
+DROP_WAIT_SECONDS = IDLE_SECONDS + TRIM_DELAY_SECONDS + TRIM_INTERVAL_SECONDS + 3.0
 
 
 @pytest.fixture
