@@ -28,8 +28,8 @@ from bench.servers import (
     split_writes_backend,
 )
 
-FULL_BUDGET = Budget(seconds=10, idle_connections=2000, warm_up=True)
-QUICK_BUDGET = Budget(seconds=1, idle_connections=300, warm_up=False)
+FULL_BUDGET = Budget(seconds=10, idle_connections=2000, warm_up=True, stalled_readers=1000, memory_return_seconds=30)
+QUICK_BUDGET = Budget(seconds=1, idle_connections=300, warm_up=False, stalled_readers=200, memory_return_seconds=5)
 REQUIRED_TOOLS = ("haproxy", "nginx", "wrk", "openssl", "taskset")
 # HAProxy first: the latency row paces at half of its keep-alive maximum.
 MEASUREMENT_ORDER = ("haproxy", "nginx", "ingress-proxy")

@@ -9,13 +9,15 @@ core does, and the raw rate then understates that proxy (the flag says so).
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import idle, loadgen
-from bench.certs import CertSet
-from bench.machine import GENERATOR_CPUS, CpuWindow, thread_cpu_seconds
+from bench import idle, loadgen, slow_readers
+from bench.certs import SERVER_NAME, CertSet
+from bench.machine import GENERATOR_CPUS, CpuWindow, thread_cpu_seconds, tree_rss_bytes
 from bench.servers import (
     LARGE_PATH,
     SMALL_PATH,
@@ -71,6 +73,8 @@ class Budget:
     seconds: float
     idle_connections: int
     warm_up: bool
+    stalled_readers: int
+    memory_return_seconds: float  # slow-readers row: how long after the attack RSS is read again
 
 
 @dataclass
@@ -306,6 +310,36 @@ def measure_idle_memory(run: RowRun, proxy: RunningProxy, measurement: Measureme
             measurement.flags.append(f"{count_of_kind} {kind}")
 
 
+def measure_slow_readers(run: RowRun, proxy: RunningProxy, measurement: Measurement) -> None:
+    count = run.budget.stalled_readers
+    context = ssl.create_default_context(cafile=str(run.certs.ca))
+    result = asyncio.run(
+        slow_readers.attack(
+            proxy.port, context, SERVER_NAME, LARGE_PATH, SMALL_PATH, count,
+            lambda: tree_rss_bytes(proxy.pid), run.budget.memory_return_seconds,
+        )
+    )
+    measurement.command = (
+        f"asyncio client: {count} TLS connections each pipeline {slow_readers.PIPELINED} x GET "
+        f"{LARGE_PATH} (1 MiB) with a {slow_readers.CLIENT_RECEIVE_BUFFER}-byte receive buffer and "
+        "never read; proxy process-tree RSS rise / readers held; one honest client meanwhile"
+    )
+    measurement.values["kib_per_stalled_reader"] = result.bytes_per_reader / 1024
+    measurement.values["honest_p95_ms"] = result.honest_p95_ms
+    returned = result.rss_after - result.rss_before
+    measurement.notes.append(
+        f"RSS {result.rss_before / 2**20:.1f} → {result.rss_held / 2**20:.1f} MiB with {result.held} "
+        f"readers held; {result.rss_after / 2**20:.1f} MiB ({returned / 2**20:+.1f}) "
+        f"{run.budget.memory_return_seconds:.0f} s after they left; "
+        f"{len(result.honest_latencies)} honest requests"
+    )
+    for kind, count_of_kind in (("failed connections", result.failed),
+                                ("honest requests failed", len(result.honest_failures))):
+        if count_of_kind:
+            measurement.errors[kind] = count_of_kind
+            measurement.flags.append(f"{count_of_kind} {kind}")
+
+
 _RSA = ProxySettings(key_type="rsa", resumption=True, workers=1)
 _RSA_NO_RESUMPTION = ProxySettings(key_type="rsa", resumption=False, workers=1)
 _REQUESTS = Metric("requests_per_second", "req/s", "req/s", per_cpu=True)
@@ -383,6 +417,17 @@ ROWS: tuple[Row, ...] = (
         (Metric("kib_per_idle_connection", "KiB/conn", "KiB", higher_is_better=False),),
         "asyncio client holds N handshaken, idle connections; proxy process-tree RSS delta / N",
         measure_idle_memory,
+    ),
+    Row(
+        "slow-readers", "Memory per stalled reader (3 x 1 MiB pipelined, never read)", _RSA,
+        (
+            Metric("kib_per_stalled_reader", "KiB/reader", "KiB", higher_is_better=False),
+            Metric("honest_p95_ms", "honest p95 ms", "ms", higher_is_better=False),
+        ),
+        f"asyncio client holds N TLS connections that each pipeline {slow_readers.PIPELINED} "
+        "requests for 1 MiB and read nothing (4 KiB receive buffer); proxy process-tree RSS rise / N; "
+        "an honest client sends small requests on new connections meanwhile",
+        measure_slow_readers,
     ),
     Row(
         "handshake-async-engine", "Full handshakes RSA-2048, async fixture engine",

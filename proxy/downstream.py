@@ -30,7 +30,7 @@ import logging
 import socket
 import struct
 
-from proxy import metrics
+from proxy import memory, metrics
 from proxy.decisions import http1_connection_continues, plan_http1_response
 from proxy.exchange import HttpDate, exchange, hsts_header
 from proxy.flow import ConnectionGone, Failure, FlowControlled
@@ -84,6 +84,7 @@ class ClientConnection(FlowControlled):
         self.http2: Http2Session | None = None  # set when ALPN chose h2
         self.upstream: UpstreamConnection | None = None  # in use by the current request
         self._rechunk = False  # the response being sent goes out chunked
+        self._held_large_buffers = False  # writing paused once: its buffers reached the high-water mark
 
     # -- protocol side ------------------------------------------------------------------------
 
@@ -148,11 +149,8 @@ class ClientConnection(FlowControlled):
             self._handler.cancel()  # nobody to answer: stop waiting for the backend too
         if self.http2 is not None:
             self.http2.connection_lost()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        if self.http2 is not None:
-            self.http2.writable_again()
+        if self._held_large_buffers:
+            memory.release_freed_memory_soon(self.loop)
 
     # -- TLS handshake ------------------------------------------------------------------------
 
@@ -243,6 +241,24 @@ class ClientConnection(FlowControlled):
 
     # -- writing ------------------------------------------------------------------------------
 
+    def backlog(self) -> int:
+        """Response bytes not yet with the kernel: pending pieces plus the transport's buffer."""
+        if self.closed or self.transport is None:
+            return 0
+        return self._out_size + self.transport.get_write_buffer_size()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._held_large_buffers = True
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.backlog_shrank()
+        if self.upstream is not None:
+            self.upstream.backlog_shrank()
+        if self.http2 is not None:
+            self.http2.writable_again()
+
     def _send(self, data: bytes) -> None:
         self._out.append(data)
         self._out_size += len(data)
@@ -261,9 +277,12 @@ class ClientConnection(FlowControlled):
         self.transport.write(data)
 
     async def _flush_and_drain(self) -> None:
-        """Flush, then wait while the client does not read. One that stalls our writes for `idle`
-        seconds is dropped (nginx's send_timeout): else it would hold a backend connection forever."""
         self._flush()
+        await self._drain_client()
+
+    async def _drain_client(self) -> None:
+        """Wait while the client does not read. One that stalls our writes for `idle` seconds is
+        dropped (nginx's send_timeout): else it would hold a backend connection forever."""
         if not self._writing_paused or self.closed:
             await self.drain()
             return
@@ -315,6 +334,8 @@ class ClientConnection(FlowControlled):
                 self._awaiting_head = True
                 if not self.events:
                     self._flush()
+                    if self._writing_paused:  # the last response must reach a reader, not a staller
+                        await self._drain_client()
                 head = self.ready_event() or await self.next_event(state.generation.configuration.timeouts.idle)
                 self._awaiting_head = False
                 if self._head_timer is not None:
@@ -334,8 +355,11 @@ class ClientConnection(FlowControlled):
             LOG.exception("connection handler failed")
         finally:
             if self.upstream is not None:
-                self.upstream.close()
+                self.upstream.abandon()
             self._close()
+            # The task keeps its CancelledError, whose traceback holds our frames: without this
+            # cycle breaker every buffer of a dropped client waits for a full garbage collection.
+            self._handler = None
 
     # -- ClientSide (proxy.exchange) ----------------------------------------------------------
 
@@ -374,6 +398,13 @@ class ClientConnection(FlowControlled):
     async def body_sent(self) -> None:
         if self._out_size >= _FLUSH_AT:
             await self._flush_and_drain()
+
+    @property
+    def write_blocked(self) -> bool:
+        return self._writing_paused
+
+    async def writable(self) -> None:
+        await self._drain_client()
 
     def end_response(self) -> None:
         if self._rechunk:

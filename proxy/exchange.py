@@ -88,6 +88,16 @@ class ClientSide(Protocol):
     def flush(self) -> None:
         """We are about to wait for the backend: send what is queued."""
 
+    def backlog(self) -> int:
+        """Response bytes the client has not taken yet: the backend is not read while it is high."""
+
+    @property
+    def write_blocked(self) -> bool:
+        """The client's transport is full: wait with `writable()` before reading the backend on."""
+
+    async def writable(self) -> None:
+        """Wait until the client takes bytes again (bounded by `idle`; ConnectionGone after)."""
+
     def answer_locally(self, head: RequestHead, status: int, extra: bytes) -> bool:
         """A response the proxy makes (`extra`: header lines); True if the connection may go on."""
 
@@ -187,7 +197,7 @@ async def _proxy(
                     raise BackendFailed(FailureKind.CONNECT_TIMEOUT) from None
                 except OSError:
                     raise BackendFailed(FailureKind.CONNECT_FAILED) from None
-            upstream.begin_request(head.method)
+            upstream.begin_request(head.method, client.backlog)
             upstream.write(request)
             if has_body:  # never on a retry: only body-less requests are retried
                 await _forward_request_body(client, head, upstream, timeouts)
@@ -287,9 +297,12 @@ async def _relay_response(
         while True:
             if not upstream.events:
                 client.flush()
+                if client.write_blocked:  # the backend waits for the client (proxy.flow)
+                    await client.writable()
             event = upstream.ready_event() or await upstream.next_event(timeouts.backend_response)
             if type(event) is Body:
                 client.send_body(event.data)
+                del event  # the shell has the piece: don't keep it alive while the client drains
                 await client.body_sent()
             elif type(event) is EndOfMessage:
                 client.end_response()

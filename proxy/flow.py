@@ -1,10 +1,43 @@
 """The part both connection shells share: parsed events queued for one consumer, with flow control.
 
+Theory of operation
+-------------------
 A protocol's `data_received` parses bytes into `events`; one coroutine (the connection's
-handler) takes them with `next_event()`. Reading pauses when more than `READ_HIGH_WATER` bytes
-arrived that the consumer has not caught up with, and resumes once it has emptied the queue, so a
-fast sender never makes memory grow. Writing uses asyncio's own water marks: `drain()` waits
-while the transport is paused.
+handler) takes them with `next_event()`. Memory per connection stays bounded because every
+buffer a byte can wait in is counted, and reading stops while the count is high:
+
+    backend socket ─► upstream events ─► handler ─► `_out` ─► TLS ─► client transport buffer
+    client socket  ─► TLS ─► request events (pipelined requests) ─► handler ─► backend socket
+
+- Reads land in one loop-wide buffer (`asyncio.BufferedProtocol`), of which a protocol offers
+  only the room left under READ_HIGH_WATER (at least MIN_READ_SIZE, at most READ_SIZE), so a read
+  never brings more than the budget allows however much the kernel holds (uvloop's own reads
+  are 256 KiB). A client that keeps up gets full-size reads; one that lags, small ones.
+- After a read that queued events, a protocol pauses reading when its unconsumed bytes plus its
+  `backlog()` exceed READ_HIGH_WATER, or when more than MAX_QUEUED_EVENTS events wait. (Never
+  with an empty queue: bytes a parser holds for a partial head need more bytes, not a consumer.) `backlog()` is what its
+  events already became further on: for the client connection, and for the backend connection it
+  has borrowed, that is the client's pending response pieces plus its transport's write buffer.
+  So a client that stops reading stops us reading its backend, and its own pipelined requests.
+- Reading resumes when the queue is empty and the backlog is at most READ_LOW_WATER. That is
+  checked when the consumer empties the queue, when it is about to wait for an event, and when
+  the client's transport resumes writing (`backlog_shrank()`).
+
+No stall: a paused protocol whose queue is empty waits only on the backlog. The consumer flushes
+its pending pieces before it waits, so the backlog is then the transport's write buffer alone; it
+exceeds READ_LOW_WATER only above WRITE_HIGH_WATER, where the transport has paused writing and
+will call `resume_writing` once it is down to WRITE_LOW_WATER, which re-checks. Hence
+READ_LOW_WATER >= WRITE_HIGH_WATER (asserted below).
+
+Writing uses the transport's water marks (set to WRITE_HIGH_WATER / WRITE_LOW_WATER): `drain()`
+waits while the transport is paused. The kernel's socket buffers do the real buffering; ours only
+need to cover the time until the next `resume_writing`.
+
+Sizes (per connection; compare HAProxy's `tune.bufsize` 16 KiB per direction and nginx's
+`proxy_buffer_size` 4-8 KiB with `proxy_buffering off`): a read may cross the high-water mark
+by MIN_READ_SIZE, so at most READ_HIGH_WATER + MIN_READ_SIZE bytes are queued or on their way out
+per connection, plus the TLS layer's one record (proxy.tls). Measured with `make bench`'s
+slow-readers row and tests/hostile/test_slow_readers.py.
 """
 
 from __future__ import annotations
@@ -13,7 +46,16 @@ import asyncio
 from collections import deque
 from typing import Any
 
-READ_HIGH_WATER = 256 * 1024  # a little over one uvloop read; bounds memory per direction
+READ_SIZE = 64 * 1024  # the largest read: 16 handler wake-ups per MiB of body (uvloop: 256 KiB)
+MIN_READ_SIZE = 4 * 1024  # the smallest read offered while the connection is near its budget
+READ_HIGH_WATER = 64 * 1024  # queued + on the way out; HAProxy holds 2 x 16 KiB per stream
+READ_LOW_WATER = 32 * 1024  # resume reading once no more than this waits on the way out
+MAX_QUEUED_EVENTS = 64  # 32 tiny pipelined requests: their event objects outweigh their bytes
+WRITE_HIGH_WATER = 32 * 1024  # transport write buffer: pause the writer above this...
+WRITE_LOW_WATER = 8 * 1024  # ...and let it go on below this (the kernel buffer has the rest)
+assert READ_LOW_WATER >= WRITE_HIGH_WATER, "a paused reader must be woken by resume_writing"
+
+_read_buffer = memoryview(bytearray(READ_SIZE))  # one event-loop thread: filled and parsed in turn
 
 
 class ConnectionGone(Exception):
@@ -29,7 +71,7 @@ class Failure:
         self.error = error
 
 
-class FlowControlled(asyncio.Protocol):
+class FlowControlled(asyncio.BufferedProtocol):
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -46,6 +88,17 @@ class FlowControlled(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports don't subclass asyncio's
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        room = READ_HIGH_WATER - self._unconsumed_bytes - self.backlog()
+        return _read_buffer if room >= READ_SIZE else _read_buffer[: max(room, MIN_READ_SIZE)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_read_buffer[:nbytes]))
+
+    def data_received(self, data: bytes) -> None:
+        raise NotImplementedError
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -67,14 +120,33 @@ class FlowControlled(asyncio.Protocol):
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
+    def backlog(self) -> int:
+        """Bytes taken from this queue that still wait further on (see the module comment)."""
+        return 0
+
     def queued(self, byte_count: int) -> None:
         """Call after parsing `byte_count` bytes into events."""
         self._unconsumed_bytes += byte_count
-        if self.events:
-            self._wake()
-            if self._unconsumed_bytes > READ_HIGH_WATER and not self._reading_paused and self.transport:
-                self._reading_paused = True
-                self.transport.pause_reading()
+        if not self.events:
+            return  # bytes held in the parser (a partial head, bounded by http1): only more can end it
+        self._wake()
+        if not self._reading_paused and self.transport is not None and (
+            self._unconsumed_bytes + self.backlog() > READ_HIGH_WATER or len(self.events) > MAX_QUEUED_EVENTS
+        ):
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def backlog_shrank(self) -> None:
+        """Resume reading if paused, the queue is empty and the backlog is low again."""
+        if (
+            self._reading_paused
+            and not self.events
+            and not self.closed
+            and self.transport is not None
+            and self.backlog() <= READ_LOW_WATER
+        ):
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -99,6 +171,8 @@ class FlowControlled(asyncio.Protocol):
         while not self.events:
             if self.closed or self.read_eof:
                 raise ConnectionGone()
+            if self._reading_paused:
+                self.backlog_shrank()  # the consumer flushed before waiting: maybe read again
             waiter = self._waiter = self.loop.create_future()
             timer = self.loop.call_later(timeout, self._expire, waiter)
             try:
@@ -112,9 +186,8 @@ class FlowControlled(asyncio.Protocol):
         event = self.events.popleft()
         if not self.events:
             self._unconsumed_bytes = 0
-            if self._reading_paused and self.transport is not None and not self.closed:
-                self._reading_paused = False
-                self.transport.resume_reading()
+            if self._reading_paused:
+                self.backlog_shrank()
         if type(event) is Failure:
             raise event.error
         return event

@@ -127,6 +127,8 @@ class Http2Session:
             elif kind is WindowOpened:
                 for stream in self.streams.values():
                     stream.wake_writer()
+                    if stream.upstream is not None:
+                        stream.upstream.backlog_shrank()
             elif kind is StreamRefused:
                 self._refuse(event)  # type: ignore[arg-type]
             elif kind is ConnectionEnded:
@@ -165,6 +167,8 @@ class Http2Session:
         self.write()
         for stream in self.streams.values():
             stream.wake_writer()
+            if stream.upstream is not None:
+                stream.upstream.backlog_shrank()
 
     def stream_finished(self, stream: Http2Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
@@ -290,6 +294,29 @@ class Http2Stream:
     def flush(self) -> None:
         self.session.write()
 
+    def backlog(self) -> int:
+        return self.session.core.pending(self.stream_id)
+
+    @property
+    def write_blocked(self) -> bool:
+        return self.session.core.pending(self.stream_id) > PENDING_HIGH_WATER
+
+    async def writable(self) -> None:
+        """Wait for window updates (or a resumed transport) to move this stream's queue below the
+        watermark; a stream stalled for `idle` seconds is reset (a reader that never reads)."""
+        session = self.session
+        idle = session.state.generation.configuration.timeouts.idle
+        while self.write_blocked:
+            if self.closed:
+                raise ConnectionGone()
+            try:
+                await self._wait(idle)
+            except TimeoutError:
+                session.core.reset(self.stream_id, ErrorCodes.CANCEL)
+                self.closed = True
+                raise ConnectionGone() from None
+            session.write()
+
     def answer_locally(self, head: RequestHead, status: int, extra: bytes) -> bool:
         body = b"%d %s\n" % (status, REASONS.get(status, b"Error"))
         core = self.session.core
@@ -312,19 +339,9 @@ class Http2Stream:
         self.session.core.send_data(self.stream_id, data)
 
     async def body_sent(self) -> None:
-        session = self.session
-        session.write()
-        idle = session.state.generation.configuration.timeouts.idle
-        while session.core.pending(self.stream_id) > PENDING_HIGH_WATER:
-            if self.closed:
-                raise ConnectionGone()
-            try:
-                await self._wait(idle)
-            except TimeoutError:
-                session.core.reset(self.stream_id, ErrorCodes.CANCEL)  # a stalled reader
-                self.closed = True
-                raise ConnectionGone() from None
-            session.write()
+        self.session.write()
+        if self.write_blocked:
+            await self.writable()
 
     def end_response(self) -> None:
         if not self._head_sent_with_end:

@@ -1,11 +1,11 @@
 """Connections to backend endpoints and the keep-alive pools that reuse them.
 
 An `UpstreamConnection` carries one request at a time (no upstream pipelining): the handler calls
-`begin_request(method)`, writes the request, marks it `request_sent()` once its last byte (head,
-or the body's end) is written, then reads response events. It waits in its endpoint's
-`EndpointPool` (most recently used first, so surplus connections age out) until the next request
-or until the pool's idle sweep closes it. A backend that closes an idle connection simply removes
-it from the pool.
+`begin_request(method, client_backlog)`, writes the request, marks it `request_sent()` once its
+last byte (head, or the body's end) is written, then reads response events; reading pauses while
+the client is behind (`proxy.flow`). It waits in its endpoint's `EndpointPool` (most recently
+used first, so surplus connections age out) until the next request or until the pool's idle
+sweep closes it. A backend that closes an idle connection simply removes it from the pool.
 
 The pool invariant, enforced in one place (`reusable`, checked by `EndpointPool.give_back`, the
 only way into a pool): a connection goes back only when
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 from config.model import Address
 from proxy.flow import ConnectionGone, Failure, FlowControlled
@@ -30,6 +31,10 @@ from proxy.http1 import PeerError, ResponseParser
 
 MAX_IDLE_PER_ENDPOINT = 512  # HTTP/2 multiplexes: 10 clients x 32 streams need 320 at once (at 64, one request in five paid a connect)
 IDLE_SECONDS = 30.0  # below common backend keep-alive timeouts (nginx 75 s, aiohttp 75 s, Go 90 s)
+
+
+def _no_backlog() -> int:
+    return 0
 
 
 class UpstreamConnection(FlowControlled):
@@ -41,14 +46,21 @@ class UpstreamConnection(FlowControlled):
         self.response_started = False  # any byte of the current response arrived
         self.request_complete = False  # the last byte of the current request was written
         self._socket: socket.socket | None = None
+        self._client_backlog: Callable[[], int] = _no_backlog  # set per request (proxy.flow)
 
-    def begin_request(self, method: bytes) -> None:
+    def begin_request(self, method: bytes, client_backlog: Callable[[], int]) -> None:
+        """`client_backlog`: what the client has not yet taken of earlier response bytes; reading
+        pauses while it is high, so a client that stops reading stops us reading its backend."""
         self.parser = ResponseParser(method, self.events)
         self.response_started = False
         self.request_complete = False
+        self._client_backlog = client_backlog
 
     def request_sent(self) -> None:
         self.request_complete = True
+
+    def backlog(self) -> int:
+        return self._client_backlog()
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -82,6 +94,7 @@ class UpstreamConnection(FlowControlled):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._client_backlog = _no_backlog
         if self.pool is not None:
             self.pool.discard(self)
         elif self.parser is not None and not self.response_started:
@@ -113,6 +126,14 @@ class UpstreamConnection(FlowControlled):
             self.transport.close()
         self.closed = True
 
+    def abandon(self) -> None:
+        """Close and forget the exchange: nobody will read its events now. The parser holds the
+        queue in a reference cycle (and a Failure queued at connection_lost would add one through
+        its traceback), which would keep those bytes until a full garbage collection."""
+        self.close()
+        self.parser = None
+        self.events.clear()
+
 
 class EndpointPool:
     """Idle keep-alive connections to one endpoint, most recently used last.
@@ -140,6 +161,7 @@ class EndpointPool:
             return
         connection.pool = self
         connection.parser = None
+        connection._client_backlog = _no_backlog  # idle: no client, and no reference cycle to one
         self._idle.append((connection, connection.loop.time()))
         if self._sweep is None:
             self._sweep = connection.loop.call_later(IDLE_SECONDS, self._expire_idle)

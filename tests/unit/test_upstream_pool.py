@@ -28,7 +28,7 @@ async def _exchange(response: bytes, *, sent: bool = True, read_all: bool = True
     upstream = await connect(address, 5.0)
     backend, _ = await loop.sock_accept(listener)
     listener.close()
-    upstream.begin_request(b"GET")
+    upstream.begin_request(b"GET", lambda: 0)
     upstream.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     if sent:
         upstream.request_sent()
