@@ -12,7 +12,9 @@ coalescing, flow control and timers of its connection. The decisions (failure ki
 HTTP/1.1 response plan) are pure functions in `proxy.decisions`.
 
 Requests always go to backends as HTTP/1.1 (`http1.upstream_request_head` re-derives the head
-from the parsed values: the framing is ours). A failure before any response byte was read is
+from the parsed values: the framing is ours), over TCP or, for a backend whose protocol uses TLS,
+over TLS set up by its prebuilt transport (`proxy.upstream_tls`; a TLS failure is a 502 with its
+own metric label, never a plaintext retry). A failure before any response byte was read is
 retried per `decisions.retry_after`; once a response head went to the client, a backend failure
 can only cut the client's response (`ClientSide.abort_response`).
 
@@ -37,6 +39,7 @@ from proxy.http1 import LAST_CHUNK, Body, EndOfMessage, PeerError, RequestHead, 
 from proxy.http1 import upstream_request_head
 from proxy.serving import Generation, Listener, ServingState
 from proxy.upstream import UpstreamConnection, connect
+from proxy.upstream_tls import UpstreamTlsFailure, UpstreamTransport
 
 LOG = logging.getLogger("ingress_proxy")
 ACCESS_LOG = logging.getLogger("ingress_proxy.access")
@@ -171,20 +174,16 @@ async def _proxy(
     listener = client.listener
     request = upstream_request_head(head, client.client_ip, listener.name.encode(), listener.address)
     balancer = state.balancer
+    transport = balancer.transport(backend)
     failure = FailureKind.NO_ENDPOINT
     attempts = list(candidates)
     while attempts:
         address = attempts.pop(0)
-        upstream = client.upstream = balancer.pool(address).take()
+        upstream = client.upstream = balancer.pool(address, transport).take()
         reused = upstream is not None
         try:
             if upstream is None:
-                try:
-                    upstream = client.upstream = await connect(address, timeouts.connect)
-                except TimeoutError:
-                    raise BackendFailed(FailureKind.CONNECT_TIMEOUT) from None
-                except OSError:
-                    raise BackendFailed(FailureKind.CONNECT_FAILED) from None
+                upstream = client.upstream = await _connect(backend, address, transport, timeouts)
             upstream.begin_request(head.method)
             upstream.write(request)
             if has_body:  # never on a retry: only body-less requests are retried
@@ -203,6 +202,9 @@ async def _proxy(
             failure = FailureKind.BAD_RESPONSE
         except TimeoutError:
             failure = FailureKind.RESPONSE_TIMEOUT
+        except UpstreamTlsFailure as tls_failure:
+            failure = tls_failure.kind
+            LOG.info("backend %s %s: %s", backend, address, tls_failure)
         else:
             return response.status, await _relay_response(client, state, head, upstream, response, backend, timeouts, hsts)
         if upstream is not None:
@@ -215,6 +217,16 @@ async def _proxy(
         elif retry is Retry.STOP:
             break
     return failure.status, client.answer_locally(head, failure.status, hsts)
+
+
+async def _connect(backend: str, address: Address, transport: UpstreamTransport | None, timeouts: Timeouts) -> UpstreamConnection:
+    """A new connection to `address`, over TLS when the backend's protocol uses it."""
+    try:
+        return await connect(address, timeouts.connect, transport, timeouts.backend_handshake)
+    except TimeoutError:
+        raise BackendFailed(FailureKind.CONNECT_TIMEOUT) from None
+    except OSError:
+        raise BackendFailed(FailureKind.CONNECT_FAILED) from None
 
 
 async def _forward_request_body(
@@ -292,7 +304,7 @@ async def _relay_response(
             elif type(event) is EndOfMessage:
                 client.end_response()
                 break
-    except (PeerError, ConnectionGone, TimeoutError) as error:
+    except (PeerError, ConnectionGone, TimeoutError, UpstreamTlsFailure) as error:
         upstream.close()
         client.upstream = None
         if client.closed:
