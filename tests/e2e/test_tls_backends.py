@@ -9,6 +9,7 @@ read the facts from the far end, not from the proxy's own account.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +34,7 @@ from config.model import (
     UpstreamTls,
     VirtualHost,
 )
+from config.routes_file import load_routes_file
 from tests.conftest import LOOPBACK
 
 BACKEND_NAME = "backend.test"
@@ -241,3 +243,23 @@ async def test_a_client_key_that_does_not_load_is_a_problem_and_a_502_never_plai
     status, _ = await _get(proxy.http_port)
     assert status == 502
     assert _upstream_errors("broken-client", "tls not configured") == before + 1
+
+
+async def test_a_routes_file_backend_over_tls_end_to_end(tmp_path, start_proxy, start_tls_backend) -> None:
+    backend_ca, client_ca = trustme.CA(), trustme.CA()
+    address = await start_tls_backend(backend_ca, client_ca=client_ca)
+    issued = client_ca.issue_cert("proxy.client.test")
+    backend_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+    issued.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+    (tmp_path / "routes.yaml").write_text(
+        "listen: {https: 127.0.0.1:0}\n"
+        "routes: [{paths: [{path: /, backend: secure}]}]\n"
+        f"backends: {{secure: {{endpoints: ['{address}'], protocol: https, "
+        f"tls: {{ca: ca.pem, server_name: {BACKEND_NAME}, cert: client.pem, key: client.key}}}}}}\n"
+    )
+    configuration = load_routes_file(tmp_path / "routes.yaml").configuration
+    proxy = await start_proxy(dataclasses.replace(configuration, timeouts=Timeouts(drain=2.0)))
+    status, body = await _get(proxy.http_port)
+    assert status == 200, body
+    assert json.loads(body)["client_certificate"] is not None
