@@ -253,7 +253,7 @@ async def test_a_routes_file_backend_over_tls_end_to_end(tmp_path, start_proxy, 
     issued.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
     issued.private_key_pem.write_to_path(str(tmp_path / "client.key"))
     (tmp_path / "routes.yaml").write_text(
-        "listen: {https: 127.0.0.1:0}\n"
+        "listen: {https: 127.0.0.1:8443}\n"  # start_proxy binds its own ephemeral ports
         "routes: [{paths: [{path: /, backend: secure}]}]\n"
         f"backends: {{secure: {{endpoints: ['{address}'], protocol: https, "
         f"tls: {{ca: ca.pem, server_name: {BACKEND_NAME}, cert: client.pem, key: client.key}}}}}}\n"
