@@ -40,10 +40,17 @@ class BackendProtocol(enum.Enum):
 
     HTTP = "http"  # HTTP/1.1 over TCP
     HTTPS = "https"  # HTTP/1.1 over TLS
+    H2C = "h2c"  # HTTP/2 over TCP (prior knowledge): gRPC
+    H2 = "h2"  # HTTP/2 over TLS (ALPN h2): gRPC over TLS
 
     @property
     def uses_tls(self) -> bool:
-        return self is BackendProtocol.HTTPS
+        return self in (BackendProtocol.HTTPS, BackendProtocol.H2)
+
+    @property
+    def multiplexed(self) -> bool:
+        """HTTP/2: many requests share one pooled connection, as streams."""
+        return self in (BackendProtocol.H2C, BackendProtocol.H2)
 
 
 @dataclass(frozen=True)

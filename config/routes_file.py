@@ -32,7 +32,8 @@ Decisions a user can observe (documented in examples/routes.yaml too):
   tried on a throwaway OpenSSL context (`config.tls_policy`, shared with the ConfigMap), so an
   unknown name is a located problem, never silently dropped. Omitted keys keep the defaults
   (Mozilla intermediate, `config.model.TlsPolicy`).
-- Backends over TLS (issue 12): `protocol: https` plus an optional `tls:` mapping — `ca` (PEM
+- Backends over TLS and HTTP/2 (issue 12): `protocol: http | https | h2c | h2` (h2c and h2 are
+  HTTP/2, for gRPC; https and h2 are over TLS) plus, for the TLS ones, an optional `tls:` mapping — `ca` (PEM
   bundle; giving one turns `verify` on), `verify`, `server_name` (SNI and the name verified;
   default: the endpoint's host), `sni: false`, and `cert` + `key` (+ `pin_env`/`pin_file`, engine
   keys too) for a client certificate. `tls:` on a plain-HTTP backend, `verify: false` beside a
@@ -320,7 +321,7 @@ class _Checker:
             protocol = _BACKEND_PROTOCOLS[text.lower()]
         if "tls" in fields and not protocol.uses_tls:
             self.report(
-                fields["tls"], f"{where}.tls: the backend speaks {protocol.value}, not TLS (set protocol: https, or remove tls)"
+                fields["tls"], f"{where}.tls: the backend speaks {protocol.value}, not TLS (set protocol: https or h2, or remove tls)"
             )
             return None
         if not protocol.uses_tls:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from config.model import Address, Backend
+from config.model import Address, Backend, BackendProtocol
 from proxy.upstream import EndpointPool, PoolKey, UpstreamConnection
+from proxy.upstream_http2 import Http2Pool
 from proxy.upstream_tls import UpstreamTransport
 
 
@@ -22,12 +23,25 @@ class Balancer:
         self._transports: Mapping[str, UpstreamTransport] = {}
         self._cursor: dict[str, int] = {}
         self._pools: dict[PoolKey, EndpointPool] = {}
+        self._protocols: dict[str, BackendProtocol] = {}
+        self._http2_pools: dict[PoolKey, Http2Pool] = {}  # HTTP/2 backends: connections carry many streams
 
     def set_backends(self, backends: tuple[Backend, ...], transports: Mapping[str, UpstreamTransport] | None = None) -> None:
         """`transports`: backend name → TLS set-up, for the backends whose protocol uses TLS."""
         self._endpoints = {backend.name: backend.endpoints for backend in backends}
+        self._protocols = {backend.name: backend.protocol for backend in backends}
         self._transports = transports or {}
         self._close_unused_pools()
+
+    def protocol(self, backend: str) -> BackendProtocol:
+        return self._protocols.get(backend, BackendProtocol.HTTP)
+
+    def http2_pool(self, address: Address, transport: UpstreamTransport | None) -> Http2Pool:
+        key = (address, transport)
+        pool = self._http2_pools.get(key)
+        if pool is None:
+            pool = self._http2_pools[key] = Http2Pool(address, transport)
+        return pool
 
     def update_endpoints(self, backend: str, endpoints: tuple[Address, ...]) -> None:
         self._endpoints = {**self._endpoints, backend: endpoints}
@@ -67,3 +81,5 @@ class Balancer:
         }
         for key in [key for key in self._pools if key not in in_use]:
             self._pools.pop(key).close_all()
+        for key in [key for key in self._http2_pools if key not in in_use]:
+            self._http2_pools.pop(key).close_all()

@@ -119,6 +119,7 @@ class Http2Session:
             elif kind is StreamEnd:
                 stream = self.streams.get(event.stream_id)  # type: ignore[union-attr]
                 if stream is not None:
+                    stream.request_trailers = event.trailers  # type: ignore[union-attr]  # relayed to HTTP/2 backends
                     stream.deliver(END_OF_MESSAGE)
             elif kind is StreamReset:
                 stream = self.streams.pop(event.stream_id, None)  # type: ignore[union-attr]
@@ -215,6 +216,7 @@ class Http2Stream:
         self.listener = connection.listener
         self.client_ip = connection.client_ip
         self.upstream: UpstreamConnection | None = None
+        self.request_trailers: Headers = ()
         self.closed = False
         self.task: asyncio.Task[None] | None = None
         self._body: deque[Body | EndOfMessage] = deque()
@@ -329,6 +331,10 @@ class Http2Stream:
     def end_response(self) -> None:
         if not self._head_sent_with_end:
             self.session.core.send_data(self.stream_id, b"", end_stream=True)
+
+    def send_trailers(self, trailers: Headers) -> None:
+        self.session.core.send_trailers(self.stream_id, trailers)
+        self._head_sent_with_end = True
 
     def abort_response(self) -> None:
         self.session.core.reset(self.stream_id, ErrorCodes.INTERNAL_ERROR)

@@ -45,7 +45,7 @@ import ipaddress
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi, lib
 
-from config.model import Address, Backend, Problem, UpstreamTls
+from config.model import Address, Backend, BackendProtocol, Problem, UpstreamTls
 from config.tls_material import PEM_CERTIFICATE_BLOCK
 from proxy import libssl
 from proxy.contexts import KeyInstaller
@@ -267,9 +267,16 @@ class UpstreamTransport:
             self._sessions[address] = session
 
 
-def new_client_context(settings: UpstreamTls, install_key: KeyInstaller) -> SSL.Context:
+def alpn_for(protocol: BackendProtocol) -> bytes:
+    """What a backend context offers in ALPN: HTTP/2 backends must agree to h2 (checked after the
+    handshake), HTTP/1.1 ones are told so, which lets a backend serving both pick the right one."""
+    return b"h2" if protocol.multiplexed else b"http/1.1"
+
+
+def new_client_context(settings: UpstreamTls, install_key: KeyInstaller, alpn: bytes = b"http/1.1") -> SSL.Context:
     """A client context for `settings`; raises ValueError / SSL.Error / CryptoSetupError on bad input."""
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_alpn_protos([alpn])
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_cipher_list(_CLIENT_CIPHERS)
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
@@ -310,29 +317,30 @@ class UpstreamContextCache:
     their sessions."""
 
     def __init__(self) -> None:
-        self._built: dict[UpstreamTls, UpstreamTransport] = {}
+        self._built: dict[tuple[UpstreamTls, bytes], UpstreamTransport] = {}  # by (settings, ALPN)
         self._built_with: KeyInstaller | None = None
 
     def build(self, backends: tuple[Backend, ...], install_key: KeyInstaller) -> tuple[dict[str, UpstreamTransport], tuple[Problem, ...]]:
         """Backend name → transport for every TLS backend, and a Problem for each that failed."""
         if install_key != self._built_with:
             self._built, self._built_with = {}, install_key
-        used: dict[UpstreamTls, UpstreamTransport] = {}
+        used: dict[tuple[UpstreamTls, bytes], UpstreamTransport] = {}
         transports: dict[str, UpstreamTransport] = {}
         problems: list[Problem] = []
         for backend in backends:
             settings = backend.tls
-            if settings is None:
+            if settings is None or not backend.protocol.uses_tls:
                 continue
-            transport = used.get(settings) or self._built.get(settings)
+            key = (settings, alpn_for(backend.protocol))
+            transport = used.get(key) or self._built.get(key)
             if transport is None:
                 try:
-                    transport = UpstreamTransport(settings, new_client_context(settings, install_key), None)
+                    transport = UpstreamTransport(settings, new_client_context(settings, install_key, key[1]), None)
                 except Exception as error:  # any failure: this backend answers 502, others go on
                     transport = UpstreamTransport(settings, None, str(error) or type(error).__name__)
             if transport.problem is not None:
                 problems.append(Problem(f"backend {backend.name}", f"TLS to the backend not set up: {transport.problem}"))
-            used[settings] = transport
+            used[key] = transport
             transports[backend.name] = transport
         self._built = used
         return transports, tuple(problems)

@@ -44,6 +44,11 @@ VALID: dict[str, tuple[str, Callable[[pathlib.Path], tuple[Backend, ...]]]] = {
         f"backends: {{b: {{{ENDPOINTS}, protocol: https, tls: {{ca: certs/site.pem, server_name: 10.0.0.1}}}}}}",
         lambda d: secure(UpstreamTls(file_bytes(d, "site.pem"), verify=True, server_name="10.0.0.1")),
     ),
+    "h2c-for-grpc": (f"backends: {{b: {{{ENDPOINTS}, protocol: h2c}}}}", lambda d: (Backend("b", (Address("127.0.0.1", 9443),), BackendProtocol.H2C),)),
+    "h2-over-tls-verified": (
+        f"backends: {{b: {{{ENDPOINTS}, protocol: h2, tls: {{ca: certs/site.pem}}}}}}",
+        lambda d: (Backend("b", (Address("127.0.0.1", 9443),), BackendProtocol.H2, UpstreamTls(file_bytes(d, "site.pem"), verify=True)),),
+    ),
     "client-certificate": (
         f"backends: {{b: {{{ENDPOINTS}, protocol: https, tls: {{cert: certs/rsa.pem, key: certs/rsa.key}}}}}}",
         lambda d: secure(UpstreamTls(client_certificate=ClientCertificate(file_bytes(d, "rsa.pem"), PemKey(file_bytes(d, "rsa.key")), "x"))),
@@ -78,8 +83,9 @@ def test_a_client_key_in_an_engine(routes_dir: pathlib.Path) -> None:
 
 
 PROBLEMS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "unknown-protocol": (f"backends: {{b: {{{ENDPOINTS}, protocol: »grpc}}}}", ("unknown protocol 'grpc' (use http, https)",)),
+    "unknown-protocol": (f"backends: {{b: {{{ENDPOINTS}, protocol: »grpc}}}}", ("unknown protocol 'grpc' (use http, https, h2c, h2)",)),
     "tls-on-a-plain-backend": (f"backends: {{b: {{{ENDPOINTS}, tls: »{{verify: true}}}}}}", ("speaks http, not TLS (set protocol: https",)),
+    "tls-on-an-h2c-backend": (f"backends: {{b: {{{ENDPOINTS}, protocol: h2c, tls: »{{verify: true}}}}}}", ("speaks h2c, not TLS (set protocol: https"),
     "unknown-tls-key": (f"backends: {{b: {{{ENDPOINTS}, protocol: https, tls: {{»cafile: x}}}}}}", ("unknown key 'cafile'",)),
     "missing-ca-file": (f"backends: {{b: {{{ENDPOINTS}, protocol: https, tls: {{ca: »certs/nope.pem}}}}}}", ("cannot read",)),
     "ca-file-without-certificates": (

@@ -1,0 +1,265 @@
+"""gRPC through the proxy, end to end: a real `grpcio` client → proxy (TLS, ALPN h2) → a real
+`grpcio` server over h2c (and over h2 with TLS). Generic handlers with bytes in and out: no protoc.
+
+grpcio runs in its own threads (its sync API, called through `asyncio.to_thread`), so its event
+handling never shares the test's uvloop; the proxy runs in-process as everywhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import aiohttp
+import grpc
+import pytest
+import trustme
+
+from config.model import Address, Backend, BackendProtocol, Configuration, PathRule, PathType, RouteTable, Timeouts, UpstreamTls, VirtualHost
+from tests.conftest import LOOPBACK, certificate_for
+
+SERVICE = "test.Echo"
+LARGE = 3 * 1024 * 1024  # below grpcio's 4 MiB default message limit, far above every window
+
+
+@dataclass
+class Recorder:
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _handlers(recorder: Recorder) -> grpc.GenericRpcHandler:
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        recorder.metadata.update(dict(context.invocation_metadata()))
+        context.set_trailing_metadata((("echo-trailer", "yes"),))
+        return b"echo:" + request
+
+    def server_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        for index in range(int(request)):
+            yield b"%d" % index
+
+    def endless(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        context.add_callback(recorder.cancelled.set)  # runs when the RPC ends, a cancel included
+        while context.is_active():
+            yield b"tick"
+            time.sleep(0.01)
+
+    def client_stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        return b"|".join(requests)
+
+    def bidi(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for request in requests:
+            yield request.upper()
+
+    def large(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return bytes(reversed(request))
+
+    def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        raise AssertionError("abort raises")
+
+    def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.add_callback(recorder.cancelled.set)
+        for _ in range(3000):
+            if not context.is_active():
+                break
+            time.sleep(0.01)
+        return b"late"
+
+    methods = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+        "Endless": grpc.unary_stream_rpc_method_handler(endless),
+        "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+        "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        "Large": grpc.unary_unary_rpc_method_handler(large),
+        "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+@dataclass
+class GrpcBackend:
+    address: Address
+    recorder: Recorder
+
+
+def _start_server(credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, GrpcBackend]:
+    recorder = Recorder()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((_handlers(recorder),))
+    target = f"{LOOPBACK}:0"
+    port = server.add_secure_port(target, credentials) if credentials is not None else server.add_insecure_port(target)
+    server.start()
+    return server, GrpcBackend(Address(LOOPBACK, port), recorder)
+
+
+@pytest.fixture
+def grpc_backend() -> Iterator[GrpcBackend]:
+    server, backend = _start_server()
+    yield backend
+    server.stop(grace=None)
+
+
+def _configuration(ca: trustme.CA, address: Address, protocol: BackendProtocol = BackendProtocol.H2C, tls: UpstreamTls | None = None) -> Configuration:
+    backend = Backend("grpc", (address,), protocol, tls)
+    routes = RouteTable((VirtualHost("grpc.test", (PathRule("/", PathType.PREFIX, "grpc"),)),), (backend,))
+    return Configuration(routes=routes, certificates=(certificate_for(ca, "grpc.test"),), timeouts=Timeouts(drain=2.0))
+
+
+@pytest.fixture
+async def channel(ca: trustme.CA, start_proxy, grpc_backend: GrpcBackend) -> AsyncIterator[grpc.Channel]:
+    proxy = await start_proxy(_configuration(ca, grpc_backend.address))
+    yield _channel(ca, proxy.https_port)
+
+
+def _channel(ca: trustme.CA, port: int) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+    options = [("grpc.ssl_target_name_override", "grpc.test"), ("grpc.default_authority", "grpc.test")]
+    return grpc.secure_channel(f"{LOOPBACK}:{port}", credentials, options=options)
+
+
+async def test_unary_with_metadata_and_trailers(channel: grpc.Channel, grpc_backend: GrpcBackend) -> None:
+    call = channel.unary_unary(f"/{SERVICE}/Unary")
+    response, state = await asyncio.to_thread(call.with_call, b"hi", metadata=(("x-request", "1"),), timeout=20)
+    assert response == b"echo:hi"
+    assert state.code() is grpc.StatusCode.OK
+    assert ("echo-trailer", "yes") in state.trailing_metadata()  # trailers back to the client
+    assert grpc_backend.recorder.metadata["x-request"] == "1"
+    assert grpc_backend.recorder.metadata["x-forwarded-proto"] == "https"
+
+
+async def test_server_streaming(channel: grpc.Channel) -> None:
+    call = channel.unary_stream(f"/{SERVICE}/ServerStream")
+    assert await asyncio.to_thread(lambda: list(call(b"5", timeout=20))) == [b"0", b"1", b"2", b"3", b"4"]
+
+
+async def test_client_streaming(channel: grpc.Channel) -> None:
+    call = channel.stream_unary(f"/{SERVICE}/ClientStream")
+    assert await asyncio.to_thread(call, iter([b"a", b"b", b"c"]), timeout=20) == b"a|b|c"
+
+
+async def test_bidi_streaming_both_ways_at_once(channel: grpc.Channel) -> None:
+    call = channel.stream_stream(f"/{SERVICE}/Bidi")
+
+    def converse() -> list[bytes]:
+        # Each reply is read before the next request exists: only a proxy pumping both ways passes.
+        outbox: list[bytes] = []
+        ready = threading.Event()
+        replies: list[bytes] = []
+
+        def requests() -> Iterator[bytes]:
+            for word in (b"one", b"two", b"three"):
+                ready.clear()
+                outbox.append(word)
+                yield word
+                assert ready.wait(20), "the reply to the previous message never came"
+
+        for reply in call(requests(), timeout=30):
+            replies.append(reply)
+            ready.set()
+        return replies
+
+    assert await asyncio.to_thread(converse) == [b"ONE", b"TWO", b"THREE"]
+
+
+async def test_large_messages_both_ways(channel: grpc.Channel) -> None:
+    payload = bytes(range(256)) * (LARGE // 256)
+    call = channel.unary_unary(f"/{SERVICE}/Large")
+    assert await asyncio.to_thread(call, payload, timeout=60) == payload[::-1]
+
+
+async def test_error_status_and_message_are_preserved(channel: grpc.Channel) -> None:
+    call = channel.unary_unary(f"/{SERVICE}/Fail")
+    with pytest.raises(grpc.RpcError) as raised:
+        await asyncio.to_thread(call, b"x", timeout=20)
+    assert raised.value.code() is grpc.StatusCode.NOT_FOUND
+    assert raised.value.details() == "no such thing"
+
+
+async def test_deadline_exceeded_and_the_backend_is_cancelled(channel: grpc.Channel, grpc_backend: GrpcBackend) -> None:
+    call = channel.unary_unary(f"/{SERVICE}/Slow")
+    with pytest.raises(grpc.RpcError) as raised:
+        await asyncio.to_thread(call, b"x", timeout=0.5)
+    assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert await asyncio.to_thread(grpc_backend.recorder.cancelled.wait, 20)  # RST_STREAM reached the backend
+
+
+async def test_client_cancel_reaches_the_backend(channel: grpc.Channel, grpc_backend: GrpcBackend) -> None:
+    call = channel.unary_stream(f"/{SERVICE}/Endless")
+
+    def read_two_then_cancel() -> list[bytes]:
+        responses = call(b"", timeout=30)
+        got = [next(responses), next(responses)]
+        responses.cancel()
+        return got
+
+    assert await asyncio.to_thread(read_two_then_cancel) == [b"tick", b"tick"]
+    assert await asyncio.to_thread(grpc_backend.recorder.cancelled.wait, 20)
+
+
+async def test_many_concurrent_calls_share_the_pooled_connection(ca: trustme.CA, start_proxy, grpc_backend: GrpcBackend) -> None:
+    proxy = await start_proxy(_configuration(ca, grpc_backend.address))
+    call = _channel(ca, proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
+    with futures.ThreadPoolExecutor(8) as pool:
+        results = await asyncio.to_thread(lambda: list(pool.map(lambda n: call(b"%d" % n, timeout=30), range(40))))
+    assert results == [b"echo:%d" % n for n in range(40)]
+    pools = list(proxy.server.balancer._http2_pools.values())
+    assert len(pools) == 1 and len(pools[0].connections) == 1  # 8 at a time fit the backend's stream limit
+
+
+async def test_no_endpoint_is_a_grpc_shaped_unavailable(ca: trustme.CA, start_proxy) -> None:
+    backend = Backend("grpc", (), BackendProtocol.H2C)
+    routes = RouteTable((VirtualHost("grpc.test", (PathRule("/", PathType.PREFIX, "grpc"),)),), (backend,))
+    proxy = await start_proxy(Configuration(routes=routes, certificates=(certificate_for(ca, "grpc.test"),), timeouts=Timeouts(drain=2.0)))
+    call = _channel(ca, proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
+    with pytest.raises(grpc.RpcError) as raised:
+        await asyncio.to_thread(call, b"x", timeout=20)
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "503" in raised.value.details()
+
+
+async def test_a_refused_backend_connection_is_a_grpc_shaped_unavailable(ca: trustme.CA, start_proxy) -> None:
+    import socket
+
+    with socket.socket() as unused:
+        unused.bind((LOOPBACK, 0))
+        address = Address(LOOPBACK, unused.getsockname()[1])  # nothing listens once closed
+    proxy = await start_proxy(_configuration(ca, address))
+    call = _channel(ca, proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
+    with pytest.raises(grpc.RpcError) as raised:
+        await asyncio.to_thread(call, b"x", timeout=20)
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_grpc_over_http1_gets_a_clear_error(ca: trustme.CA, start_proxy, grpc_backend: GrpcBackend) -> None:
+    proxy = await start_proxy(_configuration(ca, grpc_backend.address))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"http://{LOOPBACK}:{proxy.http_port}/{SERVICE}/Unary",
+            headers={"Host": "grpc.test", "Content-Type": "application/grpc"},
+            data=b"\x00\x00\x00\x00\x02hi",
+        ) as response:
+            assert response.status == 426
+            assert response.headers["Grpc-Status"] == "14"
+            assert "HTTP/2" in response.headers["Grpc-Message"]
+    assert grpc_backend.recorder.metadata == {}  # nothing half-forwarded
+
+
+async def test_h2_backend_over_tls_verified(ca: trustme.CA, start_proxy) -> None:
+    backend_ca = trustme.CA()
+    issued = backend_ca.issue_cert("grpc.backend.test")
+    credentials = grpc.ssl_server_credentials([(issued.private_key_pem.bytes(), issued.cert_chain_pems[0].bytes())])
+    server, backend = _start_server(credentials)
+    try:
+        tls = UpstreamTls(ca_pem=backend_ca.cert_pem.bytes(), verify=True, server_name="grpc.backend.test")
+        proxy = await start_proxy(_configuration(ca, backend.address, BackendProtocol.H2, tls))
+        call = _channel(ca, proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
+        assert await asyncio.to_thread(call, b"tls", timeout=20) == b"echo:tls"
+    finally:
+        server.stop(grace=None)
