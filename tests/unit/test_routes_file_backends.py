@@ -85,7 +85,7 @@ def test_a_client_key_in_an_engine(routes_dir: pathlib.Path) -> None:
 PROBLEMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "unknown-protocol": (f"backends: {{b: {{{ENDPOINTS}, protocol: »grpc}}}}", ("unknown protocol 'grpc' (use http, https, h2c, h2)",)),
     "tls-on-a-plain-backend": (f"backends: {{b: {{{ENDPOINTS}, tls: »{{verify: true}}}}}}", ("speaks http, not TLS (set protocol: https",)),
-    "tls-on-an-h2c-backend": (f"backends: {{b: {{{ENDPOINTS}, protocol: h2c, tls: »{{verify: true}}}}}}", ("speaks h2c, not TLS (set protocol: https"),
+    "tls-on-an-h2c-backend": (f"backends: {{b: {{{ENDPOINTS}, protocol: h2c, tls: »{{verify: true}}}}}}", ("speaks h2c, not TLS (set protocol: https or h2",)),
     "unknown-tls-key": (f"backends: {{b: {{{ENDPOINTS}, protocol: https, tls: {{»cafile: x}}}}}}", ("unknown key 'cafile'",)),
     "missing-ca-file": (f"backends: {{b: {{{ENDPOINTS}, protocol: https, tls: {{ca: »certs/nope.pem}}}}}}", ("cannot read",)),
     "ca-file-without-certificates": (
