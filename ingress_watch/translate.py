@@ -60,10 +60,12 @@ The rules (shared/NOTES.md §4), in the order they are applied:
   where "auto" means the default) and are checked by `config.tls_policy` like the routes file's;
   a key with a bad value is a problem and keeps the default for that key.
 - Backend protocol (issue 12), per Ingress by annotation, else per Service port by
-  `appProtocol` (`https`), else HTTP: ingress-nginx's `backend-protocol: HTTPS` with
+  `appProtocol` (`https`, `kubernetes.io/h2c`), else HTTP: ingress-nginx's `backend-protocol:
+  HTTPS | GRPC | GRPCS | H2C` (GRPC and H2C are HTTP/2 over TCP, GRPCS over TLS) with
   `proxy-ssl-secret` (a Secret of the Ingress's own namespace, Opaque or kubernetes.io/tls,
   holding `ca.crt` and optionally a client `tls.crt`/`tls.key`), `proxy-ssl-verify`,
-  `proxy-ssl-name`, `proxy-ssl-server-name`; haproxy-ingress's `backend-protocol: h1-ssl`,
+  `proxy-ssl-name`, `proxy-ssl-server-name`; haproxy-ingress's `backend-protocol: h1 | h1-ssl |
+  h2 | h2-ssl`,
   `secure-backends: "true"` and `secure-verify-ca-secret` (with either annotation prefix). A CA
   turns verification on unless `proxy-ssl-verify: "off"`; the name verified (and sent as SNI
   unless `proxy-ssl-server-name: "off"`) is `proxy-ssl-name`, else `<service>.<namespace>.svc`,
@@ -490,8 +492,9 @@ class _RouteCollector:
         backend = _with_transport(plain, reference, self._transport, self._index)
         if not backend.protocol.uses_tls and self._transport.tls_settings_given:
             self._problems.append(Problem(f"Ingress {ingress}", (
-                f"proxy-ssl / secure-verify annotations have no effect on {backend.name}: its protocol is HTTP; "
-                "set nginx.ingress.kubernetes.io/backend-protocol: HTTPS (or appProtocol: https) or remove them"
+                f"proxy-ssl / secure-verify annotations have no effect on {backend.name}: its protocol "
+                f"{backend.protocol.value} does not use TLS; set nginx.ingress.kubernetes.io/backend-protocol: "
+                "HTTPS or GRPCS (or appProtocol: https) or remove them"
             )))
         known = self._backends.get(backend.name)
         if known is not None and (known.protocol, known.tls) != (backend.protocol, backend.tls):
@@ -570,9 +573,20 @@ def _ssl_redirect_annotation(ingress: dict, location: str, problems: list[Proble
 
 NGINX_PREFIX = "nginx.ingress.kubernetes.io/"
 HAPROXY_PREFIXES = ("haproxy-ingress.github.io/", "ingress.kubernetes.io/")  # current, legacy
-_NGINX_PROTOCOLS = {"HTTP": BackendProtocol.HTTP, "HTTPS": BackendProtocol.HTTPS}
-_HAPROXY_PROTOCOLS = {"h1": BackendProtocol.HTTP, "h1-ssl": BackendProtocol.HTTPS}
-_APP_PROTOCOLS = {"http": BackendProtocol.HTTP, "https": BackendProtocol.HTTPS}
+_NGINX_PROTOCOLS = {
+    "HTTP": BackendProtocol.HTTP,
+    "HTTPS": BackendProtocol.HTTPS,
+    "GRPC": BackendProtocol.H2C,
+    "GRPCS": BackendProtocol.H2,
+    "H2C": BackendProtocol.H2C,
+}
+_HAPROXY_PROTOCOLS = {
+    "h1": BackendProtocol.HTTP,
+    "h1-ssl": BackendProtocol.HTTPS,
+    "h2": BackendProtocol.H2C,
+    "h2-ssl": BackendProtocol.H2,
+}
+_APP_PROTOCOLS = {"http": BackendProtocol.HTTP, "https": BackendProtocol.HTTPS, "kubernetes.io/h2c": BackendProtocol.H2C}
 _ON_OFF = {"on": True, "off": False, "true": True, "false": False}
 
 
@@ -611,13 +625,13 @@ def _transport_annotations(ingress: dict, location: str, problems: list[Problem]
         if value.upper() in _NGINX_PROTOCOLS:
             found["protocol"] = _NGINX_PROTOCOLS[value.upper()]
         else:
-            note(annotation, f"{value!r} is not supported (use HTTP or HTTPS; GRPC, GRPCS and H2C are not served yet)")
+            note(annotation, f"{value!r} is not supported (use {', '.join(_NGINX_PROTOCOLS)})")
     elif (given := read("backend-protocol", HAPROXY_PREFIXES)) is not None:
         annotation, value = given
         if value.lower() in _HAPROXY_PROTOCOLS:
             found["protocol"] = _HAPROXY_PROTOCOLS[value.lower()]
         else:
-            note(annotation, f"{value!r} is not supported (use h1 or h1-ssl; h2 and h2-ssl are not served yet)")
+            note(annotation, f"{value!r} is not supported (use {', '.join(_HAPROXY_PROTOCOLS)})")
     elif (given := read("secure-backends", HAPROXY_PREFIXES)) is not None:
         annotation, value = given
         try:
@@ -669,7 +683,7 @@ def _with_transport(
         app_protocol = index.app_protocol(reference)
         protocol = _APP_PROTOCOLS.get((app_protocol or "http").lower(), BackendProtocol.HTTP)
     if not protocol.uses_tls:
-        return backend
+        return backend if protocol is BackendProtocol.HTTP else dataclasses.replace(backend, protocol=protocol)
     if transport.ca_secret_refused is not None:
         raise _Rejected(transport.ca_secret_refused)
     ca_pem = None

@@ -120,3 +120,38 @@ async def test_service_app_protocol_https_without_annotations(
     answer = await http_get(controller.http_port, "web.example")
     assert answer.status == 200, controller.log()
     assert answer.body["tls"] is True
+
+
+async def test_grpc_backend_by_annotation(cluster: Cluster, start_controller: StartController, ca: trustme.CA) -> None:
+    import asyncio
+    from concurrent import futures
+
+    import grpc
+
+    from tests.kubernetes_e2e.objects import tls_secret
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"k8s:" + request)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", {"Unary": handler}),))
+    port = free_port("127.0.0.4")
+    server.add_insecure_port(f"127.0.0.4:{port}")
+    server.start()
+    try:
+        await cluster.networking.create_ingress_class(ingress_class())
+        await _expose(cluster, "grpc", "127.0.0.4", port)
+        await cluster.core.create_namespaced_secret("default", tls_secret("grpc-tls", ca.issue_cert("grpc.example")))
+        annotations = {"nginx.ingress.kubernetes.io/backend-protocol": "GRPC"}
+        await cluster.networking.create_namespaced_ingress(
+            "default", ingress("grpc", "grpc.example", "grpc", 443, annotations=annotations, tls_secret="grpc-tls")
+        )
+        controller = await start_controller(cluster)
+        channel = grpc.secure_channel(
+            f"127.0.0.1:{controller.https_port}",
+            grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes()),
+            options=[("grpc.ssl_target_name_override", "grpc.example"), ("grpc.default_authority", "grpc.example")],
+        )
+        call = channel.unary_unary("/test.Echo/Unary")
+        assert await asyncio.to_thread(call, b"hi", timeout=20) == b"k8s:hi", controller.log()
+        channel.close()
+    finally:
+        server.stop(grace=None)
