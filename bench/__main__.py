@@ -146,8 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[tuple[Row, list[Measurement]]] = []
     try:
         certificate_set = certs.generate(workdir)
-        with backend(workdir) as backend_port:
-            runner = Runner(RunContext(workdir, certificate_set, backend_port), budget)
+        with backend(workdir, certificate_set) as backend_ports:
+            runner = Runner(RunContext(workdir, certificate_set, backend_ports), budget)
             for row in rows:
                 print(f"{row.name}: {row.title}", file=sys.stderr, flush=True)
                 results.append((row, runner.run_row(row)))

@@ -57,6 +57,7 @@ class ProxySettings:
     resumption: bool  # False: server-side session cache and tickets off where the proxy allows it
     workers: int  # threads (HAProxy), worker processes (nginx), --workers (ingress-proxy)
     async_engine: bool = False  # private-key operations through the async fixture engine
+    upstream: str = "http"  # how the proxy reaches the backend: http, https (verified TLS) or grpc (h2c)
 
     @property
     def cpus(self) -> str:
@@ -64,10 +65,23 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class BackendPorts:
+    """The one backend nginx, three ways: HTTP/1.1, HTTP/1.1 over TLS (SERVER_NAME, the bench CA), h2c."""
+
+    http: int
+    https: int
+    grpc: int
+
+
+@dataclass(frozen=True)
 class RunContext:
     workdir: Path
     certs: CertSet
-    backend_port: int
+    backends: BackendPorts
+
+    @property
+    def backend_port(self) -> int:
+        return self.backends.http
 
 
 @dataclass(frozen=True)
@@ -251,18 +265,49 @@ def _nginx_argv(directory: Path, server_block: str, workers: int) -> list[str]:
     return ["nginx", "-p", str(directory), "-c", str(config), "-e", str(directory / "error.log")]
 
 
+GRPC_PATH = "/bench.Echo/Unary"
+GRPC_MESSAGE = b"\x00\x00\x00\x00\x02ok"  # one length-prefixed gRPC message: uncompressed, 2 bytes
+
+
 @contextlib.contextmanager
-def backend(workdir: Path) -> Iterator[int]:
-    """nginx on the generator core: `/` answers "ok", `/1m` sends 1 MiB from tmpfs."""
-    port = free_port()
+def backend(workdir: Path, certs: CertSet) -> Iterator[BackendPorts]:
+    """nginx on the generator core: `/` answers "ok", `/1m` sends 1 MiB from tmpfs; the same over
+    TLS (certificate for SERVER_NAME from the bench CA, session cache on) and over h2c, where
+    GRPC_PATH answers one gRPC message with the trailer grpc-status: 0 (a gRPC unary reply)."""
+    ports = BackendPorts(free_port(), free_port(), free_port())
     large_file = workdir / "1m.bin"
     large_file.write_bytes(os.urandom(LARGE_BODY_SIZE))
+    grpc_file = workdir / "grpc-reply.bin"
+    grpc_file.write_bytes(GRPC_MESSAGE)
+    files = certs.by_key_type["ecdsa"]
+    locations = f"""\
+        location = {SMALL_PATH} {{ return 200 "{SMALL_BODY.decode()}"; }}
+        location = {LARGE_PATH} {{ alias {large_file}; }}"""
     server_block = f"""\
     server {{
-        listen 127.0.0.1:{port} reuseport;
-        location = {SMALL_PATH} {{ return 200 "{SMALL_BODY.decode()}"; }}
-        location = {LARGE_PATH} {{ alias {large_file}; }}
+        listen 127.0.0.1:{ports.http} reuseport;
+{locations}
+    }}
+    server {{
+        listen 127.0.0.1:{ports.https} ssl reuseport;
+        ssl_certificate {files.cert};
+        ssl_certificate_key {files.key};
+        ssl_session_cache shared:backend:10m;
+        keepalive_requests 1000000;
+{locations}
+    }}
+    server {{
+        listen 127.0.0.1:{ports.grpc} http2 reuseport;
+        http2_max_requests 1000000;
+        keepalive_requests 1000000;
+{locations}
+        location = {GRPC_PATH} {{
+            default_type application/grpc;
+            add_trailer grpc-status 0 always;
+            alias {grpc_file};
+        }}
     }}"""
+    port = ports.http
     argv = _nginx_argv(workdir / "backend", server_block, workers=1)
     with launch("backend", argv, GENERATOR_CPUS, workdir) as (process, log_path):
 
@@ -276,7 +321,7 @@ def backend(workdir: Path) -> Iterator[int]:
             return None if status == 200 else f"GET {SMALL_PATH} gave status {status}"
 
         wait_until(not_ready, process, log_path, "backend nginx")
-        yield port
+        yield ports
 
 
 def scrape_metric(admin_port: int, sample_name: str) -> float | None:
@@ -319,6 +364,37 @@ class Proxy(Protocol):
     ) -> contextlib.AbstractContextManager[RunningProxy]: ...
 
 
+def _haproxy_server(settings: ProxySettings, run: RunContext) -> str:
+    """The backend server line: the same verification and session reuse as the others."""
+    if settings.upstream == "https":
+        return f"127.0.0.1:{run.backends.https} ssl verify required ca-file {run.certs.ca} sni str({SERVER_NAME}) alpn http/1.1"
+    if settings.upstream == "grpc":
+        return f"127.0.0.1:{run.backends.grpc} proto h2"
+    return f"127.0.0.1:{run.backends.http}"
+
+
+def _nginx_upstream(settings: ProxySettings, run: RunContext) -> tuple[int, str]:
+    """(backend port, the proxy lines of `location /`)."""
+    if settings.upstream == "https":
+        return run.backends.https, f"""\
+            proxy_pass https://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {run.certs.ca};
+            proxy_ssl_name {SERVER_NAME};
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;"""
+    if settings.upstream == "grpc":
+        return run.backends.grpc, "            grpc_pass grpc://app;"
+    return run.backends.http, """\
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;"""
+
+
 class HAProxy:
     name = "haproxy"
 
@@ -350,7 +426,7 @@ frontend bench
     default_backend app
 
 backend app
-    server app 127.0.0.1:{run.backend_port}
+    server app {_haproxy_server(settings, run)}
 """
         )
         argv = ["haproxy", "-db", "-f", str(config)]
@@ -369,9 +445,10 @@ class Nginx:
         files = run.certs.by_key_type[settings.key_type]
         cache = "shared:bench:20m" if settings.resumption else "off"
         tickets = "on" if settings.resumption else "off"
+        backend_port, proxying = _nginx_upstream(settings, run)
         server_block = f"""\
     upstream app {{
-        server 127.0.0.1:{run.backend_port};
+        server 127.0.0.1:{backend_port};
         keepalive 64;
         keepalive_requests 1000000;
     }}
@@ -382,10 +459,7 @@ class Nginx:
         ssl_session_cache {cache};
         ssl_session_tickets {tickets};
         location / {{
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
+{proxying}
         }}
     }}"""
         argv = _nginx_argv(run.workdir / "nginx", server_block, settings.workers)
@@ -393,6 +467,17 @@ class Nginx:
             wait_until(lambda: small_request_problem(port, run.certs.ca), process, log_path, self.name)
             check_ready_proxy(self.name, port, settings, run.certs.ca)
             yield RunningProxy(self.name, process.pid, port, notes=())
+
+
+def _ingress_proxy_backend(settings: ProxySettings, run: RunContext) -> str:
+    if settings.upstream == "https":
+        return (
+            f'{{endpoints: ["127.0.0.1:{run.backends.https}"], protocol: https, '
+            f'tls: {{ca: "{run.certs.ca}", server_name: {SERVER_NAME}}}}}'
+        )
+    if settings.upstream == "grpc":
+        return f'{{endpoints: ["127.0.0.1:{run.backends.grpc}"], protocol: h2c}}'
+    return f'{{endpoints: ["127.0.0.1:{run.backends.http}"]}}'
 
 
 class IngressProxy:
@@ -422,7 +507,7 @@ tls:
   session_resumption: {"true" if settings.resumption else "false"}
 {engine}timeouts: {{header_read: {IDLE_TIMEOUT_SECONDS}, idle: {IDLE_TIMEOUT_SECONDS}}}
 routes: [{{paths: [{{path: /, type: Prefix, backend: app}}]}}]
-backends: {{app: {{endpoints: ["127.0.0.1:{run.backend_port}"]}}}}
+backends: {{app: {_ingress_proxy_backend(settings, run)}}}
 """
         )
         argv = [str(self.executable), "serve", "--routes", str(routes), "--no-access-log"]

@@ -305,6 +305,9 @@ async def _proxy_http2(
                 except UpstreamTlsFailure as tls_failure:
                     failure = tls_failure.kind
                     LOG.info("backend %s %s: %s", backend, address, tls_failure)
+                except h2_exceptions.H2Error as error:  # the backend connection broke under us
+                    failure = FailureKind.RESET
+                    LOG.info("backend %s %s: HTTP/2: %r", backend, address, error)
                 finally:
                     if stream is not None:
                         stream.release()

@@ -37,6 +37,7 @@ import re
 import socket
 from collections import deque
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import h2.config
@@ -164,7 +165,15 @@ def response_head(fields: list[tuple[bytes, bytes]], method: bytes) -> ResponseH
         raise PeerError(502, "backend sent no valid :status")
     code = int(status)
     has_body = method != b"HEAD" and code not in (204, 304) and code >= 200
-    return ResponseHead(code, b"", "2", tuple(headers), True, False, content_length, has_body)
+    return ResponseHead(code, _reason(code), "2", tuple(headers), True, False, content_length, has_body)
+
+
+def _reason(code: int) -> bytes:
+    """HTTP/2 has no reason phrase; an HTTP/1.1 client gets the standard one."""
+    try:
+        return HTTPStatus(code).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 # -- events of one stream ---------------------------------------------------------------------------

@@ -263,3 +263,49 @@ async def test_h2_backend_over_tls_verified(ca: trustme.CA, start_proxy) -> None
         assert await asyncio.to_thread(call, b"tls", timeout=20) == b"echo:tls"
     finally:
         server.stop(grace=None)
+
+
+class _H2cEcho(asyncio.Protocol):
+    """A minimal h2c server (the `h2` library, server side): answers each request with its method,
+    path and body, and a trailer; enough to show an HTTP/1.1 request crossing to an HTTP/2 backend."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        import h2.config
+        import h2.connection
+
+        self.transport = transport
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.h2.initiate_connection()
+        self.requests: dict[int, tuple[dict, bytearray]] = {}
+        transport.write(self.h2.data_to_send())  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        import h2.events
+
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                self.requests[event.stream_id] = (dict(event.headers), bytearray())
+            elif isinstance(event, h2.events.DataReceived):
+                self.requests[event.stream_id][1].extend(event.data)
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                headers, body = self.requests.pop(event.stream_id)
+                reply = b"%s %s %s" % (headers[b":method"], headers[b":path"], bytes(body))
+                self.h2.send_headers(event.stream_id, [(b":status", b"201"), (b"content-length", b"%d" % len(reply))])
+                self.h2.send_data(event.stream_id, reply)
+                self.h2.send_headers(event.stream_id, [(b"x-trailer", b"dropped for HTTP/1.1")], end_stream=True)
+        self.transport.write(self.h2.data_to_send())  # type: ignore[attr-defined]
+
+
+async def test_an_http1_request_reaches_an_h2c_backend(ca: trustme.CA, start_proxy) -> None:
+    server = await asyncio.get_running_loop().create_server(_H2cEcho, LOOPBACK, 0)
+    try:
+        address = Address(LOOPBACK, server.sockets[0].getsockname()[1])
+        proxy = await start_proxy(_configuration(ca, address))
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://{LOOPBACK}:{proxy.http_port}/echo?x=1", headers={"Host": "grpc.test"}, data=b"hello") as response:
+                assert (response.status, response.reason) == (201, "Created")
+                assert await response.read() == b"POST /echo?x=1 hello"
+    finally:
+        server.close()
+        await server.wait_closed()
