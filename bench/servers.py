@@ -274,7 +274,11 @@ def backend(workdir: Path, certs: CertSet) -> Iterator[BackendPorts]:
     """nginx on the generator core: `/` answers "ok", `/1m` sends 1 MiB from tmpfs; the same over
     TLS (certificate for SERVER_NAME from the bench CA, session cache on) and over h2c, where
     GRPC_PATH answers one gRPC message with the trailer grpc-status: 0 (a gRPC unary reply)."""
-    ports = BackendPorts(free_port(), free_port(), free_port())
+    chosen: list[int] = []
+    while len(chosen) < 3:  # free_port may hand out a port it just gave: keep the three distinct
+        if (port := free_port()) not in chosen:
+            chosen.append(port)
+    ports = BackendPorts(*chosen)
     large_file = workdir / "1m.bin"
     large_file.write_bytes(os.urandom(LARGE_BODY_SIZE))
     grpc_file = workdir / "grpc-reply.bin"
@@ -305,6 +309,7 @@ def backend(workdir: Path, certs: CertSet) -> Iterator[BackendPorts]:
             default_type application/grpc;
             add_trailer grpc-status 0 always;
             alias {grpc_file};
+            error_page 405 =200 $uri;  # the static module refuses POST: serve the file anyway
         }}
     }}"""
     port = ports.http
