@@ -187,6 +187,8 @@ class TlsUpstreamConnection(UpstreamConnection):
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
+        if self.tls.state is TlsState.CLOSED:
+            raise ConnectionGone()  # the backend's close_notify raced our request: a stale keep-alive
         self.tls.send(data)
         self.transport.write(self.tls.outgoing())
 

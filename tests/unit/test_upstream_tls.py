@@ -166,3 +166,21 @@ def test_contexts_are_reused_across_publishes_and_failures_reported() -> None:
     assert again["good"] is transports["good"]  # same settings: same context and sessions
     other_runtime, _ = cache.build((good,), lambda context, key: "file")
     assert other_runtime["good"] is not transports["good"]  # a new crypto runtime rebuilds
+
+
+async def test_a_request_after_the_backends_close_notify_is_a_stale_keep_alive_not_a_tls_failure() -> None:
+    from proxy.flow import ConnectionGone
+    from proxy.upstream import TlsUpstreamConnection
+
+    ca = trustme.CA()
+    settings = UpstreamTls(ca.cert_pem.bytes(), verify=True, server_name="b.test")
+    transport = UpstreamTransport(settings, new_client_context(settings, _install_pem), None)
+    connection = TlsUpstreamConnection(ENDPOINT, transport)
+    server = ServerTls(server_context(ca, "b.test"))
+    connection.tls.start()
+    pump(connection.tls, server)
+    server.close()  # the backend closes an idle keep-alive connection
+    connection.tls.receive(server.outgoing())
+    connection.transport = object()  # type: ignore[assignment]  # never written to: the request is refused first
+    with pytest.raises(ConnectionGone):  # → FailureKind.RESET: retried on a fresh connection when replayable
+        connection.write(b"GET / HTTP/1.1\r\n\r\n")
