@@ -11,10 +11,14 @@ body pieces into its own framing (HTTP/1.1 chunks or lengths, HTTP/2 frames) and
 coalescing, flow control and timers of its connection. The decisions (failure kinds, retries,
 HTTP/1.1 response plan) are pure functions in `proxy.decisions`.
 
-Requests always go to backends as HTTP/1.1 (`http1.upstream_request_head` re-derives the head
-from the parsed values: the framing is ours), over TCP or, for a backend whose protocol uses TLS,
-over TLS set up by its prebuilt transport (`proxy.upstream_tls`; a TLS failure is a 502 with its
-own metric label, never a plaintext retry). A failure before any response byte was read is
+Requests go to backends as HTTP/1.1 (`http1.upstream_request_head` re-derives the head from the
+parsed values: the framing is ours), over TCP or, for a backend whose protocol uses TLS, over TLS
+set up by its prebuilt transport (`proxy.upstream_tls`; a TLS failure is a 502 with its own metric
+label, never a plaintext retry). HTTP/2 backends (h2c, h2) get one stream per request on a pooled
+connection (`_proxy_http2`, `proxy.upstream_http2`): the request body is pumped beside the
+response, trailers pass both ways, a gRPC request's `grpc-timeout` bounds the exchange, and errors
+the proxy makes on a gRPC request are gRPC-shaped (`_answer`). A gRPC request over HTTP/1.1 is
+refused with 426: gRPC cannot live without HTTP/2's trailers. A failure before any response byte was read is
 retried per `decisions.retry_after`; once a response head went to the client, a backend failure
 can only cut the client's response (`ClientSide.abort_response`).
 

@@ -14,8 +14,10 @@ Memory per stream is bounded both ways by the same rules as HTTP/1.1: request bo
 windows the core grants (reopened by `consumed()` only for bytes the exchange forwarded), response
 bodies by `PENDING_HIGH_WATER`: above it the stream's exchange stops reading its backend until
 window updates (or a resumed transport) move the data, and a stream stalled for `idle` seconds
-is reset with CANCEL. Requests go to backends as HTTP/1.1 (`http2.as_http1_head`); responses come
-back as HTTP/2 with headers re-derived from our parse (`response_fields`).
+is reset with CANCEL. Requests go to HTTP/1.1 backends as HTTP/1.1 (`http2.as_http1_head`) and to
+HTTP/2 backends as streams (`exchange._proxy_http2`, with the request's trailers); responses come
+back as HTTP/2 with headers re-derived from our parse (`response_fields`), and with the backend's
+trailers when it sent some (`send_trailers`: gRPC's status travels there).
 
 Connection end: a protocol error or a defence in the core sends GOAWAY and closes; drain
 (SIGTERM) sends a graceful GOAWAY and closes once the streams in flight have finished; a
