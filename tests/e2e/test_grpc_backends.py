@@ -89,9 +89,10 @@ class GrpcBackend:
     recorder: Recorder
 
 
-def _start_server(credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, GrpcBackend]:
+def _start_server(credentials: grpc.ServerCredentials | None = None, max_streams: int | None = None) -> tuple[grpc.Server, GrpcBackend]:
     recorder = Recorder()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    options = [("grpc.max_concurrent_streams", max_streams)] if max_streams is not None else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
     server.add_generic_rpc_handlers((_handlers(recorder),))
     target = f"{LOOPBACK}:0"
     port = server.add_secure_port(target, credentials) if credentials is not None else server.add_insecure_port(target)
@@ -211,6 +212,26 @@ async def test_many_concurrent_calls_share_the_pooled_connection(ca: trustme.CA,
     assert results == [b"echo:%d" % n for n in range(40)]
     pools = list(proxy.server.balancer._http2_pools.values())
     assert len(pools) == 1 and len(pools[0].connections) == 1  # 8 at a time fit the backend's stream limit
+
+
+async def test_the_backends_max_concurrent_streams_is_respected(ca: trustme.CA, start_proxy) -> None:
+    server, backend = _start_server(max_streams=2)
+    try:
+        proxy = await start_proxy(_configuration(ca, backend.address))
+        endless = _channel(ca, proxy.https_port).unary_stream(f"/{SERVICE}/Endless")
+
+        def hold_six() -> int:
+            streams = [endless(b"", timeout=30) for _ in range(6)]
+            for responses in streams:
+                next(responses)  # all six are open at the backend at once
+            connections = sum(len(pool.connections) for pool in proxy.server.balancer._http2_pools.values())
+            for responses in streams:
+                responses.cancel()
+            return connections
+
+        assert await asyncio.to_thread(hold_six) == 3  # 6 streams, at most 2 per backend connection
+    finally:
+        server.stop(grace=None)
 
 
 async def test_no_endpoint_is_a_grpc_shaped_unavailable(ca: trustme.CA, start_proxy) -> None:
