@@ -34,6 +34,7 @@ class FailureKind(enum.Enum):
     TLS_HANDSHAKE_TIMEOUT = ("tls handshake timeout", 502)
     TLS_FAILED = ("tls failed", 502)  # after the handshake, e.g. TLS 1.3 "certificate required"
     TLS_NOT_CONFIGURED = ("tls not configured", 502)  # its context could not be built (a Problem says why)
+    REFUSED_STREAM = ("refused stream", 502)  # HTTP/2 backend: not processed (RFC 9113 §8.7), any method may retry
 
     def __init__(self, label: str, status: int) -> None:
         self.label = label
@@ -54,6 +55,7 @@ _NEVER_SENT = frozenset(
         FailureKind.TLS_HANDSHAKE_FAILED,
         FailureKind.TLS_HANDSHAKE_TIMEOUT,
         FailureKind.TLS_NOT_CONFIGURED,
+        FailureKind.REFUSED_STREAM,
     )
 )
 

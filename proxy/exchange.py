@@ -263,6 +263,16 @@ async def _proxy(
     return failure.status, _answer(client, head, failure.status, hsts, is_grpc(head.headers))
 
 
+class _Http2Progress:
+    """How far an HTTP/2 exchange got: what decides whether a failed attempt may be retried."""
+
+    __slots__ = ("response_started", "body_read")
+
+    def __init__(self) -> None:
+        self.response_started = False  # the response head went to the client
+        self.body_read = False  # the client's body is being consumed: the request cannot be replayed
+
+
 async def _proxy_http2(
     client: ClientSide,
     state: ServingState,
@@ -282,7 +292,7 @@ async def _proxy_http2(
     scheme = b"https" if transport is not None else b"http"
     fields = request_fields(head, scheme, client.client_ip, listener.name.encode(), listener.address)
     replayable = is_replayable(head)
-    started = [False]  # the response head went to the client
+    progress = _Http2Progress()
     failure = FailureKind.NO_ENDPOINT
     attempts = list(candidates)
     try:
@@ -297,7 +307,7 @@ async def _proxy_http2(
                         raise BackendFailed(FailureKind.CONNECT_TIMEOUT) from None
                     except (OSError, ConnectionGone):
                         raise BackendFailed(FailureKind.CONNECT_FAILED) from None
-                    return await _exchange_http2(client, head, stream, fields, hsts, timeouts, backend, started)
+                    return await _exchange_http2(client, head, stream, fields, hsts, timeouts, backend, progress)
                 except ClientFailed as failed:
                     raise failed.cause from None
                 except BackendFailed as error:
@@ -317,13 +327,15 @@ async def _proxy_http2(
                         stream.release()
                 metrics.UPSTREAM_ERRORS.labels(backend, failure.label).inc()
                 retry = retry_after(failure, False, replayable)
+                if progress.body_read:
+                    break  # part of the client's body went to the failed attempt: it cannot be sent again
                 if retry is Retry.SAME_ENDPOINT:
                     attempts.insert(0, address)
                 elif retry is Retry.STOP:
                     break
     except TimeoutError:  # the gRPC deadline passed (the backend stream was reset on the way out)
         metrics.UPSTREAM_ERRORS.labels(backend, FailureKind.RESPONSE_TIMEOUT.label).inc()
-        if started[0]:
+        if progress.response_started:
             client.send_trailers(((b"grpc-status", b"%d" % GRPC_DEADLINE_EXCEEDED), (b"grpc-message", b"deadline exceeded")))
             return 504, True
         return 504, _answer(client, head, 504, hsts, grpc)
@@ -338,10 +350,10 @@ async def _exchange_http2(
     hsts: bytes,
     timeouts: Timeouts,
     backend: str,
-    started: list[bool],
+    progress: _Http2Progress,
 ) -> tuple[int, bool]:
     stream.send_head(fields, end_stream=not head.has_body)
-    pump = asyncio.create_task(_pump_request_body(client, stream, timeouts)) if head.has_body else None
+    pump = asyncio.create_task(_pump_request_body(client, stream, timeouts, progress)) if head.has_body else None
     try:
         while True:
             if not stream.events:
@@ -350,7 +362,7 @@ async def _exchange_http2(
             if type(event) is ResponseStarted:
                 break
             if type(event) is StreamReset:
-                kind = FailureKind.RESET if event.error_code == ErrorCodes.REFUSED_STREAM else FailureKind.BAD_RESPONSE
+                kind = FailureKind.REFUSED_STREAM if event.error_code == ErrorCodes.REFUSED_STREAM else FailureKind.BAD_RESPONSE
                 raise BackendFailed(kind)
             raise PeerError(502, "backend sent data before a response head")
         response = response_head(event.fields, head.method)
@@ -359,11 +371,11 @@ async def _exchange_http2(
         if response.has_body and stream.events and type(stream.events[0]) is EndOfMessage:
             response = dataclasses.replace(response, has_body=False)  # trailers-only (gRPC errors): one HEADERS frame
         _, keep = client.start_response(head, response, hsts)
-        started[0] = True
+        progress.response_started = True
         await _relay_http2(client, stream, response, timeouts, backend)
         return response.status, keep and not client.closed
     except TimeoutError:
-        if started[0]:
+        if progress.response_started:
             raise ConnectionGone() from None  # a backend silent mid-response: cut, as HTTP/1.1 does
         raise BackendFailed(FailureKind.RESPONSE_TIMEOUT) from None
     finally:
@@ -402,11 +414,12 @@ async def _relay_http2(client: ClientSide, stream: UpstreamStream, response: Res
         client.abort_response()
 
 
-async def _pump_request_body(client: ClientSide, stream: UpstreamStream, timeouts: Timeouts) -> None:
+async def _pump_request_body(client: ClientSide, stream: UpstreamStream, timeouts: Timeouts, progress: _Http2Progress) -> None:
     """Forward the request body to the backend stream while the response flows back."""
     try:
         while True:
             event = await client.next_body_event(timeouts.idle)
+            progress.body_read = True
             if type(event) is Body:
                 await stream.send_data(event.data, timeouts.backend_response)
             else:

@@ -15,8 +15,9 @@ stays bounded by the window we advertise.
 `Http2Pool` holds the connections of one (endpoint, transport): a request takes the first
 connection with a free stream under the backend's SETTINGS_MAX_CONCURRENT_STREAMS, else opens one
 more (one opening at a time; requests arriving meanwhile wait for it rather than each opening
-its own). A connection that received GOAWAY takes no new streams; streams above its last id are
-refused (REFUSED_STREAM: never processed, safe to retry). A connection without streams for
+its own). A connection takes streams only once the backend's first SETTINGS frame arrived (before, its stream
+limit is unknown). A connection that received GOAWAY takes no new streams; streams above its last
+id are refused (REFUSED_STREAM: never processed, so retried whatever the method, RFC 9113 §8.7). A connection without streams for
 `IDLE_SECONDS` is closed.
 
 The request head is re-derived from the parse as for HTTP/1.1 (`request_fields`): pseudo-headers
@@ -355,8 +356,7 @@ class Http2Upstream(asyncio.Protocol):
         self.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, h2.settings.SettingCodes.ENABLE_PUSH: 0})
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         if self.tls is None:
-            self.ready.set_result(None)
-            self.flush()
+            self.flush()  # ready once the backend's SETTINGS arrive (see _dispatch)
             return
         try:
             self.tls.start()
@@ -390,7 +390,6 @@ class Http2Upstream(asyncio.Protocol):
                 if tls.connection.get_alpn_proto_negotiated() != b"h2":
                     self._fail_handshake(UpstreamTlsFailure(FailureKind.TLS_HANDSHAKE_FAILED, "the backend did not agree to h2 (ALPN)"))
                     return
-                self.ready.set_result(None)
                 self.flush()  # the connection preface, held until the handshake finished
             if not data:
                 return
@@ -424,6 +423,10 @@ class Http2Upstream(asyncio.Protocol):
                 if stream is not None:
                     stream.window_opened()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if not self.ready.done():
+                # Ready only now: until the backend's SETTINGS arrive its MAX_CONCURRENT_STREAMS is
+                # unknown (h2 assumes unlimited), and streams over the limit would be refused.
+                self.ready.set_result(None)
             for stream in self.streams.values():
                 stream.window_opened()  # INITIAL_WINDOW_SIZE may have grown
             self.pool.capacity_freed()  # MAX_CONCURRENT_STREAMS may have grown

@@ -41,6 +41,7 @@ def response(status: int = 200, length: int | None = 2, has_body: bool = True) -
         (FailureKind.TLS_NOT_CONFIGURED, False, False, Retry.NEXT_ENDPOINT),
         (FailureKind.TLS_FAILED, False, False, Retry.STOP),  # after the handshake: the POST may have arrived
         (FailureKind.TLS_FAILED, True, True, Retry.NEXT_ENDPOINT),
+        (FailureKind.REFUSED_STREAM, False, False, Retry.NEXT_ENDPOINT),  # HTTP/2: never processed, even a POST
     ],
 )
 def test_retry_after(kind: FailureKind, reused: bool, replayable: bool, expected: Retry) -> None:
