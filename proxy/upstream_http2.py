@@ -306,7 +306,15 @@ class Http2Upstream(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.tls: ClientTls | None = transport.client(address) if transport is not None else None
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_inbound_headers=True)
+        # Outbound checks off: `request_fields` builds lower-case names from values our parsers
+        # already validated, and h2's checks cost about a third of sending a head. Inbound stay on.
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = h2.connection.H2Connection(config)
         self.streams: dict[int, UpstreamStream] = {}
         self.ready: asyncio.Future[None] = self.loop.create_future()
@@ -318,11 +326,13 @@ class Http2Upstream(asyncio.Protocol):
 
     @property
     def has_capacity(self) -> bool:
+        """Room for one more stream. Counted in `streams` (held until the exchange releases them, so
+        never fewer than h2's open ones): h2's own `open_outbound_streams` walks every stream."""
         return (
             not self.closed
             and not self.goaway
             and self.ready.done()
-            and self.h2.open_outbound_streams < self.h2.remote_settings.max_concurrent_streams
+            and len(self.streams) < self.h2.remote_settings.max_concurrent_streams
         )
 
     def open_stream(self) -> UpstreamStream:
