@@ -25,7 +25,6 @@ from bench.servers import (
     ProxyUnavailable,
     RunContext,
     backend,
-    split_writes_backend,
 )
 
 FULL_BUDGET = Budget(seconds=10, idle_connections=2000, warm_up=True, stalled_readers=1000, memory_return_seconds=30)
@@ -147,8 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[tuple[Row, list[Measurement]]] = []
     try:
         certificate_set = certs.generate(workdir)
-        with backend(workdir) as backend_port, split_writes_backend(workdir) as split_writes_port:
-            runner = Runner(RunContext(workdir, certificate_set, backend_port, split_writes_port), budget)
+        with backend(workdir, certificate_set) as backend_ports:
+            runner = Runner(RunContext(workdir, certificate_set, backend_ports), budget)
             for row in rows:
                 print(f"{row.name}: {row.title}", file=sys.stderr, flush=True)
                 results.append((row, runner.run_row(row)))

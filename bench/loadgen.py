@@ -190,13 +190,18 @@ _H2LOAD_STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d
 _H2LOAD_TRAFFIC = re.compile(r"traffic: .*?\((\d+)\) total")
 
 
-def run_h2load(port: int, path: str, clients: int, streams: int, seconds: float) -> LoadResult:
-    """HTTP/2 closed loop: `clients` connections with up to `streams` requests in flight on each."""
+def run_h2load(
+    port: int, path: str, clients: int, streams: int, seconds: float, body: Path | None = None, headers: tuple[str, ...] = ()
+) -> LoadResult:
+    """HTTP/2 closed loop: `clients` connections with up to `streams` requests in flight on each;
+    with `body`, each request is a POST of that file (h2load -d), e.g. one gRPC message."""
     whole_seconds = max(1, round(seconds))
-    argv = [
-        "h2load", f"-c{clients}", f"-m{streams}", "-t1", f"-D{whole_seconds}", "--warm-up-time=1",
-        f"https://127.0.0.1:{port}{path}",
-    ]
+    argv = ["h2load", f"-c{clients}", f"-m{streams}", "-t1", f"-D{whole_seconds}", "--warm-up-time=1"]
+    if body is not None:
+        argv += ["-d", str(body)]
+    for header in headers:
+        argv += ["-H", header]
+    argv.append(f"https://127.0.0.1:{port}{path}")
     command = " ".join(argv[:-1]) + f" https://127.0.0.1:PORT{path}"
     completed = _run(argv, seconds + 1)
     requests = _H2LOAD_REQUESTS.search(completed.stdout)

@@ -19,6 +19,8 @@ from bench import idle, loadgen, slow_readers
 from bench.certs import SERVER_NAME, CertSet
 from bench.machine import GENERATOR_CPUS, CpuWindow, thread_cpu_seconds, tree_rss_bytes
 from bench.servers import (
+    GRPC_MESSAGE,
+    GRPC_PATH,
     LARGE_PATH,
     SMALL_PATH,
     ProxySettings,
@@ -169,6 +171,16 @@ def measure_keep_alive(run: RowRun, proxy: RunningProxy, measurement: Measuremen
 def measure_http2(run: RowRun, proxy: RunningProxy, measurement: Measurement) -> None:
     with CpuWindow(proxy.pid) as window:
         result = loadgen.run_h2load(proxy.port, SMALL_PATH, H2_CONNECTIONS, H2_STREAMS, run.budget.seconds)
+    _record(run, measurement, result, window)
+    _add_throughput(run, measurement, "requests_per_second", result.rate)
+
+
+def measure_grpc_unary(run: RowRun, proxy: RunningProxy, measurement: Measurement) -> None:
+    request = run.workdir / "grpc-request.bin"
+    request.write_bytes(GRPC_MESSAGE)
+    headers = ("content-type: application/grpc", "te: trailers")
+    with CpuWindow(proxy.pid) as window:
+        result = loadgen.run_h2load(proxy.port, GRPC_PATH, H2_CONNECTIONS, H2_STREAMS, run.budget.seconds, request, headers)
     _record(run, measurement, result, window)
     _add_throughput(run, measurement, "requests_per_second", result.rate)
 
@@ -371,6 +383,23 @@ ROWS: tuple[Row, ...] = (
         measure_http2,
     ),
     Row(
+        "keepalive-tls-backend", "Keep-alive HTTPS, backend over verified TLS",
+        ProxySettings(key_type="rsa", resumption=True, workers=1, upstream="https"), (_REQUESTS,),
+        f"as keepalive; the backend nginx over TLS (ECDSA P-256, SNI {SERVER_NAME}), verified against the "
+        "bench CA by name, pooled keep-alive connections, sessions reused (HAProxy `ssl verify required "
+        "ca-file sni`, nginx `proxy_ssl_verify on` + `proxy_ssl_session_reuse on`, ingress-proxy "
+        "`protocol: https` with `tls: {ca, server_name}`)",
+        measure_keep_alive,
+    ),
+    Row(
+        "grpc-unary", "gRPC unary over HTTP/2, h2c backend",
+        ProxySettings(key_type="rsa", resumption=True, workers=1, upstream="grpc"), (_REQUESTS,),
+        f"h2load -c{H2_CONNECTIONS} -m{H2_STREAMS} -t1 POSTing one gRPC message to {GRPC_PATH} "
+        "(content-type application/grpc, te: trailers), TLS 1.3; the backend nginx over h2c answers one "
+        "message + trailer grpc-status 0 (HAProxy `proto h2`, nginx `grpc_pass`, ingress-proxy `protocol: h2c`)",
+        measure_grpc_unary,
+    ),
+    Row(
         "large", "Keep-alive HTTPS, 1 MiB body", _RSA,
         (Metric("megabytes_per_second", "MB/s", "MB/s (10^6 bytes)", per_cpu=True),),
         f"wrk -t1 -c{LARGE_CONNECTIONS}, TLS 1.3, RSA-2048", measure_large,
@@ -403,7 +432,7 @@ ROWS: tuple[Row, ...] = (
     ),
     Row(
         "latency-split", "Latency, backend writing head and body apart (Nagle on)",
-        ProxySettings(key_type="rsa", resumption=True, workers=1, split_writes_backend=True),
+        ProxySettings(key_type="rsa", resumption=True, workers=1, upstream="split-writes"),
         (
             Metric("latency_p50_ms", "p50 ms", "ms", higher_is_better=False),
             Metric("latency_p99_ms", "p99 ms", "ms", higher_is_better=False),

@@ -66,10 +66,9 @@ class ProxySettings:
     # their worker threads on `accelerator_cpus` (None: inherit the proxy's pinning).
     offload: Offload | None = None
     accelerator_cpus: str | None = None
-    split_writes_backend: bool = False  # behind bench/split_writes_backend.py instead of nginx
-
-    def backend_port(self, run: RunContext) -> int:
-        return run.split_writes_port if self.split_writes_backend else run.backend_port
+    # How the proxy reaches the backend: http, https (verified TLS), grpc (h2c), or split-writes
+    # (bench/split_writes_backend.py: head and body in two sends with Nagle on).
+    upstream: str = "http"
 
     @property
     def cpus(self) -> str:
@@ -77,11 +76,25 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class BackendPorts:
+    """The backend nginx three ways (HTTP/1.1, HTTP/1.1 over TLS for SERVER_NAME with the bench CA,
+    h2c) and bench/split_writes_backend.py."""
+
+    http: int
+    https: int
+    grpc: int
+    split_writes: int
+
+
+@dataclass(frozen=True)
 class RunContext:
     workdir: Path
     certs: CertSet
-    backend_port: int  # nginx
-    split_writes_port: int  # bench/split_writes_backend.py
+    backends: BackendPorts
+
+    @property
+    def backend_port(self) -> int:
+        return self.backends.http
 
 
 @dataclass(frozen=True)
@@ -276,34 +289,63 @@ def _backend_problem(port: int) -> str | None:
     return None if status == 200 else f"GET {SMALL_PATH} gave status {status}"
 
 
+GRPC_PATH = "/bench.Echo/Unary"
+GRPC_MESSAGE = b"\x00\x00\x00\x00\x02ok"  # one length-prefixed gRPC message: uncompressed, 2 bytes
+
+
 @contextlib.contextmanager
-def backend(workdir: Path) -> Iterator[int]:
-    """nginx on the generator core: `/` answers "ok", `/1m` sends 1 MiB from tmpfs."""
-    port = free_port()
+def backend(workdir: Path, certs: CertSet) -> Iterator[BackendPorts]:
+    """nginx on the generator core: `/` answers "ok", `/1m` sends 1 MiB from tmpfs; the same over
+    TLS (certificate for SERVER_NAME from the bench CA, session cache on) and over h2c, where
+    GRPC_PATH answers one gRPC message with the trailer grpc-status: 0 (a gRPC unary reply); and
+    bench/split_writes_backend.py beside it."""
+    chosen: list[int] = []
+    while len(chosen) < 4:  # free_port may hand out a port it just gave: keep the four distinct
+        if (port := free_port()) not in chosen:
+            chosen.append(port)
+    ports = BackendPorts(*chosen)
     large_file = workdir / "1m.bin"
     large_file.write_bytes(os.urandom(LARGE_BODY_SIZE))
+    grpc_file = workdir / "grpc-reply.bin"
+    grpc_file.write_bytes(GRPC_MESSAGE)
+    files = certs.by_key_type["ecdsa"]
+    locations = f"""\
+        location = {SMALL_PATH} {{ return 200 "{SMALL_BODY.decode()}"; }}
+        location = {LARGE_PATH} {{ alias {large_file}; }}"""
     server_block = f"""\
     server {{
-        listen 127.0.0.1:{port} reuseport;
-        location = {SMALL_PATH} {{ return 200 "{SMALL_BODY.decode()}"; }}
-        location = {LARGE_PATH} {{ alias {large_file}; }}
+        listen 127.0.0.1:{ports.http} reuseport;
+{locations}
+    }}
+    server {{
+        listen 127.0.0.1:{ports.https} ssl reuseport;
+        ssl_certificate {files.cert};
+        ssl_certificate_key {files.key};
+        ssl_session_cache shared:backend:10m;
+        keepalive_requests 1000000;
+{locations}
+    }}
+    server {{
+        listen 127.0.0.1:{ports.grpc} http2 reuseport;
+        http2_max_requests 1000000;
+        keepalive_requests 1000000;
+{locations}
+        location = {GRPC_PATH} {{
+            default_type application/grpc;
+            add_trailer grpc-status 0 always;
+            alias {grpc_file};
+            error_page 405 =200 $uri;  # the static module refuses POST: serve the file anyway
+        }}
     }}"""
-    argv = _nginx_argv(workdir / "backend", server_block, workers=1)
-    with launch("backend", argv, GENERATOR_CPUS, workdir) as (process, log_path):
-
-        wait_until(lambda: _backend_problem(port), process, log_path, "backend nginx")
-        yield port
-
-
-@contextlib.contextmanager
-def split_writes_backend(workdir: Path) -> Iterator[int]:
-    """bench/split_writes_backend.py on the generator core."""
-    port = free_port()
-    argv = [sys.executable, "-m", "bench.split_writes_backend", str(port)]
-    with launch("split-writes-backend", argv, GENERATOR_CPUS, workdir) as (process, log_path):
-
-        wait_until(lambda: _backend_problem(port), process, log_path, "split-writes backend")
-        yield port
+    nginx_argv = _nginx_argv(workdir / "backend", server_block, workers=1)
+    split_argv = [sys.executable, "-m", "bench.split_writes_backend", str(ports.split_writes)]
+    with (
+        launch("backend", nginx_argv, GENERATOR_CPUS, workdir) as (nginx, nginx_log),
+        launch("split-writes-backend", split_argv, GENERATOR_CPUS, workdir) as (split, split_log),
+    ):
+        wait_until(lambda: _backend_problem(ports.http), nginx, nginx_log, "backend nginx")
+        wait_until(lambda: _backend_problem(ports.split_writes), split, split_log, "split-writes backend")
+        yield ports
 
 
 def scrape_metric(admin_port: int, sample_name: str) -> float | None:
@@ -349,6 +391,52 @@ class Proxy(Protocol):
     ) -> contextlib.AbstractContextManager[RunningProxy]: ...
 
 
+def _haproxy_server(settings: ProxySettings, run: RunContext) -> str:
+    """The backend server line: the same verification and session reuse as the others."""
+    if settings.upstream == "https":
+        return f"127.0.0.1:{run.backends.https} ssl verify required ca-file {run.certs.ca} sni str({SERVER_NAME}) alpn http/1.1"
+    if settings.upstream == "grpc":
+        return f"127.0.0.1:{run.backends.grpc} proto h2"
+    return f"127.0.0.1:{_plain_backend_port(settings, run)}"
+
+
+def _plain_backend_port(settings: ProxySettings, run: RunContext) -> int:
+    return run.backends.split_writes if settings.upstream == "split-writes" else run.backends.http
+
+
+def _nginx_upstream(settings: ProxySettings, run: RunContext) -> tuple[int, str]:
+    """(backend port, the proxy lines of `location /`)."""
+    if settings.upstream == "https":
+        return run.backends.https, f"""\
+            proxy_pass https://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {run.certs.ca};
+            proxy_ssl_name {SERVER_NAME};
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;"""
+    if settings.upstream == "grpc":
+        return run.backends.grpc, "            grpc_pass grpc://app;"
+    return _plain_backend_port(settings, run), """\
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;"""
+
+
+def _ingress_proxy_backend(settings: ProxySettings, run: RunContext) -> str:
+    if settings.upstream == "https":
+        return (
+            f'{{endpoints: ["127.0.0.1:{run.backends.https}"], protocol: https, '
+            f'tls: {{ca: "{run.certs.ca}", server_name: {SERVER_NAME}}}}}'
+        )
+    if settings.upstream == "grpc":
+        return f'{{endpoints: ["127.0.0.1:{run.backends.grpc}"], protocol: h2c}}'
+    return f'{{endpoints: ["127.0.0.1:{_plain_backend_port(settings, run)}"]}}'
+
+
 class HAProxy:
     name = "haproxy"
 
@@ -380,7 +468,7 @@ frontend bench
     default_backend app
 
 backend app
-    server app 127.0.0.1:{settings.backend_port(run)}
+    server app {_haproxy_server(settings, run)}
 """
         )
         argv = ["haproxy", "-db", "-f", str(config)]
@@ -399,9 +487,10 @@ class Nginx:
         files = run.certs.by_key_type[settings.key_type]
         cache = "shared:bench:20m" if settings.resumption else "off"
         tickets = "on" if settings.resumption else "off"
+        backend_port, proxying = _nginx_upstream(settings, run)
         server_block = f"""\
     upstream app {{
-        server 127.0.0.1:{settings.backend_port(run)};
+        server 127.0.0.1:{backend_port};
         keepalive 64;
         keepalive_requests 1000000;
     }}
@@ -412,10 +501,7 @@ class Nginx:
         ssl_session_cache {cache};
         ssl_session_tickets {tickets};
         location / {{
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
+{proxying}
         }}
     }}"""
         argv = _nginx_argv(run.workdir / "nginx", server_block, settings.workers)
@@ -459,7 +545,7 @@ tls:
   session_resumption: {"true" if settings.resumption else "false"}
 {engine}timeouts: {{header_read: {IDLE_TIMEOUT_SECONDS}, idle: {IDLE_TIMEOUT_SECONDS}}}
 routes: [{{paths: [{{path: /, type: Prefix, backend: app}}]}}]
-backends: {{app: {{endpoints: ["127.0.0.1:{settings.backend_port(run)}"]}}}}
+backends: {{app: {_ingress_proxy_backend(settings, run)}}}
 """
         )
         argv = [str(self.executable), "serve", "--routes", str(routes), "--no-access-log"]

@@ -32,12 +32,65 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+# ---- backend protocols and upstream TLS (issue 12) ---------------------------------------------
+
+
+class BackendProtocol(enum.Enum):
+    """How the proxy talks to a backend's endpoints."""
+
+    HTTP = "http"  # HTTP/1.1 over TCP
+    HTTPS = "https"  # HTTP/1.1 over TLS
+    H2C = "h2c"  # HTTP/2 over TCP (prior knowledge): gRPC
+    H2 = "h2"  # HTTP/2 over TLS (ALPN h2): gRPC over TLS
+
+    @property
+    def uses_tls(self) -> bool:
+        return self in (BackendProtocol.HTTPS, BackendProtocol.H2)
+
+    @property
+    def multiplexed(self) -> bool:
+        """HTTP/2: many requests share one pooled connection, as streams."""
+        return self in (BackendProtocol.H2C, BackendProtocol.H2)
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    """The certificate (and key) the proxy presents to a backend that asks for one (mTLS upstream)."""
+
+    chain_pem: bytes = field(repr=False)
+    key: KeySource
+    origin: str  # "routes.yaml:12:7" or "Secret ns/name", for messages
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """TLS towards a backend. Never a plaintext fallback: a failed handshake is a 502.
+
+    `verify` checks the chain against `ca_pem` (the system trust store when None) and the
+    certificate's name against `server_name`, or the endpoint's host when `server_name` is None.
+    `server_name` is also sent as SNI when `send_sni` (an IP address never is).
+    """
+
+    ca_pem: bytes | None = field(default=None, repr=False)
+    verify: bool = False
+    server_name: str | None = None
+    send_sni: bool = True
+    client_certificate: ClientCertificate | None = None
+
+
 @dataclass(frozen=True)
 class Backend:
-    """A named pool of endpoints; the balancer spreads requests over `endpoints`."""
+    """A named pool of endpoints; the balancer spreads requests over `endpoints`.
+
+    `tls` is set exactly when `protocol.uses_tls` (both producers build it that way)."""
 
     name: str
     endpoints: tuple[Address, ...]
+    protocol: BackendProtocol = BackendProtocol.HTTP
+    tls: UpstreamTls | None = None
+
+
+# ---- end of backend protocols ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -185,6 +238,7 @@ class Timeouts:
     header_read: float = 10.0  # first byte to end of a request head (slowloris guard)
     idle: float = 60.0  # keep-alive connection with no request in progress
     backend_response: float = 60.0  # request sent to response head received, and between body reads
+    backend_handshake: float = 10.0  # TLS handshake with a backend, after its TCP connect
     drain: float = 30.0  # SIGTERM: time for requests in flight to finish
 
 

@@ -40,6 +40,12 @@ Decisions a user can observe (documented in examples/routes.yaml too):
   tried on a throwaway OpenSSL context (`config.tls_policy`, shared with the ConfigMap), so an
   unknown name is a located problem, never silently dropped. Omitted keys keep the defaults
   (Mozilla intermediate, `config.model.TlsPolicy`).
+- Backends over TLS and HTTP/2 (issue 12): `protocol: http | https | h2c | h2` (h2c and h2 are
+  HTTP/2, for gRPC; https and h2 are over TLS) plus, for the TLS ones, an optional `tls:` mapping — `ca` (PEM
+  bundle; giving one turns `verify` on), `verify`, `server_name` (SNI and the name verified;
+  default: the endpoint's host), `sni: false`, and `cert` + `key` (+ `pin_env`/`pin_file`, engine
+  keys too) for a client certificate. `tls:` on a plain-HTTP backend, `verify: false` beside a
+  `ca`, or a `cert` without its `key` are problems: nothing is silently dropped.
 - OCSP: a certificate entry's `ocsp:` names a DER response file; without it, `<cert>.ocsp` is used
   when it exists (HAProxy's convention). It is read with the certificate on every load and checked
   against it when contexts are built (`proxy.stapling`): a response that does not fit is not stapled.
@@ -65,7 +71,9 @@ from config.crypto import ALGORITHM_FLAGS, ENGINE_KEY_PREFIX, split_pin
 from config.model import (
     Address,
     Backend,
+    BackendProtocol,
     Certificate,
+    ClientCertificate,
     Configuration,
     CryptoSettings,
     EngineKey,
@@ -83,6 +91,7 @@ from config.model import (
     Timeouts,
     TlsPolicy,
     TlsVersion,
+    UpstreamTls,
     VirtualHost,
 )
 from config.tls_policy import (
@@ -136,7 +145,9 @@ _HSTS_KEYS = ("max_age", "include_subdomains", "preload")
 _ACCESS_LOG_KEYS = ("json",)
 _ROUTE_KEYS = ("host", "redirect_to_https", "paths")
 _PATH_KEYS = ("path", "type", "backend")
-_BACKEND_KEYS = ("endpoints",)
+_BACKEND_KEYS = ("endpoints", "protocol", "tls")
+_BACKEND_TLS_KEYS = ("ca", "verify", "server_name", "sni", "cert", "key", "pin_env", "pin_file")
+_BACKEND_PROTOCOLS = {protocol.value: protocol for protocol in BackendProtocol}
 
 _PATH_TYPES = {path_type.value: path_type for path_type in PathType}
 _URI_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:[^/\\]", re.IGNORECASE)
@@ -207,7 +218,7 @@ class _Checker:
         if fields is None:
             raise RoutesFileError(self.sorted_problems())
         listeners = self.listeners(fields["listen"]) if "listen" in fields else None
-        backends, defined_backends = self.backends(fields.get("backends"))
+        backends, defined_backends = self.backends(fields.get("backends"), _has_key(fields.get("tls"), "engine"))
         virtual_hosts = self.routes(fields["routes"], defined_backends) if "routes" in fields else ()
         default_backend = None
         if "default_backend" in fields:
@@ -277,7 +288,7 @@ class _Checker:
 
     # ---- backends and routes ------------------------------------------------------------------
 
-    def backends(self, node: yaml.Node | None) -> tuple[tuple[Backend, ...], set[str]]:
+    def backends(self, node: yaml.Node | None, engine_configured: bool) -> tuple[tuple[Backend, ...], set[str]]:
         """The backends that are fully valid, and the names of all defined (even broken) ones."""
         if node is None:
             return (), set()
@@ -305,8 +316,110 @@ class _Checker:
                     self.report(item, f"{where}.endpoints[{index}]: {endpoint} is listed twice (remove one)")
                     continue
                 endpoints.append(endpoint)
-            backends.append(Backend(name=name, endpoints=tuple(endpoints)))
+            transport = self.backend_transport(fields, where, engine_configured)
+            if transport is None:
+                continue
+            protocol, tls = transport
+            backends.append(Backend(name=name, endpoints=tuple(endpoints), protocol=protocol, tls=tls))
         return tuple(backends), set(entries)
+
+    def backend_transport(
+        self, fields: Mapping[str, yaml.Node], where: str, engine_configured: bool
+    ) -> tuple[BackendProtocol, UpstreamTls | None] | None:
+        """A backend's `protocol` and `tls` keys; None when either is wrong (reported)."""
+        protocol = BackendProtocol.HTTP
+        if "protocol" in fields:
+            text = self.text(fields["protocol"], f"{where}.protocol")
+            if text is None:
+                return None
+            if text.lower() not in _BACKEND_PROTOCOLS:
+                self.report(
+                    fields["protocol"], f"{where}.protocol: unknown protocol '{text}' (use {', '.join(_BACKEND_PROTOCOLS)})"
+                )
+                return None
+            protocol = _BACKEND_PROTOCOLS[text.lower()]
+        if "tls" in fields and not protocol.uses_tls:
+            self.report(
+                fields["tls"], f"{where}.tls: the backend speaks {protocol.value}, not TLS (set protocol: https or h2, or remove tls)"
+            )
+            return None
+        if not protocol.uses_tls:
+            return protocol, None
+        if "tls" not in fields:
+            return protocol, UpstreamTls()
+        tls = self.upstream_tls(fields["tls"], f"{where}.tls", engine_configured)
+        return (protocol, tls) if tls is not None else None
+
+    def upstream_tls(self, node: yaml.Node, where: str, engine_configured: bool) -> UpstreamTls | None:
+        fields = self.mapping(node, where, _BACKEND_TLS_KEYS)
+        if fields is None:
+            return None
+        usable = True
+        ca_pem = None
+        if "ca" in fields:
+            chain = self.certificate_chain(fields["ca"], f"{where}.ca")
+            usable = chain is not None
+            ca_pem = chain.pem if chain is not None else None
+        verify = "ca" in fields  # verification is on whenever a CA is given
+        if "verify" in fields:
+            flag = self.flag(fields["verify"], f"{where}.verify")
+            if flag is False and "ca" in fields:
+                self.report(
+                    fields["verify"],
+                    f"{where}.verify: false would ignore the ca given beside it (remove verify, or remove ca)",
+                )
+                usable = False
+            verify = flag if flag is not None else verify
+            usable = usable and flag is not None
+        server_name = None
+        if "server_name" in fields:
+            server_name = self.text(fields["server_name"], f"{where}.server_name")
+            if server_name is not None and not (is_dns_name(server_name.lower()) or _is_ip_literal(server_name)):
+                self.report(
+                    fields["server_name"],
+                    f"{where}.server_name: '{server_name}' is not a DNS name or IP address (write the name the backend's certificate carries)",
+                )
+                server_name = None
+                usable = False
+            elif server_name is not None:
+                server_name = server_name.lower()
+            usable = usable and server_name is not None
+        send_sni = True
+        if "sni" in fields:
+            flag = self.flag(fields["sni"], f"{where}.sni")
+            send_sni = flag is not False
+            usable = usable and flag is not None
+        client_certificate = None
+        if "cert" in fields or "key" in fields:
+            client_certificate = self.client_certificate(fields, where, engine_configured)
+            usable = usable and client_certificate is not None
+        elif "pin_env" in fields or "pin_file" in fields:
+            pin_field = "pin_env" if "pin_env" in fields else "pin_file"
+            self.report(fields[pin_field], f"{where}.{pin_field}: a PIN needs a client key (add cert and key, or remove {pin_field})")
+            usable = False
+        if not usable:
+            return None
+        return UpstreamTls(
+            ca_pem=ca_pem, verify=verify, server_name=server_name, send_sni=send_sni, client_certificate=client_certificate
+        )
+
+    def client_certificate(self, fields: Mapping[str, yaml.Node], where: str, engine_configured: bool) -> ClientCertificate | None:
+        for present, missing, example in (("cert", "key", "key: certs/client.key"), ("key", "cert", "cert: certs/client.pem")):
+            if present in fields and missing not in fields:
+                self.report(fields[present], f"{where}: a client {present} needs its {missing} (add {example})")
+                return None
+        chain = self.certificate_chain(fields["cert"], f"{where}.cert")
+        key, private_key = self.private_key(fields, where, engine_configured)
+        if chain is None or key is None:
+            return None
+        if private_key is not None and not key_matches_certificate(private_key, chain.leaf):
+            self.report(
+                fields["key"],
+                f"{where}.key: the key does not match the client certificate's public key "
+                "(use the key the certificate was issued for)",
+            )
+            return None
+        return ClientCertificate(chain_pem=chain.pem, key=key, origin=self.location(fields["cert"]))
 
     def backend_reference(self, node: yaml.Node, where: str, defined: set[str]) -> str | None:
         name = self.text(node, where)
@@ -1069,6 +1182,21 @@ class _Checker:
 
 
 # ---- pure helpers -----------------------------------------------------------------------------
+
+
+def _has_key(node: yaml.Node | None, key: str) -> bool:
+    """Whether a mapping node has `key` (for checks that depend on a section read later)."""
+    return isinstance(node, yaml.MappingNode) and any(
+        isinstance(key_node, yaml.ScalarNode) and key_node.value == key for key_node, _ in node.value
+    )
+
+
+def _is_ip_literal(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _tag(node: yaml.Node) -> str | None:

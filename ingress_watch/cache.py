@@ -24,6 +24,7 @@ class Kind(enum.Enum):
     SERVICE = "Service"
     ENDPOINT_SLICE = "EndpointSlice"
     SECRET = "Secret"
+    CA_SECRET = "Secret (Opaque, ca.crt)"  # CA bundles for backend TLS, trimmed (watch.ca_bundle_only)
     CONFIGMAP = "ConfigMap"
 
 
@@ -87,6 +88,6 @@ class ObjectCache:
             ingress_classes=objects(Kind.INGRESS_CLASS),
             services=objects(Kind.SERVICE),
             endpoint_slices=objects(Kind.ENDPOINT_SLICE),
-            secrets=objects(Kind.SECRET),
+            secrets=objects(Kind.SECRET) + objects(Kind.CA_SECRET),
             configmap=configmaps[0] if configmaps else None,
         )

@@ -17,5 +17,5 @@ class Snapshot:
     ingress_classes: tuple[dict, ...] = ()
     services: tuple[dict, ...] = ()
     endpoint_slices: tuple[dict, ...] = ()
-    secrets: tuple[dict, ...] = ()  # only type kubernetes.io/tls are watched
+    secrets: tuple[dict, ...] = ()  # type kubernetes.io/tls, and Opaque ones holding a ca.crt (trimmed to it)
     configmap: dict | None = None

@@ -70,6 +70,19 @@ The rules (shared/NOTES.md §4), in the order they are applied:
   `ssl-propquery`) as written, `ssl-provider-parameters` one `<provider> <parameter>=<value>` a line,
   `ssl-provider-optional` the providers whose failure to load is a warning (software fallback)
   rather than a stop.
+- Backend protocol (issue 12), per Ingress by annotation, else per Service port by
+  `appProtocol` (`https`, `kubernetes.io/h2c`), else HTTP: ingress-nginx's `backend-protocol:
+  HTTPS | GRPC | GRPCS | H2C` (GRPC and H2C are HTTP/2 over TCP, GRPCS over TLS) with
+  `proxy-ssl-secret` (a Secret of the Ingress's own namespace, Opaque or kubernetes.io/tls,
+  holding `ca.crt` and optionally a client `tls.crt`/`tls.key`), `proxy-ssl-verify`,
+  `proxy-ssl-name`, `proxy-ssl-server-name`; haproxy-ingress's `backend-protocol: h1 | h1-ssl |
+  h2 | h2-ssl`,
+  `secure-backends: "true"` and `secure-verify-ca-secret` (with either annotation prefix). A CA
+  turns verification on unless `proxy-ssl-verify: "off"`; the name verified (and sent as SNI
+  unless `proxy-ssl-server-name: "off"`) is `proxy-ssl-name`, else `<service>.<namespace>.svc`,
+  the name in-cluster certificates carry. A Secret that cannot be used makes the path a problem
+  and skips it: a backend the user declared TLS never gets plaintext or an unverified connection.
+  Two Ingresses reaching one Service port over different protocols: the older one wins.
 - Shapes: the API server validates objects, so a list where a mapping belongs cannot come from
   it; should one arrive anyway (a lax fake, a hand-made snapshot) that Ingress gets a problem
   and the translation goes on.
@@ -79,6 +92,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import ipaddress
 import re
 from collections import defaultdict
@@ -90,7 +104,9 @@ from config.crypto import ALGORITHM_FLAGS, split_pin
 from config.model import (
     Address,
     Backend,
+    BackendProtocol,
     Certificate,
+    ClientCertificate,
     Configuration,
     CryptoSettings,
     EngineSettings,
@@ -105,6 +121,7 @@ from config.model import (
     StoreKey,
     Timeouts,
     TlsPolicy,
+    UpstreamTls,
     VirtualHost,
 )
 from config.tls_policy import PolicyError, check_ciphers, check_ciphersuites, check_curves, check_protocols
@@ -115,6 +132,7 @@ from config.tls_material import (
     KeyParseError,
     KeyUriError,
     NoCertificateError,
+    is_dns_name,
     key_matches_certificate,
     key_uri_in,
     parse_certificate_chain,
@@ -214,7 +232,7 @@ def resolve_endpoints(snapshot: Snapshot, backends: tuple[Backend, ...]) -> tupl
             endpoints = index.endpoints(reference)
         except (_Rejected, *MALFORMED):
             endpoints = ()
-        resolved.append(Backend(backend.name, endpoints))
+        resolved.append(dataclasses.replace(backend, endpoints=endpoints))
     return tuple(resolved)
 
 
@@ -325,6 +343,15 @@ class _ObjectIndex:
         reference = _ServiceReference(namespace, service["name"], port_key)
         return Backend(reference.backend_name, self.endpoints(reference))
 
+    def app_protocol(self, reference: _ServiceReference) -> str | None:
+        """The Service port's `appProtocol` (after `endpoints` accepted the reference)."""
+        service = self.services.get((reference.namespace, reference.service)) or {}
+        field_name = "port" if isinstance(reference.port, int) else "name"
+        for port in (service.get("spec") or {}).get("ports") or ():
+            if port.get(field_name) == reference.port:
+                return port.get("appProtocol")
+        return None
+
     def endpoints(self, reference: _ServiceReference) -> tuple[Address, ...]:
         if reference not in self._endpoints:
             try:
@@ -401,6 +428,9 @@ class _RouteCollector:
         self._hosts: dict[str, _HostRoutes] = {}
         self._default_backend: str | None = None
         self._default_backend_owner = ""
+        self._transport = _TransportAnnotations()  # of the Ingress being added
+        self._ingress_ref = ""
+        self._backend_owner: dict[str, str] = {}  # backend name → Ingress that set its protocol
 
     def add(self, ingress: dict) -> None:
         location = f"Ingress {_ref(ingress)}"
@@ -408,6 +438,8 @@ class _RouteCollector:
         if spec.get("defaultBackend") is not None:
             self._add_default_backend(ingress, spec["defaultBackend"], location)
         redirect = _ssl_redirect_annotation(ingress, location, self._problems)
+        self._transport = _transport_annotations(ingress, location, self._problems)
+        self._ingress_ref = _ref(ingress)
         for rule_number, rule in enumerate(spec.get("rules") or ()):
             where = f"spec.rules[{rule_number}]"
             written_host = rule.get("host") or ""
@@ -462,12 +494,34 @@ class _RouteCollector:
             )))
             return
         try:
-            backend = self._index.resolve_backend(_namespace(ingress), backend_spec)
+            backend = self._backend(_namespace(ingress), _ref(ingress), backend_spec)
         except _Rejected as rejected:
             self._problems.append(Problem(location, f"spec.defaultBackend: {rejected}"))
             return
-        self._backends[backend.name] = backend
         self._default_backend, self._default_backend_owner = backend.name, _ref(ingress)
+
+    def _backend(self, namespace: str, ingress: str, backend_spec: dict) -> Backend:
+        """The resolved backend, with the protocol the Ingress (or the Service port) asks for."""
+        plain = self._index.resolve_backend(namespace, backend_spec)
+        reference = _ServiceReference.parse(plain.name)
+        assert reference is not None, "resolve_backend names backends after their Service reference"
+        backend = _with_transport(plain, reference, self._transport, self._index)
+        if not backend.protocol.uses_tls and self._transport.tls_settings_given:
+            self._problems.append(Problem(f"Ingress {ingress}", (
+                f"proxy-ssl / secure-verify annotations have no effect on {backend.name}: its protocol "
+                f"{backend.protocol.value} does not use TLS; set nginx.ingress.kubernetes.io/backend-protocol: "
+                "HTTPS or GRPCS (or appProtocol: https) or remove them"
+            )))
+        known = self._backends.get(backend.name)
+        if known is not None and (known.protocol, known.tls) != (backend.protocol, backend.tls):
+            raise _Rejected(
+                f"Service port {backend.name} is already reached over {known.protocol.value} (with its TLS settings) "
+                f"by the older Ingress {self._backend_owner[backend.name]}, which wins; make their "
+                "backend-protocol and proxy-ssl annotations agree"
+            )
+        self._backends[backend.name] = backend
+        self._backend_owner.setdefault(backend.name, ingress)
+        return backend
 
     def _path_rule(self, namespace: str, path_spec: dict) -> PathRule:
         path = path_spec.get("path") or "/"
@@ -476,8 +530,7 @@ class _RouteCollector:
         path_type = PATH_TYPES.get(path_spec.get("pathType") or "")
         if path_type is None:
             raise _Rejected(f"pathType {path_spec.get('pathType')!r} must be one of {', '.join(PATH_TYPES)}")
-        backend = self._index.resolve_backend(namespace, path_spec.get("backend") or {})
-        self._backends[backend.name] = backend
+        backend = self._backend(namespace, self._ingress_ref, path_spec.get("backend") or {})
         return PathRule(path, path_type, backend.name)
 
 
@@ -530,6 +583,162 @@ def _ssl_redirect_annotation(ingress: dict, location: str, problems: list[Proble
     except _Rejected as rejected:
         problems.append(Problem(location, f"annotation {SSL_REDIRECT_ANNOTATION}: {rejected}; annotation ignored"))
         return None
+
+
+# --- backend protocols and upstream TLS (issue 12) -----------------------------------------------
+
+NGINX_PREFIX = "nginx.ingress.kubernetes.io/"
+HAPROXY_PREFIXES = ("haproxy-ingress.github.io/", "ingress.kubernetes.io/")  # current, legacy
+_NGINX_PROTOCOLS = {
+    "HTTP": BackendProtocol.HTTP,
+    "HTTPS": BackendProtocol.HTTPS,
+    "GRPC": BackendProtocol.H2C,
+    "GRPCS": BackendProtocol.H2,
+    "H2C": BackendProtocol.H2C,
+}
+_HAPROXY_PROTOCOLS = {
+    "h1": BackendProtocol.HTTP,
+    "h1-ssl": BackendProtocol.HTTPS,
+    "h2": BackendProtocol.H2C,
+    "h2-ssl": BackendProtocol.H2,
+}
+_APP_PROTOCOLS = {"http": BackendProtocol.HTTP, "https": BackendProtocol.HTTPS, "kubernetes.io/h2c": BackendProtocol.H2C}
+_ON_OFF = {"on": True, "off": False, "true": True, "false": False}
+
+
+@dataclass(frozen=True)
+class _TransportAnnotations:
+    """What one Ingress's annotations say about how to reach its backends (None: not said)."""
+
+    protocol: BackendProtocol | None = None
+    ca_secret: str | None = None  # Secret name in the Ingress's namespace
+    ca_secret_annotation: str = ""
+    ca_secret_refused: str | None = None  # why the CA Secret named cannot be used: its paths are skipped
+    verify: bool | None = None
+    server_name: str | None = None
+    send_sni: bool | None = None
+
+    @property
+    def tls_settings_given(self) -> bool:
+        return (self.ca_secret, self.ca_secret_refused, self.verify, self.server_name, self.send_sni) != (None,) * 5
+
+
+def _transport_annotations(ingress: dict, location: str, problems: list[Problem]) -> _TransportAnnotations:
+    annotations = _metadata(ingress).get("annotations") or {}
+    found: dict[str, object] = {}
+
+    def note(annotation: str, message: str) -> None:
+        problems.append(Problem(location, f"annotation {annotation}: {message}; annotation ignored"))
+
+    def read(suffix: str, prefixes: tuple[str, ...]) -> tuple[str, str] | None:
+        for prefix in prefixes:
+            if prefix + suffix in annotations:
+                return prefix + suffix, str(annotations[prefix + suffix])
+        return None
+
+    if (given := read("backend-protocol", (NGINX_PREFIX,))) is not None:
+        annotation, value = given
+        if value.upper() in _NGINX_PROTOCOLS:
+            found["protocol"] = _NGINX_PROTOCOLS[value.upper()]
+        else:
+            note(annotation, f"{value!r} is not supported (use {', '.join(_NGINX_PROTOCOLS)})")
+    elif (given := read("backend-protocol", HAPROXY_PREFIXES)) is not None:
+        annotation, value = given
+        if value.lower() in _HAPROXY_PROTOCOLS:
+            found["protocol"] = _HAPROXY_PROTOCOLS[value.lower()]
+        else:
+            note(annotation, f"{value!r} is not supported (use {', '.join(_HAPROXY_PROTOCOLS)})")
+    elif (given := read("secure-backends", HAPROXY_PREFIXES)) is not None:
+        annotation, value = given
+        try:
+            found["protocol"] = BackendProtocol.HTTPS if _parse_bool(value) else BackendProtocol.HTTP
+        except _Rejected as rejected:
+            note(annotation, str(rejected))
+    if (given := read("proxy-ssl-secret", (NGINX_PREFIX,)) or read("secure-verify-ca-secret", HAPROXY_PREFIXES)) is not None:
+        annotation, value = given
+        namespace, slash, name = value.rpartition("/")
+        if slash and namespace != _namespace(ingress):
+            found["ca_secret_refused"] = (
+                f"annotation {annotation}: Secret {value} is in another namespace; use a Secret in {_namespace(ingress)}"
+            )
+        elif not name:
+            found["ca_secret_refused"] = f"annotation {annotation}: no Secret named; write namespace/name or name"
+        else:
+            found["ca_secret"], found["ca_secret_annotation"] = name, annotation
+    for key, suffix in (("verify", "proxy-ssl-verify"), ("send_sni", "proxy-ssl-server-name")):
+        if (given := read(suffix, (NGINX_PREFIX,))) is not None:
+            annotation, value = given
+            if value.strip().lower() in _ON_OFF:
+                found[key] = _ON_OFF[value.strip().lower()]
+            else:
+                note(annotation, f'{value!r} is not "on" or "off"')
+    if (given := read("proxy-ssl-name", (NGINX_PREFIX,))) is not None:
+        annotation, value = given
+        name = value.strip().lower()
+        if is_dns_name(name) or _is_ip(name):
+            found["server_name"] = name
+        else:
+            note(annotation, f"{value!r} is not a DNS name or IP address; write the name the backend's certificate carries")
+    return _TransportAnnotations(**found)  # type: ignore[arg-type]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _with_transport(
+    backend: Backend, reference: _ServiceReference, transport: _TransportAnnotations, index: _ObjectIndex
+) -> Backend:
+    """`backend` with its protocol and TLS settings; _Rejected when they cannot be had."""
+    protocol = transport.protocol
+    if protocol is None:
+        app_protocol = index.app_protocol(reference)
+        protocol = _APP_PROTOCOLS.get((app_protocol or "http").lower(), BackendProtocol.HTTP)
+    if not protocol.uses_tls:
+        return backend if protocol is BackendProtocol.HTTP else dataclasses.replace(backend, protocol=protocol)
+    if transport.ca_secret_refused is not None:
+        raise _Rejected(transport.ca_secret_refused)
+    ca_pem = None
+    client_certificate = None
+    if transport.ca_secret is not None:
+        ca_pem, client_certificate = _load_ca_secret(index, reference.namespace, transport.ca_secret, transport.ca_secret_annotation)
+    tls = UpstreamTls(
+        ca_pem=ca_pem,
+        verify=transport.verify if transport.verify is not None else ca_pem is not None,
+        server_name=transport.server_name or f"{reference.service}.{reference.namespace}.svc",
+        send_sni=transport.send_sni is not False,
+        client_certificate=client_certificate,
+    )
+    return dataclasses.replace(backend, protocol=protocol, tls=tls)
+
+
+def _load_ca_secret(
+    index: _ObjectIndex, namespace: str, name: str, annotation: str
+) -> tuple[bytes, ClientCertificate | None]:
+    """A proxy-ssl Secret's CA bundle, and its client certificate when it holds tls.crt + tls.key."""
+    secret_ref = f"{namespace}/{name}"
+    secret = index.secrets.get((namespace, name))
+    if secret is None:
+        raise _Rejected(f"Secret {secret_ref} (annotation {annotation}) not found; create it with a ca.crt key")
+    data = secret.get("data") or {}
+    if not isinstance(data.get("ca.crt"), str):
+        raise _Rejected(f"Secret {secret_ref} (annotation {annotation}) has no ca.crt; store the PEM CA bundle there")
+    try:
+        ca_pem = parse_certificate_chain(base64.b64decode(data["ca.crt"], validate=True)).pem
+    except (binascii.Error, ValueError):
+        raise _Rejected(f"Secret {secret_ref}: ca.crt is not valid base64; store it base64-encoded under data") from None
+    except (CertificateParseError, NoCertificateError):
+        raise _Rejected(f"Secret {secret_ref}: ca.crt holds no usable PEM certificate; store the CA bundle as PEM") from None
+    if not (isinstance(data.get("tls.crt"), str) and isinstance(data.get("tls.key"), str)):
+        return ca_pem, None
+    material = _PARSED_SECRETS.parse(data["tls.crt"], data["tls.key"])
+    if isinstance(material, str):
+        raise _Rejected(f"Secret {secret_ref}: client certificate: {material}")
+    return ca_pem, ClientCertificate(material.chain_pem, material.key, f"Secret {secret_ref}")
 
 
 # --- TLS -------------------------------------------------------------------------------------

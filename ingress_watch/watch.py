@@ -6,7 +6,10 @@ Each loop LISTs its kind (the response's `metadata.resourceVersion` is where the
 installs the list in the cache with `replace` — which also drops objects deleted while nobody was
 watching — and then WATCHes from that version with `allowWatchBookmarks`, applying each event and
 remembering the newest resourceVersion it saw, BOOKMARKs included. Objects stay raw JSON dicts
-(`raw_object`; the Watch is given return_type "object" so no model classes are built).
+(`raw_object`; the Watch is given return_type "object" so no model classes are built). A target
+may narrow its objects before they reach the cache (`WatchTarget.narrow`): Opaque Secrets are
+watched for backend CA bundles only, so everything else in them is dropped on arrival, and one
+that stops holding a ca.crt leaves the cache as if deleted.
 
 kubernetes-asyncio's `Watch` quirks (NOTES §3) shape the rest:
 
@@ -68,6 +71,8 @@ class WatchTarget:
     list_method: str
     args: tuple[str, ...] = ()
     field_selector: str | None = None
+    # What of each object to keep (None: drop it, as if deleted); absent = the whole object.
+    narrow: Callable[[JsonObject], JsonObject | None] | None = None
 
     def describe(self) -> str:
         where = f" in {self.args[0]}" if self.args else ""
@@ -75,14 +80,42 @@ class WatchTarget:
         return f"{self.kind.value}{where}{selector}"
 
 
-def watch_targets(namespace: str | None, configmap: tuple[str, str] | None) -> tuple[WatchTarget, ...]:
-    """What the controller watches: everything in `namespace` (None = all namespaces), TLS Secrets
-    only, and the one ConfigMap `configmap` = (namespace, name) if given."""
+CA_BUNDLE_KEYS = ("ca.crt", "tls.crt", "tls.key")  # ingress-nginx's proxy-ssl-secret: CA, client cert and key
+_KEPT_METADATA = ("namespace", "name", "resourceVersion", "creationTimestamp", "deletionTimestamp")
 
-    def namespaced(kind: Kind, api: type, resource: str, field_selector: str | None = None) -> WatchTarget:
+
+def ca_bundle_only(secret: JsonObject) -> JsonObject | None:
+    """An Opaque Secret narrowed to what backend TLS reads, or None when it holds no ca.crt.
+
+    Opaque Secrets are mostly application passwords: the cache keeps none of those, and of a CA
+    Secret only its CA bundle and the client certificate and key that may sit beside it
+    (NOTES §6: ingress-nginx users keep proxy-ssl-secret CAs in Opaque Secrets)."""
+    data = secret.get("data") or {}
+    if not isinstance(data, dict) or "ca.crt" not in data:
+        return None
+    metadata = secret.get("metadata") or {}
+    return {
+        "metadata": {key: metadata[key] for key in _KEPT_METADATA if key in metadata},
+        "type": secret.get("type"),
+        "data": {key: data[key] for key in CA_BUNDLE_KEYS if key in data},
+    }
+
+
+def watch_targets(namespace: str | None, configmap: tuple[str, str] | None) -> tuple[WatchTarget, ...]:
+    """What the controller watches: everything in `namespace` (None = all namespaces), TLS Secrets,
+    Opaque Secrets narrowed to their CA bundle, and the one ConfigMap `configmap` = (namespace,
+    name) if given."""
+
+    def namespaced(
+        kind: Kind,
+        api: type,
+        resource: str,
+        field_selector: str | None = None,
+        narrow: Callable[[JsonObject], JsonObject | None] | None = None,
+    ) -> WatchTarget:
         if namespace is None:
-            return WatchTarget(kind, api, f"list_{resource}_for_all_namespaces", (), field_selector)
-        return WatchTarget(kind, api, f"list_namespaced_{resource}", (namespace,), field_selector)
+            return WatchTarget(kind, api, f"list_{resource}_for_all_namespaces", (), field_selector, narrow)
+        return WatchTarget(kind, api, f"list_namespaced_{resource}", (namespace,), field_selector, narrow)
 
     targets = [
         namespaced(Kind.INGRESS, client.NetworkingV1Api, "ingress"),
@@ -90,6 +123,7 @@ def watch_targets(namespace: str | None, configmap: tuple[str, str] | None) -> t
         namespaced(Kind.SERVICE, client.CoreV1Api, "service"),
         namespaced(Kind.ENDPOINT_SLICE, client.DiscoveryV1Api, "endpoint_slice"),
         namespaced(Kind.SECRET, client.CoreV1Api, "secret", "type=kubernetes.io/tls"),
+        namespaced(Kind.CA_SECRET, client.CoreV1Api, "secret", "type=Opaque", ca_bundle_only),
     ]
     if configmap is not None:
         targets.append(
@@ -161,7 +195,10 @@ class KindWatcher:
                         obj: JsonObject = event["raw_object"]
                         resource_version = (obj.get("metadata") or {}).get("resourceVersion") or resource_version
                         backoff.reset()
-                        if event["type"] != "BOOKMARK" and self._cache.apply(kind, event["type"], obj):
+                        if event["type"] == "BOOKMARK":
+                            continue
+                        event_type, kept = self._narrowed(event["type"], obj)
+                        if self._cache.apply(kind, event_type, kept):
                             self._on_change(kind)
                 delay = backoff.next_delay()  # not reached while the server is healthy: Watch reconnects itself
             except client.ApiException as error:
@@ -179,6 +216,16 @@ class KindWatcher:
                 WATCH_RESTARTS.labels(kind.value, "error").inc()
             await asyncio.sleep(delay)
 
+    def _narrowed(self, event_type: str, obj: JsonObject) -> tuple[str, JsonObject]:
+        """The event as the cache should see it: an object narrowed away is a deletion."""
+        narrow = self.target.narrow
+        if narrow is None:
+            return event_type, obj
+        kept = narrow(obj)
+        if kept is None:
+            return "DELETED", obj
+        return event_type, kept
+
     async def _relist(self) -> str:
         response = await self._list_function(
             *self.target.args, **self._kwargs, _preload_content=False, _request_timeout=self._timeout
@@ -191,7 +238,10 @@ class KindWatcher:
             raise client.ApiException(http_resp=RESTResponse(response, data))  # type: ignore[arg-type]  # what the client's own REST layer passes
         body = json.loads(data)
         kind = self.target.kind
-        deleted = self._cache.replace(kind, body.get("items") or [])
+        items = body.get("items") or []
+        if self.target.narrow is not None:
+            items = [kept for kept in map(self.target.narrow, items) if kept is not None]
+        deleted = self._cache.replace(kind, items)
         if deleted:
             logger.info("relist %s: %d objects deleted while not watching", self.target.describe(), len(deleted))
         self._on_change(kind)

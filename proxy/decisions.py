@@ -26,6 +26,15 @@ class FailureKind(enum.Enum):
     RESET_WHILE_SENDING = ("reset while sending", 502)
     BACKEND_NOT_READING = ("backend not reading", 504)
     CUT_MID_BODY = ("cut mid-body", 502)  # after the head went out: only the connection can be cut
+    # TLS to the backend (issue 12): every one is a 502, and none falls back to plaintext.
+    TLS_UNTRUSTED = ("tls untrusted", 502)  # the chain does not lead to the configured CA
+    TLS_NAME_MISMATCH = ("tls name mismatch", 502)  # the certificate is not for the name we expect
+    TLS_EXPIRED = ("tls certificate expired", 502)  # or not yet valid
+    TLS_HANDSHAKE_FAILED = ("tls handshake failed", 502)  # no common version/cipher, alert, not TLS at all
+    TLS_HANDSHAKE_TIMEOUT = ("tls handshake timeout", 502)
+    TLS_FAILED = ("tls failed", 502)  # after the handshake, e.g. TLS 1.3 "certificate required"
+    TLS_NOT_CONFIGURED = ("tls not configured", 502)  # its context could not be built (a Problem says why)
+    REFUSED_STREAM = ("refused stream", 502)  # HTTP/2 backend: not processed (RFC 9113 §8.7), any method may retry
 
     def __init__(self, label: str, status: int) -> None:
         self.label = label
@@ -33,7 +42,41 @@ class FailureKind(enum.Enum):
 
     @property
     def request_never_sent(self) -> bool:
-        return self in (FailureKind.CONNECT_FAILED, FailureKind.CONNECT_TIMEOUT)
+        return self in _NEVER_SENT
+
+
+_NEVER_SENT = frozenset(
+    (
+        FailureKind.CONNECT_FAILED,
+        FailureKind.CONNECT_TIMEOUT,
+        FailureKind.TLS_UNTRUSTED,
+        FailureKind.TLS_NAME_MISMATCH,
+        FailureKind.TLS_EXPIRED,
+        FailureKind.TLS_HANDSHAKE_FAILED,
+        FailureKind.TLS_HANDSHAKE_TIMEOUT,
+        FailureKind.TLS_NOT_CONFIGURED,
+        FailureKind.REFUSED_STREAM,
+    )
+)
+
+# OpenSSL's X509_V_ERR_* codes (x509_vfy.h) that name a cause a user can act on.
+_VERIFY_RESULT_KINDS = {
+    2: FailureKind.TLS_UNTRUSTED,  # UNABLE_TO_GET_ISSUER_CERT
+    18: FailureKind.TLS_UNTRUSTED,  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: FailureKind.TLS_UNTRUSTED,  # SELF_SIGNED_CERT_IN_CHAIN
+    20: FailureKind.TLS_UNTRUSTED,  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: FailureKind.TLS_UNTRUSTED,  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    27: FailureKind.TLS_UNTRUSTED,  # CERT_UNTRUSTED
+    9: FailureKind.TLS_EXPIRED,  # CERT_NOT_YET_VALID
+    10: FailureKind.TLS_EXPIRED,  # CERT_HAS_EXPIRED
+    62: FailureKind.TLS_NAME_MISMATCH,  # HOSTNAME_MISMATCH
+    64: FailureKind.TLS_NAME_MISMATCH,  # IP_ADDRESS_MISMATCH
+}
+
+
+def tls_failure_kind(verify_result: int) -> FailureKind:
+    """A failed backend handshake, by OpenSSL's verify result (0 = the chain was not the cause)."""
+    return _VERIFY_RESULT_KINDS.get(verify_result, FailureKind.TLS_HANDSHAKE_FAILED)
 
 
 class Retry(enum.Enum):

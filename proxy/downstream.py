@@ -39,6 +39,7 @@ from proxy.http1 import (
     LAST_CHUNK,
     Body,
     EndOfMessage,
+    Headers,
     PeerError,
     RequestHead,
     RequestParser,
@@ -65,6 +66,7 @@ _PAUSED_IN_ASYNC_JOB: set[ClientConnection] = set()
 
 class ClientConnection(FlowControlled):
     protocol = "http/1.1"
+    request_trailers: Headers = ()  # HTTP/1.1 chunked trailers are not relayed
 
     def __init__(self, server: ServingState, listener: Listener) -> None:
         super().__init__()
@@ -409,6 +411,10 @@ class ClientConnection(FlowControlled):
     def end_response(self) -> None:
         if self._rechunk:
             self._send(LAST_CHUNK)
+
+    def send_trailers(self, trailers: Headers) -> None:
+        """Trailers from an HTTP/2 backend are dropped for HTTP/1.1 clients; the response ends as usual."""
+        self.end_response()
 
     def abort_response(self) -> None:
         """Nothing to send: the exchange ends the connection, which cuts the body short."""

@@ -11,8 +11,14 @@ body pieces into its own framing (HTTP/1.1 chunks or lengths, HTTP/2 frames) and
 coalescing, flow control and timers of its connection. The decisions (failure kinds, retries,
 HTTP/1.1 response plan) are pure functions in `proxy.decisions`.
 
-Requests always go to backends as HTTP/1.1 (`http1.upstream_request_head` re-derives the head
-from the parsed values: the framing is ours). A failure before any response byte was read is
+Requests go to backends as HTTP/1.1 (`http1.upstream_request_head` re-derives the head from the
+parsed values: the framing is ours), over TCP or, for a backend whose protocol uses TLS, over TLS
+set up by its prebuilt transport (`proxy.upstream_tls`; a TLS failure is a 502 with its own metric
+label, never a plaintext retry). HTTP/2 backends (h2c, h2) get one stream per request on a pooled
+connection (`_proxy_http2`, `proxy.upstream_http2`): the request body is pumped beside the
+response, trailers pass both ways, a gRPC request's `grpc-timeout` bounds the exchange, and errors
+the proxy makes on a gRPC request are gRPC-shaped (`_answer`). A gRPC request over HTTP/1.1 is
+refused with 426: gRPC cannot live without HTTP/2's trailers. A failure before any response byte was read is
 retried per `decisions.retry_after`; once a response head went to the client, a backend failure
 can only cut the client's response (`ClientSide.abort_response`).
 
@@ -23,20 +29,38 @@ Timeouts: each wait for the client's body is bounded by `idle`, each wait for th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import logging
 import time
 from typing import Protocol
+
+from h2 import exceptions as h2_exceptions
+from h2.errors import ErrorCodes
 
 from config.model import Address, Timeouts
 from proxy import metrics
 from proxy.access_log import ACCESS_LOG
 from proxy.decisions import FailureKind, Retry, is_replayable, retry_after
 from proxy.flow import ConnectionGone
-from proxy.http1 import LAST_CHUNK, Body, EndOfMessage, PeerError, RequestHead, ResponseHead, encode_chunk
+from proxy.http1 import LAST_CHUNK, Body, EndOfMessage, Headers, PeerError, RequestHead, ResponseHead, encode_chunk
 from proxy.http1 import upstream_request_head
 from proxy.serving import Generation, Listener, ServingState
 from proxy.upstream import UpstreamConnection, connect
+from proxy.upstream_http2 import (
+    GRPC_DEADLINE_EXCEEDED,
+    ResponseStarted,
+    ResponseTrailers,
+    StreamReset,
+    UpstreamStream,
+    grpc_error_head,
+    grpc_status_for,
+    grpc_timeout,
+    is_grpc,
+    request_fields,
+    response_head,
+)
+from proxy.upstream_tls import UpstreamTlsFailure, UpstreamTransport
 
 LOG = logging.getLogger("ingress_proxy")
 
@@ -78,6 +102,7 @@ class ClientSide(Protocol):
     protocol: str  # "http/1.1" or "h2": metrics label and access log
     closed: bool  # the client is gone: stop relaying
     upstream: UpstreamConnection | None  # the backend connection in use, closed if the client goes
+    request_trailers: Headers  # trailers that ended the request body (HTTP/2), else ()
 
     async def next_body_event(self, timeout: float) -> Body | EndOfMessage:
         """The next piece of the request body; raises PeerError, ConnectionGone or TimeoutError."""
@@ -113,6 +138,9 @@ class ClientSide(Protocol):
 
     def end_response(self) -> None: ...
 
+    def send_trailers(self, trailers: Headers) -> None:
+        """End the response with trailers (HTTP/2; HTTP/1.1 ends it as `end_response` does)."""
+
     def abort_response(self) -> None:
         """The backend failed after the head went out: signal a truncated response."""
 
@@ -129,15 +157,21 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     host_label = (virtual_host.host or "*") if virtual_host else "-"
     backend = match.backend
     hsts = hsts_header(client.listener, generation)
-    if not client.listener.tls and virtual_host is not None and virtual_host.redirect_to_https:
+    grpc = is_grpc(head.headers)
+    if grpc and client.protocol != "h2":
+        status = 426
+        keep = client.answer_locally(head, status, _GRPC_OVER_HTTP1 + hsts)
+    elif not client.listener.tls and virtual_host is not None and virtual_host.redirect_to_https:
         status = 308
         keep = client.answer_locally(head, status, _redirect_header(head, state.https_port) + hsts)
     elif backend is None:
         status = 404
-        keep = client.answer_locally(head, status, hsts)
+        keep = _answer(client, head, status, hsts, grpc)
     elif not (candidates := state.balancer.candidates(backend)):
         status = 503
-        keep = client.answer_locally(head, status, hsts)
+        keep = _answer(client, head, status, hsts, grpc)
+    elif state.balancer.protocol(backend).multiplexed:
+        status, keep = await _proxy_http2(client, state, head, backend, candidates, generation.configuration.timeouts, hsts, grpc)
     else:
         status, keep = await _proxy(client, state, head, backend, candidates, generation.configuration.timeouts, hsts)
     elapsed = loop.time() - started
@@ -159,6 +193,19 @@ def hsts_header(listener: Listener, generation: Generation) -> bytes:
     if hsts is None or not listener.tls:
         return b""
     return b"Strict-Transport-Security: %s\r\n" % hsts.header_value().encode()
+
+
+# gRPC needs HTTP/2 end to end (trailers carry its status): refused clearly, never half-forwarded.
+_GRPC_OVER_HTTP1 = b"Upgrade: h2c\r\nGrpc-Status: 14\r\nGrpc-Message: gRPC needs HTTP/2; this request came over HTTP/1.1\r\n"
+
+
+def _answer(client: ClientSide, head: RequestHead, status: int, hsts: bytes, grpc: bool) -> bool:
+    """A proxy-made error: plain, or gRPC-shaped (HTTP 200 + grpc-status) for a gRPC request."""
+    if not grpc:
+        return client.answer_locally(head, status, hsts)
+    _, keep = client.start_response(head, grpc_error_head(grpc_status_for(status), f"ingress-proxy: {status}"), hsts)
+    client.end_response()
+    return keep
 
 
 def _redirect_header(head: RequestHead, https_port: int) -> bytes:
@@ -183,20 +230,16 @@ async def _proxy(
     listener = client.listener
     request = upstream_request_head(head, client.client_ip, listener.name.encode(), listener.address)
     balancer = state.balancer
+    transport = balancer.transport(backend)
     failure = FailureKind.NO_ENDPOINT
     attempts = list(candidates)
     while attempts:
         address = attempts.pop(0)
-        upstream = client.upstream = balancer.pool(address).take()
+        upstream = client.upstream = balancer.pool(address, transport).take()
         reused = upstream is not None
         try:
             if upstream is None:
-                try:
-                    upstream = client.upstream = await connect(address, timeouts.connect)
-                except TimeoutError:
-                    raise BackendFailed(FailureKind.CONNECT_TIMEOUT) from None
-                except OSError:
-                    raise BackendFailed(FailureKind.CONNECT_FAILED) from None
+                upstream = client.upstream = await _connect(backend, address, transport, timeouts)
             upstream.begin_request(head.method, client.backlog)
             upstream.write(request)
             if has_body:  # never on a retry: only body-less requests are retried
@@ -215,6 +258,9 @@ async def _proxy(
             failure = FailureKind.BAD_RESPONSE
         except TimeoutError:
             failure = FailureKind.RESPONSE_TIMEOUT
+        except UpstreamTlsFailure as tls_failure:
+            failure = tls_failure.kind
+            LOG.info("backend %s %s: %s", backend, address, tls_failure)
         else:
             return response.status, await _relay_response(client, state, head, upstream, response, backend, timeouts, hsts)
         if upstream is not None:
@@ -226,7 +272,184 @@ async def _proxy(
             attempts.insert(0, address)
         elif retry is Retry.STOP:
             break
-    return failure.status, client.answer_locally(head, failure.status, hsts)
+    return failure.status, _answer(client, head, failure.status, hsts, is_grpc(head.headers))
+
+
+class _Http2Progress:
+    """How far an HTTP/2 exchange got: what decides whether a failed attempt may be retried."""
+
+    __slots__ = ("response_started", "body_read")
+
+    def __init__(self) -> None:
+        self.response_started = False  # the response head went to the client
+        self.body_read = False  # the client's body is being consumed: the request cannot be replayed
+
+
+async def _proxy_http2(
+    client: ClientSide,
+    state: ServingState,
+    head: RequestHead,
+    backend: str,
+    candidates: list[Address],
+    timeouts: Timeouts,
+    hsts: bytes,
+    grpc: bool,
+) -> tuple[int, bool]:
+    """`_proxy` for an HTTP/2 backend: one stream on a pooled connection; the request body is
+    pumped beside the response (gRPC bidi streams need both ways at once); a gRPC request's
+    `grpc-timeout` bounds the whole exchange."""
+    balancer = state.balancer
+    transport = balancer.transport(backend)
+    listener = client.listener
+    scheme = b"https" if transport is not None else b"http"
+    fields = request_fields(head, scheme, client.client_ip, listener.name.encode(), listener.address)
+    replayable = is_replayable(head)
+    progress = _Http2Progress()
+    failure = FailureKind.NO_ENDPOINT
+    attempts = list(candidates)
+    try:
+        async with asyncio.timeout(grpc_timeout(head.headers) if grpc else None):
+            while attempts:
+                address = attempts.pop(0)
+                stream: UpstreamStream | None = None
+                try:
+                    try:
+                        stream = await balancer.http2_pool(address, transport).open_stream(timeouts.connect, timeouts.backend_handshake)
+                    except TimeoutError:
+                        raise BackendFailed(FailureKind.CONNECT_TIMEOUT) from None
+                    except (OSError, ConnectionGone):
+                        raise BackendFailed(FailureKind.CONNECT_FAILED) from None
+                    return await _exchange_http2(client, head, stream, fields, hsts, timeouts, backend, progress)
+                except ClientFailed as failed:
+                    raise failed.cause from None
+                except BackendFailed as error:
+                    failure = error.kind
+                except ConnectionGone:
+                    failure = FailureKind.RESET
+                except PeerError:
+                    failure = FailureKind.BAD_RESPONSE
+                except UpstreamTlsFailure as tls_failure:
+                    failure = tls_failure.kind
+                    LOG.info("backend %s %s: %s", backend, address, tls_failure)
+                except h2_exceptions.H2Error as error:  # the backend connection broke under us
+                    failure = FailureKind.RESET
+                    LOG.info("backend %s %s: HTTP/2: %r", backend, address, error)
+                finally:
+                    if stream is not None:
+                        stream.release()
+                metrics.UPSTREAM_ERRORS.labels(backend, failure.label).inc()
+                retry = retry_after(failure, False, replayable)
+                if progress.body_read:
+                    break  # part of the client's body went to the failed attempt: it cannot be sent again
+                if retry is Retry.SAME_ENDPOINT:
+                    attempts.insert(0, address)
+                elif retry is Retry.STOP:
+                    break
+    except TimeoutError:  # the gRPC deadline passed (the backend stream was reset on the way out)
+        metrics.UPSTREAM_ERRORS.labels(backend, FailureKind.RESPONSE_TIMEOUT.label).inc()
+        if progress.response_started:
+            client.send_trailers(((b"grpc-status", b"%d" % GRPC_DEADLINE_EXCEEDED), (b"grpc-message", b"deadline exceeded")))
+            return 504, True
+        return 504, _answer(client, head, 504, hsts, grpc)
+    return failure.status, _answer(client, head, failure.status, hsts, grpc)
+
+
+async def _exchange_http2(
+    client: ClientSide,
+    head: RequestHead,
+    stream: UpstreamStream,
+    fields: list[tuple[bytes, bytes]],
+    hsts: bytes,
+    timeouts: Timeouts,
+    backend: str,
+    progress: _Http2Progress,
+) -> tuple[int, bool]:
+    stream.send_head(fields, end_stream=not head.has_body)
+    pump = asyncio.create_task(_pump_request_body(client, stream, timeouts, progress)) if head.has_body else None
+    try:
+        while True:
+            if not stream.events:
+                client.flush()
+            event = await stream.next_event(timeouts.backend_response)
+            if type(event) is ResponseStarted:
+                break
+            if type(event) is StreamReset:
+                kind = FailureKind.REFUSED_STREAM if event.error_code == ErrorCodes.REFUSED_STREAM else FailureKind.BAD_RESPONSE
+                raise BackendFailed(kind)
+            raise PeerError(502, "backend sent data before a response head")
+        response = response_head(event.fields, head.method)
+        if response.status < 200:
+            raise PeerError(502, "backend sent an interim response")  # h2 reports 1xx apart; never here
+        if response.has_body and stream.events and type(stream.events[0]) is EndOfMessage:
+            response = dataclasses.replace(response, has_body=False)  # trailers-only (gRPC errors): one HEADERS frame
+        _, keep = client.start_response(head, response, hsts)
+        progress.response_started = True
+        await _relay_http2(client, stream, response, timeouts, backend)
+        return response.status, keep and not client.closed
+    except TimeoutError:
+        if progress.response_started:
+            raise ConnectionGone() from None  # a backend silent mid-response: cut, as HTTP/1.1 does
+        raise BackendFailed(FailureKind.RESPONSE_TIMEOUT) from None
+    finally:
+        if pump is not None and not pump.done():
+            pump.cancel()
+
+
+async def _relay_http2(client: ClientSide, stream: UpstreamStream, response: ResponseHead, timeouts: Timeouts, backend: str) -> None:
+    if not response.has_body:
+        await stream.next_event(timeouts.backend_response)  # its EndOfMessage, queued already
+        return
+    try:
+        while True:
+            if not stream.events:
+                client.flush()
+            event = await stream.next_event(timeouts.backend_response)
+            if type(event) is Body:
+                client.send_body(event.data)
+                await client.body_sent()
+                stream.consumed(len(event.data))
+            elif type(event) is ResponseTrailers:
+                client.send_trailers(event.fields)  # grpc-status, grpc-message travel here
+                await stream.next_event(timeouts.backend_response)  # h2 reports the end after them
+                return
+            elif type(event) is EndOfMessage:
+                client.end_response()
+                return
+            else:  # StreamReset mid-response: propagate as a reset
+                client.abort_response()
+                metrics.UPSTREAM_ERRORS.labels(backend, FailureKind.CUT_MID_BODY.label).inc()
+                return
+    except (PeerError, ConnectionGone, TimeoutError):
+        if client.closed:
+            raise ConnectionGone() from None
+        metrics.UPSTREAM_ERRORS.labels(backend, FailureKind.CUT_MID_BODY.label).inc()
+        client.abort_response()
+
+
+async def _pump_request_body(client: ClientSide, stream: UpstreamStream, timeouts: Timeouts, progress: _Http2Progress) -> None:
+    """Forward the request body to the backend stream while the response flows back."""
+    try:
+        while True:
+            event = await client.next_body_event(timeouts.idle)
+            progress.body_read = True
+            if type(event) is Body:
+                await stream.send_data(event.data, timeouts.backend_response)
+            else:
+                stream.end_request(client.request_trailers)
+                return
+    except (PeerError, ConnectionGone, TimeoutError, h2_exceptions.H2Error):
+        stream.cancel()  # the client failed or left, or the backend reset the stream
+        stream.push(ConnectionGone())
+
+
+async def _connect(backend: str, address: Address, transport: UpstreamTransport | None, timeouts: Timeouts) -> UpstreamConnection:
+    """A new connection to `address`, over TLS when the backend's protocol uses it."""
+    try:
+        return await connect(address, timeouts.connect, transport, timeouts.backend_handshake)
+    except TimeoutError:
+        raise BackendFailed(FailureKind.CONNECT_TIMEOUT) from None
+    except OSError:
+        raise BackendFailed(FailureKind.CONNECT_FAILED) from None
 
 
 async def _forward_request_body(
@@ -307,7 +530,7 @@ async def _relay_response(
             elif type(event) is EndOfMessage:
                 client.end_response()
                 break
-    except (PeerError, ConnectionGone, TimeoutError) as error:
+    except (PeerError, ConnectionGone, TimeoutError, UpstreamTlsFailure) as error:
         upstream.close()
         client.upstream = None
         if client.closed:

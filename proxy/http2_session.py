@@ -14,8 +14,10 @@ Memory per stream is bounded both ways by the same rules as HTTP/1.1: request bo
 windows the core grants (reopened by `consumed()` only for bytes the exchange forwarded), response
 bodies by `PENDING_HIGH_WATER`: above it the stream's exchange stops reading its backend until
 window updates (or a resumed transport) move the data, and a stream stalled for `idle` seconds
-is reset with CANCEL. Requests go to backends as HTTP/1.1 (`http2.as_http1_head`); responses come
-back as HTTP/2 with headers re-derived from our parse (`response_fields`).
+is reset with CANCEL. Requests go to HTTP/1.1 backends as HTTP/1.1 (`http2.as_http1_head`) and to
+HTTP/2 backends as streams (`exchange._proxy_http2`, with the request's trailers); responses come
+back as HTTP/2 with headers re-derived from our parse (`response_fields`), and with the backend's
+trailers when it sent some (`send_trailers`: gRPC's status travels there).
 
 Connection end: a protocol error or a defence in the core sends GOAWAY and closes; drain
 (SIGTERM) sends a graceful GOAWAY and closes once the streams in flight have finished; a
@@ -119,6 +121,7 @@ class Http2Session:
             elif kind is StreamEnd:
                 stream = self.streams.get(event.stream_id)  # type: ignore[union-attr]
                 if stream is not None:
+                    stream.request_trailers = event.trailers  # type: ignore[union-attr]  # relayed to HTTP/2 backends
                     stream.deliver(END_OF_MESSAGE)
             elif kind is StreamReset:
                 stream = self.streams.pop(event.stream_id, None)  # type: ignore[union-attr]
@@ -219,6 +222,7 @@ class Http2Stream:
         self.listener = connection.listener
         self.client_ip = connection.client_ip
         self.upstream: UpstreamConnection | None = None
+        self.request_trailers: Headers = ()
         self.closed = False
         self.task: asyncio.Task[None] | None = None
         self._body: deque[Body | EndOfMessage] = deque()
@@ -346,6 +350,10 @@ class Http2Stream:
     def end_response(self) -> None:
         if not self._head_sent_with_end:
             self.session.core.send_data(self.stream_id, b"", end_stream=True)
+
+    def send_trailers(self, trailers: Headers) -> None:
+        self.session.core.send_trailers(self.stream_id, trailers)
+        self._head_sent_with_end = True
 
     def abort_response(self) -> None:
         self.session.core.reset(self.stream_id, ErrorCodes.INTERNAL_ERROR)

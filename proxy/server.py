@@ -39,6 +39,7 @@ from proxy.downstream import ClientConnection
 from proxy.tls.libssl import TICKET_KEYS_LENGTH
 from proxy.router import Router
 from proxy.serving import Generation, Listener
+from proxy.upstream_tls import UpstreamContextCache
 
 LOG = logging.getLogger("ingress_proxy")
 LISTEN_BACKLOG = 1024
@@ -63,6 +64,7 @@ class ProxyServer:
         self._next_publish = asyncio.Event()  # set (and replaced) by every publish
         self._crypto: CryptoRuntime | None = None
         self._contexts = ContextCache(self.ticket_keys)
+        self._upstream_contexts = UpstreamContextCache()  # backend TLS, built at publish like the listeners'
         self._servers: list[asyncio.AbstractServer] = []
         self.bound_ports: dict[str, int] = {}  # listener name → port actually bound (port 0 in tests)
 
@@ -98,7 +100,9 @@ class ProxyServer:
         tls = self._contexts.build(configuration, crypto.use_private_key)
         problems.extend(tls.problems)
         number = self._generation.number + 1 if self._generation else 1
-        self.balancer.set_backends(configuration.routes.backends)
+        transports, transport_problems = self._upstream_contexts.build(configuration.routes.backends, crypto.use_private_key)
+        problems.extend(transport_problems)
+        self.balancer.set_backends(configuration.routes.backends, transports)
         self._generation = Generation(number, configuration, Router(configuration.routes), tls)
         metrics.CONFIG_GENERATION.set(number)
         published, self._next_publish = self._next_publish, asyncio.Event()

@@ -17,6 +17,12 @@ only way into a pool): a connection goes back only when
   while idle in the pool close the connection (`data_received`).
 Anything else closes it, so the next request on a pooled connection can only ever read the
 answer to itself, never one the backend still owed someone else.
+
+TLS backends (`TlsUpstreamConnection`, issue 12) keep the invariant unchanged: TLS sits under the
+parser (`proxy.upstream_tls.ClientTls`), so "bytes" above means plaintext; TLS records that carry
+none (a TLS 1.3 NewSessionTicket while idle) are not bytes the backend owed anyone. A pool holds
+connections of one (endpoint, transport) pair only (`PoolKey`), and `connect` returns only once
+the handshake finished, so a request is never written before the backend was authenticated.
 """
 
 from __future__ import annotations
@@ -26,8 +32,13 @@ import socket
 from collections.abc import Callable
 
 from config.model import Address
+from proxy.decisions import FailureKind
 from proxy.flow import ConnectionGone, Failure, FlowControlled
 from proxy.http1 import PeerError, ResponseParser
+from proxy.upstream_tls import ClientTls, TlsState, UpstreamTlsFailure, UpstreamTransport
+
+# Where a pooled connection may be reused: its endpoint, and how it was set up (None: plain TCP).
+PoolKey = tuple[Address, UpstreamTransport | None]
 
 MAX_IDLE_PER_ENDPOINT = 512  # HTTP/2 multiplexes: 10 clients x 32 streams need 320 at once (at 64, one request in five paid a connect)
 IDLE_SECONDS = 30.0  # below common backend keep-alive timeouts (nginx 75 s, aiohttp 75 s, Go 90 s)
@@ -38,6 +49,8 @@ def _no_backlog() -> int:
 
 
 class UpstreamConnection(FlowControlled):
+    upstream_transport: UpstreamTransport | None = None  # plain TCP
+
     def __init__(self, address: Address) -> None:
         super().__init__()
         self.address = address
@@ -133,6 +146,99 @@ class UpstreamConnection(FlowControlled):
         self.close()
         self.parser = None
         self.events.clear()
+    @property
+    def pool_key(self) -> PoolKey:
+        return self.address, self.upstream_transport
+
+    def parked(self) -> None:
+        """Going idle in a pool (TLS connections keep their session for the next connection)."""
+
+
+class TlsUpstreamConnection(UpstreamConnection):
+    """An UpstreamConnection whose bytes pass through a `ClientTls` first."""
+
+    def __init__(self, address: Address, upstream_transport: UpstreamTransport) -> None:
+        super().__init__(address)
+        self.upstream_transport = upstream_transport
+        self.tls: ClientTls = upstream_transport.client(address)
+        self.handshake: asyncio.Future[None] = self.loop.create_future()
+        self._session_kept = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        try:
+            self.tls.start()
+        except UpstreamTlsFailure as failure:
+            self._handshake_failed(failure)
+            return
+        self._write_tls_output()
+
+    def _write_tls_output(self) -> None:
+        ciphertext = self.tls.outgoing()
+        if ciphertext and self.transport is not None and not self.closed:
+            self.transport.write(ciphertext)
+
+    def _handshake_failed(self, failure: UpstreamTlsFailure) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(failure)
+            self.handshake.exception()  # retrieved: `connect` may have given up waiting already
+        self._write_tls_output()  # the alert, so the backend logs why
+        self.close()
+
+    def data_received(self, data: bytes) -> None:
+        tls = self.tls
+        handshaking = tls.state is TlsState.HANDSHAKING
+        try:
+            plaintext = tls.receive(data)
+        except UpstreamTlsFailure as failure:
+            if handshaking:
+                self._handshake_failed(failure)
+                return
+            self._write_tls_output()
+            if self.parser is not None and self.pool is None:
+                self.events.append(Failure(failure))
+                self.queued(0)
+            self.close()
+            return
+        self._write_tls_output()
+        if handshaking and tls.state is TlsState.OPEN and not self.handshake.done():
+            self.handshake.set_result(None)
+        if plaintext:
+            super().data_received(plaintext)
+        if tls.state is TlsState.CLOSED:  # close_notify: nothing more will come
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(
+                UpstreamTlsFailure(FailureKind.TLS_HANDSHAKE_FAILED, "the backend closed the connection during the handshake")
+            )
+            self.handshake.exception()  # retrieved: `connect` may have given up waiting already
+        super().connection_lost(exc)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.tls.state is TlsState.CLOSED:
+            raise ConnectionGone()  # the backend's close_notify raced our request: a stale keep-alive
+        self.tls.send(data)
+        self.transport.write(self.tls.outgoing())
+
+    def close(self) -> None:
+        if not self.closed and self.tls.state is not TlsState.BROKEN:
+            self._keep_session()
+            self.tls.close()
+            self._write_tls_output()
+        super().close()
+
+    def parked(self) -> None:
+        self._keep_session()
+
+    def _keep_session(self) -> None:
+        """Once per connection, idle or closing: by then a TLS 1.3 ticket came with the response."""
+        if not self._session_kept and self.upstream_transport is not None and self.tls.state is TlsState.OPEN:
+            self._session_kept = True
+            self.upstream_transport.remember(self.address, self.tls)
 
 
 class EndpointPool:
@@ -142,8 +248,8 @@ class EndpointPool:
     on every request) closes connections idle for longer than IDLE_SECONDS, oldest first.
     """
 
-    def __init__(self, address: Address) -> None:
-        self.address = address
+    def __init__(self, key: PoolKey) -> None:
+        self.key = key
         self._idle: list[tuple[UpstreamConnection, float]] = []  # (connection, idle since)
         self._sweep: asyncio.TimerHandle | None = None
 
@@ -162,6 +268,7 @@ class EndpointPool:
         connection.pool = self
         connection.parser = None
         connection._client_backlog = _no_backlog  # idle: no client, and no reference cycle to one
+        connection.parked()
         self._idle.append((connection, connection.loop.time()))
         if self._sweep is None:
             self._sweep = connection.loop.call_later(IDLE_SECONDS, self._expire_idle)
@@ -192,11 +299,29 @@ class EndpointPool:
             self._sweep = None
 
 
-async def connect(address: Address, timeout: float) -> UpstreamConnection:
-    """Open a new connection; raises OSError or TimeoutError."""
+async def connect(
+    address: Address, timeout: float, upstream_transport: UpstreamTransport | None = None, handshake_timeout: float = 0.0
+) -> UpstreamConnection:
+    """Open a new connection, and finish its TLS handshake when `upstream_transport` is given.
+
+    Raises OSError or TimeoutError (TCP), UpstreamTlsFailure (TLS, its kind says why)."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        _, protocol = await loop.create_connection(lambda: UpstreamConnection(address), address.host, address.port)
+    protocol: UpstreamConnection
+    if upstream_transport is None:
+        async with asyncio.timeout(timeout):
+            _, protocol = await loop.create_connection(lambda: UpstreamConnection(address), address.host, address.port)
+    else:
+        # Built before connecting, so a transport that is not set up fails without a TCP connection.
+        tls_protocol = TlsUpstreamConnection(address, upstream_transport)
+        async with asyncio.timeout(timeout):
+            await loop.create_connection(lambda: tls_protocol, address.host, address.port)
+        try:
+            async with asyncio.timeout(handshake_timeout):
+                await tls_protocol.handshake
+        except TimeoutError:
+            tls_protocol.close()
+            raise UpstreamTlsFailure(FailureKind.TLS_HANDSHAKE_TIMEOUT, f"no handshake within {handshake_timeout} s") from None
+        protocol = tls_protocol
     if protocol._socket is not None:
         protocol._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return protocol

@@ -17,6 +17,9 @@ expected.yaml (every key optional; absent = empty or the model's default):
   claimed: [ns/name, ...]
   virtual_hosts: [{host: foo.example.com, redirect_to_https: true, paths: ["/api Prefix ns/svc:80", ...]}]
   backends: {ns/svc:80: ["10.0.0.1:8080", ...]}
+      or, for a backend over TLS: {ns/svc:443: {endpoints: [...], protocol: https, tls: {ca: ns/secret,
+      verify: true, server_name: name, send_sni: true, client_certificate: ns/secret}}}
+      (ca: that Secret's decoded ca.crt; client_certificate: its tls.crt and tls.key)
   default_backend: ns/svc:80
   certificates: [{secret: ns/name, hosts: [...]}]   # chain and key: that input Secret's decoded data
                   # (or {..., store_key: {uri: "pkcs11:...", pin: "..."}} for a key kept in a token)
@@ -47,7 +50,9 @@ from cryptography.x509.oid import NameOID
 from config.model import (
     Address,
     Backend,
+    BackendProtocol,
     Certificate,
+    ClientCertificate,
     Configuration,
     CryptoSettings,
     EngineSettings,
@@ -59,6 +64,7 @@ from config.model import (
     RouteTable,
     StoreKey,
     Timeouts,
+    UpstreamTls,
     VirtualHost,
 )
 from ingress_watch.snapshot import Snapshot
@@ -152,8 +158,7 @@ def expected_configuration(case: Case) -> Configuration:
                 for host in expected.get("virtual_hosts") or ()
             ),
             backends=tuple(
-                Backend(name, tuple(_address(text) for text in endpoints))
-                for name, endpoints in (expected.get("backends") or {}).items()
+                _backend(name, spec, secrets) for name, spec in (expected.get("backends") or {}).items()
             ),
             default_backend=expected.get("default_backend"),
         ),
@@ -184,6 +189,29 @@ def expected_configuration(case: Case) -> Configuration:
     )
 
 
+def _backend(name: str, spec: list | dict, secrets: dict[str, dict]) -> Backend:
+    if isinstance(spec, list):
+        return Backend(name, tuple(_address(text) for text in spec))
+    endpoints = tuple(_address(text) for text in spec.get("endpoints") or ())
+    tls_spec = spec.get("tls")
+    if tls_spec is None:
+        return Backend(name, endpoints, BackendProtocol(spec.get("protocol", "http")))
+    client = None
+    if tls_spec.get("client_certificate"):
+        data = secrets[tls_spec["client_certificate"]]["data"]
+        client = ClientCertificate(
+            base64.b64decode(data["tls.crt"]), PemKey(base64.b64decode(data["tls.key"])), f"Secret {tls_spec['client_certificate']}"
+        )
+    tls = UpstreamTls(
+        ca_pem=base64.b64decode(secrets[tls_spec["ca"]]["data"]["ca.crt"]) if tls_spec.get("ca") else None,
+        verify=tls_spec.get("verify", False),
+        server_name=tls_spec.get("server_name"),
+        send_sni=tls_spec.get("send_sni", True),
+        client_certificate=client,
+    )
+    return Backend(name, endpoints, BackendProtocol(spec["protocol"]), tls)
+
+
 def expected_claimed(case: Case) -> tuple[tuple[str, str], ...]:
     return tuple((namespace, name) for namespace, _, name in map(_split_ref, case.expected.get("claimed") or ()))
 
@@ -208,7 +236,7 @@ def _secret_value(data_key: str, value: Any) -> str:
     if "base64" in value:
         return base64.b64encode(value["base64"].encode()).decode()
     private_key, certificate = _key_pair(tuple(value["generate"]), value.get("key", "ec"))
-    if data_key == "tls.crt":
+    if data_key in ("tls.crt", "ca.crt"):
         pem = certificate.public_bytes(serialization.Encoding.PEM)
     else:
         pem = private_key.private_bytes(

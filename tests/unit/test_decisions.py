@@ -11,6 +11,7 @@ from proxy.decisions import (
     is_replayable,
     plan_http1_response,
     retry_after,
+    tls_failure_kind,
 )
 from proxy.http1 import RequestHead, ResponseHead
 
@@ -35,6 +36,12 @@ def response(status: int = 200, length: int | None = 2, has_body: bool = True) -
         (FailureKind.RESPONSE_TIMEOUT, False, True, Retry.STOP),  # the backend may still be working on it
         (FailureKind.RESET_WHILE_SENDING, False, False, Retry.STOP),
         (FailureKind.BACKEND_NOT_READING, False, False, Retry.STOP),
+        (FailureKind.TLS_UNTRUSTED, False, False, Retry.NEXT_ENDPOINT),  # the handshake failed: nothing was sent
+        (FailureKind.TLS_HANDSHAKE_TIMEOUT, False, False, Retry.NEXT_ENDPOINT),
+        (FailureKind.TLS_NOT_CONFIGURED, False, False, Retry.NEXT_ENDPOINT),
+        (FailureKind.TLS_FAILED, False, False, Retry.STOP),  # after the handshake: the POST may have arrived
+        (FailureKind.TLS_FAILED, True, True, Retry.NEXT_ENDPOINT),
+        (FailureKind.REFUSED_STREAM, False, False, Retry.NEXT_ENDPOINT),  # HTTP/2: never processed, even a POST
     ],
 )
 def test_retry_after(kind: FailureKind, reused: bool, replayable: bool, expected: Retry) -> None:
@@ -82,3 +89,23 @@ def test_plan_http1_response(head: RequestHead, answer: ResponseHead, draining: 
 )  # fmt: skip
 def test_http1_connection_continues(head: RequestHead, keeps: bool, draining: bool, continues: bool) -> None:
     assert http1_connection_continues(head, keeps, draining) is continues
+
+
+@pytest.mark.parametrize(
+    ("verify_result", "expected"),
+    [
+        (0, FailureKind.TLS_HANDSHAKE_FAILED),  # the chain was fine (or not checked): alert, no common cipher...
+        (20, FailureKind.TLS_UNTRUSTED),  # unable to get local issuer certificate: another CA signed it
+        (19, FailureKind.TLS_UNTRUSTED),  # self-signed certificate in chain
+        (18, FailureKind.TLS_UNTRUSTED),  # a self-signed leaf
+        (21, FailureKind.TLS_UNTRUSTED),
+        (10, FailureKind.TLS_EXPIRED),
+        (9, FailureKind.TLS_EXPIRED),  # not yet valid
+        (62, FailureKind.TLS_NAME_MISMATCH),  # hostname mismatch
+        (64, FailureKind.TLS_NAME_MISMATCH),  # IP address mismatch
+        (7, FailureKind.TLS_HANDSHAKE_FAILED),  # certificate signature failure: no more specific label
+    ],
+)
+def test_tls_failure_kind(verify_result: int, expected: FailureKind) -> None:
+    assert tls_failure_kind(verify_result) is expected
+    assert expected.status == 502

@@ -40,7 +40,7 @@ async def _exchange(response: bytes, *, sent: bool = True, read_all: bool = True
         while type(await upstream.next_event(5.0)) is not EndOfMessage:
             pass
         await asyncio.sleep(0.05)  # let any bytes that followed in the same segment arrive
-    pool = EndpointPool(address)
+    pool = EndpointPool((address, None))
     pool.give_back(upstream)
     upstream.backend_socket = backend  # type: ignore[attr-defined]  # kept open for the test's end
     return upstream, pool
