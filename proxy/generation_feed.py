@@ -131,8 +131,13 @@ class FeedServer:
     async def serve(self, listening: socket.socket) -> None:
         """Accept workers on the inherited feed socket until cancelled."""
         server = await asyncio.start_unix_server(self._accepted, sock=listening)
-        async with server:
-            await server.serve_forever()
+        try:
+            async with server:
+                await server.serve_forever()
+        finally:  # the workers see the end of their feed now, not when this process exits
+            for writer in list(self._workers):
+                writer.transport.abort()
+            self._workers.clear()
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock: socket.socket = writer.get_extra_info("socket")
