@@ -167,8 +167,8 @@ async def _watch(client_configuration: client.Configuration, settings: Controlle
     from ingress_watch.controller import KubernetesSource
     from proxy.generation_feed import FeedServer
 
-    sink = FeedServer()
     source = KubernetesSource(client_configuration, settings)
+    sink = FeedServer(on_problems=source.report_build_problems)
     tasks = [asyncio.create_task(sink.serve(feed), name="feed"), asyncio.create_task(source.run(sink), name="watch")]
 
     def stop() -> None:

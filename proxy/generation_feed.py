@@ -17,7 +17,9 @@ accepts on it; every worker connects to its path.
   worker's own ProxyServer, which builds the crypto runtime and TLS contexts in that process
   (engines and engine/provider keys are loaded after fork, per worker, as OpenSSL requires).
   A configuration equal to the one it serves is not rebuilt (a restarted watcher republishes the
-  same table). When the watcher dies the worker keeps serving its last generation and connects
+  same table). The problems of each build (a key that does not load) go back as a frame; the
+  watcher hands them to `on_problems` (the Kubernetes source turns them into Events). Building is
+  thus asynchronous to `FeedServer.publish`, which returns no problems itself. When the watcher dies the worker keeps serving its last generation and connects
   again; the connection waits in the feed socket's backlog (the master keeps it open) until the
   restarted watcher accepts it and sends the current state after its first full sync.
 
@@ -43,6 +45,7 @@ import pickle
 import signal
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +67,7 @@ RECONNECT_DELAY_SECONDS = 0.2  # a worker retrying a feed that is not there yet 
 @dataclass(frozen=True)
 class PublishFrame:
     configuration: Configuration
+    number: int  # the watcher's count of publishes; problems come back with it
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,15 @@ class EndpointsFrame:
     endpoints: tuple[Address, ...]
 
 
-Frame = PublishFrame | EndpointsFrame
+@dataclass(frozen=True)
+class ProblemsFrame:
+    """Worker → watcher: what building the configuration of publish `number` found."""
+
+    problems: tuple[Problem, ...]
+    number: int
+
+
+Frame = PublishFrame | EndpointsFrame | ProblemsFrame
 
 
 def encode(frame: Frame) -> bytes:
@@ -96,7 +108,7 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
     except asyncio.IncompleteReadError:
         raise ConnectionError("generation feed: truncated frame") from None
     frame = pickle.loads(payload)
-    if not isinstance(frame, (PublishFrame, EndpointsFrame)):
+    if not isinstance(frame, (PublishFrame, EndpointsFrame, ProblemsFrame)):
         raise ConnectionError(f"generation feed: unexpected frame {type(frame).__name__}")
     return frame
 
@@ -124,8 +136,10 @@ def bind_feed(directory: Path) -> socket.socket:
 class FeedServer:
     """The watcher's `ConfigurationSink`: fans every change out to the connected workers."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_problems: Callable[[tuple[Problem, ...]], None]) -> None:
         self.current: Configuration | None = None
+        self.number = 0  # publishes so far: problems about an older one are stale
+        self._on_problems = on_problems
         self._workers: set[asyncio.StreamWriter] = set()
 
     async def serve(self, listening: socket.socket) -> None:
@@ -148,11 +162,13 @@ class FeedServer:
             return
         self._workers.add(writer)
         if self.current is not None:
-            self._send(writer, encode(PublishFrame(self.current)))
+            self._send(writer, encode(PublishFrame(self.current, self.number)))
         try:
-            await reader.read()  # workers never write: this returns when the worker goes away
-        except ConnectionError:
-            pass
+            while (frame := await read_frame(reader)) is not None:
+                if isinstance(frame, ProblemsFrame) and frame.number == self.number:
+                    self._on_problems(frame.problems)
+        except ConnectionError as error:
+            LOG.warning("%s; closing that worker's feed", error)
         finally:
             self._workers.discard(writer)
             writer.close()
@@ -173,9 +189,10 @@ class FeedServer:
     # -- ConfigurationSink --------------------------------------------------------------------
 
     def publish(self, configuration: Configuration) -> tuple[Problem, ...]:
-        """Problems from building (a key that does not load) are found and logged by each worker."""
+        """Problems from building (a key that does not load) come back later, to `on_problems`."""
         self.current = configuration
-        self._broadcast(PublishFrame(configuration))
+        self.number += 1
+        self._broadcast(PublishFrame(configuration, self.number))
         return ()
 
     def update_endpoints(self, backend: str, endpoints: tuple[Address, ...]) -> None:
@@ -190,6 +207,7 @@ class FeedSource:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.current: Configuration | None = None
+        self._problems: tuple[Problem, ...] = ()  # what building `current` found
 
     async def run(self, sink: ConfigurationSink) -> None:
         # The master forwards SIGHUP to every child; here there is nothing to reload.
@@ -202,19 +220,20 @@ class FeedSource:
                 await asyncio.sleep(RECONNECT_DELAY_SECONDS)
                 continue
             try:
-                await self._follow(reader, sink)
+                await self._follow(reader, writer, sink)
             except ConnectionError as error:
                 LOG.error("%s; connecting again", error)
             finally:
                 writer.close()
             LOG.info("the watcher went away; serving the last generation until it is back")
 
-    async def _follow(self, reader: asyncio.StreamReader, sink: ConfigurationSink) -> None:
+    async def _follow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sink: ConfigurationSink) -> None:
         while (frame := await read_frame(reader)) is not None:
             if isinstance(frame, PublishFrame):
                 if frame.configuration != self.current:
-                    sink.publish(frame.configuration)
+                    self._problems = sink.publish(frame.configuration)
                     self.current = frame.configuration
-            elif self.current is not None:
+                writer.write(encode(ProblemsFrame(self._problems, frame.number)))  # also to a restarted watcher
+            elif isinstance(frame, EndpointsFrame) and self.current is not None:
                 sink.update_endpoints(frame.backend, frame.endpoints)
                 self.current = with_endpoints(self.current, frame.backend, frame.endpoints)

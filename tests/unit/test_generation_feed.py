@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from config.model import Address, Certificate, Configuration, PathType, PemKey
+from config.model import Address, Certificate, Configuration, PathType, PemKey, Problem
 from proxy import generation_feed
 from proxy.generation_feed import (
     FEED_SOCKET_NAME,
@@ -18,6 +18,7 @@ from proxy.generation_feed import (
     EndpointsFrame,
     FeedServer,
     FeedSource,
+    ProblemsFrame,
     PublishFrame,
     bind_feed,
     encode,
@@ -63,9 +64,13 @@ def reader_of(data: bytes, eof: bool = True) -> asyncio.StreamReader:
 async def test_frames_round_trip_secrets_included() -> None:
     key = PemKey(b"-----BEGIN PRIVATE KEY-----\nsecret\n-----END PRIVATE KEY-----\n")
     certificate = Certificate(b"-----BEGIN CERTIFICATE-----\n", key, ("app.example",), "Secret default/app")
-    frames = [PublishFrame(configuration(certificates=(certificate,))), EndpointsFrame("blue", (C,))]
+    frames = [
+        PublishFrame(configuration(certificates=(certificate,)), 7),
+        EndpointsFrame("blue", (C,)),
+        ProblemsFrame((Problem("Secret default/app", "certificate left out: no key"),), 7),
+    ]
     reader = reader_of(b"".join(encode(frame) for frame in frames))
-    assert [await read_frame(reader), await read_frame(reader), await read_frame(reader)] == [*frames, None]
+    assert [await read_frame(reader) for _ in range(4)] == [*frames, None]
 
 
 @pytest.mark.parametrize(
@@ -87,7 +92,8 @@ class Watcher:
     """A FeedServer on its own copy of the master's listening socket, as a watcher process has."""
 
     def __init__(self, listening: socket.socket) -> None:
-        self.sink = FeedServer()
+        self.problems: list[tuple[Problem, ...]] = []
+        self.sink = FeedServer(on_problems=self.problems.append)
         self.task = asyncio.create_task(self.sink.serve(listening.dup()))
 
     async def stop(self) -> None:  # the process dies: its copy of the socket and its connections close
@@ -158,7 +164,7 @@ async def test_a_worker_that_stops_reading_is_cut_off_not_buffered_forever(tmp_p
     reader, writer = await asyncio.open_unix_connection(str(tmp_path / FEED_SOCKET_NAME))
     try:
         big = configuration(blue=tuple(Address(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 80) for i in range(20_000)))
-        frame_size = len(encode(PublishFrame(big)))
+        frame_size = len(encode(PublishFrame(big, 1)))
         await asyncio.sleep(0.1)  # accepted
         published = (8 << 20) // frame_size + 2
         for _ in range(published):  # the peer reads nothing meanwhile
@@ -173,5 +179,37 @@ async def test_a_worker_that_stops_reading_is_cut_off_not_buffered_forever(tmp_p
         assert received < published
     finally:
         writer.close()
+        await watcher.stop()
+        listening.close()
+
+
+class KeyFailingSink(RecordingSink):
+    """Building a configuration whose blue backend is on C finds a problem (as a bad key would)."""
+
+    def publish(self, configuration: Configuration) -> tuple[Problem, ...]:
+        super().publish(configuration)
+        return (BUILD_PROBLEM,) if configuration.routes.backends[0].endpoints == (C,) else ()
+
+
+BUILD_PROBLEM = Problem("Secret default/app", "certificate left out: the key does not match")
+
+
+async def test_build_problems_come_back_to_the_watcher_and_stale_ones_are_dropped(tmp_path: Path) -> None:
+    listening = bind_feed(tmp_path)
+    watcher = Watcher(listening)
+    sink = KeyFailingSink()
+    source = asyncio.create_task(FeedSource(tmp_path / FEED_SOCKET_NAME).run(sink))
+    try:
+        watcher.sink.publish(configuration(blue=(C,)))
+        await until(lambda: watcher.problems == [(BUILD_PROBLEM,)])
+        # Two publishes before the worker answers: the answer about the first is stale on arrival.
+        watcher.sink.publish(configuration(blue=(C,), green=(A,)))
+        watcher.sink.publish(configuration())
+        await until(lambda: len(sink.configurations) == 3)
+        await until(lambda: watcher.problems[-1:] == [()])
+        assert watcher.problems == [(BUILD_PROBLEM,), ()]
+    finally:
+        source.cancel()
+        await asyncio.gather(source, return_exceptions=True)
         await watcher.stop()
         listening.close()
