@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from kubernetes_asyncio import client, config
 
+from bench.machine import tree_rss_bytes
 from tests.fake_apiserver import FakeApiServer
 from tests.fake_apiserver.store import RESOURCES
 
@@ -172,10 +173,8 @@ async def _request_latencies(answers: Callable[[str], Awaitable[bool]], host: st
 
 
 def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """The controller's process tree (master, watcher, workers with --workers; forked pages count once per process)."""
+    return tree_rss_bytes(pid) / (1 << 20)
 
 
 async def run(arguments: argparse.Namespace) -> dict[str, Any]:
@@ -185,7 +184,10 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
         await _start_backend(SECOND_BACKEND_HOST, backend_port, "second"),
     ]
     workdir = Path(tempfile.mkdtemp(prefix="k8s-sync-"))
-    results: dict[str, Any] = {"ingresses": arguments.ingresses, "namespaces": arguments.namespaces, "tls_ingresses": arguments.tls}
+    results: dict[str, Any] = {
+        "ingresses": arguments.ingresses, "namespaces": arguments.namespaces, "tls_ingresses": arguments.tls,
+        "workers": arguments.workers,
+    }  # fmt: skip
     async with FakeApiServer(allow_loopback=True, history_limit=100_000, bookmark_interval=30.0) as server:
         started = time.perf_counter()
         seed(server, arguments.ingresses, arguments.namespaces, arguments.tls, backend_port)
@@ -199,7 +201,8 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
             process = await asyncio.create_subprocess_exec(
                 str(CLI), "serve", "--kubernetes", "--kubeconfig", str(kubeconfig), "--no-access-log",
                 "--https-address", f"127.0.0.1:{https_port}", "--http-address", f"127.0.0.1:{http_port}",
-                "--admin-address", f"127.0.0.1:{admin_port}", stdout=log, stderr=asyncio.subprocess.STDOUT,
+                "--admin-address", f"127.0.0.1:{admin_port}", "--workers", str(arguments.workers),
+                stdout=log, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         try:
@@ -312,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", type=int, default=0, help="how many of the Ingresses carry their own TLS Secret")
     parser.add_argument("--changes", type=int, default=40, help="Ingress changes to time")
     parser.add_argument("--endpoint-changes", type=int, default=20, help="EndpointSlice changes to time")
+    parser.add_argument("--workers", type=int, default=1, help="--workers for the controller (one watcher feeds them)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     arguments = parser.parse_args(argv)
     if (arguments.changes + arguments.endpoint_changes) * arguments.namespaces > arguments.ingresses:
