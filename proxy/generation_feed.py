@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import pickle
@@ -107,10 +108,23 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
         payload = await reader.readexactly(length)
     except asyncio.IncompleteReadError:
         raise ConnectionError("generation feed: truncated frame") from None
-    frame = pickle.loads(payload)
+    frame = _unpickle(payload)
     if not isinstance(frame, (PublishFrame, EndpointsFrame, ProblemsFrame)):
         raise ConnectionError(f"generation feed: unexpected frame {type(frame).__name__}")
     return frame
+
+
+def _unpickle(payload: bytes) -> object:
+    """`pickle.loads` with the cyclic GC held off: a route table is tens of thousands of new objects
+    and no cycles, yet their allocation triggers collections that rescan the whole heap — 5,000
+    Ingresses decoded in 100-185 ms with the collector on, 13-18 ms with it off (this machine)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return pickle.loads(payload)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def with_endpoints(configuration: Configuration, backend: str, endpoints: tuple[Address, ...]) -> Configuration:
