@@ -29,13 +29,13 @@ With TLS nearly all of a change's time is `proxy.contexts.build_contexts` rebuil
 pyOpenSSL context (~0.8 ms each: key PEM parse, chain parse, SSL_CTX_new) on the serving loop.
 
 `--workers 2` (one watcher feeding two workers, proxy/generation_feed.py), 2026-12-01, same shared
-machine, 5,000 Ingresses without TLS, three runs (the first two before the GC fix below) against two
-of `--workers 1`: change → served p50
-1.1-2.4 s (1 worker: 0.7-1.0 s), EndpointSlice p50 0.38-0.58 s (0.32-0.34 s), requests meanwhile
-p50 1.3-2.1 ms (9.0 ms), longest 1.0-1.4 s (0.5 s). Per change the feed adds, measured in process:
-encode 17-29 ms in the watcher, decode 19-20 ms in each worker (with the GC held off; 100-185 ms
-without), then each worker's own build (15-44 ms without TLS). That accounts for well under the
-gap in change → served, which these noisy runs do not explain: profile it on a quiet machine.
+machine, 5,000 Ingresses without TLS, three runs (the first two before the GC fix below) against
+two of `--workers 1`: change → served p50 1.1-2.4 s (1 worker: 0.7-1.0 s), EndpointSlice p50
+0.38-0.58 s (0.32-0.34 s), requests meanwhile p50 1.3-2.1 ms (9.0 ms), longest 1.0-1.4 s (0.5 s).
+Per change the feed adds, measured in process: encode 17-29 ms in the watcher, decode 19-20 ms in
+each worker (with the GC held off; 100-185 ms without), then each worker's own build (15-44 ms
+without TLS). That accounts for well under the gap in change → served, which these noisy runs do
+not explain: profile it on a quiet machine.
 """
 
 from __future__ import annotations
