@@ -32,10 +32,14 @@ pyOpenSSL context (~0.8 ms each: key PEM parse, chain parse, SSL_CTX_new) on the
 machine, 5,000 Ingresses without TLS, three runs (the first two before the GC fix below) against
 two of `--workers 1`: change → served p50 1.1-2.4 s (1 worker: 0.7-1.0 s), EndpointSlice p50
 0.38-0.58 s (0.32-0.34 s), requests meanwhile p50 1.3-2.1 ms (9.0 ms), longest 1.0-1.4 s (0.5 s).
-Per change the feed adds, measured in process: encode 17-29 ms in the watcher, decode 19-20 ms in
-each worker (with the GC held off; 100-185 ms without), then each worker's own build (15-44 ms
-without TLS). That accounts for well under the gap in change → served, which these noisy runs do
-not explain: profile it on a quiet machine.
+A fourth pair: 0.57 s vs 1.36 s. A quieter pair of 12 changes (353 vs 555 ms p50) split by the
+controller's own histograms: event → published into the sink 349 ms (1 process) vs 419 ms (the
+watcher, up to its write into the feed), so ~70 ms in the watcher and ~130 ms between the feed and
+a worker serving. Per change the feed adds, measured in process: encode 17-29 ms in the watcher,
+decode 19-20 ms in each worker (with the GC held off; 100-185 ms without), and each worker builds
+on its own (15-44 ms without TLS), the two workers and the watcher competing for the two cores
+with the load generator. The wider gaps of the noisier runs are not explained yet: profile them on
+a quiet machine.
 """
 
 from __future__ import annotations
