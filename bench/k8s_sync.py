@@ -27,6 +27,19 @@ Measured 2026-11-25 on the shared 2-core machine (other helpers' tests running; 
 
 With TLS nearly all of a change's time is `proxy.contexts.build_contexts` rebuilding every
 pyOpenSSL context (~0.8 ms each: key PEM parse, chain parse, SSL_CTX_new) on the serving loop.
+
+`--workers 2` (one watcher feeding two workers, proxy/generation_feed.py), 2026-12-01, same shared
+machine, 5,000 Ingresses without TLS, three runs (the first two before the GC fix below) against
+two of `--workers 1`: change → served p50 1.1-2.4 s (1 worker: 0.7-1.0 s), EndpointSlice p50
+0.38-0.58 s (0.32-0.34 s), requests meanwhile p50 1.3-2.1 ms (9.0 ms), longest 1.0-1.4 s (0.5 s).
+A fourth pair: 0.57 s vs 1.36 s. A quieter pair of 12 changes (353 vs 555 ms p50) split by the
+controller's own histograms: event → published into the sink 349 ms (1 process) vs 419 ms (the
+watcher, up to its write into the feed), so ~70 ms in the watcher and ~130 ms between the feed and
+a worker serving. Per change the feed adds, measured in process: encode 17-29 ms in the watcher,
+decode 19-20 ms in each worker (with the GC held off; 100-185 ms without), and each worker builds
+on its own (15-44 ms without TLS), the two workers and the watcher competing for the two cores
+with the load generator. The wider gaps of the noisier runs are not explained yet: profile them on
+a quiet machine.
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from kubernetes_asyncio import client, config
 
+from bench.machine import tree_rss_bytes
 from tests.fake_apiserver import FakeApiServer
 from tests.fake_apiserver.store import RESOURCES
 
@@ -172,10 +186,8 @@ async def _request_latencies(answers: Callable[[str], Awaitable[bool]], host: st
 
 
 def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """The controller's process tree (master, watcher, workers with --workers; forked pages count once per process)."""
+    return tree_rss_bytes(pid) / (1 << 20)
 
 
 async def run(arguments: argparse.Namespace) -> dict[str, Any]:
@@ -185,7 +197,10 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
         await _start_backend(SECOND_BACKEND_HOST, backend_port, "second"),
     ]
     workdir = Path(tempfile.mkdtemp(prefix="k8s-sync-"))
-    results: dict[str, Any] = {"ingresses": arguments.ingresses, "namespaces": arguments.namespaces, "tls_ingresses": arguments.tls}
+    results: dict[str, Any] = {
+        "ingresses": arguments.ingresses, "namespaces": arguments.namespaces, "tls_ingresses": arguments.tls,
+        "workers": arguments.workers,
+    }  # fmt: skip
     async with FakeApiServer(allow_loopback=True, history_limit=100_000, bookmark_interval=30.0) as server:
         started = time.perf_counter()
         seed(server, arguments.ingresses, arguments.namespaces, arguments.tls, backend_port)
@@ -199,7 +214,8 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
             process = await asyncio.create_subprocess_exec(
                 str(CLI), "serve", "--kubernetes", "--kubeconfig", str(kubeconfig), "--no-access-log",
                 "--https-address", f"127.0.0.1:{https_port}", "--http-address", f"127.0.0.1:{http_port}",
-                "--admin-address", f"127.0.0.1:{admin_port}", stdout=log, stderr=asyncio.subprocess.STDOUT,
+                "--admin-address", f"127.0.0.1:{admin_port}", "--workers", str(arguments.workers),
+                stdout=log, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         try:
@@ -312,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", type=int, default=0, help="how many of the Ingresses carry their own TLS Secret")
     parser.add_argument("--changes", type=int, default=40, help="Ingress changes to time")
     parser.add_argument("--endpoint-changes", type=int, default=20, help="EndpointSlice changes to time")
+    parser.add_argument("--workers", type=int, default=1, help="--workers for the controller (one watcher feeds them)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     arguments = parser.parse_args(argv)
     if (arguments.changes + arguments.endpoint_changes) * arguments.namespaces > arguments.ingresses:

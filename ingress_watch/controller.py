@@ -103,6 +103,7 @@ class KubernetesSource:
         self._first_change_at: float | None = None
         self._published: Configuration | None = None
         self._build_problems: tuple[Problem, ...] = ()
+        self._reported_with: tuple[tuple[Problem, ...], Snapshot] | None = None  # last translation problems + snapshot
         self._reported: set[Problem] = set()
         self._event_queue: asyncio.Queue[tuple[JsonObject, str]] = asyncio.Queue()
 
@@ -186,6 +187,7 @@ class KubernetesSource:
                 self._build_problems = sink.publish(translation.configuration)
                 self._published = translation.configuration
             REBUILD_SECONDS.labels("full").observe(time.perf_counter() - started)
+            self._reported_with = (translation.problems, snapshot)
             self._report(translation.problems + self._build_problems, snapshot)
             if self.status_writer is not None:
                 self.status_writer.update(snapshot, frozenset(translation.claimed_ingresses))
@@ -204,6 +206,13 @@ class KubernetesSource:
         return updated
 
     # -- problems -------------------------------------------------------------------------------
+
+    def report_build_problems(self, problems: tuple[Problem, ...]) -> None:
+        """Problems a sink found after `publish` returned (--workers: each worker builds on its own)."""
+        self._build_problems = problems
+        if self._reported_with is not None:
+            translation_problems, snapshot = self._reported_with
+            self._report(translation_problems + problems, snapshot)
 
     def _report(self, problems: tuple[Problem, ...], snapshot: Snapshot) -> None:
         current = set(problems)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvloop
 
@@ -29,6 +32,11 @@ _refuse_unusable_openssl_modules()  # before anything imports cryptography
 from config.model import Address, Listeners  # noqa: E402
 from config.routes_file import LoadedRoutes, RoutesFileError, load_routes_file  # noqa: E402
 from proxy.access_log import ACCESS_LOG  # noqa: E402
+
+if TYPE_CHECKING:
+    from kubernetes_asyncio import client
+
+    from ingress_watch.controller import ControllerSettings
 
 LOG = logging.getLogger("ingress_proxy")
 
@@ -92,12 +100,11 @@ def _address(value: str, flag: str) -> Address:
     return Address(host.strip("[]"), int(port))
 
 
-async def _serve_kubernetes(args: argparse.Namespace) -> int:
-    from ingress_watch.controller import ControllerSettings, KubernetesSource, load_client_configuration
+def _kubernetes_settings(args: argparse.Namespace) -> tuple[Listeners, ControllerSettings]:
+    from ingress_watch.controller import ControllerSettings
     from ingress_watch.leader import LeaderSettings
     from ingress_watch.status import PublishSettings
     from ingress_watch.translate import TranslateOptions
-    from proxy.server import run_proxy
 
     publish = None
     if args.publish_service or args.publish_status_address:
@@ -122,16 +129,85 @@ async def _serve_kubernetes(args: argparse.Namespace) -> int:
         http=_address(args.http_address, "--http-address") if args.http_address else None,
         admin=_address(args.admin_address, "--admin-address") if args.admin_address else None,
     )
+    return listeners, settings
+
+
+async def _serve_kubernetes(args: argparse.Namespace) -> int:
+    from ingress_watch.controller import KubernetesSource, load_client_configuration
+    from proxy.server import run_proxy
+
+    listeners, settings = _kubernetes_settings(args)
     client_configuration = await load_client_configuration(args.kubeconfig)
     return await run_proxy(listeners, KubernetesSource(client_configuration, settings))
+
+
+def _serve_kubernetes_workers(args: argparse.Namespace) -> int:
+    """One watcher and `--workers` data-plane processes, fed over proxy/generation_feed.py."""
+    with tempfile.TemporaryDirectory(prefix="ingress-proxy-") as private:  # mode 0700: the feed's only door
+        metrics_directory = Path(private) / "metrics"
+        metrics_directory.mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_directory)  # before prometheus_client is imported
+        from ingress_watch.controller import load_client_configuration
+        from proxy.generation_feed import FEED_SOCKET_NAME, FeedSource, bind_feed
+        from proxy.server import ListenerError, bind_listeners, run_proxy
+        from proxy.workers import run_workers
+
+        listeners, settings = _kubernetes_settings(args)
+        # In the master, before forking, so that an unreadable kubeconfig is one error, not a watcher
+        # restarting forever; the loop it runs on is closed again before any fork.
+        client_configuration = asyncio.run(load_client_configuration(args.kubeconfig))
+        try:
+            sockets = bind_listeners(listeners)  # before fork: the workers inherit them (proxy/workers.py)
+        except ListenerError as error:
+            print(error, file=sys.stderr)
+            return 1
+        feed = bind_feed(Path(private))
+        feed_path = Path(private) / FEED_SOCKET_NAME
+
+        def run_worker(index: int, ticket_keys: bytes) -> int:
+            feed.close()
+            return uvloop.run(run_proxy(listeners, FeedSource(feed_path), ticket_keys, index == 0, sockets))
+
+        def run_watcher() -> int:
+            for sock in sockets.values():
+                sock.close()
+            return uvloop.run(_watch(client_configuration, settings, feed))
+
+        return run_workers(args.workers, run_worker, run_watcher)
+
+
+async def _watch(client_configuration: client.Configuration, settings: ControllerSettings, feed: socket.socket) -> int:
+    """The watcher process: the Kubernetes source publishing into the feed, until SIGTERM."""
+    from ingress_watch.controller import KubernetesSource
+    from proxy.generation_feed import FeedServer
+
+    source = KubernetesSource(client_configuration, settings)
+    sink = FeedServer(on_problems=source.report_build_problems)
+    tasks = [asyncio.create_task(sink.serve(feed), name="feed"), asyncio.create_task(source.run(sink), name="watch")]
+
+    def stop() -> None:
+        for task in tasks:
+            task.cancel()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: LOG.info("SIGHUP: nothing to reload, Kubernetes changes apply as they come"))
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    stop()
+    results = await asyncio.gather(*tasks, return_exceptions=True)  # cancelled: the Lease is released
+    errors = [result for result in results if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError)]
+    for error in errors:
+        LOG.error("the watcher stopped", exc_info=error)
+    return 2 if errors else 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level, args.access_log)
     if args.kubernetes:
-        if args.workers != 1:
-            raise SystemExit("--workers: Kubernetes mode runs one process per pod; scale with replicas instead")
-        return uvloop.run(_serve_kubernetes(args))
+        if args.workers == 1:
+            return uvloop.run(_serve_kubernetes(args))
+        return _serve_kubernetes_workers(args)
     if args.routes is None:
         raise SystemExit("serve: give --routes FILE (standalone) or --kubernetes")
     try:

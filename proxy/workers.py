@@ -16,6 +16,11 @@ and route source. The master only supervises: it forwards SIGTERM/SIGINT (drain)
 drained. Session-ticket keys are generated once in the master and inherited, so a ticket issued
 by one worker resumes in any other. Metrics use prometheus-client's multiprocess mode so the
 admin listener (run by worker 0) reports all workers.
+
+In Kubernetes mode the master also supervises one *watcher* child (`run_watcher`): the only
+process that talks to the API server; it feeds every worker over proxy/generation_feed.py. A
+dead watcher is restarted whatever its exit status (the workers keep serving their last
+generation meanwhile); only the workers' status 1 (configuration or engine error) stops the pod.
 """
 
 from __future__ import annotations
@@ -32,10 +37,14 @@ LOG = logging.getLogger("ingress_proxy.workers")
 RESTART_BACKOFF_SECONDS = 1.0  # a worker that keeps crashing is restarted at most once a second
 
 
-def run_workers(count: int, run_worker: Callable[[int, bytes], int]) -> int:
-    """Fork `count` workers running `run_worker(index, ticket_keys)`; returns the exit status."""
+WATCHER = -1  # the index the watcher child has among the workers' indexes
+
+
+def run_workers(count: int, run_worker: Callable[[int, bytes], int], run_watcher: Callable[[], int] | None = None) -> int:
+    """Fork `count` workers running `run_worker(index, ticket_keys)` (and one `run_watcher()`, if
+    given); returns the exit status."""
     ticket_keys = os.urandom(TICKET_KEYS_LENGTH)
-    children: dict[int, int] = {}  # pid → worker index
+    children: dict[int, int] = {}  # pid → worker index, or WATCHER
     stopping = False
     last_start: dict[int, float] = {}
 
@@ -50,7 +59,7 @@ def run_workers(count: int, run_worker: Callable[[int, bytes], int]) -> int:
                 signal.signal(signum, signal.SIG_DFL)
             code = 1
             try:
-                code = run_worker(index, ticket_keys)
+                code = run_watcher() if run_watcher is not None and index == WATCHER else run_worker(index, ticket_keys)
             finally:
                 os._exit(code)
         children[pid] = index
@@ -67,6 +76,8 @@ def run_workers(count: int, run_worker: Callable[[int, bytes], int]) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
+    if run_watcher is not None:
+        spawn(WATCHER)
     for index in range(count):
         spawn(index)
     status = 0
@@ -78,6 +89,9 @@ def run_workers(count: int, run_worker: Callable[[int, bytes], int]) -> int:
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
             status = status or (code if code > 0 else 0)
+        elif index == WATCHER:
+            LOG.error("the watcher (pid %d) exited with %d; restarting it, the workers keep serving", pid, code)
+            spawn(index)
         elif code == 1:  # a configuration or engine error: restarting would fail the same way
             LOG.error("worker %d failed to start; stopping all workers", index)
             status = 1

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import re
 import shlex
 from pathlib import Path
@@ -92,9 +93,33 @@ def entrypoint() -> list[str]:
     return json.loads(arguments)  # exec form: signals reach the proxy, no shell in between
 
 
+def cpu_quantity(value: str | int) -> float:
+    """A Kubernetes CPU quantity ("2", "500m", 1) in CPUs."""
+    text = str(value)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def container_environment(container: dict[str, Any]) -> dict[str, str]:
+    """The variables the kubelet sets from `env` (resourceFieldRef: the limit ÷ divisor, rounded up)."""
+    environment = {}
+    for variable in container.get("env", []):
+        if "value" in variable:
+            environment[variable["name"]] = variable["value"]
+        elif "resourceFieldRef" in variable.get("valueFrom", {}):
+            reference = variable["valueFrom"]["resourceFieldRef"]
+            kind, _, resource = reference["resource"].partition(".")
+            assert resource == "cpu", f"only CPU references are expanded here: {reference}"
+            quantity = cpu_quantity(container["resources"][kind][resource]) / cpu_quantity(reference.get("divisor", "1"))
+            environment[variable["name"]] = str(math.ceil(quantity))
+    return environment
+
+
 def controller_arguments(deployment: dict[str, Any]) -> argparse.Namespace:
+    """The container's args as the kubelet expands them ($(VAR) from `env`), through the real CLI parser."""
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return cli.build_parser().parse_args([*entrypoint()[1:], *container.get("args", [])])
+    environment = container_environment(container)
+    arguments = [re.sub(r"\$\((\w+)\)", lambda match: environment[match[1]], argument) for argument in container.get("args", [])]
+    return cli.build_parser().parse_args([*entrypoint()[1:], *arguments])
 
 
 # --- manifests -----------------------------------------------------------------------------------
@@ -138,6 +163,8 @@ def test_deployment_flags_parse_with_the_real_cli_and_match_the_other_manifests(
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     (pod_namespace,) = [env for env in container["env"] if env["name"] == "POD_NAMESPACE"]
     assert pod_namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    # One worker per CPU of the limit: every core the pod is given serves traffic.
+    assert arguments.workers == math.ceil(cpu_quantity(container["resources"]["limits"]["cpu"])) >= 2
 
     security = pod["spec"]["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
