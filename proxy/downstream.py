@@ -381,7 +381,7 @@ class ClientConnection(FlowControlled):
         self._flush()
 
     def answer_locally(self, head: RequestHead, status: int, extra: bytes) -> bool:
-        self._send(simple_response(status, HttpDate.now(), close=head.has_body, extra=extra))
+        self._send(simple_response(status, HttpDate.now(), head.has_body, extra, head_only=head.method == b"HEAD"))
         return not head.has_body  # an unread body would be taken for the next request: close instead
 
     def send_interim(self, head: RequestHead, response: ResponseHead) -> None:

@@ -14,6 +14,8 @@ the application, each mapped to the status the peer has earned (`PeerError`):
 - both Content-Length and Transfer-Encoding, or any Transfer-Encoding but exactly `chunked`
   → 400/501, so no request can be framed two ways (request smuggling);
 - several Content-Length values, a missing or repeated Host on HTTP/1.1 → 400;
+- an Upgrade request that announces a body → 400: llhttp ends such a request at its head, so the
+  body would be read as the tunnel's first bytes;
 - a request target that is not origin-form (`/path`) → 400: we are a reverse proxy, not a
   forward proxy, so absolute-, authority- and asterisk-form are refused; CONNECT → 405;
 - limits below, each named with its reason.
@@ -224,6 +226,11 @@ class RequestParser(_ParserBase):
         if len(hosts) > 1 or (version == "1.1" and not hosts):
             raise PeerError(400, "a request needs exactly one Host header")
         chunked, content_length = self._framing()
+        upgrade = parser.should_upgrade()
+        if upgrade and (chunked or content_length):
+            # llhttp ends an upgrade request at its head and hands what follows to the tunnel, so
+            # the announced body would reach the backend as tunnel bytes it reads as that body.
+            raise PeerError(400, "a request asking to upgrade may not carry a body")
         return RequestHead(
             method=method,
             target=self._target,
@@ -231,7 +238,7 @@ class RequestParser(_ParserBase):
             headers=tuple(self._headers),
             host=hosts[0] if hosts else b"",
             keep_alive=parser.should_keep_alive(),
-            upgrade=parser.should_upgrade(),
+            upgrade=upgrade,
             chunked=chunked,
             content_length=content_length,
         )
@@ -453,17 +460,22 @@ def client_response_head(
     return b"".join(parts)
 
 
-def simple_response(status: int, date: bytes, close: bool, extra: bytes = b"") -> bytes:
-    """A short plain-text response the proxy answers by itself (errors, redirects)."""
-    reason = REASONS.get(status, b"Error")
-    body = b"%d %s\n" % (status, reason)
+def simple_body(status: int) -> bytes:
+    """The plain-text body of a response the proxy makes itself."""
+    return b"%d %s\n" % (status, REASONS.get(status, b"Error"))
+
+
+def simple_response(status: int, date: bytes, close: bool, extra: bytes = b"", head_only: bool = False) -> bytes:
+    """A short plain-text response the proxy answers by itself (errors, redirects). `head_only`:
+    the answer to a HEAD request, whose Content-Length describes a body that is not sent."""
+    body = simple_body(status)
     return b"".join(
         (
-            b"HTTP/1.1 %d %s\r\nServer: ingress-proxy\r\nDate: %s\r\n" % (status, reason, date),
+            b"HTTP/1.1 %d %s\r\nServer: ingress-proxy\r\nDate: %s\r\n" % (status, REASONS.get(status, b"Error"), date),
             b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
             b"Connection: close\r\n" if close else b"",
             extra,
             b"\r\n",
-            body,
+            b"" if head_only else body,
         )
     )

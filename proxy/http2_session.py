@@ -38,7 +38,6 @@ from proxy.flow import ConnectionGone
 from proxy.http1 import (
     END_OF_MESSAGE,
     HOP_BY_HOP,
-    REASONS,
     Body,
     EndOfMessage,
     Headers,
@@ -46,6 +45,7 @@ from proxy.http1 import (
     RequestHead,
     ResponseHead,
     connection_tokens,
+    simple_body,
 )
 from proxy.http2 import (
     ConnectionEnded,
@@ -150,7 +150,7 @@ class Http2Session:
         stream.task = self.connection.loop.create_task(stream.run())
 
     def _refuse(self, refused: StreamRefused) -> None:
-        body = b"%d %s\n" % (refused.status, REASONS.get(refused.status, b"Error"))
+        body = simple_body(refused.status)
         headers = plain_text_fields(len(body))
         self.core.send_head(refused.stream_id, refused.status, headers)
         self.core.send_data(refused.stream_id, body, end_stream=True)
@@ -322,10 +322,12 @@ class Http2Stream:
             session.write()
 
     def answer_locally(self, head: RequestHead, status: int, extra: bytes) -> bool:
-        body = b"%d %s\n" % (status, REASONS.get(status, b"Error"))
+        body = simple_body(status)
         core = self.session.core
-        core.send_head(self.stream_id, status, (*plain_text_fields(len(body)), *extra_fields(extra)))
-        core.send_data(self.stream_id, body, end_stream=True)
+        head_only = head.method == b"HEAD"  # its content-length describes the body not sent
+        core.send_head(self.stream_id, status, (*plain_text_fields(len(body)), *extra_fields(extra)), head_only)
+        if not head_only:
+            core.send_data(self.stream_id, body, end_stream=True)
         self._head_sent_with_end = True
         return True
 

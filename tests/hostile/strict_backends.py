@@ -5,8 +5,8 @@ parser (llhttp) decided how the client's input is framed, and a backend built on
 pure-Python HTTP/1.1 state machine, must parse exactly the same requests from what we sent.
 
 - `StrictRecorder` parses every request it receives with h11 and records method, target, headers
-  and body; anything h11 refuses is recorded as an error (the proxy sent malformed bytes), a
-  request cut off by the proxy is counted as `incomplete`. Each request is answered with a small
+  and body; anything h11 refuses is recorded as an error (the proxy sent malformed bytes); a
+  request the proxy cut off (a body it stopped streaming) is not recorded. Each request is answered with a small
   response naming the request's target, so a response that reaches the wrong client is visible;
   targets under `/slow` are answered after `SLOW_SECONDS` (a backend still working when the proxy
   might already have pooled the connection).
@@ -44,8 +44,6 @@ class StrictRecorder:
     address: Address = Address(LOOPBACK, 0)
     requests: list[SeenRequest] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    incomplete: int = 0
-    in_progress: int = 0  # requests begun and neither ended nor cut yet
 
     async def start(self) -> asyncio.Server:
         server = await asyncio.start_server(self._serve, LOOPBACK, 0)
@@ -62,20 +60,15 @@ class StrictRecorder:
                     data = await reader.read(65536)
                     connection.receive_data(data)
                     if not data:
-                        if request is not None:
-                            self.incomplete += 1
-                            self.in_progress -= 1
                         return
                 elif isinstance(event, h11.Request):
                     request = SeenRequest(event.method, event.target, list(event.headers), b"")
-                    self.in_progress += 1
                 elif isinstance(event, h11.Data):
                     assert request is not None
                     request.body += bytes(event.data)
                 elif isinstance(event, h11.EndOfMessage):
                     assert request is not None
                     self.requests.append(request)
-                    self.in_progress -= 1
                     if request.target.startswith(b"/slow"):
                         await asyncio.sleep(SLOW_SECONDS)
                     body = b"answer to " + request.target
@@ -90,7 +83,6 @@ class StrictRecorder:
                     return
         except h11.RemoteProtocolError as error:
             self.errors.append(f"h11 refused what the proxy sent: {error}")
-            self.in_progress -= request is not None
         except (ConnectionError, h11.LocalProtocolError):
             pass
         finally:

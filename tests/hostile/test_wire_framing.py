@@ -34,6 +34,10 @@ from tests.hostile.test_parser_fuzz import header_names, header_values, mutated_
 from tests.hostile.test_wire_fuzz import send_and_half_close
 
 WIRE_EXAMPLES = max(settings().max_examples // 5, 40)  # a fifth of the profile's: each is a round trip
+# Generous, unlike the hostile suite's: a verdict here must never depend on the machine's load (a
+# backend answer later than 1 s would be a 504 on one run and a 200 on the retry: a flaky example).
+# The client half-closes, so the proxy ends each connection as soon as it has answered.
+RIG_TIMEOUTS = {**TIMEOUTS, "header_read": 30.0, "idle": 30.0, "backend_response": 30.0}
 RECORDED_HOST = "h.test"  # routed to the StrictRecorder
 SCRIPTED_HOST = b"r.test"  # routed to the ScriptedResponder
 
@@ -76,7 +80,7 @@ def rig(zoo: BackendZoo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F
     servers = [zoo.run(recorder.start()), zoo.run(responder.start())]
     backends = {"strict": [str(recorder.address)], "scripted": [str(responder.address)]}
     ports = Ports()
-    document = routes_document(ports, backends, [("/", "strict")], [], TIMEOUTS, host=RECORDED_HOST)
+    document = routes_document(ports, backends, [("/", "strict")], [], RIG_TIMEOUTS, host=RECORDED_HOST)
     document["routes"].append({"host": SCRIPTED_HOST.decode(), "paths": [{"path": "/", "backend": "scripted"}]})
     proxy = ProxyProcess(tmp_path_factory.mktemp("framing-proxy"), ports, document)
     yield FramingRig(proxy, recorder, responder)
@@ -183,12 +187,10 @@ def split_for(data: bytes, methods: list[bytes]) -> list[tuple[int, bytes]]:
 
 
 def assert_forwarded_exactly(rig: FramingRig, data: bytes) -> None:
-    deadline = time.monotonic() + 5
-    while rig.recorder.in_progress and time.monotonic() < deadline:  # the previous exchange's cut request
-        time.sleep(0.01)
+    """Every whole request the backend saw was answered to our client first, so none can arrive late
+    into the next example; a request the proxy cut is never recorded (its timing is the kernel's)."""
     rig.recorder.requests.clear()
     rig.recorder.errors.clear()
-    rig.recorder.incomplete = 0
     accepted, refused, cut = accepted_requests(data)
     answered = answered_in_turn(accepted)
     forwarded = [request for request in answered if normalize_host(request.head.host.decode("latin-1")) == RECORDED_HOST]
@@ -196,7 +198,6 @@ def assert_forwarded_exactly(rig: FramingRig, data: bytes) -> None:
     received = send_and_half_close(rig.port, data)
 
     assert rig.recorder.errors == [], f"the backend could not parse what we forwarded: {rig.recorder.errors}"
-    assert rig.recorder.incomplete <= (1 if cut and len(answered) == len(accepted) else 0)
     seen = rig.recorder.requests
     assert len(seen) == len(forwarded), f"backend saw {[s.target for s in seen]}, we accepted {forwarded}"
     for request, backend_view in zip(forwarded, seen):
@@ -231,6 +232,8 @@ def assert_forwarded_exactly(rig: FramingRig, data: bytes) -> None:
 @given(st.one_of(connection_token_requests(), valid_requests(), mutated_requests()))
 @example(b"POST / HTTP/1.1\r\nHost: h.test\r\nConnection: Content-Length\r\nContent-Length: 36\r\n\r\n"
          b"GET /smuggled HTTP/1.1\r\nHost: h.test\r\n\r\n")  # fmt: skip
+@example(b"HEAD / HTTP/1.1\r\nHost:.test\r\n\r\nGET /next HTTP/1.1\r\nHost: h.test\r\n\r\n")  # a local 404 to HEAD had a body
+@example(b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\nHost: h.test\r\nContent-Length: 1\r\n\r\n\x00")
 def test_backend_parses_exactly_the_requests_we_accepted(rig: FramingRig, data: bytes) -> None:
     assert_forwarded_exactly(rig, data)
 

@@ -66,6 +66,9 @@ def test_request_head_fields() -> None:
         (b"CONNECT x:1 HTTP/1.1\r\nHost: x\r\n\r\n", 405),
         (b"GET /" + b"a" * 8193 + b" HTTP/1.1\r\n", 414),
         (b"GET / HTTP/1.1\r\nHost: x\r\nA: " + b"b" * 33000 + b"\r\n\r\n", 431),
+        # llhttp would end it at its head and tunnel the "body": the backend would read it as the body
+        (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 1\r\n\r\n\x00", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     ],
 )
 def test_request_refusals(data: bytes, status: int) -> None:
