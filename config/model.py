@@ -12,6 +12,7 @@ logging a model object can never leak them.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass, field
 
 
@@ -40,11 +41,53 @@ class Backend:
     endpoints: tuple[Address, ...]
 
 
+# ---- per-route policy (issue 13): what a route does besides choosing a backend ---------------
+#
+# Both producers fill these from their own spelling (routes-file `policy:` keys, ingress-nginx
+# annotations) through the same checks in `config.route_policy`; `proxy.policy` enforces them.
+# Every default is today's behaviour, and a route without any policy carries `policy=None`, so the
+# data plane's no-policy path does no extra work (one `is None` test per request).
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """Answer every request of the route with `status` and `Location: location` (nginx `return`)."""
+
+    location: str
+    status: int  # 301 (permanent-redirect), 302 (temporal-redirect), or the -code annotations' 3xx
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    """Per-route (host + path) behaviour; field order is the order `proxy.policy` applies them.
+
+    `regex`: the rule's path is a regular expression matched case-insensitively from the start of
+    the request path (ingress-nginx `use-regex`: `location ~* "^<path>"`), checked for safety by
+    `config.route_policy.check_regex`. `rewrite_target`: the path sent upstream becomes this text
+    with `$1`..`$9` replaced by the path's capture groups (the query is kept), as nginx `rewrite`.
+    """
+
+    allow_sources: tuple[IpNetwork, ...] = ()  # non-empty: only these client addresses (else 403)
+    deny_sources: tuple[IpNetwork, ...] = ()  # these client addresses get 403 (checked first)
+    redirect: Redirect | None = None
+    app_root: str | None = None  # a request for "/" is redirected (302) here
+    max_body_size: int | None = None  # bytes; a larger request body gets 413 (None: no limit)
+    regex: bool = False
+    rewrite_target: str | None = None
+    forwarded_prefix: str | None = None  # sent upstream as X-Forwarded-Prefix (the client's is dropped)
+
+
+# ---- end of per-route policy ------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class PathRule:
     path: str
     path_type: PathType
     backend: str  # key into Configuration.backends
+    policy: RoutePolicy | None = None  # None: no policy, today's path
 
 
 @dataclass(frozen=True)

@@ -69,12 +69,25 @@ from config.model import (
     PathType,
     PemKey,
     Problem,
+    Redirect,
+    RoutePolicy,
     RouteTable,
     Timeouts,
     TlsPolicy,
     TlsVersion,
     VirtualHost,
 )
+from config.route_policy import (
+    PolicyValueError,
+    check_path_value,
+    check_redirect_code,
+    check_redirect_location,
+    check_regex,
+    check_rewrite_target,
+    parse_networks,
+    parse_size,
+)
+from config.route_rules import HostTable, RuleError, check_path, parse_path_type
 from config.tls_policy import (
     PolicyError,
     check_alpn,
@@ -119,11 +132,14 @@ _ENGINE_KEYS = ("id", "so_path", "ctrl", "algorithms", "required")
 _TIMEOUT_KEYS = tuple(field.name for field in dataclasses.fields(Timeouts))
 _HSTS_KEYS = ("max_age", "include_subdomains", "preload")
 _ACCESS_LOG_KEYS = ("json",)
-_ROUTE_KEYS = ("host", "redirect_to_https", "paths")
+_ROUTE_KEYS = ("host", "redirect_to_https", "policy", "paths")
+_POLICY_KEYS = (
+    "allow_sources", "deny_sources", "redirect", "app_root", "max_body_size", "regex", "rewrite_target", "forwarded_prefix",
+)
+_REDIRECT_KEYS = ("to", "code")
 _PATH_KEYS = ("path", "type", "backend")
 _BACKEND_KEYS = ("endpoints",)
 
-_PATH_TYPES = {path_type.value: path_type for path_type in PathType}
 _URI_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:[^/\\]", re.IGNORECASE)
 _UNQUOTED_IPV6 = re.compile(r"(?<![\"'])\[[0-9a-f.]*:[0-9a-f:.%]*\]", re.IGNORECASE)
 _LOOKS_NUMERIC = re.compile(r"[0-9.]+")  # "127.0.0.01" is a mistyped IP, not a host name
@@ -135,6 +151,13 @@ _V = TypeVar("_V")
 class LoadedRoutes:
     listeners: Listeners
     configuration: Configuration
+
+
+class _Refused:
+    """A `policy:` block that had problems: its paths are checked but routed nowhere."""
+
+
+_REFUSED = _Refused()
 
 
 class RoutesFileError(Exception):
@@ -305,9 +328,8 @@ class _Checker:
         items = self.sequence(node, "routes")
         if items is None:
             return ()
-        paths_by_host: dict[str, list[PathRule]] = {}
+        table = HostTable()  # which rules are one rule, and who wins: shared with the translator
         redirect_by_host: dict[str, tuple[bool, str]] = {}  # host → (value, where it was set)
-        rule_origins: dict[tuple[str, str, PathType], str] = {}
         for index, item in enumerate(items):
             where = f"routes[{index}]"
             fields = self.mapping(item, where, _ROUTE_KEYS, required={"paths": "paths: [{path: /, backend: NAME}]"})
@@ -319,26 +341,20 @@ class _Checker:
             redirect = False
             if "redirect_to_https" in fields:
                 redirect = self.flag(fields["redirect_to_https"], f"{where}.redirect_to_https") is True
-            if host is None:
-                if "paths" in fields:  # still check the paths, without filing them under a host
-                    self.path_rules(fields["paths"], f"{where}.paths", None, defined_backends, rule_origins)
-                continue
-            redirect_node = fields.get("redirect_to_https", item)
-            if host in redirect_by_host and redirect_by_host[host][0] != redirect:
-                first_value, first_location = redirect_by_host[host]
-                self.report(
-                    redirect_node,
-                    f"{where}.redirect_to_https: {_host_label(host)} already has redirect_to_https: "
-                    f"{str(first_value).lower()} at {first_location} (use one value for all entries of a host)",
-                )
-            redirect_by_host.setdefault(host, (redirect, self.location(redirect_node)))
-            rules = paths_by_host.setdefault(host, [])
-            if "paths" in fields:
-                rules.extend(self.path_rules(fields["paths"], f"{where}.paths", host, defined_backends, rule_origins))
-        return tuple(
-            VirtualHost(host=host, paths=tuple(rules), redirect_to_https=redirect_by_host[host][0])
-            for host, rules in paths_by_host.items()
-        )
+            policy = self.route_policy(fields["policy"], f"{where}.policy") if "policy" in fields else None
+            if host is not None:
+                redirect_node = fields.get("redirect_to_https", item)
+                if host in redirect_by_host and redirect_by_host[host][0] != redirect:
+                    first_value, first_location = redirect_by_host[host]
+                    self.report(
+                        redirect_node,
+                        f"{where}.redirect_to_https: {_host_label(host)} already has redirect_to_https: "
+                        f"{str(first_value).lower()} at {first_location} (use one value for all entries of a host)",
+                    )
+                redirect_by_host.setdefault(host, (redirect, self.location(redirect_node)))
+            if "paths" in fields:  # checked even without a usable host, but then filed nowhere
+                self.path_rules(fields["paths"], f"{where}.paths", host, defined_backends, policy, table)
+        return table.virtual_hosts({host: value for host, (value, _) in redirect_by_host.items()})
 
     def path_rules(
         self,
@@ -346,15 +362,15 @@ class _Checker:
         where: str,
         host: str | None,
         defined_backends: set[str],
-        rule_origins: dict[tuple[str, str, PathType], str],
-    ) -> list[PathRule]:
+        policy: RoutePolicy | None | _Refused,
+        table: HostTable,
+    ) -> None:
         items = self.sequence(node, where)
         if items is None:
-            return []
+            return
         if not items:
             self.report(node, f"{where}: the list is empty (add {{path: /, backend: NAME}})")
-            return []
-        rules: list[PathRule] = []
+            return
         for index, item in enumerate(items):
             item_where = f"{where}[{index}]"
             fields = self.mapping(
@@ -369,35 +385,88 @@ class _Checker:
             backend = None
             if "backend" in fields:
                 backend = self.backend_reference(fields["backend"], f"{item_where}.backend", defined_backends)
-            if path is not None and not path.startswith("/"):  # every type: ImplementationSpecific matches like Prefix
-                kind = f"{path_type.value} paths" if path_type is not None else "paths"
-                self.report(fields["path"], f"{item_where}.path: {kind} start with '/' (write '/{path}')")
+            if path is not None:
+                try:
+                    check_path(path, path_type or PathType.PREFIX)
+                except RuleError as error:
+                    message = str(error) if path_type is not None else str(error).replace("Prefix paths", "paths")
+                    self.report(fields["path"], f"{item_where}.path: {message}")
+                    continue
+            if path is None or path_type is None or isinstance(policy, _Refused):
                 continue
-            if path is None or path_type is None:
+            if policy is not None:
+                try:
+                    groups = check_regex(path) if policy.regex else 0
+                    if policy.rewrite_target is not None:
+                        check_rewrite_target(policy.rewrite_target, groups)
+                except PolicyValueError as error:
+                    self.report(fields["path"], f"{item_where}.path: {error}")
+                    continue
+            if host is None or backend is None:
                 continue
-            if host is None:
-                continue
-            rule_key = (host, path, path_type)
-            if rule_key in rule_origins:
-                self.report(
-                    item,
-                    f"{item_where}: {_host_label(host)} path '{path}' type {path_type.value} is already routed at "
-                    f"{rule_origins[rule_key]} (remove one of the two)",
-                )
-                continue
-            rule_origins[rule_key] = self.location(item)
-            if backend is not None:
-                rules.append(PathRule(path=path, path_type=path_type, backend=backend))
-        return rules
+            conflict = table.add(host, PathRule(path, path_type, backend, policy), f"the rule at {self.location(item)}")
+            if conflict is not None:
+                self.report(item, f"{item_where}: {conflict.describe(host)} (remove one, or route them alike)")
 
     def path_type(self, node: yaml.Node, where: str) -> PathType | None:
         text = self.text(node, where)
         if text is None:
             return None
-        if text not in _PATH_TYPES:
-            self.report(node, f"{where}: '{text}' is not a path type (use Exact, Prefix or ImplementationSpecific)")
+        try:
+            return parse_path_type(text)
+        except RuleError as error:
+            self.report(node, f"{where}: {error}")
             return None
-        return _PATH_TYPES[text]
+
+    # ---- per-route policy (issue 13) ------------------------------------------------------------
+
+    def route_policy(self, node: yaml.Node, where: str) -> RoutePolicy | None | _Refused:
+        """A route entry's `policy:` → RoutePolicy (None when it asks for nothing); _Refused after
+        a problem, so its paths are checked but not routed (the file is refused anyway)."""
+        fields = self.mapping(node, where, _POLICY_KEYS)
+        if fields is None:
+            return _REFUSED
+        before = len(self._problems)
+        values: dict[str, Any] = {}
+        for name in ("allow_sources", "deny_sources"):
+            if name in fields:
+                items = self.texts(fields[name], f"{where}.{name}")
+                values[name] = self.checked(fields[name], f"{where}.{name}", parse_networks, items)
+        if "redirect" in fields:
+            values["redirect"] = self.redirect(fields["redirect"], f"{where}.redirect")
+        for name in ("app_root", "forwarded_prefix"):
+            if name in fields and (text := self.text(fields[name], f"{where}.{name}")) is not None:
+                values[name] = self.checked(fields[name], f"{where}.{name}", check_path_value, text, name)
+        if "max_body_size" in fields and (size := self.text(fields["max_body_size"], f"{where}.max_body_size")) is not None:
+            values["max_body_size"] = self.checked(fields["max_body_size"], f"{where}.max_body_size", parse_size, size)
+        if "regex" in fields:
+            values["regex"] = self.flag(fields["regex"], f"{where}.regex") is True
+        if "rewrite_target" in fields:
+            values["rewrite_target"] = self.text(fields["rewrite_target"], f"{where}.rewrite_target")
+        if len(self._problems) != before:
+            return _REFUSED
+        policy = RoutePolicy(**values)
+        return policy if policy != RoutePolicy() else None
+
+    def redirect(self, node: yaml.Node, where: str) -> Redirect | None:
+        fields = self.mapping(node, where, _REDIRECT_KEYS, required={"to": "to: https://example.com/"})
+        if fields is None or "to" not in fields:
+            return None
+        text = self.text(fields["to"], f"{where}.to")
+        location = self.checked(fields["to"], f"{where}.to", check_redirect_location, text) if text is not None else None
+        code: int | None = 301
+        if "code" in fields:
+            number = self.number(fields["code"], f"{where}.code")
+            code = self.checked(fields["code"], f"{where}.code", check_redirect_code, number) if number is not None else None
+        return Redirect(location, code) if location is not None and code is not None else None
+
+    def checked(self, node: yaml.Node, where: str, check: Callable[..., _V], *arguments: Any) -> _V | None:
+        """`check(*arguments)`, or None after reporting its PolicyValueError at `node`."""
+        try:
+            return check(*arguments)
+        except PolicyValueError as error:
+            self.report(node, f"{where}: {error}")
+            return None
 
     def host_pattern(self, node: yaml.Node, where: str, allow_any: bool) -> str | None:
         if allow_any and _is_null(node):

@@ -84,15 +84,28 @@ from config.model import (
     CryptoSettings,
     EngineSettings,
     Hsts,
+    IpNetwork,
     PathRule,
-    PathType,
     PemKey,
     Problem,
+    Redirect,
+    RoutePolicy,
     RouteTable,
     Timeouts,
     TlsPolicy,
-    VirtualHost,
 )
+from config.route_policy import (
+    PolicyValueError,
+    check_path_value,
+    check_redirect_code,
+    check_redirect_location,
+    check_regex,
+    check_rewrite_target,
+    parse_networks,
+    parse_size,
+    split_list,
+)
+from config.route_rules import HostTable, RuleError, check_path, parse_path_type
 from config.tls_policy import PolicyError, check_ciphers, check_ciphersuites, check_curves, check_protocols
 from config.tls_material import (
     CertificateParseError,
@@ -114,7 +127,6 @@ SSL_REDIRECT_ANNOTATION = "ingress.kubernetes.io/ssl-redirect"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 TLS_SECRET_TYPE = "kubernetes.io/tls"
 
-PATH_TYPES = {path_type.value: path_type for path_type in PathType}
 DURATION_MICROSECONDS = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 DURATION = re.compile(r"(\d+)(us|ms|s|m|h|d)?")
 
@@ -151,7 +163,7 @@ def translate(snapshot: Snapshot, options: TranslateOptions) -> Translation:
     problems: list[Problem] = []
     settings = _read_configmap(index.configmap, problems)
     ingresses = _claimed_ingresses(snapshot, options)
-    routes = _RouteCollector(index, problems)
+    routes = _RouteCollector(index, problems, settings.default_policy)
     certificates = _CertificateCollector(index, problems)
     for ingress in ingresses:
         try:
@@ -376,13 +388,18 @@ def _host_problem(where: str, written_host: str, error: HostPatternError) -> str
 
 
 class _RouteCollector:
-    """Virtual hosts, the default backend and the backends they use, from Ingresses oldest first."""
+    """Virtual hosts, the default backend and the backends they use, from Ingresses oldest first.
 
-    def __init__(self, index: _ObjectIndex, problems: list[Problem]) -> None:
+    Which rules are the same rule and who wins a conflict is `config.route_rules`'s, shared with
+    the routes file; this class adds only the Kubernetes side (age order, problems per Ingress)."""
+
+    def __init__(self, index: _ObjectIndex, problems: list[Problem], default_policy: RoutePolicy | None) -> None:
         self._index = index
         self._problems = problems
+        self._default_policy = default_policy
         self._backends: dict[str, Backend] = {}
-        self._hosts: dict[str, _HostRoutes] = {}
+        self._table = HostTable()
+        self._redirects: dict[str, _HostRedirect] = {}
         self._default_backend: str | None = None
         self._default_backend_owner = ""
 
@@ -391,7 +408,7 @@ class _RouteCollector:
         spec = ingress.get("spec") or {}
         if spec.get("defaultBackend") is not None:
             self._add_default_backend(ingress, spec["defaultBackend"], location)
-        redirect = _ssl_redirect_annotation(ingress, location, self._problems)
+        annotations = _read_annotations(ingress, location, self._problems, self._default_policy)
         for rule_number, rule in enumerate(spec.get("rules") or ()):
             where = f"spec.rules[{rule_number}]"
             written_host = rule.get("host") or ""
@@ -403,37 +420,44 @@ class _RouteCollector:
             http = rule.get("http")
             if not http:
                 continue
-            routes = self._hosts.setdefault(host, _HostRoutes())
-            routes.note_redirect(redirect, _ref(ingress), host, location, self._problems)
+            redirect = self._redirects.setdefault(host, _HostRedirect())
+            redirect.note(annotations, _ref(ingress), host, location, self._problems)
             for path_number, path_spec in enumerate(http.get("paths") or ()):
                 path_where = f"{where}.http.paths[{path_number}]"
                 try:
-                    path_rule = self._path_rule(_namespace(ingress), path_spec)
+                    path_rule = self._path_rule(_namespace(ingress), path_spec, annotations)
                 except _Rejected as rejected:
                     self._problems.append(Problem(location, f"{path_where}: {rejected}"))
                     continue
-                routes.add(path_rule, _ref(ingress), host, path_where, location, self._problems)
+                conflict = self._table.add(host, path_rule, f"Ingress {_ref(ingress)}")
+                if conflict is not None:
+                    self._problems.append(Problem(location, (
+                        f"{path_where}: {conflict.describe(host)}, which wins (older or listed first); "
+                        "change the path or remove one"
+                    )))
 
     def result(self, certificates: tuple[Certificate, ...], ssl_redirect: bool) -> RouteTable:
         certificate_hosts = frozenset(host for certificate in certificates for host in certificate.hosts)
-        virtual_hosts = []
-        for host, routes in sorted(self._hosts.items()):
-            if not routes.rules:
+        redirects: dict[str, bool] = {}
+        for host in self._table.hosts():
+            if not self._table.rules(host):
                 continue
+            routes = self._redirects[host]
             covered = _covered_by_certificate(host, certificate_hosts)
-            if routes.redirect and not covered:
-                self._problems.append(Problem(f"Ingress {routes.redirect_owner}", (
+            if routes.redirect and not covered and not routes.forced:
+                self._problems.append(Problem(f"Ingress {routes.owner}", (
                     f"{SSL_REDIRECT_ANNOTATION} is true but no certificate covers host {host!r}; "
-                    "add the host to spec.tls so it can be served over HTTPS"
+                    "add the host to spec.tls so it can be served over HTTPS "
+                    f"(or set {NGINX_PREFIX}force-ssl-redirect to redirect anyway)"
                 )))
             redirect = routes.redirect if routes.redirect is not None else ssl_redirect
-            rules = sorted(set(routes.rules), key=lambda rule: (rule.path, rule.path_type.value, rule.backend))
-            virtual_hosts.append(VirtualHost(host, tuple(rules), redirect_to_https=redirect and covered))
+            redirects[host] = bool(redirect and (covered or routes.forced))
+        virtual_hosts = self._table.virtual_hosts(redirects)
         used = {rule.backend for virtual_host in virtual_hosts for rule in virtual_host.paths}
         if self._default_backend is not None:
             used.add(self._default_backend)
         return RouteTable(
-            virtual_hosts=tuple(virtual_hosts),
+            virtual_hosts=virtual_hosts,
             backends=tuple(self._backends[name] for name in sorted(used)),
             default_backend=self._default_backend,
         )
@@ -453,67 +477,185 @@ class _RouteCollector:
         self._backends[backend.name] = backend
         self._default_backend, self._default_backend_owner = backend.name, _ref(ingress)
 
-    def _path_rule(self, namespace: str, path_spec: dict) -> PathRule:
+    def _path_rule(self, namespace: str, path_spec: dict, annotations: _IngressAnnotations) -> PathRule:
         path = path_spec.get("path") or "/"
-        if not path.startswith("/"):
-            raise _Rejected(f"path {path!r} must start with '/'")
-        path_type = PATH_TYPES.get(path_spec.get("pathType") or "")
-        if path_type is None:
-            raise _Rejected(f"pathType {path_spec.get('pathType')!r} must be one of {', '.join(PATH_TYPES)}")
+        try:
+            path_type = parse_path_type(path_spec.get("pathType") or "")
+        except RuleError as error:
+            raise _Rejected(f"pathType: {error}") from None
+        try:
+            check_path(path, path_type)
+            policy = annotations.policy_for(path)
+        except (RuleError, PolicyValueError) as error:
+            raise _Rejected(str(error)) from None
         backend = self._index.resolve_backend(namespace, path_spec.get("backend") or {})
         self._backends[backend.name] = backend
-        return PathRule(path, path_type, backend.name)
-
-
-def _match_key(rule: PathRule) -> tuple[bool, str]:
-    """Rules with one key match exactly the same requests in `proxy.router`."""
-    if rule.path_type is PathType.EXACT:
-        return (True, rule.path)
-    return (False, rule.path.rstrip("/"))
+        return PathRule(path, path_type, backend.name, policy)
 
 
 @dataclass
-class _HostRoutes:
-    """Paths for one host gathered over Ingresses visited oldest first."""
+class _HostRedirect:
+    """The HTTPS redirect of one host, decided by the oldest Ingress that says anything about it."""
 
-    rules: list[PathRule] = field(default_factory=list)
-    owners: dict[tuple[bool, str], tuple[str, str]] = field(default_factory=dict)  # key → (Ingress, backend)
-    redirect: bool | None = None  # explicit ssl-redirect annotation of the oldest Ingress that has one
-    redirect_owner: str = ""
+    redirect: bool | None = None
+    forced: bool = False
+    owner: str = ""
 
-    def add(self, rule: PathRule, ingress: str, host: str, where: str, location: str, problems: list[Problem]) -> None:
-        owner, backend = self.owners.setdefault(_match_key(rule), (ingress, rule.backend))
-        if backend != rule.backend:
-            problems.append(Problem(location, (
-                f"{where}: path {rule.path!r} ({rule.path_type.value}) on host {host or '*'!r} is already routed to "
-                f"{backend} by Ingress {owner}, which wins (older or listed first); change the path or remove one"
-            )))
-            return
-        self.rules.append(rule)
-
-    def note_redirect(
-        self, redirect: bool | None, ingress: str, host: str, location: str, problems: list[Problem]
+    def note(
+        self, annotations: _IngressAnnotations, ingress: str, host: str, location: str, problems: list[Problem]
     ) -> None:
+        redirect = annotations.ssl_redirect
         if redirect is None:
             return
         if self.redirect is None:
-            self.redirect, self.redirect_owner = redirect, ingress
-        elif self.redirect != redirect and self.redirect_owner != ingress:
+            self.redirect, self.forced, self.owner = redirect, annotations.force_ssl_redirect, ingress
+        elif self.redirect != redirect and self.owner != ingress:
             problems.append(Problem(location, (
                 f"{SSL_REDIRECT_ANNOTATION}={str(redirect).lower()} is overridden on host {host or '*'!r} by the "
-                f"older Ingress {self.redirect_owner} ({str(self.redirect).lower()}); make them agree"
+                f"older Ingress {self.owner} ({str(self.redirect).lower()}); make them agree"
             )))
 
 
-def _ssl_redirect_annotation(ingress: dict, location: str, problems: list[Problem]) -> bool | None:
-    raw = (_metadata(ingress).get("annotations") or {}).get(SSL_REDIRECT_ANNOTATION)
-    if raw is None:
-        return None
-    try:
-        return _parse_bool(raw)
-    except _Rejected as rejected:
-        problems.append(Problem(location, f"annotation {SSL_REDIRECT_ANNOTATION}: {rejected}; annotation ignored"))
-        return None
+# --- annotations (issue 13) --------------------------------------------------------------------
+#
+# ingress-nginx keys under `nginx.ingress.kubernetes.io/`, and the same names under
+# `ingress.kubernetes.io/` (haproxy-ingress's legacy prefix, which this controller read first).
+# Every key under those prefixes that is not in SUPPORTED_ANNOTATIONS, and every value that is
+# refused, is a Problem on the Ingress (a Warning Event, a log line and the problems gauge); a
+# refused value leaves the Ingress served without that key's effect, except where serving
+# without it would open what the user meant to close (a bad source range, body size or regex),
+# where the Ingress's paths are left out instead.
+
+NGINX_PREFIX = "nginx.ingress.kubernetes.io/"
+ANNOTATION_PREFIXES = (NGINX_PREFIX, "ingress.kubernetes.io/")
+SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is written from this)
+    "ssl-redirect": "redirect plain-HTTP requests for the Ingress's hosts to HTTPS (308) when a certificate covers them",
+    "force-ssl-redirect": "redirect to HTTPS even when no certificate of ours covers the host",
+    "permanent-redirect": "answer every request with 301 and this Location",
+    "permanent-redirect-code": "the status for permanent-redirect (301, 302, 303, 307 or 308)",
+    "temporal-redirect": "answer every request with 302 and this Location",
+    "temporal-redirect-code": "the status for temporal-redirect",
+    "app-root": "redirect (302) requests for / to this path",
+    "proxy-body-size": "request bodies over this size (nginx syntax: 8m) get 413; 0 = no limit",
+    "whitelist-source-range": "only these client CIDRs are served (else 403)",
+    "allowlist-source-range": "same as whitelist-source-range",
+    "denylist-source-range": "these client CIDRs get 403",
+    "use-regex": "paths are regexes, anchored and case-insensitive (checked for catastrophic backtracking)",
+    "rewrite-target": "the path sent upstream becomes this, with $1..$9 from the path's groups",
+    "x-forwarded-prefix": "sent upstream as X-Forwarded-Prefix",
+}
+# Several Ingresses may route one host: these keys act on the host, the others on their paths.
+_HOST_ANNOTATIONS = ("ssl-redirect", "force-ssl-redirect")
+
+
+@dataclass(frozen=True)
+class _IngressAnnotations:
+    """What an Ingress's annotations ask for; `policy_for(path)` checks what depends on the path."""
+
+    ssl_redirect: bool | None = None
+    force_ssl_redirect: bool = False
+    policy: RoutePolicy | None = None
+    refusal: str | None = None  # set: a value whose absence would serve too much; paths are skipped
+
+    def policy_for(self, path: str) -> RoutePolicy | None:
+        if self.refusal is not None:
+            raise PolicyValueError(self.refusal)
+        policy = self.policy
+        if policy is None:
+            return None
+        groups = check_regex(path) if policy.regex else 0
+        if policy.rewrite_target is not None:
+            check_rewrite_target(policy.rewrite_target, groups)
+        return policy
+
+
+def _read_annotations(
+    ingress: dict, location: str, problems: list[Problem], default_policy: RoutePolicy | None
+) -> _IngressAnnotations:
+    values: dict[str, str] = {}
+    keys: dict[str, str] = {}  # name → the annotation key as written, for messages
+    for key, value in sorted((_metadata(ingress).get("annotations") or {}).items()):
+        prefix = next((prefix for prefix in ANNOTATION_PREFIXES if key.startswith(prefix)), None)
+        if prefix is None:
+            continue  # someone else's annotation (kubectl, cert-manager, ...)
+        name = key[len(prefix):]
+        if name not in SUPPORTED_ANNOTATIONS:
+            problems.append(Problem(location, (
+                f"annotation {key} is not supported by ingress-proxy and is ignored; "
+                f"supported: {', '.join(sorted(SUPPORTED_ANNOTATIONS))} (README: Annotations)"
+            )))
+            continue
+        if name in values and values[name] != str(value):
+            problems.append(Problem(location, f"annotation {key} disagrees with the same key under another prefix; keep one"))
+            continue
+        values[name], keys[name] = str(value), key
+    reader = _AnnotationReader(values, keys, location, problems)
+    fields: dict[str, object] = {}
+    if default_policy is not None and default_policy.max_body_size is not None:
+        fields["max_body_size"] = default_policy.max_body_size
+    refusal = None
+    refusing_checks: tuple[tuple[str, Callable[[str], object]], ...] = (
+        ("whitelist-source-range", _networks), ("allowlist-source-range", _networks),
+        ("denylist-source-range", _networks), ("proxy-body-size", parse_size),
+    )
+    for name, refusing_check in refusing_checks:
+        if name not in values:
+            continue
+        try:
+            value = refusing_check(values[name])
+        except PolicyValueError as error:
+            refusal = f"annotation {keys[name]}: {error}; the Ingress's paths are not served until it is fixed"
+            continue
+        target = {"proxy-body-size": "max_body_size", "denylist-source-range": "deny_sources"}.get(name, "allow_sources")
+        fields[target] = value
+    for kind, default_code in (("permanent", 301), ("temporal", 302)):
+        location_value = reader.read(f"{kind}-redirect", check_redirect_location)
+        if location_value is not None:
+            code = reader.read(f"{kind}-redirect-code", check_redirect_code) or default_code
+            fields.setdefault("redirect", Redirect(location_value, code))
+    lenient_checks: tuple[tuple[str, str, Callable[[str], object]], ...] = (
+        ("app-root", "app_root", lambda raw: check_path_value(raw, "app-root")),
+        ("rewrite-target", "rewrite_target", lambda raw: raw),  # checked per path (capture groups)
+        ("x-forwarded-prefix", "forwarded_prefix", lambda raw: check_path_value(raw, "x-forwarded-prefix")),
+        ("use-regex", "regex", _parse_bool),
+    )
+    for name, field_name, lenient_check in lenient_checks:
+        value = reader.read(name, lenient_check)
+        if value is not None:
+            fields[field_name] = value
+    policy = RoutePolicy(**fields)  # type: ignore[arg-type]
+    forced = reader.read("force-ssl-redirect", _parse_bool)
+    ssl_redirect = reader.read("ssl-redirect", _parse_bool)
+    return _IngressAnnotations(
+        ssl_redirect=True if forced else ssl_redirect,
+        force_ssl_redirect=bool(forced),
+        policy=policy if policy != RoutePolicy() else None,  # no policy: today's path, no per-request work
+        refusal=refusal,
+    )
+
+
+@dataclass
+class _AnnotationReader:
+    values: dict[str, str]
+    keys: dict[str, str]
+    location: str
+    problems: list[Problem]
+    reported: set[str] = field(default_factory=set)
+
+    def read(self, name: str, check: Callable[[str], _T]) -> _T | None:
+        if name not in self.values:
+            return None
+        try:
+            return check(self.values[name])
+        except (PolicyValueError, _Rejected) as error:
+            if name not in self.reported:
+                self.reported.add(name)
+                self.problems.append(Problem(self.location, f"annotation {self.keys[name]}: {error}; annotation ignored"))
+            return None
+
+
+def _networks(raw: str) -> tuple[IpNetwork, ...]:
+    return parse_networks(split_list(raw))
 
 
 # --- TLS -------------------------------------------------------------------------------------
@@ -687,6 +829,7 @@ class _GlobalSettings:
     hsts: Hsts | None = None
     ssl_redirect: bool = False
     tls_policy: TlsPolicy = TlsPolicy()
+    default_policy: RoutePolicy | None = None  # what every Ingress path gets unless its annotations say otherwise
 
 
 def _parse_bool(raw: str) -> bool:
@@ -733,7 +876,7 @@ def _parse_engine(raw: str) -> EngineSettings | None:
 _T = TypeVar("_T")
 SUPPORTED_CONFIGMAP_KEYS = (
     "hsts", "hsts-include-subdomains", "hsts-max-age", "hsts-preload", "ssl-ciphers", "ssl-ciphersuites", "ssl-ecdh-curve",
-    "ssl-engine", "ssl-mode-async", "ssl-protocols", "ssl-redirect",
+    "proxy-body-size", "ssl-engine", "ssl-mode-async", "ssl-protocols", "ssl-redirect",
     "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server", "use-http2",
 )
 
@@ -804,4 +947,16 @@ def _read_configmap(configmap: dict | None, problems: list[Problem]) -> _GlobalS
         alpn=policy_defaults.alpn if read("use-http2", _parse_bool, True) else ("http/1.1",),  # ingress-nginx's key
     )
     ssl_redirect = read("ssl-redirect", _parse_bool, False)
-    return _GlobalSettings(crypto, timeouts, enabled_hsts, ssl_redirect, tls_policy)
+    body_size = read("proxy-body-size", _policy_check_value(parse_size), None)  # default: no limit (README)
+    default_policy = RoutePolicy(max_body_size=body_size) if body_size is not None else None
+    return _GlobalSettings(crypto, timeouts, enabled_hsts, ssl_redirect, tls_policy, default_policy)
+
+
+def _policy_check_value(check: Callable[[str], _T]) -> Callable[[str], _T]:
+    def parse(raw: str) -> _T:
+        try:
+            return check(str(raw))
+        except PolicyValueError as error:
+            raise _Rejected(str(error)) from None
+
+    return parse

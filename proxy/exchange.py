@@ -18,6 +18,10 @@ can only cut the client's response (`ClientSide.abort_response`).
 
 Timeouts: each wait for the client's body is bounded by `idle`, each wait for the backend by
 `backend_response`; 1xx interim responses never extend the latter.
+
+Per-route policy (`proxy.policy`) runs after routing and before an endpoint is chosen, only when
+the matched rule has one (`match.policy is not None`): it may answer locally (403, a redirect,
+413), rewrite the head that goes upstream and bound a body of unknown length while it streams.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import time
 from typing import Protocol
 
 from config.model import Address, Timeouts
-from proxy import metrics
+from proxy import metrics, policy as route_policy
 from proxy.decisions import FailureKind, Retry, is_replayable, retry_after
 from proxy.flow import ConnectionGone
 from proxy.http1 import LAST_CHUNK, Body, EndOfMessage, PeerError, RequestHead, ResponseHead, encode_chunk
@@ -126,6 +130,8 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     elif backend is None:
         status = 404
         keep = client.answer_locally(head, status, hsts)
+    elif match.policy is not None:
+        status, keep = await _proxy_with_policy(client, state, head, backend, match.policy, generation, hsts)
     elif not (candidates := state.balancer.candidates(backend)):
         status = 503
         keep = client.answer_locally(head, status, hsts)
@@ -139,6 +145,30 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     if ACCESS_LOG.isEnabledFor(logging.INFO):
         _log_access(client, head, status, backend_label, elapsed, generation)
     return keep
+
+
+async def _proxy_with_policy(
+    client: ClientSide,
+    state: ServingState,
+    head: RequestHead,
+    backend: str,
+    policy: route_policy.CompiledPolicy,
+    generation: Generation,
+    hsts: bytes,
+) -> tuple[int, bool]:
+    """The policy's local answer, or the request forwarded as the policy shapes it."""
+    answer = route_policy.local_answer(policy, client.client_ip, head)
+    if answer is not None:
+        metrics.POLICY_ANSWERS.labels(str(answer.status)).inc()
+        return answer.status, client.answer_locally(head, answer.status, answer.extra + hsts)
+    candidates = state.balancer.candidates(backend)
+    if not candidates:
+        return 503, client.answer_locally(head, 503, hsts)
+    upstream_head, extra = route_policy.upstream_head(policy, head)
+    return await _proxy(
+        client, state, head, backend, candidates, generation.configuration.timeouts, hsts,
+        upstream_head=upstream_head, extra_request=extra, max_body_size=policy.max_body_size,
+    )
 
 
 def hsts_header(listener: Listener, generation: Generation) -> bytes:
@@ -163,13 +193,19 @@ async def _proxy(
     candidates: list[Address],
     timeouts: Timeouts,
     hsts: bytes,
+    upstream_head: RequestHead | None = None,
+    extra_request: bytes = b"",
+    max_body_size: int | None = None,
 ) -> tuple[int, bool]:
+    """Forward `head` (as `upstream_head` when a policy reshaped it) with retries; relay the answer."""
     has_body = head.has_body
     replayable = is_replayable(head)
     if has_body:
         client.invite_body(head)
     listener = client.listener
-    request = upstream_request_head(head, client.client_ip, listener.name.encode(), listener.address)
+    request = upstream_request_head(
+        upstream_head or head, client.client_ip, listener.name.encode(), listener.address, extra_request
+    )
     balancer = state.balancer
     failure = FailureKind.NO_ENDPOINT
     attempts = list(candidates)
@@ -188,12 +224,16 @@ async def _proxy(
             upstream.begin_request(head.method)
             upstream.write(request)
             if has_body:  # never on a retry: only body-less requests are retried
-                await _forward_request_body(client, head, upstream, timeouts)
+                await _forward_request_body(client, head, upstream, timeouts, max_body_size)
             upstream.request_sent()
             response = await _response_head(client, upstream, head, timeouts.backend_response)
         except ClientFailed as failed:
             if upstream is not None:
                 upstream.close()
+            client.upstream = None
+            if failed.cause is BODY_TOO_LARGE:  # a policy limit, not a broken client: answer it
+                metrics.POLICY_ANSWERS.labels("413").inc()
+                return 413, client.answer_locally(head, 413, hsts)
             raise failed.cause from None
         except BackendFailed as error:
             failure = error.kind
@@ -217,13 +257,18 @@ async def _proxy(
     return failure.status, client.answer_locally(head, failure.status, hsts)
 
 
+BODY_TOO_LARGE = PeerError(413, "request body over the route's limit")
+
+
 async def _forward_request_body(
-    client: ClientSide, head: RequestHead, upstream: UpstreamConnection, timeouts: Timeouts
+    client: ClientSide, head: RequestHead, upstream: UpstreamConnection, timeouts: Timeouts, max_body_size: int | None
 ) -> None:
     """Stream the request body (re-chunked if it has no length) until its EndOfMessage.
 
     `idle` bounds each wait for the client, `backend_response` each wait for a backend that does
-    not read what we send (without it, both connections would hang forever)."""
+    not read what we send (without it, both connections would hang forever). `max_body_size`
+    (a policy limit; a declared length was checked before) bounds a body of unknown length."""
+    remaining = max_body_size if max_body_size is not None and head.content_length is None else None
     while True:
         try:
             event = await client.next_body_event(timeouts.idle)
@@ -232,6 +277,10 @@ async def _forward_request_body(
         except (PeerError, ConnectionGone) as error:
             raise ClientFailed(error) from None
         if type(event) is Body:
+            if remaining is not None:
+                remaining -= len(event.data)
+                if remaining < 0:
+                    raise ClientFailed(BODY_TOO_LARGE)
             upstream.write(encode_chunk(event.data) if head.chunked else event.data)
             if upstream._writing_paused:
                 try:

@@ -356,11 +356,17 @@ _FORWARDED_BY_US = frozenset(
 _DERIVED_IN_REQUEST = HOP_BY_HOP | _FORWARDED_BY_US | {b"content-length", b"host"}
 _DERIVED_IN_RESPONSE = HOP_BY_HOP | {b"content-length"}
 REASONS = {
+    301: b"Moved Permanently",
+    302: b"Found",
+    303: b"See Other",
+    307: b"Temporary Redirect",
     308: b"Permanent Redirect",
     400: b"Bad Request",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
     408: b"Request Timeout",
+    413: b"Content Too Large",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
@@ -375,7 +381,9 @@ def encode_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def upstream_request_head(head: RequestHead, client_ip: bytes, proto: bytes, local_address: bytes) -> bytes:
+def upstream_request_head(
+    head: RequestHead, client_ip: bytes, proto: bytes, local_address: bytes, extra: bytes = b""
+) -> bytes:
     """The request line and headers as sent to a backend (always HTTP/1.1).
 
     Headers are copied in order except the hop-by-hop ones, those the client's Connection header
@@ -383,7 +391,8 @@ def upstream_request_head(head: RequestHead, client_ip: bytes, proto: bytes, loc
     headers from us (appending to a client's X-Forwarded-For but never trusting its other
     X-Forwarded-* values). `Expect` is dropped because the proxy answers 100-continue itself.
     An HTTP/1.0 request without Host gets the listener's `local_address` (`ip:port`), since
-    HTTP/1.1 requires one.
+    HTTP/1.1 requires one. `extra`: header lines a route policy adds ("Name: value\r\n"...),
+    written after ours and never framing (`config.route_policy` refuses CR/LF in their values).
     """
     named_by_connection = connection_tokens(head.headers)
     host = head.host or local_address
@@ -408,7 +417,7 @@ def upstream_request_head(head: RequestHead, client_ip: bytes, proto: bytes, loc
         parts.append(b"\r\nContent-Length: %d" % head.content_length)
     if head.upgrade and upgrade:
         parts += (b"\r\nConnection: upgrade\r\nUpgrade: ", upgrade)
-    parts.append(b"\r\n\r\n")
+    parts += (b"\r\n", extra, b"\r\n")
     return b"".join(parts)
 
 

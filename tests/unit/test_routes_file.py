@@ -44,6 +44,7 @@ MARKER = "»"
 SECRET_PIN = "s3cr3t-PIN-9876"
 LISTEN = "listen: {https: 127.0.0.1:8443}\n"
 B = "backends: {b: {endpoints: ['127.0.0.1:1']}}\n"
+B2 = "backends: {b: {endpoints: ['127.0.0.1:1']}, c: {endpoints: ['127.0.0.1:2']}}\n"
 EXAMPLE_ROUTES = pathlib.Path(__file__).parents[2] / "examples" / "routes.yaml"
 
 
@@ -189,10 +190,10 @@ def test_full_file_gives_the_expected_configuration(routes_dir: pathlib.Path, mo
     assert loaded.listeners == Listeners(https=addr("127.0.0.1:8443"), http=addr("[::1]:8080"), admin=addr("localhost:9100"))
     expected = Configuration(
         routes=RouteTable(
-            virtual_hosts=(
-                vhost("foo.example.com", ("/", P, "web"), ("/api", P, "api"), ("/api", E, "api"), redirect=True),
-                vhost("*.example.com", ("/exact", E, "api"), ("/app", I, "web")),
+            virtual_hosts=(  # canonical order (config.route_rules): hosts sorted, rules by (path, type)
                 vhost("", ("/", P, "web")),
+                vhost("*.example.com", ("/app", I, "web"), ("/exact", E, "api")),
+                vhost("foo.example.com", ("/", P, "web"), ("/api", E, "api"), ("/api", P, "api"), redirect=True),
             ),
             backends=(backend("web", "127.0.0.1:9001"), backend("api", "127.0.0.1:9002", "[::1]:9003", "backend.local:80")),
             default_backend="web",
@@ -257,7 +258,12 @@ VALID_CASES: dict[str, tuple[str, Getter, object]] = {
     "same-path-different-type-is-no-duplicate": (
         LISTEN + "routes: [{paths: [{path: /x, backend: b}, {path: /x, type: Exact, backend: b}]}]\n"
         "backends: {b: {endpoints: ['127.0.0.1:1']}}",
-        lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/x", P, "b"), ("/x", E, "b")),),
+        lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/x", E, "b"), ("/x", P, "b")),),
+    ),
+    # config.route_rules: one rule for both producers (the translator's cases conflict-* agree)
+    "same-rule-twice-same-backend-is-kept-once": (
+        LISTEN + B + "routes: [{paths: [{path: /a, backend: b}, {path: /a/, backend: b}, {path: /a, backend: b}]}]\n",
+        lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/a", P, "b")),),
     ),
     "engine-defaults": (LISTEN + "tls: {engine: {id: qatengine}}", lambda r: r.configuration.crypto,
                         CryptoSettings(engine=EngineSettings(id="qatengine", algorithms=("ALL",), required=False))),
@@ -357,11 +363,17 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
     "undefined-backend-no-backends": case(LISTEN + "routes: [{paths: [{path: /, backend: »web}]}]\n",
                                           "define it under backends:"),
     "undefined-default-backend": case(LISTEN + B + "default_backend: »c\n", "default_backend: backend 'c' is not defined"),
-    "duplicate-rule-in-one-entry": case(LISTEN + B + "routes:\n- paths:\n  - {path: /a, backend: b}\n  - »{path: /a, backend: b}\n",
-                                        "the any-host entry path '/a' type Prefix is already routed at"),
-    "duplicate-rule-across-merged-entries": case(
-        LISTEN + B + "routes:\n- {host: a.com, paths: [{path: /, backend: b}]}\n- {host: A.COM, paths: [»{path: /, backend: b}]}\n",
-        "host 'a.com' path '/' type Prefix is already routed",
+    "conflicting-rule-in-one-entry": case(
+        LISTEN + B2 + "routes:\n- paths:\n  - {path: /a, backend: b}\n  - »{path: /a, backend: c}\n",
+        "routes[0].paths[1]: path '/a' (Prefix) on host '*' is already routed to b by the rule at",
+    ),
+    "conflicting-rule-across-merged-entries": case(
+        LISTEN + B2 + "routes:\n- {host: a.com, paths: [{path: /, backend: b}]}\n- {host: A.COM, paths: [»{path: /, backend: c}]}\n",
+        "path '/' (Prefix) on host 'a.com' is already routed to b",
+    ),
+    "trailing-slash-is-the-same-prefix-rule": case(  # the issue-13 case: /foo → one, /foo/ → two
+        LISTEN + B2 + "routes:\n- {host: a.com, paths: [{path: /foo, backend: b}, »{path: /foo/, backend: c}]}\n",
+        "path '/foo/' (Prefix) on host 'a.com' is already routed to b by the rule at",
     ),
     "merged-entries-disagree-on-redirect": case(
         LISTEN + B + "routes:\n- {host: a.com, paths: [{path: /, backend: b}]}\n"

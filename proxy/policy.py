@@ -1,0 +1,149 @@
+"""Per-route policy, enforced before an endpoint is chosen: pure functions over a compiled policy.
+
+Theory of operation
+-------------------
+`config.model.RoutePolicy` holds plain values; `proxy.router` compiles each rule's policy once per
+published generation into a `CompiledPolicy` (regexes compiled, header lines pre-serialised) and
+hands it out with the route. A rule without policy gets `None`, and `proxy.exchange` then takes
+exactly the path it took before policies existed: one `is None` test per request.
+
+With a policy the exchange asks, in this order:
+1. `local_answer(policy, client_ip, head)`: should the proxy answer by itself? Source ranges
+   (deny first, then allow) → 403; a configured redirect → its code and Location; app-root for
+   "/" → 302; a Content-Length over the body limit → 413. All of this happens before the body is
+   invited, so a client sending `Expect: 100-continue` gets the refusal instead of a 100 and never
+   sends the body.
+2. `upstream_head(policy, head)`: the head as it goes upstream: the path rewritten (`$1`..`$9`
+   from the rule's regex, the query kept) and extra header lines (X-Forwarded-Prefix; a client's
+   own copy is dropped). The framing stays `proxy.http1`'s to derive.
+3. A body without a length (chunked, or HTTP/2 without content-length) is counted while it is
+   forwarded: once it passes the limit the backend connection is closed (it has only seen a
+   truncated request) and the client gets 413. This is the one place the backend sees part of an
+   over-limit body; nginx avoids it by buffering the whole body to disk, which we never do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from config.model import IpNetwork, PathRule
+from config.route_policy import MAX_REGEX_SUBJECT
+from proxy.http1 import RequestHead
+
+_GROUP_REFERENCE = re.compile(r"\$(\d)")
+FORWARDED_PREFIX = b"x-forwarded-prefix"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAnswer:
+    status: int
+    extra: bytes  # header lines ("Name: value\r\n"...)
+
+
+FORBIDDEN = LocalAnswer(403, b"")
+TOO_LARGE = LocalAnswer(413, b"")
+
+
+class CompiledPolicy:
+    """One rule's RoutePolicy, ready for the hot path."""
+
+    __slots__ = (
+        "allow", "deny", "redirect", "app_root", "max_body_size", "path_pattern", "rewrite_target", "extra_request",
+        "drop_request",
+    )
+
+    def __init__(self, rule: PathRule) -> None:
+        policy = rule.policy
+        assert policy is not None
+        self.allow: tuple[IpNetwork, ...] = policy.allow_sources
+        self.deny: tuple[IpNetwork, ...] = policy.deny_sources
+        self.redirect: LocalAnswer | None = None
+        if policy.redirect is not None:
+            self.redirect = LocalAnswer(policy.redirect.status, b"Location: %s\r\n" % policy.redirect.location.encode())
+        self.app_root: LocalAnswer | None = None
+        if policy.app_root is not None:
+            self.app_root = LocalAnswer(302, b"Location: %s\r\n" % policy.app_root.encode())
+        self.max_body_size = policy.max_body_size
+        # ingress-nginx: `location ~* "^<path>"` for regex paths; a plain path is its literal text.
+        source = rule.path if policy.regex else re.escape(rule.path)
+        self.path_pattern = re.compile(source, re.IGNORECASE)
+        self.rewrite_target = policy.rewrite_target
+        self.extra_request = b""
+        self.drop_request: frozenset[bytes] = frozenset()
+        if policy.forwarded_prefix is not None:
+            self.extra_request = b"X-Forwarded-Prefix: %s\r\n" % policy.forwarded_prefix.encode()
+            self.drop_request = frozenset({FORWARDED_PREFIX})
+
+    def matches(self, path: str) -> bool:
+        """For regex rules (the router asks): does the anchored, case-insensitive pattern match?"""
+        return len(path) <= MAX_REGEX_SUBJECT and self.path_pattern.match(path) is not None
+
+
+def client_address(client_ip: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(client_ip.decode("ascii"))
+    except ValueError:
+        return None  # "-" (no peer address): matches no range
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # a dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d
+    return address
+
+
+def source_allowed(policy: CompiledPolicy, client_ip: bytes) -> bool:
+    if not policy.allow and not policy.deny:
+        return True
+    address = client_address(client_ip)
+    if address is None:
+        return not policy.allow
+    if any(address in network for network in policy.deny):
+        return False
+    return not policy.allow or any(address in network for network in policy.allow)
+
+
+def local_answer(policy: CompiledPolicy, client_ip: bytes, head: RequestHead) -> LocalAnswer | None:
+    """The answer the proxy gives instead of forwarding, or None to forward."""
+    if not source_allowed(policy, client_ip):
+        return FORBIDDEN
+    if policy.redirect is not None:
+        return policy.redirect
+    if policy.app_root is not None and head.path == "/":
+        return policy.app_root
+    if policy.max_body_size is not None and head.content_length is not None and head.content_length > policy.max_body_size:
+        return TOO_LARGE
+    return None
+
+
+def rewritten_target(policy: CompiledPolicy, head: RequestHead) -> bytes:
+    """nginx `rewrite <pattern> <target> break`: the whole path becomes the target, with `$n`
+    replaced by the n-th group of the rule's pattern; the query is kept. A path the pattern does
+    not match (a Prefix rule's path in another case) is left as it is."""
+    assert policy.rewrite_target is not None
+    path = head.path
+    match = policy.path_pattern.match(path)
+    if match is None:
+        return head.target
+    groups = match.groups()
+    new_path = _GROUP_REFERENCE.sub(lambda ref: _group(groups, int(ref[1])), policy.rewrite_target)
+    question = head.target.find(b"?")
+    query = b"" if question == -1 else head.target[question:]
+    return new_path.encode("latin-1") + query
+
+
+def _group(groups: tuple[str | None, ...], number: int) -> str:
+    if number == 0 or number > len(groups):
+        return ""
+    return groups[number - 1] or ""
+
+
+def upstream_head(policy: CompiledPolicy, head: RequestHead) -> tuple[RequestHead, bytes]:
+    """The head as forwarded (rewritten target, headers the policy replaces dropped) and the
+    extra header lines to add to it."""
+    if policy.rewrite_target is not None:
+        head = dataclasses.replace(head, target=rewritten_target(policy, head))
+    if policy.drop_request:
+        headers = tuple(field for field in head.headers if field[0].lower() not in policy.drop_request)
+        head = dataclasses.replace(head, headers=headers)
+    return head, policy.extra_request
