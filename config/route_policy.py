@@ -49,14 +49,20 @@ _REFUSED = {
 
 
 class PolicyValueError(ValueError):
-    """A policy value that cannot be used; the message says how to fix it."""
+    """A policy value that cannot be used: what is wrong, and how to fix it (each producer words
+    the pair its own way: "what; fix" for Kubernetes Events, "what (fix)" in routes-file lines)."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}; {fix}")
+        self.problem = problem
+        self.fix = fix
 
 
 def parse_size(raw: str | int) -> int | None:
     """nginx size syntax (`1m`, `512k`, `1048576`) → bytes; 0 means no limit (None), as in nginx."""
     match = _SIZE.fullmatch(str(raw).strip())
     if match is None:
-        raise PolicyValueError(f"{raw!r} is not a size; write bytes or a number with k, m or g (e.g. 8m), 0 for no limit")
+        raise PolicyValueError(f"{raw!r} is not a size", "write bytes or a number with k, m or g (e.g. 8m), 0 for no limit")
     size = int(match[1]) * SIZE_UNITS[match[2].lower()]
     return size or None
 
@@ -69,9 +75,9 @@ def parse_networks(items: Iterable[str]) -> tuple[IpNetwork, ...]:
         try:
             networks.append(ipaddress.ip_network(text, strict=False))
         except ValueError:
-            raise PolicyValueError(f"{text!r} is not an IP address or CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32)") from None
+            raise PolicyValueError(f"{text!r} is not an IP address or CIDR", "write e.g. 10.0.0.0/8 or 2001:db8::/32") from None
     if not networks:
-        raise PolicyValueError("the list is empty; name at least one CIDR, or remove the key")
+        raise PolicyValueError("the list is empty", "name at least one CIDR, or remove the key")
     return tuple(networks)
 
 
@@ -83,16 +89,17 @@ def split_list(raw: str) -> list[str]:
 def check_regex(pattern: str) -> int:
     """Refuse patterns that could backtrack catastrophically; return the number of capture groups."""
     if len(pattern) > MAX_REGEX_LENGTH:
-        raise PolicyValueError(f"the regex is {len(pattern)} characters long, over the {MAX_REGEX_LENGTH} allowed; shorten it")
+        raise PolicyValueError(f"the regex is {len(pattern)} characters long, over the {MAX_REGEX_LENGTH} allowed", "shorten it")
     try:
         parsed = sre_parser.parse(pattern)
     except re.error as error:
-        raise PolicyValueError(f"{pattern!r} is not a valid regex ({error}); fix the pattern") from None
+        raise PolicyValueError(f"{pattern!r} is not a valid regex: {error}", "fix the pattern") from None
     long_repeats = _check_nodes(parsed, pattern, inside_repeat=False)
     if long_repeats > MAX_LONG_REPEATS:
         raise PolicyValueError(
             f"{pattern!r} has {long_repeats} open-ended repeats (*, +, {{n,}}), over the {MAX_LONG_REPEATS} allowed "
-            "(each one multiplies the worst-case matching time); merge them"
+            "(each one multiplies the worst-case matching time)",
+            "merge them",
         )
     return int(parsed.state.groups) - 1
 
@@ -102,14 +109,14 @@ def _check_nodes(nodes: Any, pattern: str, inside_repeat: bool) -> int:
     long_repeats = 0
     for opcode, argument in nodes:
         if opcode in _REFUSED:
-            raise PolicyValueError(f"{pattern!r} uses {_REFUSED[opcode]}, which are not allowed; write a plain regex")
+            raise PolicyValueError(f"{pattern!r} uses {_REFUSED[opcode]}, which are not allowed", "write a plain regex")
         if opcode in _REPEATS:
             low, high, sub = argument
             repeats = high != 1
             if inside_repeat and repeats:
                 raise PolicyValueError(
-                    f"{pattern!r} nests a repeat inside a repeat (like (a+)+), which can backtrack without end; "
-                    "flatten it (e.g. (a+)+ → a+)"
+                    f"{pattern!r} nests a repeat inside a repeat (like (a+)+), which can backtrack without end",
+                    "flatten it: (a+)+ → a+",
                 )
             long_repeats += high > LONG_REPEAT
             long_repeats += _check_nodes(sub, pattern, inside_repeat or repeats)
@@ -120,8 +127,8 @@ def _check_nodes(nodes: Any, pattern: str, inside_repeat: bool) -> int:
         elif opcode is sre_constants.BRANCH:
             if inside_repeat:
                 raise PolicyValueError(
-                    f"{pattern!r} repeats an alternation (like (a|ab)*), which can backtrack without end; "
-                    "use a character class or move the alternation out of the repeat"
+                    f"{pattern!r} repeats an alternation (like (a|ab)*), which can backtrack without end",
+                    "use a character class or move the alternation out of the repeat",
                 )
             for branch in argument[1]:
                 long_repeats += _check_nodes(branch, pattern, inside_repeat)
@@ -132,12 +139,12 @@ def check_rewrite_target(target: str, groups: int) -> str:
     """A path (with `$1`..`$9`) the request path is rewritten to; refs beyond the groups are refused."""
     _check_header_safe(target, "rewrite target")
     if not target.startswith("/"):
-        raise PolicyValueError(f"rewrite target {target!r} must be a path starting with '/' (e.g. /$2)")
+        raise PolicyValueError(f"rewrite target {target!r} is not a path", "start it with '/', e.g. /$2")
     for reference in _GROUP_REFERENCE.findall(target):
         if int(reference) > groups:
             raise PolicyValueError(
-                f"rewrite target {target!r} uses ${reference} but the path has {groups} capture group(s); "
-                "add the group to the path (and enable regex) or fix the reference"
+                f"rewrite target {target!r} uses ${reference} but the path has {groups} capture group(s)",
+                "add the group to the path (and enable regex) or fix the reference",
             )
     return target
 
@@ -145,7 +152,7 @@ def check_rewrite_target(target: str, groups: int) -> str:
 def check_path_value(path: str, what: str) -> str:
     _check_header_safe(path, what)
     if not path.startswith("/"):
-        raise PolicyValueError(f"{what} {path!r} must start with '/' (write '/{path}')")
+        raise PolicyValueError(f"{what} {path!r} does not start with '/'", f"write '/{path}'")
     return path
 
 
@@ -156,17 +163,17 @@ def check_redirect_location(location: str) -> str:
         return location
     parsed = urllib.parse.urlsplit(location)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise PolicyValueError(f"redirect location {location!r} must be an http(s) URL or a path (e.g. https://example.com/)")
+        raise PolicyValueError(f"redirect location {location!r} is neither an http(s) URL nor a path", "write e.g. https://example.com/")
     return location
 
 
 def check_redirect_code(code: int | str) -> int:
     text = str(code).strip()
     if not text.isdigit() or int(text) not in REDIRECT_CODES:
-        raise PolicyValueError(f"redirect code {code!r} must be one of {', '.join(map(str, REDIRECT_CODES))}")
+        raise PolicyValueError(f"redirect code {code!r} does not redirect", f"use one of {', '.join(map(str, REDIRECT_CODES))}")
     return int(text)
 
 
 def _check_header_safe(value: str, what: str) -> None:
     if _UNSAFE_IN_HEADER.search(value):
-        raise PolicyValueError(f"{what} contains a control character (CR, LF, ...); remove it")
+        raise PolicyValueError(f"{what} contains a control character (CR, LF, ...)", "remove it")

@@ -63,6 +63,7 @@ from config.model import (
     EngineKey,
     EngineSettings,
     Hsts,
+    IpNetwork,
     KeySource,
     Listeners,
     PathRule,
@@ -400,7 +401,7 @@ class _Checker:
                     if policy.rewrite_target is not None:
                         check_rewrite_target(policy.rewrite_target, groups)
                 except PolicyValueError as error:
-                    self.report(fields["path"], f"{item_where}.path: {error}")
+                    self.report(fields["path"], f"{item_where}.path: {error.problem} ({error.fix})")
                     continue
             if host is None or backend is None:
                 continue
@@ -430,8 +431,7 @@ class _Checker:
         values: dict[str, Any] = {}
         for name in ("allow_sources", "deny_sources"):
             if name in fields:
-                items = self.texts(fields[name], f"{where}.{name}")
-                values[name] = self.checked(fields[name], f"{where}.{name}", parse_networks, items)
+                values[name] = self.networks(fields[name], f"{where}.{name}")
         if "redirect" in fields:
             values["redirect"] = self.redirect(fields["redirect"], f"{where}.redirect")
         for name in ("app_root", "forwarded_prefix"):
@@ -447,6 +447,20 @@ class _Checker:
             return _REFUSED
         policy = RoutePolicy(**values)
         return policy if policy != RoutePolicy() else None
+
+    def networks(self, node: yaml.Node, where: str) -> tuple[IpNetwork, ...] | None:
+        items = self.sequence(node, where)
+        if items is None:
+            return None
+        if not items:
+            self.report(node, f"{where}: the list is empty (name at least one CIDR, or remove the key)")
+            return None
+        networks: list[IpNetwork] = []
+        for index, item in enumerate(items):
+            text = self.text(item, f"{where}[{index}]")
+            if text is not None:
+                networks += self.checked(item, where, parse_networks, [text]) or ()
+        return tuple(networks)
 
     def redirect(self, node: yaml.Node, where: str) -> Redirect | None:
         fields = self.mapping(node, where, _REDIRECT_KEYS, required={"to": "to: https://example.com/"})
@@ -465,7 +479,7 @@ class _Checker:
         try:
             return check(*arguments)
         except PolicyValueError as error:
-            self.report(node, f"{where}: {error}")
+            self.report(node, f"{where}: {error.problem} ({error.fix})")
             return None
 
     def host_pattern(self, node: yaml.Node, where: str, allow_any: bool) -> str | None:

@@ -485,8 +485,11 @@ class _RouteCollector:
             raise _Rejected(f"pathType: {error}") from None
         try:
             check_path(path, path_type)
+        except RuleError as error:
+            raise _Rejected(str(error)) from None
+        try:
             policy = annotations.policy_for(path)
-        except (RuleError, PolicyValueError) as error:
+        except PolicyValueError as error:
             raise _Rejected(str(error)) from None
         backend = self._index.resolve_backend(namespace, path_spec.get("backend") or {})
         self._backends[backend.name] = backend
@@ -559,7 +562,7 @@ class _IngressAnnotations:
 
     def policy_for(self, path: str) -> RoutePolicy | None:
         if self.refusal is not None:
-            raise PolicyValueError(self.refusal)
+            raise _Rejected(self.refusal)
         policy = self.policy
         if policy is None:
             return None
@@ -604,7 +607,7 @@ def _read_annotations(
         try:
             value = refusing_check(values[name])
         except PolicyValueError as error:
-            refusal = f"annotation {keys[name]}: {error}; the Ingress's paths are not served until it is fixed"
+            refusal = f"annotation {keys[name]}: {error.problem}; the Ingress's paths are not served until you {error.fix}"
             continue
         target = {"proxy-body-size": "max_body_size", "denylist-source-range": "deny_sources"}.get(name, "allow_sources")
         fields[target] = value

@@ -16,6 +16,8 @@ A plain string is used as is (e.g. text that is not base64).
 expected.yaml (every key optional; absent = empty or the model's default):
   claimed: [ns/name, ...]
   virtual_hosts: [{host: foo.example.com, redirect_to_https: true, paths: ["/api Prefix ns/svc:80", ...]}]
+      a path with a policy: {rule: "/api Prefix ns/svc:80", policy: {RoutePolicy fields}}, where
+      allow_sources/deny_sources are lists of CIDRs and redirect is {location: URL, status: 301}
   backends: {ns/svc:80: ["10.0.0.1:8080", ...]}
   default_backend: ns/svc:80
   certificates: [{secret: ns/name, hosts: [...]}]   # chain and key: that input Secret's decoded data
@@ -31,6 +33,7 @@ from __future__ import annotations
 import base64
 import datetime
 import functools
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,8 @@ from config.model import (
     PathRule,
     PathType,
     PemKey,
+    Redirect,
+    RoutePolicy,
     RouteTable,
     Timeouts,
     VirtualHost,
@@ -87,8 +92,8 @@ def case_names() -> list[str]:
     return sorted(path.name for path in CASES_DIR.iterdir() if (path / "input.yaml").is_file())
 
 
-def load_case(name: str) -> Case:
-    directory = CASES_DIR / name
+def load_case(name: str, directory: Path | None = None) -> Case:
+    directory = directory or CASES_DIR / name
     documents = [doc for doc in yaml.safe_load_all((directory / "input.yaml").read_text()) if doc]
     expected = yaml.safe_load((directory / "expected.yaml").read_text()) or {}
     options = TranslateOptions()
@@ -176,9 +181,19 @@ def _split_ref(reference: str) -> tuple[str, str, str]:
     return reference.partition("/")
 
 
-def _path_rule(text: str) -> PathRule:
+def _path_rule(spec: str | dict) -> PathRule:
+    text = spec if isinstance(spec, str) else spec["rule"]
     path, path_type, backend = text.split()
-    return PathRule(path, PathType(path_type), backend)
+    policy = None
+    if isinstance(spec, dict):
+        fields = dict(spec["policy"])
+        for name in ("allow_sources", "deny_sources"):
+            if name in fields:
+                fields[name] = tuple(ipaddress.ip_network(cidr) for cidr in fields[name])
+        if "redirect" in fields:
+            fields["redirect"] = Redirect(**fields["redirect"])
+        policy = RoutePolicy(**fields)
+    return PathRule(path, PathType(path_type), backend, policy)
 
 
 def _address(text: str) -> Address:

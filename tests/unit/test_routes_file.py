@@ -371,6 +371,30 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
         LISTEN + B2 + "routes:\n- {host: a.com, paths: [{path: /, backend: b}]}\n- {host: A.COM, paths: [»{path: /, backend: c}]}\n",
         "path '/' (Prefix) on host 'a.com' is already routed to b",
     ),
+    # per-route policy (issue 13): each refused value at its own position
+    "policy-bad-cidr": case(ROUTES + "[{policy: {allow_sources: [10.0.0.0/8, »10.0.0.0/33]}, paths: [{path: /, backend: b}]}]\n",
+                            "routes[0].policy.allow_sources: '10.0.0.0/33' is not an IP address or CIDR"),
+    "policy-unknown-key": case(ROUTES + "[{policy: {»allow_source: [10.0.0.0/8]}, paths: [{path: /, backend: b}]}]\n",
+                               "routes[0].policy: unknown key 'allow_source' (did you mean 'allow_sources'?)"),
+    "policy-bad-size": case(ROUTES + "[{policy: {max_body_size: »lots}, paths: [{path: /, backend: b}]}]\n",
+                            "routes[0].policy.max_body_size: 'lots' is not a size"),
+    "policy-bad-redirect-code": case(ROUTES + "[{policy: {redirect: {to: /x, code: »200}}, paths: [{path: /, backend: b}]}]\n",
+                                     "routes[0].policy.redirect.code: redirect code 200 does not redirect (use one of 301, 302, 303, 307, 308)"),
+    "policy-redirect-injection": case(
+        ROUTES + '[{policy: {redirect: {to: »"/x\\r\\nSet-Cookie: a=b"}}, paths: [{path: /, backend: b}]}]\n',
+        "routes[0].policy.redirect.to: redirect location contains a control character",
+    ),
+    "policy-unsafe-regex": case(ROUTES + "[{policy: {regex: true}, paths: [{path: »'/(a+)+', backend: b}]}]\n",
+                                "routes[0].paths[0].path: '/(a+)+' nests a repeat inside a repeat"),
+    "policy-rewrite-group-missing": case(
+        ROUTES + "[{policy: {regex: true, rewrite_target: /$2}, paths: [{path: »'/api(.*)', backend: b}]}]\n",
+        "rewrite target '/$2' uses $2 but the path has 1 capture group(s)",
+    ),
+    "policy-conflict-same-backend-other-policy": case(
+        ROUTES + "\n- {host: a.com, paths: [{path: /admin, backend: b}]}\n"
+        "- {host: a.com, policy: {allow_sources: [10.0.0.0/8]}, paths: [»{path: /admin/, backend: b}]}\n",
+        "is already routed to b with a different policy by the rule at",
+    ),
     "trailing-slash-is-the-same-prefix-rule": case(  # the issue-13 case: /foo → one, /foo/ → two
         LISTEN + B2 + "routes:\n- {host: a.com, paths: [{path: /foo, backend: b}, »{path: /foo/, backend: c}]}\n",
         "path '/foo/' (Prefix) on host 'a.com' is already routed to b by the rule at",
