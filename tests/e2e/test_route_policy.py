@@ -1,0 +1,191 @@
+"""Per-route policy end to end: curl over HTTP/1.1 and HTTP/2 → the in-process proxy → real
+aiohttp backends that record what reached them. The same checks run for both protocols, since the
+policy is enforced once, in the exchange, before an endpoint is chosen."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import trustme
+
+from config.model import Backend, Configuration, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
+from tests.conftest import RecordingBackend, RunningProxy, certificate_for
+
+pytestmark = pytest.mark.e2e
+P, I = PathType.PREFIX, PathType.IMPLEMENTATION_SPECIFIC
+LIMIT = 1000
+PROTOCOLS = ["--http1.1", "--http2"]
+
+
+def networks(*cidrs: str) -> tuple:
+    return tuple(ipaddress.ip_network(cidr) for cidr in cidrs)
+
+
+ROUTES = {  # host → (path, type, policy)
+    "deny.test": ("/", P, RoutePolicy(allow_sources=networks("10.0.0.0/8"))),
+    "allow.test": ("/", P, RoutePolicy(allow_sources=networks("127.0.0.0/8"), deny_sources=networks("10.0.0.0/8"))),
+    "denied.test": ("/", P, RoutePolicy(deny_sources=networks("127.0.0.1"))),
+    "moved.test": ("/", P, RoutePolicy(redirect=Redirect("https://new.test/", 301))),
+    "root.test": ("/", P, RoutePolicy(app_root="/app")),
+    "limit.test": ("/", P, RoutePolicy(max_body_size=LIMIT)),
+    "api.test": ("/api(/|$)(.*)", I, RoutePolicy(regex=True, rewrite_target="/$2", forwarded_prefix="/api")),
+    "plain.test": ("/", P, None),
+}
+
+
+@pytest.fixture
+async def policy_proxy(ca: trustme.CA, start_backend, start_proxy) -> tuple[RunningProxy, RecordingBackend]:
+    backend = await start_backend("app")
+    configuration = Configuration(
+        routes=RouteTable(
+            virtual_hosts=tuple(
+                VirtualHost(host, (PathRule(path, kind, "app", policy),)) for host, (path, kind, policy) in ROUTES.items()
+            ),
+            backends=(Backend("app", (backend.address,)),),
+        ),
+        certificates=(certificate_for(ca, *ROUTES),),
+        timeouts=Timeouts(drain=2.0),
+    )
+    return await start_proxy(configuration), backend
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+async def curl(port: int, ca_file: str, protocol: str, host: str, target: str, *options: str, stdin: bytes | None = None) -> dict:
+    """One request to the HTTPS listener on `port`; returns status, the response headers
+    (lower-cased names), body and curl's figures."""
+    process = await asyncio.create_subprocess_exec(
+        "curl", "-sS", protocol, "--cacert", ca_file, "--resolve", f"{host}:{port}:127.0.0.1", "-D", "-",
+        "-w", "\n%{json}", *options, f"https://{host}:{port}{target}",
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(stdin), 60)
+    assert process.returncode == 0, err
+    response, _, figures = out.rpartition(b"\n")
+    head, _, body = response.partition(b"\r\n\r\n")
+    while head.split(b" ", 2)[1].startswith(b"1"):  # 100 Continue, if any, then the final head
+        head, _, body = body.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    return {"status": int(lines[0].split()[1]), "headers": headers, "body": body, "curl": json.loads(figures)}
+
+
+def header(seen: dict, name: str) -> list[str]:
+    """The values the backend saw under `name`, any case (HTTP/2 clients send lower case)."""
+    return [value for key, value in seen["headers"].items() if key.lower() == name.lower()]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_source_ranges_answer_403_before_any_backend_is_asked(policy_proxy, ca_file, protocol) -> None:
+    proxy, backend = policy_proxy
+    assert (await curl(proxy.https_port, ca_file, protocol, "deny.test", "/x"))["status"] == 403
+    assert (await curl(proxy.https_port, ca_file, protocol, "denied.test", "/x"))["status"] == 403
+    assert backend.received == []
+    allowed = await curl(proxy.https_port, ca_file, protocol, "allow.test", "/x")
+    assert allowed["status"] == 200 and json.loads(allowed["body"])["path_qs"] == "/x"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_redirects_and_app_root(policy_proxy, ca_file, protocol) -> None:
+    proxy, backend = policy_proxy
+    moved = await curl(proxy.https_port, ca_file, protocol, "moved.test", "/any/path?q=1")
+    assert moved["status"] == 301 and moved["headers"]["location"] == "https://new.test/"
+    root = await curl(proxy.https_port, ca_file, protocol, "root.test", "/")
+    assert root["status"] == 302 and root["headers"]["location"] == "/app"
+    assert backend.received == []
+    deeper = await curl(proxy.https_port, ca_file, protocol, "root.test", "/app/page")
+    assert deeper["status"] == 200 and json.loads(deeper["body"])["path_qs"] == "/app/page"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_body_over_the_limit_gets_413_and_never_reaches_the_backend(policy_proxy, ca_file, protocol) -> None:
+    proxy, backend = policy_proxy
+    big, small = b"x" * (LIMIT + 1), b"y" * LIMIT
+    declared = await curl(proxy.https_port, ca_file, protocol, "limit.test", "/up", "--data-binary", "@-", stdin=big)
+    assert declared["status"] == 413
+    unknown_length = await curl(proxy.https_port, ca_file, protocol, "limit.test", "/up", "-T", "-", stdin=big)  # chunked / no length
+    assert unknown_length["status"] == 413
+    assert backend.received == []
+    fits = await curl(proxy.https_port, ca_file, protocol, "limit.test", "/up", "--data-binary", "@-", stdin=small)
+    assert fits["status"] == 200 and json.loads(fits["body"])["body_length"] == LIMIT
+    fits_unknown = await curl(proxy.https_port, ca_file, protocol, "limit.test", "/up", "-T", "-", stdin=small)
+    assert fits_unknown["status"] == 200 and json.loads(fits_unknown["body"])["body_length"] == LIMIT
+
+
+async def test_expect_100_continue_over_the_limit_is_refused_before_the_body_is_sent(policy_proxy, ca_file) -> None:
+    proxy, backend = policy_proxy
+    refused = await curl(
+        proxy.https_port, ca_file, "--http1.1", "limit.test", "/up", "-H", "Expect: 100-continue", "--expect100-timeout", "30",
+        "--data-binary", "@-", stdin=b"z" * 100_000,
+    )  # fmt: skip
+    assert refused["status"] == 413
+    assert refused["curl"]["size_upload"] == 0  # curl waited for 100 Continue, got 413, sent nothing
+    assert backend.received == []
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_regex_rewrite_with_capture_groups_and_forwarded_prefix(policy_proxy, ca_file, protocol) -> None:
+    proxy, _ = policy_proxy
+    rewritten = await curl(proxy.https_port, ca_file, protocol, "api.test", "/api/users/7?full=1", "-H", "X-Forwarded-Prefix: /evil")
+    seen = json.loads(rewritten["body"])
+    assert rewritten["status"] == 200 and seen["path_qs"] == "/users/7?full=1"
+    assert header(seen, "X-Forwarded-Prefix") == ["/api"]
+    assert header(seen, "Host")[0].startswith("api.test")
+    bare = json.loads((await curl(proxy.https_port, ca_file, protocol, "api.test", "/API"))["body"])  # case-insensitive, $2 empty
+    assert bare["path_qs"] == "/"
+    assert (await curl(proxy.https_port, ca_file, protocol, "api.test", "/apix"))["status"] == 404  # (/|$) after /api
+    assert (await curl(proxy.https_port, ca_file, protocol, "api.test", "/v1/api/x"))["status"] == 404  # anchored at the start
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_route_without_policy_is_forwarded_untouched(policy_proxy, ca_file, protocol) -> None:
+    proxy, _ = policy_proxy
+    plain = await curl(proxy.https_port, ca_file, protocol, "plain.test", "/api/x?y=1", "-H", "X-Forwarded-Prefix: /theirs")
+    seen = json.loads(plain["body"])
+    assert plain["status"] == 200 and seen["path_qs"] == "/api/x?y=1" and header(seen, "X-Forwarded-Prefix") == ["/theirs"]
+
+
+async def test_the_routes_file_policy_through_the_real_process(ca: trustme.CA, start_backend, tmp_path: Path, ca_file) -> None:
+    """`ingress-proxy serve --routes FILE` with `policy:` blocks: the file's spelling reaches the
+    data plane (the in-process tests above build the model directly)."""
+    from tests.hostile.proxy_process import Ports, ProxyProcess, listen_section, write_certificate
+
+    backend = await start_backend("app")
+    certificate = write_certificate(ca, tmp_path, "site", "api.test", "office.test", "limit.test")
+    app = {"endpoints": [str(backend.address)]}
+    ports = Ports()
+    document = {
+        "listen": listen_section(ports),
+        "tls": {"certificates": [certificate.entry()]},
+        "routes": [
+            {"host": "api.test", "policy": {"regex": True, "rewrite_target": "/$2", "forwarded_prefix": "/api"},
+             "paths": [{"path": "/api(/|$)(.*)", "type": "ImplementationSpecific", "backend": "app"}]},
+            {"host": "office.test", "policy": {"allow_sources": ["10.0.0.0/8"]}, "paths": [{"path": "/", "backend": "app"}]},
+            {"host": "limit.test", "policy": {"max_body_size": "1k"}, "paths": [{"path": "/", "backend": "app"}]},
+        ],
+        "backends": {"app": app},
+    }  # fmt: skip
+    process = await asyncio.to_thread(ProxyProcess, tmp_path, ports, document)
+    try:
+        port = process.ports.https
+        for protocol in PROTOCOLS:
+            seen = json.loads((await curl(port, ca_file, protocol, "api.test", "/api/a/b?c=d"))["body"])
+            assert seen["path_qs"] == "/a/b?c=d" and header(seen, "X-Forwarded-Prefix") == ["/api"]
+            assert (await curl(port, ca_file, protocol, "office.test", "/"))["status"] == 403
+            too_big = await curl(port, ca_file, protocol, "limit.test", "/", "--data-binary", "@-", stdin=b"x" * 1025)
+            assert too_big["status"] == 413
+        assert 'ingress_proxy_policy_answers_total{status="403"} 2.0' in process.metrics()
+        assert 'ingress_proxy_policy_answers_total{status="413"} 2.0' in process.metrics()
+    finally:
+        assert await asyncio.to_thread(process.stop) == 0
+    assert process.tracebacks() == []
