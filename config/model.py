@@ -60,6 +60,17 @@ class Redirect:
 
 
 @dataclass(frozen=True)
+class HeaderEdits:
+    """Header changes on a message, applied remove → set → add. Names as written, matched without
+    case; names that frame the message or that the proxy derives (Host, X-Forwarded-*) are refused
+    by `config.route_policy.check_header_edit`."""
+
+    set: tuple[tuple[str, str], ...] = ()  # replaces every value the message had under that name
+    add: tuple[tuple[str, str], ...] = ()  # appended beside what the message had
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RoutePolicy:
     """Per-route (host + path) behaviour; field order is the order `proxy.policy` applies them.
 
@@ -77,6 +88,12 @@ class RoutePolicy:
     regex: bool = False
     rewrite_target: str | None = None
     forwarded_prefix: str | None = None  # sent upstream as X-Forwarded-Prefix (the client's is dropped)
+    connect_timeout: float | None = None  # seconds; None: Timeouts.connect
+    read_timeout: float | None = None  # each wait for the backend's response; None: Timeouts.backend_response
+    send_timeout: float | None = None  # each wait for the backend to take request body bytes; None: as read
+    request_headers: HeaderEdits | None = None  # on the request as it goes upstream
+    response_headers: HeaderEdits | None = None  # on the backend's response as it goes to the client
+    upstream_host: str | None = None  # the Host sent upstream (nginx upstream-vhost); X-Forwarded-Host keeps the client's
 
 
 # ---- end of per-route policy ------------------------------------------------------------------

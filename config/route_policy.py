@@ -27,7 +27,7 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
-from config.model import IpNetwork
+from config.model import HeaderEdits, IpNetwork
 
 MAX_REGEX_LENGTH = 256  # ingress-nginx paths seen in practice are < 100; longer ones are generated and suspect
 MAX_LONG_REPEATS = 2  # two are O(n²) on an anchored match; ingress-nginx idioms use one or two
@@ -65,6 +65,18 @@ def parse_size(raw: str | int) -> int | None:
         raise PolicyValueError(f"{raw!r} is not a size", "write bytes or a number with k, m or g (e.g. 8m), 0 for no limit")
     size = int(match[1]) * SIZE_UNITS[match[2].lower()]
     return size or None
+
+
+def parse_timeout(raw: str | int | float) -> float:
+    """Seconds: ingress-nginx writes integers ("60"), the routes file numbers; "60s" is accepted too."""
+    text = str(raw).strip().removesuffix("s")
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise PolicyValueError(f"{raw!r} is not a number of seconds", "write e.g. 30") from None
+    if not (0 < seconds < 86_400):
+        raise PolicyValueError(f"{raw!r} is not between 0 and a day", "write a positive number of seconds, e.g. 30")
+    return seconds
 
 
 def parse_networks(items: Iterable[str]) -> tuple[IpNetwork, ...]:
@@ -135,6 +147,44 @@ def _check_nodes(nodes: Any, pattern: str, inside_repeat: bool) -> int:
     return long_repeats
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field-name
+# Names an edit may not touch: they frame the message (RFC 9110 §7.6.1: not the peer's to change) or
+# the proxy derives them from the parse (proxy.http1), so an edit would be silently undone or, worse,
+# desynchronise framing. Host has its own key (upstream-vhost).
+FRAMING_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "content-length",
+})  # fmt: skip
+DERIVED_REQUEST_HEADERS = frozenset({
+    "host", "x-forwarded-for", "x-real-ip", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "expect",
+})  # fmt: skip
+
+
+def check_header_edit(name: str, value: str | None, request: bool) -> str:
+    """A header name an edit may touch (returned as written), with a value safe to write."""
+    if not _TOKEN.fullmatch(name):
+        raise PolicyValueError(f"{name!r} is not a header name", "use letters, digits and -")
+    lower = name.lower()
+    if lower in FRAMING_HEADERS or (request and lower in DERIVED_REQUEST_HEADERS):
+        fix = "use upstream_host / upstream-vhost" if lower == "host" else "remove it: the proxy writes this header itself"
+        raise PolicyValueError(f"header {name} cannot be edited", fix)
+    if value is not None:
+        _check_header_safe(value, f"the value of header {name}")
+    return name
+
+
+def parse_header_lines(raw: str) -> tuple[tuple[str, str], ...]:
+    """Annotation syntax for header edits: one `Name: value` per line."""
+    pairs = []
+    for line in str(raw).splitlines():
+        if not line.strip():
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise PolicyValueError(f"{line.strip()!r} is not 'Name: value'", "write one 'Name: value' per line")
+        pairs.append((name.strip(), value.strip()))
+    return tuple(pairs)
+
+
 def check_rewrite_target(target: str, groups: int) -> str:
     """A path (with `$1`..`$9`) the request path is rewritten to; refs beyond the groups are refused."""
     _check_header_safe(target, "rewrite target")
@@ -147,6 +197,25 @@ def check_rewrite_target(target: str, groups: int) -> str:
                 "add the group to the path (and enable regex) or fix the reference",
             )
     return target
+
+
+def header_edits(
+    set_pairs: tuple[tuple[str, str], ...], add_pairs: tuple[tuple[str, str], ...], remove: tuple[str, ...], request: bool
+) -> HeaderEdits | None:
+    """Checked edits (None when there are none); the first bad name or value raises."""
+    edits = HeaderEdits(
+        set=tuple((check_header_edit(name, value, request), value) for name, value in set_pairs),
+        add=tuple((check_header_edit(name, value, request), value) for name, value in add_pairs),
+        remove=tuple(check_header_edit(name, None, request) for name in remove),
+    )
+    return edits if edits != HeaderEdits() else None
+
+
+def check_host_value(host: str) -> str:
+    """upstream-vhost: a host[:port] written into the Host header as is."""
+    if not host or not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):
+        raise PolicyValueError(f"{host!r} is not a host name or host:port", "write e.g. backend.internal or backend.internal:8080")
+    return host
 
 
 def check_path_value(path: str, what: str) -> str:

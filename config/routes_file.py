@@ -62,6 +62,7 @@ from config.model import (
     CryptoSettings,
     EngineKey,
     EngineSettings,
+    HeaderEdits,
     Hsts,
     IpNetwork,
     KeySource,
@@ -86,7 +87,11 @@ from config.route_policy import (
     check_regex,
     check_rewrite_target,
     parse_networks,
+    check_header_edit,
+    check_host_value,
+    header_edits,
     parse_size,
+    parse_timeout,
 )
 from config.route_rules import HostTable, RuleError, check_path, parse_path_type
 from config.tls_policy import (
@@ -136,7 +141,9 @@ _ACCESS_LOG_KEYS = ("json",)
 _ROUTE_KEYS = ("host", "redirect_to_https", "policy", "paths")
 _POLICY_KEYS = (
     "allow_sources", "deny_sources", "redirect", "app_root", "max_body_size", "regex", "rewrite_target", "forwarded_prefix",
+    "connect_timeout", "read_timeout", "send_timeout", "request_headers", "response_headers", "upstream_host",
 )
+_HEADER_EDIT_KEYS = ("set", "add", "remove")
 _REDIRECT_KEYS = ("to", "code")
 _PATH_KEYS = ("path", "type", "backend")
 _BACKEND_KEYS = ("endpoints",)
@@ -441,12 +448,48 @@ class _Checker:
             values["max_body_size"] = self.checked(fields["max_body_size"], f"{where}.max_body_size", parse_size, size)
         if "regex" in fields:
             values["regex"] = self.flag(fields["regex"], f"{where}.regex") is True
+        for name in ("connect_timeout", "read_timeout", "send_timeout"):
+            if name in fields and (seconds := self.number(fields[name], f"{where}.{name}")) is not None:
+                values[name] = self.checked(fields[name], f"{where}.{name}", parse_timeout, seconds)
         if "rewrite_target" in fields:
             values["rewrite_target"] = self.text(fields["rewrite_target"], f"{where}.rewrite_target")
+        for name in ("request_headers", "response_headers"):
+            if name in fields:
+                values[name] = self.header_edits(fields[name], f"{where}.{name}", request=name == "request_headers")
+        if "upstream_host" in fields and (host := self.text(fields["upstream_host"], f"{where}.upstream_host")) is not None:
+            values["upstream_host"] = self.checked(fields["upstream_host"], f"{where}.upstream_host", check_host_value, host)
         if len(self._problems) != before:
             return _REFUSED
         policy = RoutePolicy(**values)
         return policy if policy != RoutePolicy() else None
+
+    def header_edits(self, node: yaml.Node, where: str, request: bool) -> HeaderEdits | None:
+        fields = self.mapping(node, where, _HEADER_EDIT_KEYS)
+        if fields is None:
+            return None
+        pairs: dict[str, tuple[tuple[str, str], ...]] = {"set": (), "add": ()}
+        for name in ("set", "add"):
+            if name in fields:
+                entries = self.mapping(fields[name], f"{where}.{name}", known=None) or {}
+                found = []
+                for header, value_node in entries.items():
+                    value = self.text(value_node, f"{where}.{name}.{header}")
+                    if value is None:
+                        continue
+                    checked: str | None = self.checked(value_node, f"{where}.{name}", check_header_edit, header, value, request)
+                    if checked is not None:
+                        found.append((checked, value))
+                pairs[name] = tuple(found)
+        removed = []
+        if "remove" in fields:
+            for index, item in enumerate(self.sequence(fields["remove"], f"{where}.remove") or []):
+                written = self.text(item, f"{where}.remove[{index}]")
+                if written is None:
+                    continue
+                name_checked: str | None = self.checked(item, f"{where}.remove[{index}]", check_header_edit, written, None, request)
+                if name_checked is not None:
+                    removed.append(name_checked)
+        return header_edits(pairs["set"], pairs["add"], tuple(removed), request)
 
     def networks(self, node: yaml.Node, where: str) -> tuple[IpNetwork, ...] | None:
         items = self.sequence(node, where)

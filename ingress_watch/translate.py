@@ -83,6 +83,7 @@ from config.model import (
     Configuration,
     CryptoSettings,
     EngineSettings,
+    HeaderEdits,
     Hsts,
     IpNetwork,
     PathRule,
@@ -102,7 +103,11 @@ from config.route_policy import (
     check_regex,
     check_rewrite_target,
     parse_networks,
+    check_host_value,
+    header_edits,
+    parse_header_lines,
     parse_size,
+    parse_timeout,
     split_list,
 )
 from config.route_rules import HostTable, RuleError, check_path, parse_path_type
@@ -546,6 +551,18 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "use-regex": "paths are regexes, anchored and case-insensitive (checked for catastrophic backtracking)",
     "rewrite-target": "the path sent upstream becomes this, with $1..$9 from the path's groups",
     "x-forwarded-prefix": "sent upstream as X-Forwarded-Prefix",
+    "proxy-connect-timeout": "seconds to connect to an endpoint (timeout-connect for this Ingress)",
+    "proxy-read-timeout": "seconds each wait for the backend's response may take (timeout-server for this Ingress)",
+    "proxy-send-timeout": "seconds each wait for the backend to take request body bytes may take",
+    "upstream-vhost": "the Host header sent upstream (X-Forwarded-Host keeps the client's)",
+    # ingress-proxy's own keys (ingress-nginx needs a configuration-snippet for these): one
+    # "Name: value" per line for set/add, a comma-separated list of names for remove
+    "request-set-headers": "request headers set (replacing the client's) before forwarding",
+    "request-add-headers": "request headers added before forwarding",
+    "request-remove-headers": "request headers removed before forwarding",
+    "response-set-headers": "response headers set (replacing the backend's)",
+    "response-add-headers": "response headers added",
+    "response-remove-headers": "response headers removed",
 }
 # Several Ingresses may route one host: these keys act on the host, the others on their paths.
 _HOST_ANNOTATIONS = ("ssl-redirect", "force-ssl-redirect")
@@ -621,11 +638,19 @@ def _read_annotations(
         ("rewrite-target", "rewrite_target", lambda raw: raw),  # checked per path (capture groups)
         ("x-forwarded-prefix", "forwarded_prefix", lambda raw: check_path_value(raw, "x-forwarded-prefix")),
         ("use-regex", "regex", _parse_bool),
+        ("proxy-connect-timeout", "connect_timeout", parse_timeout),
+        ("proxy-read-timeout", "read_timeout", parse_timeout),
+        ("proxy-send-timeout", "send_timeout", parse_timeout),
+        ("upstream-vhost", "upstream_host", check_host_value),
     )
     for name, field_name, lenient_check in lenient_checks:
         value = reader.read(name, lenient_check)
         if value is not None:
             fields[field_name] = value
+    for direction in ("request", "response"):
+        edits = reader.read_edits(direction)
+        if edits is not None:
+            fields[f"{direction}_headers"] = edits
     policy = RoutePolicy(**fields)  # type: ignore[arg-type]
     forced = reader.read("force-ssl-redirect", _parse_bool)
     ssl_redirect = reader.read("ssl-redirect", _parse_bool)
@@ -655,6 +680,23 @@ class _AnnotationReader:
                 self.reported.add(name)
                 self.problems.append(Problem(self.location, f"annotation {self.keys[name]}: {error}; annotation ignored"))
             return None
+
+
+    def read_edits(self, direction: str) -> HeaderEdits | None:
+        names = [f"{direction}-{verb}-headers" for verb in ("set", "add", "remove")]
+        if not any(name in self.values for name in names):
+            return None
+        request = direction == "request"
+
+        def check(_: str) -> HeaderEdits | None:
+            return header_edits(
+                parse_header_lines(self.values.get(names[0], "")),
+                parse_header_lines(self.values.get(names[1], "")),
+                tuple(split_list(self.values.get(names[2], ""))),
+                request,
+            )
+
+        return self.read(next(name for name in names if name in self.values), check)
 
 
 def _networks(raw: str) -> tuple[IpNetwork, ...]:

@@ -164,11 +164,8 @@ async def _proxy_with_policy(
     candidates = state.balancer.candidates(backend)
     if not candidates:
         return 503, client.answer_locally(head, 503, hsts)
-    upstream_head, extra = route_policy.upstream_head(policy, head)
-    return await _proxy(
-        client, state, head, backend, candidates, generation.configuration.timeouts, hsts,
-        upstream_head=upstream_head, extra_request=extra, max_body_size=policy.max_body_size,
-    )
+    timeouts = policy.route_timeouts(generation.configuration.timeouts)
+    return await _proxy(client, state, head, backend, candidates, timeouts, hsts, policy)
 
 
 def hsts_header(listener: Listener, generation: Generation) -> bytes:
@@ -193,19 +190,18 @@ async def _proxy(
     candidates: list[Address],
     timeouts: Timeouts,
     hsts: bytes,
-    upstream_head: RequestHead | None = None,
-    extra_request: bytes = b"",
-    max_body_size: int | None = None,
+    policy: route_policy.CompiledPolicy | None = None,
 ) -> tuple[int, bool]:
-    """Forward `head` (as `upstream_head` when a policy reshaped it) with retries; relay the answer."""
+    """Forward `head` (shaped by the route's `policy`, if any) with retries; relay the answer."""
     has_body = head.has_body
     replayable = is_replayable(head)
     if has_body:
         client.invite_body(head)
     listener = client.listener
-    request = upstream_request_head(
-        upstream_head or head, client.client_ip, listener.name.encode(), listener.address, extra_request
-    )
+    if policy is None:
+        request = upstream_request_head(head, client.client_ip, listener.name.encode(), listener.address)
+    else:
+        request = route_policy.upstream_request(policy, head, client.client_ip, listener.name.encode(), listener.address)
     balancer = state.balancer
     failure = FailureKind.NO_ENDPOINT
     attempts = list(candidates)
@@ -224,7 +220,7 @@ async def _proxy(
             upstream.begin_request(head.method)
             upstream.write(request)
             if has_body:  # never on a retry: only body-less requests are retried
-                await _forward_request_body(client, head, upstream, timeouts, max_body_size)
+                await _forward_request_body(client, head, upstream, timeouts, policy)
             upstream.request_sent()
             response = await _response_head(client, upstream, head, timeouts.backend_response)
         except ClientFailed as failed:
@@ -244,7 +240,10 @@ async def _proxy(
         except TimeoutError:
             failure = FailureKind.RESPONSE_TIMEOUT
         else:
-            return response.status, await _relay_response(client, state, head, upstream, response, backend, timeouts, hsts)
+            extra = hsts
+            if policy is not None and policy.edits_response:
+                response, extra = route_policy.downstream_head(policy, response, hsts)
+            return response.status, await _relay_response(client, state, head, upstream, response, backend, timeouts, extra)
         if upstream is not None:
             upstream.close()
         client.upstream = None
@@ -261,14 +260,23 @@ BODY_TOO_LARGE = PeerError(413, "request body over the route's limit")
 
 
 async def _forward_request_body(
-    client: ClientSide, head: RequestHead, upstream: UpstreamConnection, timeouts: Timeouts, max_body_size: int | None
+    client: ClientSide,
+    head: RequestHead,
+    upstream: UpstreamConnection,
+    timeouts: Timeouts,
+    policy: route_policy.CompiledPolicy | None,
 ) -> None:
     """Stream the request body (re-chunked if it has no length) until its EndOfMessage.
 
     `idle` bounds each wait for the client, `backend_response` each wait for a backend that does
-    not read what we send (without it, both connections would hang forever). `max_body_size`
-    (a policy limit; a declared length was checked before) bounds a body of unknown length."""
-    remaining = max_body_size if max_body_size is not None and head.content_length is None else None
+    not read what we send (without it, both connections would hang forever; a route's
+    `send_timeout` replaces it). The route's `max_body_size` (a declared length was checked
+    before) bounds a body of unknown length."""
+    remaining = send_timeout = None
+    if policy is not None:
+        send_timeout = policy.send_timeout
+        if head.content_length is None:
+            remaining = policy.max_body_size
     while True:
         try:
             event = await client.next_body_event(timeouts.idle)
@@ -284,7 +292,7 @@ async def _forward_request_body(
             upstream.write(encode_chunk(event.data) if head.chunked else event.data)
             if upstream._writing_paused:
                 try:
-                    async with asyncio.timeout(timeouts.backend_response):
+                    async with asyncio.timeout(send_timeout or timeouts.backend_response):
                         await upstream.drain()
                 except ConnectionGone:
                     raise BackendFailed(FailureKind.RESET_WHILE_SENDING) from None

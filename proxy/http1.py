@@ -382,7 +382,7 @@ def encode_chunk(data: bytes) -> bytes:
 
 
 def upstream_request_head(
-    head: RequestHead, client_ip: bytes, proto: bytes, local_address: bytes, extra: bytes = b""
+    head: RequestHead, client_ip: bytes, proto: bytes, local_address: bytes, extra: bytes = b"", host_header: bytes = b""
 ) -> bytes:
     """The request line and headers as sent to a backend (always HTTP/1.1).
 
@@ -392,11 +392,13 @@ def upstream_request_head(
     X-Forwarded-* values). `Expect` is dropped because the proxy answers 100-continue itself.
     An HTTP/1.0 request without Host gets the listener's `local_address` (`ip:port`), since
     HTTP/1.1 requires one. `extra`: header lines a route policy adds ("Name: value\r\n"...),
-    written after ours and never framing (`config.route_policy` refuses CR/LF in their values).
+    written after ours and never framing (`config.route_policy` refuses CR/LF in their values and
+    framing names); `host_header` replaces the Host sent (nginx `upstream-vhost`), X-Forwarded-Host
+    still says what the client asked for.
     """
     named_by_connection = connection_tokens(head.headers)
     host = head.host or local_address
-    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host_header or host, b"\r\n"]
     forwarded_for = b""
     upgrade = b""
     for name, value in head.headers:

@@ -13,9 +13,12 @@ With a policy the exchange asks, in this order:
    "/" → 302; a Content-Length over the body limit → 413. All of this happens before the body is
    invited, so a client sending `Expect: 100-continue` gets the refusal instead of a 100 and never
    sends the body.
-2. `upstream_head(policy, head)`: the head as it goes upstream: the path rewritten (`$1`..`$9`
-   from the rule's regex, the query kept) and extra header lines (X-Forwarded-Prefix; a client's
-   own copy is dropped). The framing stays `proxy.http1`'s to derive.
+2. `upstream_request(policy, head, ...)`: the head as it goes upstream: the path rewritten
+   (`$1`..`$9` from the rule's regex, the query kept), request header edits (remove, set = remove
+   then add, add; X-Forwarded-Prefix is a set, so a client's own copy is dropped) and the Host
+   (upstream-vhost). The framing stays `proxy.http1`'s to derive; names that frame or that we
+   derive cannot be edited (`config.route_policy.check_header_name`).
+   `downstream_head(policy, response, extra)` does the same for the response's headers.
 3. A body without a length (chunked, or HTTP/2 without content-length) is counted while it is
    forwarded: once it passes the limit the backend connection is closed (it has only seen a
    truncated request) and the client gets 413. This is the one place the backend sees part of an
@@ -29,12 +32,11 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from config.model import IpNetwork, PathRule
+from config.model import HeaderEdits, IpNetwork, PathRule, Timeouts
 from config.route_policy import MAX_REGEX_SUBJECT
-from proxy.http1 import RequestHead
+from proxy.http1 import RequestHead, ResponseHead, upstream_request_head
 
 _GROUP_REFERENCE = re.compile(r"\$(\d)")
-FORWARDED_PREFIX = b"x-forwarded-prefix"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,8 @@ class CompiledPolicy:
 
     __slots__ = (
         "allow", "deny", "redirect", "app_root", "max_body_size", "path_pattern", "rewrite_target", "extra_request",
-        "drop_request",
+        "drop_request", "timeouts", "_timeouts_for", "send_timeout", "upstream_host", "edits_response", "drop_response",
+        "extra_response",
     )
 
     def __init__(self, rule: PathRule) -> None:
@@ -71,15 +74,40 @@ class CompiledPolicy:
         source = rule.path if policy.regex else re.escape(rule.path)
         self.path_pattern = re.compile(source, re.IGNORECASE)
         self.rewrite_target = policy.rewrite_target
-        self.extra_request = b""
-        self.drop_request: frozenset[bytes] = frozenset()
+        self.timeouts = (policy.connect_timeout, policy.read_timeout)
+        self._timeouts_for: tuple[Timeouts, Timeouts] | None = None  # (generation's, this route's), memoized
+        self.send_timeout = policy.send_timeout
+        request = policy.request_headers or HeaderEdits()
         if policy.forwarded_prefix is not None:
-            self.extra_request = b"X-Forwarded-Prefix: %s\r\n" % policy.forwarded_prefix.encode()
-            self.drop_request = frozenset({FORWARDED_PREFIX})
+            request = HeaderEdits(set=(*request.set, ("X-Forwarded-Prefix", policy.forwarded_prefix)), add=request.add,
+                                  remove=request.remove)  # fmt: skip
+        self.drop_request, self.extra_request = _compile_edits(request)
+        self.upstream_host = policy.upstream_host.encode() if policy.upstream_host is not None else b""
+        self.drop_response, self.extra_response = _compile_edits(policy.response_headers or HeaderEdits())
+        self.edits_response = bool(self.drop_response or self.extra_response)
+
+    def route_timeouts(self, base: Timeouts) -> Timeouts:
+        """The generation's timeouts with this route's connect/read ones; computed once per base."""
+        if self.timeouts == (None, None):
+            return base
+        memo = self._timeouts_for
+        if memo is None or memo[0] is not base:
+            connect, read = self.timeouts
+            memo = self._timeouts_for = (base, dataclasses.replace(
+                base, connect=connect or base.connect, backend_response=read or base.backend_response
+            ))
+        return memo[1]
 
     def matches(self, path: str) -> bool:
         """For regex rules (the router asks): does the anchored, case-insensitive pattern match?"""
         return len(path) <= MAX_REGEX_SUBJECT and self.path_pattern.match(path) is not None
+
+
+def _compile_edits(edits: HeaderEdits) -> tuple[frozenset[bytes], bytes]:
+    """(names to drop from the message, header lines to add to it)."""
+    drop = frozenset(name.lower().encode() for name in (*edits.remove, *(name for name, _ in edits.set)))
+    lines = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in (*edits.set, *edits.add))
+    return drop, lines
 
 
 def client_address(client_ip: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -147,3 +175,17 @@ def upstream_head(policy: CompiledPolicy, head: RequestHead) -> tuple[RequestHea
         headers = tuple(field for field in head.headers if field[0].lower() not in policy.drop_request)
         head = dataclasses.replace(head, headers=headers)
     return head, policy.extra_request
+
+
+def upstream_request(policy: CompiledPolicy, head: RequestHead, client_ip: bytes, proto: bytes, local_address: bytes) -> bytes:
+    """The request head on the wire to the backend, as the policy shapes it (framing: http1's)."""
+    shaped, extra = upstream_head(policy, head)
+    return upstream_request_head(shaped, client_ip, proto, local_address, extra, policy.upstream_host)
+
+
+def downstream_head(policy: CompiledPolicy, response: ResponseHead, extra: bytes) -> tuple[ResponseHead, bytes]:
+    """The backend's response head with the policy's removals, and the header lines to add."""
+    if policy.drop_response:
+        headers = tuple(field for field in response.headers if field[0].lower() not in policy.drop_response)
+        response = dataclasses.replace(response, headers=headers)
+    return response, policy.extra_response + extra

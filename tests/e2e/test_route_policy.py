@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from config.model import Backend, Configuration, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
+from config.model import Backend, Configuration, HeaderEdits, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
 from tests.conftest import RecordingBackend, RunningProxy, certificate_for
 
 pytestmark = pytest.mark.e2e
@@ -34,6 +34,12 @@ ROUTES = {  # host → (path, type, policy)
     "root.test": ("/", P, RoutePolicy(app_root="/app")),
     "limit.test": ("/", P, RoutePolicy(max_body_size=LIMIT)),
     "api.test": ("/api(/|$)(.*)", I, RoutePolicy(regex=True, rewrite_target="/$2", forwarded_prefix="/api")),
+    "edit.test": ("/", P, RoutePolicy(
+        upstream_host="internal.test",
+        request_headers=HeaderEdits(set=(("X-Env", "prod"),), add=(("X-Trace", "on"),), remove=("Cookie",)),
+        response_headers=HeaderEdits(set=(("Cache-Control", "no-store"),), add=(("X-Policy", "yes"),), remove=("Content-Type",)),
+    )),
+    "slow.test": ("/", P, RoutePolicy(read_timeout=0.5)),
     "plain.test": ("/", P, None),
 }
 
@@ -189,3 +195,25 @@ async def test_the_routes_file_policy_through_the_real_process(ca: trustme.CA, s
     finally:
         assert await asyncio.to_thread(process.stop) == 0
     assert process.tracebacks() == []
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_header_edits_and_upstream_vhost(policy_proxy, ca_file, protocol) -> None:
+    proxy, _ = policy_proxy
+    edited = await curl(
+        proxy.https_port, ca_file, protocol, "edit.test", "/e", "-H", "X-Env: dev", "-H", "Cookie: secret=1",
+    )  # fmt: skip
+    seen = json.loads(edited["body"])
+    assert header(seen, "X-Env") == ["prod"] and header(seen, "Cookie") == []
+    assert header(seen, "X-Trace") == ["on"]  # (beside a client's copy: tests/unit/test_policy.py, on the wire)
+    assert header(seen, "Host") == ["internal.test"]
+    assert header(seen, "X-Forwarded-Host")[0].startswith("edit.test")  # what the client asked for
+    assert edited["headers"]["cache-control"] == "no-store" and edited["headers"]["x-policy"] == "yes"
+    assert "content-type" not in edited["headers"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_route_read_timeout_replaces_the_global_one(policy_proxy, ca_file, protocol) -> None:
+    proxy, _ = policy_proxy
+    assert (await curl(proxy.https_port, ca_file, protocol, "slow.test", "/slow/5"))["status"] == 504  # global: 60 s
+    assert (await curl(proxy.https_port, ca_file, protocol, "plain.test", "/slow/1"))["status"] == 200

@@ -17,7 +17,8 @@ expected.yaml (every key optional; absent = empty or the model's default):
   claimed: [ns/name, ...]
   virtual_hosts: [{host: foo.example.com, redirect_to_https: true, paths: ["/api Prefix ns/svc:80", ...]}]
       a path with a policy: {rule: "/api Prefix ns/svc:80", policy: {RoutePolicy fields}}, where
-      allow_sources/deny_sources are lists of CIDRs and redirect is {location: URL, status: 301}
+      allow_sources/deny_sources are lists of CIDRs, redirect is {location: URL, status: 301} and
+      request_headers/response_headers are {set: [[name, value]], add: [[name, value]], remove: [name]}
   backends: {ns/svc:80: ["10.0.0.1:8080", ...]}
   default_backend: ns/svc:80
   certificates: [{secret: ns/name, hosts: [...]}]   # chain and key: that input Secret's decoded data
@@ -51,6 +52,7 @@ from config.model import (
     Configuration,
     CryptoSettings,
     EngineSettings,
+    HeaderEdits,
     Hsts,
     PathRule,
     PathType,
@@ -192,6 +194,13 @@ def _path_rule(spec: str | dict) -> PathRule:
                 fields[name] = tuple(ipaddress.ip_network(cidr) for cidr in fields[name])
         if "redirect" in fields:
             fields["redirect"] = Redirect(**fields["redirect"])
+        for name in ("request_headers", "response_headers"):
+            if name in fields:
+                edits = fields[name]
+                fields[name] = HeaderEdits(
+                    set=tuple(map(tuple, edits.get("set", ()))), add=tuple(map(tuple, edits.get("add", ()))),
+                    remove=tuple(edits.get("remove", ())),
+                )
         policy = RoutePolicy(**fields)
     return PathRule(path, PathType(path_type), backend, policy)
 

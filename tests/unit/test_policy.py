@@ -9,18 +9,19 @@ import time
 
 import pytest
 
-from config.model import PathRule, PathType, Redirect, RouteTable, RoutePolicy, VirtualHost
+from config.model import HeaderEdits, PathRule, PathType, Redirect, RouteTable, RoutePolicy, VirtualHost
 from config.route_policy import (
     MAX_REGEX_LENGTH,
     MAX_REGEX_SUBJECT,
     PolicyValueError,
+    check_header_edit,
     check_redirect_location,
     check_regex,
     check_rewrite_target,
     parse_size,
 )
 from proxy.http1 import RequestHead, upstream_request_head
-from proxy.policy import CompiledPolicy, local_answer, source_allowed, upstream_head
+from proxy.policy import CompiledPolicy, local_answer, source_allowed, upstream_head, upstream_request
 from proxy.router import Router
 
 P, E, I = PathType.PREFIX, PathType.EXACT, PathType.IMPLEMENTATION_SPECIFIC
@@ -182,3 +183,29 @@ def test_router_tries_exact_then_regex_longest_first_then_prefix_and_hands_out_p
     match = router.route("a.test", "/other")
     assert match.backend == "root" and match.policy is None  # no policy: the exchange's old path
     assert router.route("a.test", "/api/v2").policy is not None
+
+
+def test_header_edits_on_the_wire_keep_our_framing() -> None:
+    policy = compiled(
+        upstream_host="internal.test",
+        request_headers=HeaderEdits(set=(("X-Env", "prod"),), add=(("X-Trace", "on"),), remove=("cookie",)),
+    )
+    request = head(b"/", headers=((b"X-Env", b"dev"), (b"COOKIE", b"a=1"), (b"X-Trace", b"client")))
+    wire = upstream_request(policy, request, b"192.0.2.1", b"https", b"127.0.0.1:8443")
+    assert wire.startswith(b"GET / HTTP/1.1\r\nHost: internal.test\r\n")
+    assert b"X-Forwarded-Host: a.test\r\n" in wire and b"a=1" not in wire and b"dev" not in wire
+    assert re.findall(rb"X-Trace: ([^\r]*)", wire) == [b"client", b"on"] and b"X-Env: prod\r\n" in wire
+
+
+@pytest.mark.parametrize(("name", "request_side", "refused"), [
+    ("Content-Length", True, True), ("transfer-encoding", False, True), ("Host", True, True), ("X-Forwarded-For", True, True),
+    ("Connection", False, True), ("bad name", True, True), ("X-Forwarded-For", False, False), ("X-Env", True, False),
+])  # fmt: skip
+def test_header_names_an_edit_may_not_touch(name: str, request_side: bool, refused: bool) -> None:
+    if refused:
+        with pytest.raises(PolicyValueError):
+            check_header_edit(name, "v", request_side)
+    else:
+        assert check_header_edit(name, "v", request_side) == name
+    with pytest.raises(PolicyValueError):
+        check_header_edit("X-Ok", "a\r\nInjected: 1", request_side)
