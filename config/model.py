@@ -70,6 +70,29 @@ class HeaderEdits:
     remove: tuple[str, ...] = ()
 
 
+CORS_DEFAULT_METHODS = "GET, PUT, POST, DELETE, PATCH, OPTIONS"  # ingress-nginx's defaults, kept verbatim
+CORS_DEFAULT_HEADERS = (
+    "DNT,Keep-Alive,User-Agent,X-Requested-With,If-Modified-Since,Cache-Control,Content-Type,Range,Authorization"
+)
+
+
+@dataclass(frozen=True)
+class Cors:
+    """ingress-nginx `enable-cors` and its `cors-*` keys. The proxy answers preflights itself.
+
+    `allow_origins`: "*" (any), exact origins ("https://app.example.com") or one-level-or-deeper
+    wildcards ("https://*.example.com"). A matching request Origin is echoed (with `*` and no
+    credentials, "*" is sent instead); a non-matching one gets no CORS headers at all.
+    """
+
+    allow_origins: tuple[str, ...] = ("*",)
+    allow_methods: str = CORS_DEFAULT_METHODS
+    allow_headers: str = CORS_DEFAULT_HEADERS
+    expose_headers: str = ""
+    allow_credentials: bool = True
+    max_age: int = 1728000  # seconds a browser may cache a preflight answer (20 days, ingress-nginx's)
+
+
 @dataclass(frozen=True)
 class RoutePolicy:
     """Per-route (host + path) behaviour; field order is the order `proxy.policy` applies them.
@@ -94,6 +117,7 @@ class RoutePolicy:
     request_headers: HeaderEdits | None = None  # on the request as it goes upstream
     response_headers: HeaderEdits | None = None  # on the backend's response as it goes to the client
     upstream_host: str | None = None  # the Host sent upstream (nginx upstream-vhost); X-Forwarded-Host keeps the client's
+    cors: Cors | None = None
 
 
 # ---- end of per-route policy ------------------------------------------------------------------

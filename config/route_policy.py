@@ -211,6 +211,38 @@ def header_edits(
     return edits if edits != HeaderEdits() else None
 
 
+_ORIGIN = re.compile(r"https?://(\*\.)?[A-Za-z0-9.-]+(:[0-9]{1,5})?")
+
+
+def check_cors_origins(origins: Iterable[str]) -> tuple[str, ...]:
+    """"*", exact origins (scheme://host[:port]) or scheme://*.domain wildcards."""
+    checked = []
+    for origin in origins:
+        text = origin.strip().rstrip("/")
+        if text != "*" and not _ORIGIN.fullmatch(text):
+            raise PolicyValueError(f"{origin!r} is not an origin", "write * or e.g. https://app.example.com or https://*.example.com")
+        checked.append(text)
+    if not checked:
+        raise PolicyValueError("no origin given", "write * or a comma-separated list of origins")
+    return tuple(checked)
+
+
+def check_token_list(raw: str, what: str) -> str:
+    """A comma-separated list of methods or header names, normalised to "A, B"."""
+    items = split_list(raw)
+    for item in items:
+        if not _TOKEN.fullmatch(item):
+            raise PolicyValueError(f"{what} {item!r} is not a token", f"write a comma-separated list of {what}s")
+    return ", ".join(items)
+
+
+def check_max_age(raw: str | int) -> int:
+    text = str(raw).strip()
+    if not text.isdigit():
+        raise PolicyValueError(f"{raw!r} is not a whole number of seconds", "write e.g. 86400")
+    return int(text)
+
+
 def check_host_value(host: str) -> str:
     """upstream-vhost: a host[:port] written into the Host header as is."""
     if not host or not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):

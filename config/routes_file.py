@@ -59,6 +59,7 @@ from config.model import (
     Backend,
     Certificate,
     Configuration,
+    Cors,
     CryptoSettings,
     EngineKey,
     EngineSettings,
@@ -87,8 +88,11 @@ from config.route_policy import (
     check_regex,
     check_rewrite_target,
     parse_networks,
+    check_cors_origins,
     check_header_edit,
     check_host_value,
+    check_max_age,
+    check_token_list,
     header_edits,
     parse_size,
     parse_timeout,
@@ -141,8 +145,9 @@ _ACCESS_LOG_KEYS = ("json",)
 _ROUTE_KEYS = ("host", "redirect_to_https", "policy", "paths")
 _POLICY_KEYS = (
     "allow_sources", "deny_sources", "redirect", "app_root", "max_body_size", "regex", "rewrite_target", "forwarded_prefix",
-    "connect_timeout", "read_timeout", "send_timeout", "request_headers", "response_headers", "upstream_host",
+    "connect_timeout", "read_timeout", "send_timeout", "request_headers", "response_headers", "upstream_host", "cors",
 )
+_CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers", "allow_credentials", "max_age")
 _HEADER_EDIT_KEYS = ("set", "add", "remove")
 _REDIRECT_KEYS = ("to", "code")
 _PATH_KEYS = ("path", "type", "backend")
@@ -458,10 +463,34 @@ class _Checker:
                 values[name] = self.header_edits(fields[name], f"{where}.{name}", request=name == "request_headers")
         if "upstream_host" in fields and (host := self.text(fields["upstream_host"], f"{where}.upstream_host")) is not None:
             values["upstream_host"] = self.checked(fields["upstream_host"], f"{where}.upstream_host", check_host_value, host)
+        if "cors" in fields:
+            values["cors"] = self.cors(fields["cors"], f"{where}.cors")
         if len(self._problems) != before:
             return _REFUSED
         policy = RoutePolicy(**values)
         return policy if policy != RoutePolicy() else None
+
+    def cors(self, node: yaml.Node, where: str) -> Cors | None:
+        """`cors: true` (ingress-nginx's defaults) or a mapping of _CORS_KEYS."""
+        if _tag(node) == _TAG_BOOL:
+            return Cors() if self.flag(node, where) else None
+        fields = self.mapping(node, where, _CORS_KEYS, expected="true/false or a mapping")
+        if fields is None:
+            return None
+        values: dict[str, Any] = {}
+        if "allow_origins" in fields:
+            values["allow_origins"] = self.checked(
+                fields["allow_origins"], f"{where}.allow_origins", check_cors_origins, self.texts(fields["allow_origins"], f"{where}.allow_origins")
+            )
+        for name, what in (("allow_methods", "method"), ("allow_headers", "header"), ("expose_headers", "header")):
+            if name in fields:
+                items = self.texts(fields[name], f"{where}.{name}")
+                values[name] = self.checked(fields[name], f"{where}.{name}", check_token_list, ",".join(items), what)
+        if "allow_credentials" in fields:
+            values["allow_credentials"] = self.flag(fields["allow_credentials"], f"{where}.allow_credentials") is True
+        if "max_age" in fields and (age := self.number(fields["max_age"], f"{where}.max_age")) is not None:
+            values["max_age"] = self.checked(fields["max_age"], f"{where}.max_age", check_max_age, age)
+        return Cors(**{name: value for name, value in values.items() if value is not None})
 
     def header_edits(self, node: yaml.Node, where: str, request: bool) -> HeaderEdits | None:
         fields = self.mapping(node, where, _HEADER_EDIT_KEYS)

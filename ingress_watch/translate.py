@@ -81,6 +81,7 @@ from config.model import (
     Backend,
     Certificate,
     Configuration,
+    Cors,
     CryptoSettings,
     EngineSettings,
     HeaderEdits,
@@ -103,7 +104,10 @@ from config.route_policy import (
     check_regex,
     check_rewrite_target,
     parse_networks,
+    check_cors_origins,
     check_host_value,
+    check_max_age,
+    check_token_list,
     header_edits,
     parse_header_lines,
     parse_size,
@@ -555,6 +559,13 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "proxy-read-timeout": "seconds each wait for the backend's response may take (timeout-server for this Ingress)",
     "proxy-send-timeout": "seconds each wait for the backend to take request body bytes may take",
     "upstream-vhost": "the Host header sent upstream (X-Forwarded-Host keeps the client's)",
+    "enable-cors": "answer CORS preflights and add CORS headers to responses",
+    "cors-allow-origin": "origins allowed (*, exact, or https://*.example.com)",
+    "cors-allow-methods": "Access-Control-Allow-Methods of preflight answers",
+    "cors-allow-headers": "Access-Control-Allow-Headers of preflight answers",
+    "cors-expose-headers": "Access-Control-Expose-Headers",
+    "cors-allow-credentials": "send Access-Control-Allow-Credentials: true (the Origin is then echoed, never *)",
+    "cors-max-age": "Access-Control-Max-Age of preflight answers",
     # ingress-proxy's own keys (ingress-nginx needs a configuration-snippet for these): one
     # "Name: value" per line for set/add, a comma-separated list of names for remove
     "request-set-headers": "request headers set (replacing the client's) before forwarding",
@@ -647,6 +658,8 @@ def _read_annotations(
         value = reader.read(name, lenient_check)
         if value is not None:
             fields[field_name] = value
+    if reader.read("enable-cors", _parse_bool):
+        fields["cors"] = reader.read_cors()
     for direction in ("request", "response"):
         edits = reader.read_edits(direction)
         if edits is not None:
@@ -681,6 +694,23 @@ class _AnnotationReader:
                 self.problems.append(Problem(self.location, f"annotation {self.keys[name]}: {error}; annotation ignored"))
             return None
 
+
+    def read_cors(self) -> Cors:
+        defaults = Cors()
+        origins = self.read("cors-allow-origin", lambda raw: check_cors_origins(split_list(raw)))
+        methods = self.read("cors-allow-methods", lambda raw: check_token_list(raw, "method"))
+        headers = self.read("cors-allow-headers", lambda raw: check_token_list(raw, "header"))
+        exposed = self.read("cors-expose-headers", lambda raw: check_token_list(raw, "header"))
+        credentials = self.read("cors-allow-credentials", _parse_bool)
+        max_age = self.read("cors-max-age", check_max_age)
+        return Cors(
+            allow_origins=origins or defaults.allow_origins,
+            allow_methods=methods or defaults.allow_methods,
+            allow_headers=headers or defaults.allow_headers,
+            expose_headers=exposed if exposed is not None else defaults.expose_headers,
+            allow_credentials=credentials if credentials is not None else defaults.allow_credentials,
+            max_age=max_age if max_age is not None else defaults.max_age,
+        )
 
     def read_edits(self, direction: str) -> HeaderEdits | None:
         names = [f"{direction}-{verb}-headers" for verb in ("set", "add", "remove")]

@@ -242,7 +242,7 @@ async def _proxy(
         else:
             extra = hsts
             if policy is not None and policy.edits_response:
-                response, extra = route_policy.downstream_head(policy, response, hsts)
+                response, extra = route_policy.downstream_head(policy, head, response, hsts)
             return response.status, await _relay_response(client, state, head, upstream, response, backend, timeouts, extra)
         if upstream is not None:
             upstream.close()

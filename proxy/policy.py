@@ -18,7 +18,9 @@ With a policy the exchange asks, in this order:
    then add, add; X-Forwarded-Prefix is a set, so a client's own copy is dropped) and the Host
    (upstream-vhost). The framing stays `proxy.http1`'s to derive; names that frame or that we
    derive cannot be edited (`config.route_policy.check_header_name`).
-   `downstream_head(policy, response, extra)` does the same for the response's headers.
+   `downstream_head(policy, head, response, extra)` does the same for the response's headers and
+   adds CORS headers for the request's Origin. A CORS preflight (OPTIONS with an Origin and
+   Access-Control-Request-Method) is answered in step 1 and never reaches the backend.
 3. A body without a length (chunked, or HTTP/2 without content-length) is counted while it is
    forwarded: once it passes the limit the backend connection is closed (it has only seen a
    truncated request) and the client gets 413. This is the one place the backend sees part of an
@@ -32,7 +34,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from config.model import HeaderEdits, IpNetwork, PathRule, Timeouts
+from config.model import Cors, HeaderEdits, IpNetwork, PathRule, Timeouts
 from config.route_policy import MAX_REGEX_SUBJECT
 from proxy.http1 import RequestHead, ResponseHead, upstream_request_head
 
@@ -55,7 +57,7 @@ class CompiledPolicy:
     __slots__ = (
         "allow", "deny", "redirect", "app_root", "max_body_size", "path_pattern", "rewrite_target", "extra_request",
         "drop_request", "timeouts", "_timeouts_for", "send_timeout", "upstream_host", "edits_response", "drop_response",
-        "extra_response",
+        "extra_response", "cors",
     )
 
     def __init__(self, rule: PathRule) -> None:
@@ -84,7 +86,8 @@ class CompiledPolicy:
         self.drop_request, self.extra_request = _compile_edits(request)
         self.upstream_host = policy.upstream_host.encode() if policy.upstream_host is not None else b""
         self.drop_response, self.extra_response = _compile_edits(policy.response_headers or HeaderEdits())
-        self.edits_response = bool(self.drop_response or self.extra_response)
+        self.cors = CompiledCors(policy.cors) if policy.cors is not None else None
+        self.edits_response = bool(self.drop_response or self.extra_response or self.cors)
 
     def route_timeouts(self, base: Timeouts) -> Timeouts:
         """The generation's timeouts with this route's connect/read ones; computed once per base."""
@@ -101,6 +104,58 @@ class CompiledPolicy:
     def matches(self, path: str) -> bool:
         """For regex rules (the router asks): does the anchored, case-insensitive pattern match?"""
         return len(path) <= MAX_REGEX_SUBJECT and self.path_pattern.match(path) is not None
+
+
+class CompiledCors:
+    """CORS answers as pre-built header lines; only the echoed origin varies per request."""
+
+    __slots__ = ("any_origin", "exact", "suffixes", "echo", "common", "preflight")
+
+    def __init__(self, cors: Cors) -> None:
+        self.any_origin = "*" in cors.allow_origins
+        self.exact = frozenset(origin.lower().encode() for origin in cors.allow_origins if "*" not in origin)
+        self.suffixes = tuple(  # "https://*.example.com" → (b"https://", b".example.com")
+            (scheme.encode(), rest[1:].lower().encode())
+            for scheme, _, rest in (origin.partition("://") for origin in cors.allow_origins if origin.startswith(("http://*.", "https://*.")))
+            for scheme in (scheme + "://",)
+        )  # fmt: skip
+        self.echo = cors.allow_credentials or not self.any_origin  # "*" with credentials is refused by browsers
+        common = b""
+        if cors.allow_credentials:
+            common += b"Access-Control-Allow-Credentials: true\r\n"
+        if cors.expose_headers:
+            common += b"Access-Control-Expose-Headers: %s\r\n" % cors.expose_headers.encode()
+        self.common = common
+        self.preflight = (
+            b"Access-Control-Allow-Methods: %s\r\nAccess-Control-Allow-Headers: %s\r\nAccess-Control-Max-Age: %d\r\n"
+            % (cors.allow_methods.encode(), cors.allow_headers.encode(), cors.max_age)
+        )
+
+    def allowed_origin(self, origin: bytes) -> bytes | None:
+        """What Access-Control-Allow-Origin says for this request's Origin, or None: no CORS."""
+        if not origin:
+            return None
+        lower = origin.lower()
+        if self.any_origin or lower in self.exact or any(
+            lower.startswith(scheme) and lower.endswith(suffix) and len(lower) > len(scheme) + len(suffix)
+            for scheme, suffix in self.suffixes
+        ):
+            return origin if self.echo else b"*"
+        return None
+
+    def response_lines(self, head: RequestHead) -> bytes:
+        allowed = self.allowed_origin(_header(head, b"origin"))
+        if allowed is None:
+            return b""
+        vary = b"Vary: Origin\r\n" if allowed != b"*" else b""
+        return b"Access-Control-Allow-Origin: %s\r\n%s%s" % (allowed, vary, self.common)
+
+
+def _header(head: RequestHead, name: bytes) -> bytes:
+    for field_name, value in head.headers:
+        if field_name.lower() == name:
+            return value
+    return b""
 
 
 def _compile_edits(edits: HeaderEdits) -> tuple[frozenset[bytes], bytes]:
@@ -139,6 +194,12 @@ def local_answer(policy: CompiledPolicy, client_ip: bytes, head: RequestHead) ->
         return policy.redirect
     if policy.app_root is not None and head.path == "/":
         return policy.app_root
+    cors = policy.cors
+    if cors is not None and head.method == b"OPTIONS" and _header(head, b"access-control-request-method"):
+        lines = cors.response_lines(head)
+        # A preflight is ours to answer (ingress-nginx: 204); 200 here, which browsers take as well,
+        # because the proxy's local answers always carry a small text body.
+        return LocalAnswer(200, lines + cors.preflight) if lines else FORBIDDEN
     if policy.max_body_size is not None and head.content_length is not None and head.content_length > policy.max_body_size:
         return TOO_LARGE
     return None
@@ -183,9 +244,22 @@ def upstream_request(policy: CompiledPolicy, head: RequestHead, client_ip: bytes
     return upstream_request_head(shaped, client_ip, proto, local_address, extra, policy.upstream_host)
 
 
-def downstream_head(policy: CompiledPolicy, response: ResponseHead, extra: bytes) -> tuple[ResponseHead, bytes]:
-    """The backend's response head with the policy's removals, and the header lines to add."""
-    if policy.drop_response:
-        headers = tuple(field for field in response.headers if field[0].lower() not in policy.drop_response)
+def downstream_head(
+    policy: CompiledPolicy, head: RequestHead, response: ResponseHead, extra: bytes
+) -> tuple[ResponseHead, bytes]:
+    """The backend's response head with the policy's removals, and the header lines to add
+    (header edits, CORS for the request's Origin, then `extra`)."""
+    drop = policy.drop_response
+    lines = policy.extra_response
+    if policy.cors is not None:
+        drop = drop | _CORS_RESPONSE_HEADERS  # ours replace the backend's, as nginx's more_set_headers
+        lines += policy.cors.response_lines(head)
+    if drop:
+        headers = tuple(field for field in response.headers if field[0].lower() not in drop)
         response = dataclasses.replace(response, headers=headers)
-    return response, policy.extra_response + extra
+    return response, lines + extra
+
+
+_CORS_RESPONSE_HEADERS = frozenset({
+    b"access-control-allow-origin", b"access-control-allow-credentials", b"access-control-expose-headers",
+})  # fmt: skip

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from config.model import Backend, Configuration, HeaderEdits, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
+from config.model import Backend, Configuration, Cors, HeaderEdits, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
 from tests.conftest import RecordingBackend, RunningProxy, certificate_for
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +40,8 @@ ROUTES = {  # host → (path, type, policy)
         response_headers=HeaderEdits(set=(("Cache-Control", "no-store"),), add=(("X-Policy", "yes"),), remove=("Content-Type",)),
     )),
     "slow.test": ("/", P, RoutePolicy(read_timeout=0.5)),
+    "cors.test": ("/", P, RoutePolicy(cors=Cors(allow_origins=("https://app.test", "https://*.example.org"), max_age=600))),
+    "cors-any.test": ("/", P, RoutePolicy(cors=Cors(allow_credentials=False))),
     "plain.test": ("/", P, None),
 }
 
@@ -217,3 +219,25 @@ async def test_a_route_read_timeout_replaces_the_global_one(policy_proxy, ca_fil
     proxy, _ = policy_proxy
     assert (await curl(proxy.https_port, ca_file, protocol, "slow.test", "/slow/5"))["status"] == 504  # global: 60 s
     assert (await curl(proxy.https_port, ca_file, protocol, "plain.test", "/slow/1"))["status"] == 200
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_cors_preflight_is_answered_by_the_proxy_and_responses_carry_the_headers(policy_proxy, ca_file, protocol) -> None:
+    proxy, backend = policy_proxy
+    preflight = ("-X", "OPTIONS", "-H", "Access-Control-Request-Method: POST")
+    answered = await curl(proxy.https_port, ca_file, protocol, "cors.test", "/api", *preflight, "-H", "Origin: https://a.b.example.org")
+    assert answered["status"] == 200
+    assert answered["headers"]["access-control-allow-origin"] == "https://a.b.example.org"
+    assert answered["headers"]["access-control-allow-credentials"] == "true"
+    assert answered["headers"]["access-control-max-age"] == "600"
+    assert "POST" in answered["headers"]["access-control-allow-methods"]
+    refused = await curl(proxy.https_port, ca_file, protocol, "cors.test", "/api", *preflight, "-H", "Origin: https://evil.test")
+    assert refused["status"] == 403 and "access-control-allow-origin" not in refused["headers"]
+    assert backend.received == []  # preflights never reach the backend
+    simple = await curl(proxy.https_port, ca_file, protocol, "cors.test", "/api", "-H", "Origin: https://app.test")
+    assert simple["status"] == 200 and simple["headers"]["access-control-allow-origin"] == "https://app.test"
+    assert simple["headers"]["vary"] == "Origin"
+    foreign = await curl(proxy.https_port, ca_file, protocol, "cors.test", "/api", "-H", "Origin: https://evil.test")
+    assert foreign["status"] == 200 and "access-control-allow-origin" not in foreign["headers"]
+    anyone = await curl(proxy.https_port, ca_file, protocol, "cors-any.test", "/", "-H", "Origin: https://x.test")
+    assert anyone["headers"]["access-control-allow-origin"] == "*" and "access-control-allow-credentials" not in anyone["headers"]

@@ -50,6 +50,7 @@ from config.model import (
     Backend,
     Certificate,
     Configuration,
+    Cors,
     CryptoSettings,
     EngineSettings,
     HeaderEdits,
@@ -194,6 +195,11 @@ def _path_rule(spec: str | dict) -> PathRule:
                 fields[name] = tuple(ipaddress.ip_network(cidr) for cidr in fields[name])
         if "redirect" in fields:
             fields["redirect"] = Redirect(**fields["redirect"])
+        if "cors" in fields:
+            cors = dict(fields["cors"])
+            if "allow_origins" in cors:
+                cors["allow_origins"] = tuple(cors["allow_origins"])
+            fields["cors"] = Cors(**cors)
         for name in ("request_headers", "response_headers"):
             if name in fields:
                 edits = fields[name]

@@ -390,6 +390,12 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
         ROUTES + "[{policy: {regex: true, rewrite_target: /$2}, paths: [{path: »'/api(.*)', backend: b}]}]\n",
         "rewrite target '/$2' uses $2 but the path has 1 capture group(s)",
     ),
+    "policy-cors-bad-origin": case(ROUTES + "[{policy: {cors: {allow_origins: »[app.example.com]}}, paths: [{path: /, backend: b}]}]\n",
+                                   "routes[0].policy.cors.allow_origins: 'app.example.com' is not an origin"),
+    "policy-header-edit-framing": case(
+        ROUTES + "[{policy: {request_headers: {set: {Content-Length: »'5'}}}, paths: [{path: /, backend: b}]}]\n",
+        "routes[0].policy.request_headers.set: header Content-Length cannot be edited",
+    ),
     "policy-conflict-same-backend-other-policy": case(
         ROUTES + "\n- {host: a.com, paths: [{path: /admin, backend: b}]}\n"
         "- {host: a.com, policy: {allow_sources: [10.0.0.0/8]}, paths: [»{path: /admin/, backend: b}]}\n",
