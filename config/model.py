@@ -118,6 +118,9 @@ class RoutePolicy:
     response_headers: HeaderEdits | None = None  # on the backend's response as it goes to the client
     upstream_host: str | None = None  # the Host sent upstream (nginx upstream-vhost); X-Forwarded-Host keeps the client's
     cors: Cors | None = None
+    limit_rps: float | None = None  # requests per second per client address (per replica and worker) → 429
+    limit_burst: float | None = None  # requests a client may send at once above the rate; None: 5 × limit_rps
+    limit_connections: int | None = None  # requests in flight per client address → 503
 
 
 # ---- end of per-route policy ------------------------------------------------------------------

@@ -236,6 +236,18 @@ def check_token_list(raw: str, what: str) -> str:
     return ", ".join(items)
 
 
+def check_positive(raw: str | int | float, what: str, whole: bool = False) -> float:
+    text = str(raw).strip()
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        kind = "a whole number" if whole else "a number"
+        raise PolicyValueError(f"{what} {raw!r} is not {kind}", f"write {kind} above 0, e.g. 10") from None
+    if not value > 0:
+        raise PolicyValueError(f"{what} {raw!r} is not above 0", "write a number above 0, e.g. 10; remove the key for no limit")
+    return value
+
+
 def check_max_age(raw: str | int) -> int:
     text = str(raw).strip()
     if not text.isdigit():

@@ -92,6 +92,7 @@ from config.route_policy import (
     check_header_edit,
     check_host_value,
     check_max_age,
+    check_positive,
     check_token_list,
     header_edits,
     parse_size,
@@ -146,6 +147,7 @@ _ROUTE_KEYS = ("host", "redirect_to_https", "policy", "paths")
 _POLICY_KEYS = (
     "allow_sources", "deny_sources", "redirect", "app_root", "max_body_size", "regex", "rewrite_target", "forwarded_prefix",
     "connect_timeout", "read_timeout", "send_timeout", "request_headers", "response_headers", "upstream_host", "cors",
+    "limit_rps", "limit_burst", "limit_connections",
 )
 _CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers", "allow_credentials", "max_age")
 _HEADER_EDIT_KEYS = ("set", "add", "remove")
@@ -465,6 +467,11 @@ class _Checker:
             values["upstream_host"] = self.checked(fields["upstream_host"], f"{where}.upstream_host", check_host_value, host)
         if "cors" in fields:
             values["cors"] = self.cors(fields["cors"], f"{where}.cors")
+        for name in ("limit_rps", "limit_burst", "limit_connections"):
+            if name in fields and (number := self.number(fields[name], f"{where}.{name}")) is not None:
+                whole = name == "limit_connections"
+                limit = self.checked(fields[name], f"{where}.{name}", check_positive, number, name, whole)
+                values[name] = int(limit) if whole and limit is not None else limit
         if len(self._problems) != before:
             return _REFUSED
         policy = RoutePolicy(**values)

@@ -107,6 +107,7 @@ from config.route_policy import (
     check_cors_origins,
     check_host_value,
     check_max_age,
+    check_positive,
     check_token_list,
     header_edits,
     parse_header_lines,
@@ -566,6 +567,9 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "cors-expose-headers": "Access-Control-Expose-Headers",
     "cors-allow-credentials": "send Access-Control-Allow-Credentials: true (the Origin is then echoed, never *)",
     "cors-max-age": "Access-Control-Max-Age of preflight answers",
+    "limit-rps": "requests per second per client address, per replica (429 above it)",
+    "limit-burst-multiplier": "burst = limit-rps × this (default 5)",
+    "limit-connections": "requests in flight per client address, per replica (503 above it)",
     # ingress-proxy's own keys (ingress-nginx needs a configuration-snippet for these): one
     # "Name: value" per line for set/add, a comma-separated list of names for remove
     "request-set-headers": "request headers set (replacing the client's) before forwarding",
@@ -658,6 +662,15 @@ def _read_annotations(
         value = reader.read(name, lenient_check)
         if value is not None:
             fields[field_name] = value
+    rate = reader.read("limit-rps", lambda raw: check_positive(raw, "limit-rps"))
+    if rate is not None:
+        fields["limit_rps"] = rate
+        multiplier = reader.read("limit-burst-multiplier", lambda raw: check_positive(raw, "limit-burst-multiplier"))
+        if multiplier is not None:
+            fields["limit_burst"] = rate * multiplier
+    connections = reader.read("limit-connections", lambda raw: check_positive(raw, "limit-connections", whole=True))
+    if connections is not None:
+        fields["limit_connections"] = int(connections)
     if reader.read("enable-cors", _parse_bool):
         fields["cors"] = reader.read_cors()
     for direction in ("request", "response"):

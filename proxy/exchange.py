@@ -158,14 +158,23 @@ async def _proxy_with_policy(
 ) -> tuple[int, bool]:
     """The policy's local answer, or the request forwarded as the policy shapes it."""
     answer = route_policy.local_answer(policy, client.client_ip, head)
+    if answer is None and policy.rate is not None and not policy.rate.admit(client.client_ip, time.monotonic()):
+        answer = route_policy.TOO_MANY
+    concurrency = policy.concurrency
+    if answer is None and concurrency is not None and not concurrency.enter(client.client_ip):
+        answer, concurrency = route_policy.BUSY, None
     if answer is not None:
         metrics.POLICY_ANSWERS.labels(str(answer.status)).inc()
         return answer.status, client.answer_locally(head, answer.status, answer.extra + hsts)
-    candidates = state.balancer.candidates(backend)
-    if not candidates:
-        return 503, client.answer_locally(head, 503, hsts)
-    timeouts = policy.route_timeouts(generation.configuration.timeouts)
-    return await _proxy(client, state, head, backend, candidates, timeouts, hsts, policy)
+    try:
+        candidates = state.balancer.candidates(backend)
+        if not candidates:
+            return 503, client.answer_locally(head, 503, hsts)
+        timeouts = policy.route_timeouts(generation.configuration.timeouts)
+        return await _proxy(client, state, head, backend, candidates, timeouts, hsts, policy)
+    finally:
+        if concurrency is not None:
+            concurrency.leave(client.client_ip)
 
 
 def hsts_header(listener: Listener, generation: Generation) -> bytes:

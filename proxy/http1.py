@@ -368,6 +368,7 @@ REASONS = {
     408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
     502: b"Bad Gateway",

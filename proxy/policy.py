@@ -57,7 +57,7 @@ class CompiledPolicy:
     __slots__ = (
         "allow", "deny", "redirect", "app_root", "max_body_size", "path_pattern", "rewrite_target", "extra_request",
         "drop_request", "timeouts", "_timeouts_for", "send_timeout", "upstream_host", "edits_response", "drop_response",
-        "extra_response", "cors",
+        "extra_response", "cors", "rate", "concurrency",
     )
 
     def __init__(self, rule: PathRule) -> None:
@@ -87,6 +87,11 @@ class CompiledPolicy:
         self.upstream_host = policy.upstream_host.encode() if policy.upstream_host is not None else b""
         self.drop_response, self.extra_response = _compile_edits(policy.response_headers or HeaderEdits())
         self.cors = CompiledCors(policy.cors) if policy.cors is not None else None
+        self.rate: RateLimiter | None = None
+        if policy.limit_rps is not None:
+            burst = policy.limit_burst if policy.limit_burst is not None else policy.limit_rps * BURST_MULTIPLIER
+            self.rate = RateLimiter(policy.limit_rps, max(burst, 1.0))
+        self.concurrency = ConcurrencyLimiter(policy.limit_connections) if policy.limit_connections is not None else None
         self.edits_response = bool(self.drop_response or self.extra_response or self.cors)
 
     def route_timeouts(self, base: Timeouts) -> Timeouts:
@@ -104,6 +109,69 @@ class CompiledPolicy:
     def matches(self, path: str) -> bool:
         """For regex rules (the router asks): does the anchored, case-insensitive pattern match?"""
         return len(path) <= MAX_REGEX_SUBJECT and self.path_pattern.match(path) is not None
+
+
+BURST_MULTIPLIER = 5  # ingress-nginx's limit-burst-multiplier default
+MAX_TRACKED_CLIENTS = 65_536  # per limited route: bounds memory under a spray of source addresses (~10 MB)
+TOO_MANY = LocalAnswer(429, b"Retry-After: 1\r\n")
+BUSY = LocalAnswer(503, b"")
+
+
+class RateLimiter:
+    """A token bucket per client address: `rate` tokens a second, at most `burst` saved up.
+
+    Only limited clients cost memory for long: when MAX_TRACKED_CLIENTS is reached, buckets that
+    have refilled (their clients are under the limit anyway) are dropped; if none has, the oldest
+    half goes. State belongs to one generation of one process: a reload starts afresh, and each
+    replica (and each --workers process) counts on its own.
+    """
+
+    __slots__ = ("rate", "burst", "buckets")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.buckets: dict[bytes, tuple[float, float]] = {}  # client → (tokens, when they were counted)
+
+    def admit(self, client: bytes, now: float) -> bool:
+        tokens, then = self.buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        admitted = tokens >= 1.0
+        if admitted:
+            tokens -= 1.0
+        if client not in self.buckets and len(self.buckets) >= MAX_TRACKED_CLIENTS:
+            self._forget(now)
+        self.buckets[client] = (tokens, now)
+        return admitted
+
+    def _forget(self, now: float) -> None:
+        full = [key for key, (tokens, then) in self.buckets.items() if tokens + (now - then) * self.rate >= self.burst]
+        for key in full or list(self.buckets)[: len(self.buckets) // 2]:
+            del self.buckets[key]
+
+
+class ConcurrencyLimiter:
+    """Requests in flight per client address (nginx limit_conn counts per request too)."""
+
+    __slots__ = ("limit", "in_flight")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight: dict[bytes, int] = {}
+
+    def enter(self, client: bytes) -> bool:
+        count = self.in_flight.get(client, 0)
+        if count >= self.limit:
+            return False
+        self.in_flight[client] = count + 1
+        return True
+
+    def leave(self, client: bytes) -> None:
+        count = self.in_flight[client] - 1
+        if count:
+            self.in_flight[client] = count
+        else:
+            del self.in_flight[client]  # an address with nothing in flight costs nothing
 
 
 class CompiledCors:

@@ -7,9 +7,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import socket
+import ssl
 import subprocess
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import pytest
 import trustme
 
@@ -42,6 +48,8 @@ ROUTES = {  # host → (path, type, policy)
     "slow.test": ("/", P, RoutePolicy(read_timeout=0.5)),
     "cors.test": ("/", P, RoutePolicy(cors=Cors(allow_origins=("https://app.test", "https://*.example.org"), max_age=600))),
     "cors-any.test": ("/", P, RoutePolicy(cors=Cors(allow_credentials=False))),
+    "rate.test": ("/", P, RoutePolicy(limit_rps=0.01, limit_burst=2)),  # a token per 100 s: no timing in the test
+    "conn.test": ("/", P, RoutePolicy(limit_connections=1)),
     "plain.test": ("/", P, None),
 }
 
@@ -115,19 +123,72 @@ async def test_redirects_and_app_root(policy_proxy, ca_file, protocol) -> None:
     assert deeper["status"] == 200 and json.loads(deeper["body"])["path_qs"] == "/app/page"
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-async def test_body_over_the_limit_gets_413_and_never_reaches_the_backend(policy_proxy, ca_file, protocol) -> None:
+def h2_upload(port: int, ca: trustme.CA, host: str, body: bytes, declared: bool) -> tuple[int | None, int | None]:
+    """POST `body` over HTTP/2 with the h2 library, in pieces, until the proxy ends the stream;
+    returns (response status, RST_STREAM error code or None). curl is not used here: after an
+    early answer and RST_STREAM(NO_ERROR) (RFC 9113 §8.1, which nginx and httpd send too) curl 7.88
+    may fail before it reports the response (curl/curl#22984, fixed by curl/curl#22987)."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    context.set_alpn_protocols(["h2"])
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30), server_hostname=host) as sock:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        fields = [(":method", "POST"), (":scheme", "https"), (":authority", host), (":path", "/up")]
+        if declared:
+            fields.append(("content-length", str(len(body))))
+        client.send_headers(1, fields)
+        status = reset = None
+        sent = ended = 0
+        while not ended:
+            piece = body[sent : sent + 256]
+            if piece and client.local_flow_control_window(1) >= len(piece):
+                client.send_data(1, piece, end_stream=sent + len(piece) == len(body))
+                sent += len(piece)
+            sock.sendall(client.data_to_send())
+            if sent < len(body) and status is None:
+                sock.settimeout(0.05)  # keep sending while nothing came back
+            else:
+                sock.settimeout(30)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = 1
+                elif isinstance(event, h2.events.StreamReset):
+                    reset, ended = event.error_code, 1
+            sock.sendall(client.data_to_send())
+        return status, reset
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_http2_body_over_the_limit_gets_413_with_or_without_a_length(policy_proxy, ca, declared) -> None:
     proxy, backend = policy_proxy
+    status, reset = await asyncio.to_thread(h2_upload, proxy.https_port, ca, "limit.test", b"x" * (LIMIT * 20), declared)
+    assert status == 413 and reset in (None, h2.errors.ErrorCodes.NO_ERROR)
+    assert backend.received == []
+
+
+async def test_body_over_the_limit_gets_413_and_never_reaches_the_backend(policy_proxy, ca_file) -> None:
+    proxy, backend = policy_proxy
+    protocol = "--http1.1"  # HTTP/2: test_http2_body_over_the_limit_gets_413_with_or_without_a_length
     big, small = b"x" * (LIMIT + 1), b"y" * LIMIT
     declared = await curl(proxy.https_port, ca_file, protocol, "limit.test", "/up", "--data-binary", "@-", stdin=big)
     assert declared["status"] == 413
-    unknown_length = await curl(proxy.https_port, ca_file, protocol, "limit.test", "/up", "-T", "-", stdin=big)  # chunked / no length
+    unknown_length = await curl(proxy.https_port, ca_file, protocol, "limit.test", "/up", "-T", "-", stdin=big)  # chunked
     assert unknown_length["status"] == 413
     assert backend.received == []
-    fits = await curl(proxy.https_port, ca_file, protocol, "limit.test", "/up", "--data-binary", "@-", stdin=small)
-    assert fits["status"] == 200 and json.loads(fits["body"])["body_length"] == LIMIT
-    fits_unknown = await curl(proxy.https_port, ca_file, protocol, "limit.test", "/up", "-T", "-", stdin=small)
-    assert fits_unknown["status"] == 200 and json.loads(fits_unknown["body"])["body_length"] == LIMIT
+    for protocol in PROTOCOLS:  # under the limit, both protocols, with and without a length
+        fits = await curl(proxy.https_port, ca_file, protocol, "limit.test", "/up", "--data-binary", "@-", stdin=small)
+        assert fits["status"] == 200 and json.loads(fits["body"])["body_length"] == LIMIT
+        fits_unknown = await curl(proxy.https_port, ca_file, protocol, "limit.test", "/up", "-T", "-", stdin=small)
+        assert fits_unknown["status"] == 200 and json.loads(fits_unknown["body"])["body_length"] == LIMIT
 
 
 async def test_expect_100_continue_over_the_limit_is_refused_before_the_body_is_sent(policy_proxy, ca_file) -> None:
@@ -190,8 +251,9 @@ async def test_the_routes_file_policy_through_the_real_process(ca: trustme.CA, s
             seen = json.loads((await curl(port, ca_file, protocol, "api.test", "/api/a/b?c=d"))["body"])
             assert seen["path_qs"] == "/a/b?c=d" and header(seen, "X-Forwarded-Prefix") == ["/api"]
             assert (await curl(port, ca_file, protocol, "office.test", "/"))["status"] == 403
-            too_big = await curl(port, ca_file, protocol, "limit.test", "/", "--data-binary", "@-", stdin=b"x" * 1025)
-            assert too_big["status"] == 413
+        too_big = await curl(port, ca_file, "--http1.1", "limit.test", "/", "--data-binary", "@-", stdin=b"x" * 1025)
+        assert too_big["status"] == 413
+        assert (await asyncio.to_thread(h2_upload, port, ca, "limit.test", b"x" * 1025, True))[0] == 413
         assert 'ingress_proxy_policy_answers_total{status="403"} 2.0' in process.metrics()
         assert 'ingress_proxy_policy_answers_total{status="413"} 2.0' in process.metrics()
     finally:
@@ -241,3 +303,23 @@ async def test_cors_preflight_is_answered_by_the_proxy_and_responses_carry_the_h
     assert foreign["status"] == 200 and "access-control-allow-origin" not in foreign["headers"]
     anyone = await curl(proxy.https_port, ca_file, protocol, "cors-any.test", "/", "-H", "Origin: https://x.test")
     assert anyone["headers"]["access-control-allow-origin"] == "*" and "access-control-allow-credentials" not in anyone["headers"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_rate_limit_per_client_answers_429_after_the_burst(policy_proxy, ca_file, protocol) -> None:
+    proxy, _ = policy_proxy
+    statuses = [(await curl(proxy.https_port, ca_file, protocol, "rate.test", "/"))["status"] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+
+
+async def test_connection_limit_per_client_answers_503_while_one_is_in_flight(policy_proxy, ca_file) -> None:
+    proxy, _ = policy_proxy
+    policy = proxy.server.generation.router.route("conn.test", "/").policy
+    assert policy is not None and policy.concurrency is not None
+    slow = asyncio.create_task(curl(proxy.https_port, ca_file, "--http2", "conn.test", "/slow/3"))
+    async with asyncio.timeout(30):
+        while not policy.concurrency.in_flight:  # the first request is in the exchange: no guessing
+            await asyncio.sleep(0.01)
+    assert (await curl(proxy.https_port, ca_file, "--http1.1", "conn.test", "/"))["status"] == 503
+    assert (await slow)["status"] == 200
+    assert (await curl(proxy.https_port, ca_file, "--http1.1", "conn.test", "/"))["status"] == 200

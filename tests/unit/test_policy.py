@@ -21,7 +21,7 @@ from config.route_policy import (
     parse_size,
 )
 from proxy.http1 import RequestHead, upstream_request_head
-from proxy.policy import CompiledPolicy, local_answer, source_allowed, upstream_head, upstream_request
+from proxy.policy import MAX_TRACKED_CLIENTS, CompiledPolicy, ConcurrencyLimiter, RateLimiter, local_answer, source_allowed, upstream_head, upstream_request
 from proxy.router import Router
 
 P, E, I = PathType.PREFIX, PathType.EXACT, PathType.IMPLEMENTATION_SPECIFIC
@@ -209,3 +209,30 @@ def test_header_names_an_edit_may_not_touch(name: str, request_side: bool, refus
         assert check_header_edit(name, "v", request_side) == name
     with pytest.raises(PolicyValueError):
         check_header_edit("X-Ok", "a\r\nInjected: 1", request_side)
+
+
+def test_rate_limit_is_a_token_bucket_per_client() -> None:
+    limiter = RateLimiter(rate=2.0, burst=3.0)
+    assert [limiter.admit(b"a", 0.0) for _ in range(4)] == [True, True, True, False]  # the burst, then refused
+    assert limiter.admit(b"b", 0.0)  # another client has its own bucket
+    assert not limiter.admit(b"a", 0.25) and limiter.admit(b"a", 0.5)  # 2/s: one token back after 0.5 s
+    assert [limiter.admit(b"a", 100.0) for _ in range(4)] == [True, True, True, False]  # saved up to the burst only
+
+
+def test_rate_limit_memory_is_bounded_and_forgets_clients_under_the_limit_first() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1.0)
+    for number in range(MAX_TRACKED_CLIENTS):
+        limiter.admit(b"%d" % number, 0.0)
+    assert not limiter.admit(b"0", 0.0)  # client 0 is limited
+    limiter.admit(b"new", 10.0)  # full: everyone has refilled by now, all are forgotten but the newcomer
+    assert len(limiter.buckets) <= MAX_TRACKED_CLIENTS and b"new" in limiter.buckets
+
+
+def test_concurrency_limit_counts_requests_in_flight_per_client() -> None:
+    limiter = ConcurrencyLimiter(2)
+    assert limiter.enter(b"a") and limiter.enter(b"a") and not limiter.enter(b"a") and limiter.enter(b"b")
+    limiter.leave(b"a")
+    assert limiter.enter(b"a")
+    for client in (b"a", b"a", b"b"):
+        limiter.leave(client)
+    assert limiter.in_flight == {}  # nothing in flight, nothing kept
