@@ -541,46 +541,7 @@ class _HostRedirect:
 
 NGINX_PREFIX = "nginx.ingress.kubernetes.io/"
 ANNOTATION_PREFIXES = (NGINX_PREFIX, "ingress.kubernetes.io/")
-SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is written from this)
-    "ssl-redirect": "redirect plain-HTTP requests for the Ingress's hosts to HTTPS (308) when a certificate covers them",
-    "force-ssl-redirect": "redirect to HTTPS even when no certificate of ours covers the host",
-    "permanent-redirect": "answer every request with 301 and this Location",
-    "permanent-redirect-code": "the status for permanent-redirect (301, 302, 303, 307 or 308)",
-    "temporal-redirect": "answer every request with 302 and this Location",
-    "temporal-redirect-code": "the status for temporal-redirect",
-    "app-root": "redirect (302) requests for / to this path",
-    "proxy-body-size": "request bodies over this size (nginx syntax: 8m) get 413; 0 = no limit",
-    "whitelist-source-range": "only these client CIDRs are served (else 403)",
-    "allowlist-source-range": "same as whitelist-source-range",
-    "denylist-source-range": "these client CIDRs get 403",
-    "use-regex": "paths are regexes, anchored and case-insensitive (checked for catastrophic backtracking)",
-    "rewrite-target": "the path sent upstream becomes this, with $1..$9 from the path's groups",
-    "x-forwarded-prefix": "sent upstream as X-Forwarded-Prefix",
-    "proxy-connect-timeout": "seconds to connect to an endpoint (timeout-connect for this Ingress)",
-    "proxy-read-timeout": "seconds each wait for the backend's response may take (timeout-server for this Ingress)",
-    "proxy-send-timeout": "seconds each wait for the backend to take request body bytes may take",
-    "upstream-vhost": "the Host header sent upstream (X-Forwarded-Host keeps the client's)",
-    "enable-cors": "answer CORS preflights and add CORS headers to responses",
-    "cors-allow-origin": "origins allowed (*, exact, or https://*.example.com)",
-    "cors-allow-methods": "Access-Control-Allow-Methods of preflight answers",
-    "cors-allow-headers": "Access-Control-Allow-Headers of preflight answers",
-    "cors-expose-headers": "Access-Control-Expose-Headers",
-    "cors-allow-credentials": "send Access-Control-Allow-Credentials: true (the Origin is then echoed, never *)",
-    "cors-max-age": "Access-Control-Max-Age of preflight answers",
-    "limit-rps": "requests per second per client address, per replica (429 above it)",
-    "limit-burst-multiplier": "burst = limit-rps × this (default 5)",
-    "limit-connections": "requests in flight per client address, per replica (503 above it)",
-    # ingress-proxy's own keys (ingress-nginx needs a configuration-snippet for these): one
-    # "Name: value" per line for set/add, a comma-separated list of names for remove
-    "request-set-headers": "request headers set (replacing the client's) before forwarding",
-    "request-add-headers": "request headers added before forwarding",
-    "request-remove-headers": "request headers removed before forwarding",
-    "response-set-headers": "response headers set (replacing the backend's)",
-    "response-add-headers": "response headers added",
-    "response-remove-headers": "response headers removed",
-}
-# Several Ingresses may route one host: these keys act on the host, the others on their paths.
-_HOST_ANNOTATIONS = ("ssl-redirect", "force-ssl-redirect")
+# SUPPORTED_ANNOTATIONS (the table, beside SUPPORTED_CONFIGMAP_KEYS) says what each key does.
 
 
 @dataclass(frozen=True)
@@ -591,6 +552,7 @@ class _IngressAnnotations:
     force_ssl_redirect: bool = False
     policy: RoutePolicy | None = None
     refusal: str | None = None  # set: a value whose absence would serve too much; paths are skipped
+    rewrite_key: str = ""  # the rewrite-target annotation as written, for messages
 
     def policy_for(self, path: str) -> RoutePolicy | None:
         if self.refusal is not None:
@@ -600,7 +562,10 @@ class _IngressAnnotations:
             return None
         groups = check_regex(path) if policy.regex else 0
         if policy.rewrite_target is not None:
-            check_rewrite_target(policy.rewrite_target, groups)
+            try:
+                check_rewrite_target(policy.rewrite_target, groups)
+            except PolicyValueError as error:
+                raise PolicyValueError(f"annotation {self.rewrite_key}: {error.problem}", error.fix) from None
         return policy
 
 
@@ -685,6 +650,7 @@ def _read_annotations(
         force_ssl_redirect=bool(forced),
         policy=policy if policy != RoutePolicy() else None,  # no policy: today's path, no per-request work
         refusal=refusal,
+        rewrite_key=keys.get("rewrite-target", ""),
     )
 
 
@@ -967,6 +933,48 @@ SUPPORTED_CONFIGMAP_KEYS = (
     "proxy-body-size", "ssl-engine", "ssl-mode-async", "ssl-protocols", "ssl-redirect",
     "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server", "use-http2",
 )
+
+
+# Annotation names (after ANNOTATION_PREFIXES) → what we do with them. README's "Annotations" table
+# is checked against this one (tests/translate/test_annotations.py), so docs and code cannot drift.
+SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is written from this)
+    "ssl-redirect": "redirect plain-HTTP requests for the Ingress's hosts to HTTPS (308) when a certificate covers them",
+    "force-ssl-redirect": "redirect to HTTPS even when no certificate of ours covers the host",
+    "permanent-redirect": "answer every request with 301 and this Location",
+    "permanent-redirect-code": "the status for permanent-redirect (301, 302, 303, 307 or 308)",
+    "temporal-redirect": "answer every request with 302 and this Location",
+    "temporal-redirect-code": "the status for temporal-redirect",
+    "app-root": "redirect (302) requests for / to this path",
+    "proxy-body-size": "request bodies over this size (nginx syntax: 8m) get 413; 0 = no limit",
+    "whitelist-source-range": "only these client CIDRs are served (else 403)",
+    "allowlist-source-range": "same as whitelist-source-range",
+    "denylist-source-range": "these client CIDRs get 403",
+    "use-regex": "paths are regexes, anchored and case-insensitive (checked for catastrophic backtracking)",
+    "rewrite-target": "the path sent upstream becomes this, with $1..$9 from the path's groups",
+    "x-forwarded-prefix": "sent upstream as X-Forwarded-Prefix",
+    "proxy-connect-timeout": "seconds to connect to an endpoint (timeout-connect for this Ingress)",
+    "proxy-read-timeout": "seconds each wait for the backend's response may take (timeout-server for this Ingress)",
+    "proxy-send-timeout": "seconds each wait for the backend to take request body bytes may take",
+    "upstream-vhost": "the Host header sent upstream (X-Forwarded-Host keeps the client's)",
+    "enable-cors": "answer CORS preflights and add CORS headers to responses",
+    "cors-allow-origin": "origins allowed (*, exact, or https://*.example.com)",
+    "cors-allow-methods": "Access-Control-Allow-Methods of preflight answers",
+    "cors-allow-headers": "Access-Control-Allow-Headers of preflight answers",
+    "cors-expose-headers": "Access-Control-Expose-Headers",
+    "cors-allow-credentials": "send Access-Control-Allow-Credentials: true (the Origin is then echoed, never *)",
+    "cors-max-age": "Access-Control-Max-Age of preflight answers",
+    "limit-rps": "requests per second per client address, per replica (429 above it)",
+    "limit-burst-multiplier": "burst = limit-rps × this (default 5)",
+    "limit-connections": "requests in flight per client address, per replica (503 above it)",
+    # ingress-proxy's own keys (ingress-nginx needs a configuration-snippet for these): one
+    # "Name: value" per line for set/add, a comma-separated list of names for remove
+    "request-set-headers": "request headers set (replacing the client's) before forwarding",
+    "request-add-headers": "request headers added before forwarding",
+    "request-remove-headers": "request headers removed before forwarding",
+    "response-set-headers": "response headers set (replacing the backend's)",
+    "response-add-headers": "response headers added",
+    "response-remove-headers": "response headers removed",
+}
 
 
 def _policy_check(check: Callable[[str], _T]) -> Callable[[str], _T]:
