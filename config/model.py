@@ -94,6 +94,19 @@ class Cors:
 
 
 @dataclass(frozen=True)
+class Canary:
+    """A weighted alternative backend for a rule (ingress-nginx canary Ingresses), decided per
+    request in this order: the header (`always`/`never`, or equal to `header_value`), the cookie
+    (`always`/`never`), then `weight` percent of the remaining requests."""
+
+    backend: str  # key into Configuration.backends
+    weight: int = 0  # 0..100
+    header: str | None = None
+    header_value: str | None = None
+    cookie: str | None = None
+
+
+@dataclass(frozen=True)
 class RoutePolicy:
     """Per-route (host + path) behaviour; field order is the order `proxy.policy` applies them.
 
@@ -121,6 +134,7 @@ class RoutePolicy:
     limit_rps: float | None = None  # requests per second per client address (per replica and worker) → 429
     limit_burst: float | None = None  # requests a client may send at once above the rate; None: 5 × limit_rps
     limit_connections: int | None = None  # requests in flight per client address → 503
+    canary: Canary | None = None
 
 
 # ---- end of per-route policy ------------------------------------------------------------------

@@ -248,6 +248,23 @@ def check_positive(raw: str | int | float, what: str, whole: bool = False) -> fl
     return value
 
 
+def check_percent(raw: str | int | float) -> float:
+    text = str(raw).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise PolicyValueError(f"{raw!r} is not a percentage", "write a number from 0 to 100") from None
+    if not 0 <= value <= 100:
+        raise PolicyValueError(f"{raw!r} is not from 0 to 100", "write a number from 0 to 100")
+    return value
+
+
+def check_cookie_name(name: str) -> str:
+    if not _TOKEN.fullmatch(name):
+        raise PolicyValueError(f"{name!r} is not a cookie name", "use letters, digits and -")
+    return name
+
+
 def check_max_age(raw: str | int) -> int:
     text = str(raw).strip()
     if not text.isdigit():

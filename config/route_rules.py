@@ -24,6 +24,9 @@ The rules (Ingress v1 and ingress-nginx, shared/NOTES.md §4):
   order, the translator oldest Ingress first. How a producer reports differs only as its contract
   does: a routes file with any problem is refused as a whole; a conflicting Ingress path is left
   out and the rest is served.
+- A canary (ingress-nginx `canary: "true"`, routes-file `policy.canary`) is not a rule of its own:
+  it attaches a weighted alternative backend to the rule with its match key, so it never
+  conflicts; a canary with no such rule is reported and ignored.
 - The resulting table is canonical: hosts sorted, rules sorted by (path, type), so equal input in
   any order (or from either producer) gives equal tables.
 """
@@ -101,9 +104,16 @@ class HostTable:
             return None
         return Conflict(rule, winner, winner_origin)
 
-    def note_host(self, host: str) -> None:
-        """A host that is routed even if none of its rules survived (the caller decides what it means)."""
-        self._rules.setdefault(host, {})
+    def find(self, host: str, rule: PathRule) -> PathRule | None:
+        """The filed rule that matches the same requests as `rule`, if any."""
+        found = self._rules.get(host, {}).get(match_key(rule))
+        return found[0] if found else None
+
+    def replace(self, host: str, rule: PathRule) -> None:
+        """Put `rule` in place of the filed rule with its match key (e.g. to attach a canary)."""
+        rules = self._rules[host]
+        key = match_key(rule)
+        rules[key] = (rule, rules[key][1])
 
     def hosts(self) -> list[str]:
         return sorted(self._rules)

@@ -57,6 +57,7 @@ from config.crypto import ALGORITHM_FLAGS, ENGINE_KEY_PREFIX
 from config.model import (
     Address,
     Backend,
+    Canary,
     Certificate,
     Configuration,
     Cors,
@@ -88,10 +89,12 @@ from config.route_policy import (
     check_regex,
     check_rewrite_target,
     parse_networks,
+    check_cookie_name,
     check_cors_origins,
     check_header_edit,
     check_host_value,
     check_max_age,
+    check_percent,
     check_positive,
     check_token_list,
     header_edits,
@@ -147,8 +150,9 @@ _ROUTE_KEYS = ("host", "redirect_to_https", "policy", "paths")
 _POLICY_KEYS = (
     "allow_sources", "deny_sources", "redirect", "app_root", "max_body_size", "regex", "rewrite_target", "forwarded_prefix",
     "connect_timeout", "read_timeout", "send_timeout", "request_headers", "response_headers", "upstream_host", "cors",
-    "limit_rps", "limit_burst", "limit_connections",
+    "limit_rps", "limit_burst", "limit_connections", "canary",
 )
+_CANARY_KEYS = ("backend", "weight", "header", "header_value", "cookie")
 _CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers", "allow_credentials", "max_age")
 _HEADER_EDIT_KEYS = ("set", "add", "remove")
 _REDIRECT_KEYS = ("to", "code")
@@ -356,7 +360,7 @@ class _Checker:
             redirect = False
             if "redirect_to_https" in fields:
                 redirect = self.flag(fields["redirect_to_https"], f"{where}.redirect_to_https") is True
-            policy = self.route_policy(fields["policy"], f"{where}.policy") if "policy" in fields else None
+            policy = self.route_policy(fields["policy"], f"{where}.policy", defined_backends) if "policy" in fields else None
             if host is not None:
                 redirect_node = fields.get("redirect_to_https", item)
                 if host in redirect_by_host and redirect_by_host[host][0] != redirect:
@@ -435,7 +439,7 @@ class _Checker:
 
     # ---- per-route policy (issue 13) ------------------------------------------------------------
 
-    def route_policy(self, node: yaml.Node, where: str) -> RoutePolicy | None | _Refused:
+    def route_policy(self, node: yaml.Node, where: str, defined_backends: set[str]) -> RoutePolicy | None | _Refused:
         """A route entry's `policy:` → RoutePolicy (None when it asks for nothing); _Refused after
         a problem, so its paths are checked but not routed (the file is refused anyway)."""
         fields = self.mapping(node, where, _POLICY_KEYS)
@@ -467,6 +471,8 @@ class _Checker:
             values["upstream_host"] = self.checked(fields["upstream_host"], f"{where}.upstream_host", check_host_value, host)
         if "cors" in fields:
             values["cors"] = self.cors(fields["cors"], f"{where}.cors")
+        if "canary" in fields:
+            values["canary"] = self.canary(fields["canary"], f"{where}.canary", defined_backends)
         for name in ("limit_rps", "limit_burst", "limit_connections"):
             if name in fields and (number := self.number(fields[name], f"{where}.{name}")) is not None:
                 whole = name == "limit_connections"
@@ -476,6 +482,25 @@ class _Checker:
             return _REFUSED
         policy = RoutePolicy(**values)
         return policy if policy != RoutePolicy() else None
+
+    def canary(self, node: yaml.Node, where: str, defined_backends: set[str]) -> Canary | None:
+        fields = self.mapping(node, where, _CANARY_KEYS, required={"backend": "backend: NAME"})
+        if fields is None or "backend" not in fields:
+            return None
+        backend = self.backend_reference(fields["backend"], f"{where}.backend", defined_backends)
+        weight: float | None = 0
+        if "weight" in fields and (number := self.number(fields["weight"], f"{where}.weight")) is not None:
+            weight = self.checked(fields["weight"], f"{where}.weight", check_percent, number)
+        header = header_value = cookie = None
+        if "header" in fields and (text := self.text(fields["header"], f"{where}.header")) is not None:
+            header = self.checked(fields["header"], f"{where}.header", check_header_edit, text, None, True)
+        if "header_value" in fields:
+            header_value = self.text(fields["header_value"], f"{where}.header_value")
+        if "cookie" in fields and (text := self.text(fields["cookie"], f"{where}.cookie")) is not None:
+            cookie = self.checked(fields["cookie"], f"{where}.cookie", check_cookie_name, text)
+        if backend is None or weight is None:
+            return None
+        return Canary(backend, int(weight), header, header_value, cookie)
 
     def cors(self, node: yaml.Node, where: str) -> Cors | None:
         """`cors: true` (ingress-nginx's defaults) or a mapping of _CORS_KEYS."""

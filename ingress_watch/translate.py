@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import ipaddress
 import re
 from collections import defaultdict
@@ -79,6 +80,7 @@ from config.crypto import ALGORITHM_FLAGS
 from config.model import (
     Address,
     Backend,
+    Canary,
     Certificate,
     Configuration,
     Cors,
@@ -104,9 +106,12 @@ from config.route_policy import (
     check_regex,
     check_rewrite_target,
     parse_networks,
+    check_cookie_name,
     check_cors_origins,
+    check_header_edit,
     check_host_value,
     check_max_age,
+    check_percent,
     check_positive,
     check_token_list,
     header_edits,
@@ -412,10 +417,15 @@ class _RouteCollector:
         self._redirects: dict[str, _HostRedirect] = {}
         self._default_backend: str | None = None
         self._default_backend_owner = ""
+        self._canaries: list[tuple[dict, Canary]] = []  # (Ingress, its canary with backend "")
 
     def add(self, ingress: dict) -> None:
         location = f"Ingress {_ref(ingress)}"
         spec = ingress.get("spec") or {}
+        canary = _read_canary(ingress, location, self._problems)
+        if canary is not None:
+            self._canaries.append((ingress, canary))  # attached once every main rule is filed
+            return
         if spec.get("defaultBackend") is not None:
             self._add_default_backend(ingress, spec["defaultBackend"], location)
         annotations = _read_annotations(ingress, location, self._problems, self._default_policy)
@@ -446,7 +456,42 @@ class _RouteCollector:
                         "change the path or remove one"
                     )))
 
+    def _attach_canaries(self) -> None:
+        """Each canary Ingress's paths become the alternative of the main rule they match."""
+        for ingress, canary in self._canaries:
+            location = f"Ingress {_ref(ingress)}"
+            for rule_number, rule in enumerate((ingress.get("spec") or {}).get("rules") or ()):
+                try:
+                    host = parse_host_pattern(rule.get("host") or "", allow_any=True)
+                except HostPatternError as error:
+                    self._problems.append(Problem(location, _host_problem(f"spec.rules[{rule_number}]", rule.get("host") or "", error)))
+                    continue
+                for path_number, path_spec in enumerate((rule.get("http") or {}).get("paths") or ()):
+                    where = f"spec.rules[{rule_number}].http.paths[{path_number}]"
+                    try:
+                        path_rule = self._path_rule(_namespace(ingress), path_spec, _IngressAnnotations())
+                    except _Rejected as rejected:
+                        self._problems.append(Problem(location, f"{where}: {rejected}"))
+                        continue
+                    main = self._table.find(host, path_rule)
+                    if main is None:
+                        self._problems.append(Problem(location, (
+                            f"{where}: canary for path {path_rule.path!r} on host {host or '*'!r}, which no other Ingress "
+                            "routes; ignored (create the main Ingress first)"
+                        )))
+                        continue
+                    if main.policy is not None and main.policy.canary is not None:
+                        self._problems.append(Problem(location, (
+                            f"{where}: path {path_rule.path!r} on host {host or '*'!r} already has the canary "
+                            f"{main.policy.canary.backend}; ignored (keep one canary per path)"
+                        )))
+                        continue
+                    attached = dataclasses.replace(canary, backend=path_rule.backend)
+                    policy = dataclasses.replace(main.policy or RoutePolicy(), canary=attached)
+                    self._table.replace(host, dataclasses.replace(main, policy=policy))
+
     def result(self, certificates: tuple[Certificate, ...], ssl_redirect: bool) -> RouteTable:
+        self._attach_canaries()
         certificate_hosts = frozenset(host for certificate in certificates for host in certificate.hosts)
         redirects: dict[str, bool] = {}
         for host in self._table.hosts():
@@ -464,6 +509,11 @@ class _RouteCollector:
             redirects[host] = bool(redirect and (covered or routes.forced))
         virtual_hosts = self._table.virtual_hosts(redirects)
         used = {rule.backend for virtual_host in virtual_hosts for rule in virtual_host.paths}
+        used |= {  # a canary's backend is served too
+            rule.policy.canary.backend
+            for virtual_host in virtual_hosts for rule in virtual_host.paths
+            if rule.policy is not None and rule.policy.canary is not None
+        }  # fmt: skip
         if self._default_backend is not None:
             used.add(self._default_backend)
         return RouteTable(
@@ -706,6 +756,34 @@ class _AnnotationReader:
             )
 
         return self.read(next(name for name in names if name in self.values), check)
+
+
+def _read_canary(ingress: dict, location: str, problems: list[Problem]) -> Canary | None:
+    """The canary an Ingress declares (backend filled in per path), or None for a main Ingress."""
+    values: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    for key, value in (_metadata(ingress).get("annotations") or {}).items():
+        for prefix in ANNOTATION_PREFIXES:
+            if key.startswith(prefix) and key[len(prefix):].startswith("canary"):
+                values[key[len(prefix):]], keys[key[len(prefix):]] = str(value), key
+    reader = _AnnotationReader(values, keys, location, problems)
+    if not reader.read("canary", _parse_bool):
+        return None
+    for key in sorted(_metadata(ingress).get("annotations") or {}):
+        ours = next((written for written in ANNOTATION_PREFIXES if key.startswith(written)), None)
+        if ours is not None and key[len(ours):] not in CANARY_ANNOTATIONS:
+            problems.append(Problem(location, (
+                f"annotation {key} is ignored on a canary Ingress (only {', '.join(sorted(CANARY_ANNOTATIONS))} "
+                "apply; the main Ingress's policy serves both); move it to the main Ingress or remove it"
+            )))
+    weight = reader.read("canary-weight", lambda raw: int(check_percent(raw)))
+    return Canary(
+        backend="",
+        weight=weight or 0,
+        header=reader.read("canary-by-header", lambda raw: check_header_edit(raw.strip(), None, request=True)),
+        header_value=reader.read("canary-by-header-value", lambda raw: raw),
+        cookie=reader.read("canary-by-cookie", lambda raw: check_cookie_name(raw.strip())),
+    )
 
 
 def _networks(raw: str) -> tuple[IpNetwork, ...]:
@@ -963,6 +1041,11 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "cors-expose-headers": "Access-Control-Expose-Headers",
     "cors-allow-credentials": "send Access-Control-Allow-Credentials: true (the Origin is then echoed, never *)",
     "cors-max-age": "Access-Control-Max-Age of preflight answers",
+    "canary": "this Ingress is a weighted alternative to the main Ingress of the same host and paths",
+    "canary-weight": "percent of requests (0-100) sent to the canary",
+    "canary-by-header": "a request header: always → canary, never → main (or compared with canary-by-header-value)",
+    "canary-by-header-value": "the canary-by-header value that selects the canary",
+    "canary-by-cookie": "a cookie: always → canary, never → main",
     "limit-rps": "requests per second per client address, per replica (429 above it)",
     "limit-burst-multiplier": "burst = limit-rps × this (default 5)",
     "limit-connections": "requests in flight per client address, per replica (503 above it)",
@@ -975,6 +1058,7 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "response-add-headers": "response headers added",
     "response-remove-headers": "response headers removed",
 }
+CANARY_ANNOTATIONS = frozenset(name for name in SUPPORTED_ANNOTATIONS if name.startswith("canary"))
 
 
 def _policy_check(check: Callable[[str], _T]) -> Callable[[str], _T]:

@@ -30,6 +30,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import random
 import time
 from typing import Protocol
 
@@ -166,6 +167,8 @@ async def _proxy_with_policy(
     if answer is not None:
         metrics.POLICY_ANSWERS.labels(str(answer.status)).inc()
         return answer.status, client.answer_locally(head, answer.status, answer.extra + hsts)
+    if policy.canary is not None:
+        backend = route_policy.chosen_backend(policy, backend, head, random.random())
     try:
         candidates = state.balancer.candidates(backend)
         if not candidates:

@@ -57,7 +57,7 @@ class CompiledPolicy:
     __slots__ = (
         "allow", "deny", "redirect", "app_root", "max_body_size", "path_pattern", "rewrite_target", "extra_request",
         "drop_request", "timeouts", "_timeouts_for", "send_timeout", "upstream_host", "edits_response", "drop_response",
-        "extra_response", "cors", "rate", "concurrency",
+        "extra_response", "cors", "rate", "concurrency", "canary",
     )
 
     def __init__(self, rule: PathRule) -> None:
@@ -92,6 +92,7 @@ class CompiledPolicy:
             burst = policy.limit_burst if policy.limit_burst is not None else policy.limit_rps * BURST_MULTIPLIER
             self.rate = RateLimiter(policy.limit_rps, max(burst, 1.0))
         self.concurrency = ConcurrencyLimiter(policy.limit_connections) if policy.limit_connections is not None else None
+        self.canary = policy.canary
         self.edits_response = bool(self.drop_response or self.extra_response or self.cors)
 
     def route_timeouts(self, base: Timeouts) -> Timeouts:
@@ -231,6 +232,40 @@ def _compile_edits(edits: HeaderEdits) -> tuple[frozenset[bytes], bytes]:
     drop = frozenset(name.lower().encode() for name in (*edits.remove, *(name for name, _ in edits.set)))
     lines = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in (*edits.set, *edits.add))
     return drop, lines
+
+
+def chosen_backend(policy: CompiledPolicy, backend: str, head: RequestHead, draw: float) -> str:
+    """The rule's backend or its canary's; `draw` is uniform in [0, 1) (random in the exchange)."""
+    canary = policy.canary
+    if canary is None:
+        return backend
+    if canary.header is not None:
+        value = _header(head, canary.header.lower().encode()).decode("latin-1")
+        if canary.header_value is not None:
+            if value == canary.header_value:
+                return canary.backend
+        elif value == "always":
+            return canary.backend
+        elif value == "never":
+            return backend
+    if canary.cookie is not None:
+        cookie = _cookie(head, canary.cookie)
+        if cookie == "always":
+            return canary.backend
+        if cookie == "never":
+            return backend
+    return canary.backend if draw * 100 < canary.weight else backend
+
+
+def _cookie(head: RequestHead, name: str) -> str | None:
+    wanted = name.encode()
+    for field_name, value in head.headers:
+        if field_name.lower() == b"cookie":
+            for pair in value.split(b";"):
+                key, _, found = pair.strip().partition(b"=")
+                if key == wanted:
+                    return found.decode("latin-1")
+    return None
 
 
 def client_address(client_ip: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

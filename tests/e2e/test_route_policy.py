@@ -19,7 +19,7 @@ import h2.events
 import pytest
 import trustme
 
-from config.model import Backend, Configuration, Cors, HeaderEdits, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
+from config.model import Backend, Canary, Configuration, Cors, HeaderEdits, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
 from tests.conftest import RecordingBackend, RunningProxy, certificate_for
 
 pytestmark = pytest.mark.e2e
@@ -50,6 +50,9 @@ ROUTES = {  # host → (path, type, policy)
     "cors-any.test": ("/", P, RoutePolicy(cors=Cors(allow_credentials=False))),
     "rate.test": ("/", P, RoutePolicy(limit_rps=0.01, limit_burst=2)),  # a token per 100 s: no timing in the test
     "conn.test": ("/", P, RoutePolicy(limit_connections=1)),
+    "canary.test": ("/", P, RoutePolicy(canary=Canary("canary", weight=0, header="X-Canary", cookie="canary"))),
+    "canary-all.test": ("/", P, RoutePolicy(canary=Canary("canary", weight=100))),
+    "canary-value.test": ("/", P, RoutePolicy(canary=Canary("canary", header="X-Group", header_value="beta"))),
     "plain.test": ("/", P, None),
 }
 
@@ -57,12 +60,13 @@ ROUTES = {  # host → (path, type, policy)
 @pytest.fixture
 async def policy_proxy(ca: trustme.CA, start_backend, start_proxy) -> tuple[RunningProxy, RecordingBackend]:
     backend = await start_backend("app")
+    canary = await start_backend("canary")
     configuration = Configuration(
         routes=RouteTable(
             virtual_hosts=tuple(
                 VirtualHost(host, (PathRule(path, kind, "app", policy),)) for host, (path, kind, policy) in ROUTES.items()
             ),
-            backends=(Backend("app", (backend.address,)),),
+            backends=(Backend("app", (backend.address,)), Backend("canary", (canary.address,))),
         ),
         certificates=(certificate_for(ca, *ROUTES),),
         timeouts=Timeouts(drain=2.0),
@@ -323,3 +327,20 @@ async def test_connection_limit_per_client_answers_503_while_one_is_in_flight(po
     assert (await curl(proxy.https_port, ca_file, "--http1.1", "conn.test", "/"))["status"] == 503
     assert (await slow)["status"] == 200
     assert (await curl(proxy.https_port, ca_file, "--http1.1", "conn.test", "/"))["status"] == 200
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_canary_by_header_cookie_and_weight(policy_proxy, ca_file, protocol) -> None:
+    proxy, _ = policy_proxy
+
+    async def served_by(host: str, *options: str) -> str:
+        return json.loads((await curl(proxy.https_port, ca_file, protocol, host, "/", *options))["body"])["backend"]
+
+    assert await served_by("canary.test") == "app"  # weight 0
+    assert await served_by("canary.test", "-H", "X-Canary: always") == "canary"
+    assert await served_by("canary.test", "-H", "X-Canary: never", "-H", "Cookie: canary=always") == "app"  # header first
+    assert await served_by("canary.test", "-H", "Cookie: a=1; canary=always") == "canary"
+    assert await served_by("canary.test", "-H", "Cookie: canary=never") == "app"
+    assert await served_by("canary-all.test") == "canary"  # weight 100
+    assert await served_by("canary-value.test", "-H", "X-Group: beta") == "canary"
+    assert await served_by("canary-value.test", "-H", "X-Group: always") == "app"  # with a value, only the value counts

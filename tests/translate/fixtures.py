@@ -48,6 +48,7 @@ from cryptography.x509.oid import NameOID
 from config.model import (
     Address,
     Backend,
+    Canary,
     Certificate,
     Configuration,
     Cors,
@@ -195,6 +196,8 @@ def _path_rule(spec: str | dict) -> PathRule:
                 fields[name] = tuple(ipaddress.ip_network(cidr) for cidr in fields[name])
         if "redirect" in fields:
             fields["redirect"] = Redirect(**fields["redirect"])
+        if "canary" in fields:
+            fields["canary"] = Canary(**fields["canary"])
         if "cors" in fields:
             cors = dict(fields["cors"])
             if "allow_origins" in cors:

@@ -396,6 +396,14 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
         ROUTES + "[{policy: {request_headers: {set: {Content-Length: »'5'}}}, paths: [{path: /, backend: b}]}]\n",
         "routes[0].policy.request_headers.set: header Content-Length cannot be edited",
     ),
+    "policy-canary-undefined-backend": case(
+        ROUTES + "[{policy: {canary: {backend: »bb, weight: 10}}, paths: [{path: /, backend: b}]}]\n",
+        "routes[0].policy.canary.backend: backend 'bb' is not defined (did you mean 'b'?)",
+    ),
+    "policy-canary-weight": case(
+        ROUTES + "[{policy: {canary: {backend: b, weight: »101}}, paths: [{path: /, backend: b}]}]\n",
+        "routes[0].policy.canary.weight: 101 is not from 0 to 100",
+    ),
     "policy-conflict-same-backend-other-policy": case(
         ROUTES + "\n- {host: a.com, paths: [{path: /admin, backend: b}]}\n"
         "- {host: a.com, policy: {allow_sources: [10.0.0.0/8]}, paths: [»{path: /admin/, backend: b}]}\n",
