@@ -57,6 +57,7 @@ class ProxySettings:
     resumption: bool  # False: server-side session cache and tickets off where the proxy allows it
     workers: int  # threads (HAProxy), worker processes (nginx), --workers (ingress-proxy)
     async_engine: bool = False  # private-key operations through the async fixture engine
+    route_policy: bool = False  # the same per-route work in each proxy: source allowlist, regex rewrite, a set header
 
     @property
     def cpus(self) -> str:
@@ -347,7 +348,7 @@ defaults
 
 frontend bench
     bind 127.0.0.1:{port} ssl crt {cert}{tickets} alpn h2,http/1.1
-    default_backend app
+{HAPROXY_POLICY if settings.route_policy else ""}    default_backend app
 
 backend app
     server app 127.0.0.1:{run.backend_port}
@@ -382,7 +383,7 @@ class Nginx:
         ssl_session_cache {cache};
         ssl_session_tickets {tickets};
         location / {{
-            proxy_pass http://app;
+{NGINX_POLICY if settings.route_policy else ""}            proxy_pass http://app;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
@@ -393,6 +394,24 @@ class Nginx:
             wait_until(lambda: small_request_problem(port, run.certs.ca), process, log_path, self.name)
             check_ready_proxy(self.name, port, settings, run.certs.ca)
             yield RunningProxy(self.name, process.pid, port, notes=())
+
+
+# The "keepalive-policy" row's per-route work, written for each proxy: only loopback clients,
+# the path rewritten through a regex with a capture group, one request header set.
+INGRESS_PROXY_POLICY_ROUTE = (
+    '{policy: {allow_sources: [127.0.0.0/8], regex: true, rewrite_target: "/$1", request_headers: {set: {X-Env: bench}}}, '
+    'paths: [{path: "/(.*)", type: ImplementationSpecific, backend: app}]}'
+)
+HAPROXY_POLICY = (
+    "    http-request deny unless { src 127.0.0.0/8 }\n"
+    "    http-request replace-path /(.*) /\\1\n"
+    "    http-request set-header X-Env bench\n"
+)
+NGINX_POLICY = (
+    "            allow 127.0.0.0/8;\n            deny all;\n"
+    "            rewrite ^/(.*)$ /$1 break;\n"
+    "            proxy_set_header X-Env bench;\n"
+)
 
 
 class IngressProxy:
@@ -421,7 +440,7 @@ tls:
   default_certificate: {{cert: "{files.cert}", key: "{files.key}"}}
   session_resumption: {"true" if settings.resumption else "false"}
 {engine}timeouts: {{header_read: {IDLE_TIMEOUT_SECONDS}, idle: {IDLE_TIMEOUT_SECONDS}}}
-routes: [{{paths: [{{path: /, type: Prefix, backend: app}}]}}]
+routes: [{INGRESS_PROXY_POLICY_ROUTE if settings.route_policy else "{paths: [{path: /, type: Prefix, backend: app}]}"}]
 backends: {{app: {{endpoints: ["127.0.0.1:{run.backend_port}"]}}}}
 """
         )
