@@ -107,6 +107,17 @@ class Canary:
 
 
 @dataclass(frozen=True)
+class Affinity:
+    """Sticky endpoint by cookie (ingress-nginx `affinity: cookie`, `session-cookie-*`). The cookie
+    names the endpoint by a digest of backend and address; when that endpoint is gone (endpoint
+    churn) the request is balanced as usual and the cookie is re-issued for the new endpoint."""
+
+    cookie_name: str = "INGRESSCOOKIE"  # ingress-nginx's default name
+    max_age: int | None = None  # seconds; None: a session cookie
+    path: str = "/"
+
+
+@dataclass(frozen=True)
 class RoutePolicy:
     """Per-route (host + path) behaviour; field order is the order `proxy.policy` applies them.
 
@@ -135,6 +146,7 @@ class RoutePolicy:
     limit_burst: float | None = None  # requests a client may send at once above the rate; None: 5 × limit_rps
     limit_connections: int | None = None  # requests in flight per client address → 503
     canary: Canary | None = None
+    affinity: Affinity | None = None
 
 
 # ---- end of per-route policy ------------------------------------------------------------------

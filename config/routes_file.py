@@ -56,6 +56,7 @@ import yaml
 from config.crypto import ALGORITHM_FLAGS, ENGINE_KEY_PREFIX
 from config.model import (
     Address,
+    Affinity,
     Backend,
     Canary,
     Certificate,
@@ -150,8 +151,9 @@ _ROUTE_KEYS = ("host", "redirect_to_https", "policy", "paths")
 _POLICY_KEYS = (
     "allow_sources", "deny_sources", "redirect", "app_root", "max_body_size", "regex", "rewrite_target", "forwarded_prefix",
     "connect_timeout", "read_timeout", "send_timeout", "request_headers", "response_headers", "upstream_host", "cors",
-    "limit_rps", "limit_burst", "limit_connections", "canary",
+    "limit_rps", "limit_burst", "limit_connections", "canary", "affinity",
 )
+_AFFINITY_KEYS = ("cookie_name", "max_age", "path")
 _CANARY_KEYS = ("backend", "weight", "header", "header_value", "cookie")
 _CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers", "allow_credentials", "max_age")
 _HEADER_EDIT_KEYS = ("set", "add", "remove")
@@ -473,6 +475,8 @@ class _Checker:
             values["cors"] = self.cors(fields["cors"], f"{where}.cors")
         if "canary" in fields:
             values["canary"] = self.canary(fields["canary"], f"{where}.canary", defined_backends)
+        if "affinity" in fields:
+            values["affinity"] = self.affinity(fields["affinity"], f"{where}.affinity")
         for name in ("limit_rps", "limit_burst", "limit_connections"):
             if name in fields and (number := self.number(fields[name], f"{where}.{name}")) is not None:
                 whole = name == "limit_connections"
@@ -501,6 +505,23 @@ class _Checker:
         if backend is None or weight is None:
             return None
         return Canary(backend, int(weight), header, header_value, cookie)
+
+    def affinity(self, node: yaml.Node, where: str) -> Affinity | None:
+        """`affinity: true` (cookie INGRESSCOOKIE, a session cookie, Path=/) or a mapping of _AFFINITY_KEYS."""
+        if _tag(node) == _TAG_BOOL:
+            return Affinity() if self.flag(node, where) else None
+        fields = self.mapping(node, where, _AFFINITY_KEYS, expected="true/false or a mapping")
+        if fields is None:
+            return None
+        affinity = Affinity()
+        name, max_age, path = affinity.cookie_name, affinity.max_age, affinity.path
+        if "cookie_name" in fields and (text := self.text(fields["cookie_name"], f"{where}.cookie_name")) is not None:
+            name = self.checked(fields["cookie_name"], f"{where}.cookie_name", check_cookie_name, text) or name
+        if "max_age" in fields and (number := self.number(fields["max_age"], f"{where}.max_age")) is not None:
+            max_age = self.checked(fields["max_age"], f"{where}.max_age", check_max_age, number)
+        if "path" in fields and (text := self.text(fields["path"], f"{where}.path")) is not None:
+            path = self.checked(fields["path"], f"{where}.path", check_path_value, text, "path") or path
+        return Affinity(name, max_age, path)
 
     def cors(self, node: yaml.Node, where: str) -> Cors | None:
         """`cors: true` (ingress-nginx's defaults) or a mapping of _CORS_KEYS."""

@@ -79,6 +79,7 @@ from typing import TypeVar
 from config.crypto import ALGORITHM_FLAGS
 from config.model import (
     Address,
+    Affinity,
     Backend,
     Canary,
     Certificate,
@@ -686,6 +687,11 @@ def _read_annotations(
     connections = reader.read("limit-connections", lambda raw: check_positive(raw, "limit-connections", whole=True))
     if connections is not None:
         fields["limit_connections"] = int(connections)
+    if reader.read("affinity", _check_affinity_mode):
+        name = reader.read("session-cookie-name", check_cookie_name)
+        max_age = reader.read("session-cookie-max-age", check_max_age)
+        cookie_path = reader.read("session-cookie-path", lambda raw: check_path_value(raw, "session-cookie-path"))
+        fields["affinity"] = Affinity(name or Affinity().cookie_name, max_age, cookie_path or "/")
     if reader.read("enable-cors", _parse_bool):
         fields["cors"] = reader.read_cors()
     for direction in ("request", "response"):
@@ -784,6 +790,12 @@ def _read_canary(ingress: dict, location: str, problems: list[Problem]) -> Canar
         header_value=reader.read("canary-by-header-value", lambda raw: raw),
         cookie=reader.read("canary-by-cookie", lambda raw: check_cookie_name(raw.strip())),
     )
+
+
+def _check_affinity_mode(raw: str) -> bool:
+    if str(raw).strip() != "cookie":
+        raise PolicyValueError(f"affinity {raw!r} is not an affinity kind", 'write "cookie" (the only one ingress-nginx has)')
+    return True
 
 
 def _networks(raw: str) -> tuple[IpNetwork, ...]:
@@ -1046,6 +1058,10 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "canary-by-header": "a request header: always → canary, never → main (or compared with canary-by-header-value)",
     "canary-by-header-value": "the canary-by-header value that selects the canary",
     "canary-by-cookie": "a cookie: always → canary, never → main",
+    "affinity": "cookie: sticky endpoint by cookie (re-picked and re-issued when the endpoint is gone)",
+    "session-cookie-name": "the affinity cookie's name (default INGRESSCOOKIE)",
+    "session-cookie-max-age": "the affinity cookie's Max-Age in seconds (default: a session cookie)",
+    "session-cookie-path": "the affinity cookie's Path (default /)",
     "limit-rps": "requests per second per client address, per replica (429 above it)",
     "limit-burst-multiplier": "burst = limit-rps × this (default 5)",
     "limit-connections": "requests in flight per client address, per replica (503 above it)",

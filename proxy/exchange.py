@@ -173,8 +173,11 @@ async def _proxy_with_policy(
         candidates = state.balancer.candidates(backend)
         if not candidates:
             return 503, client.answer_locally(head, 503, hsts)
+        carried = None
+        if policy.affinity is not None:
+            candidates, carried = policy.affinity.order(backend, candidates, head)
         timeouts = policy.route_timeouts(generation.configuration.timeouts)
-        return await _proxy(client, state, head, backend, candidates, timeouts, hsts, policy)
+        return await _proxy(client, state, head, backend, candidates, timeouts, hsts, policy, carried)
     finally:
         if concurrency is not None:
             concurrency.leave(client.client_ip)
@@ -203,6 +206,7 @@ async def _proxy(
     timeouts: Timeouts,
     hsts: bytes,
     policy: route_policy.CompiledPolicy | None = None,
+    affinity_token: bytes | None = None,
 ) -> tuple[int, bool]:
     """Forward `head` (shaped by the route's `policy`, if any) with retries; relay the answer."""
     has_body = head.has_body
@@ -253,8 +257,11 @@ async def _proxy(
             failure = FailureKind.RESPONSE_TIMEOUT
         else:
             extra = hsts
-            if policy is not None and policy.edits_response:
-                response, extra = route_policy.downstream_head(policy, head, response, hsts)
+            if policy is not None:
+                if policy.edits_response:
+                    response, extra = route_policy.downstream_head(policy, head, response, hsts)
+                if policy.affinity is not None:
+                    extra = policy.affinity.set_cookie(backend, address, affinity_token) + extra
             return response.status, await _relay_response(client, state, head, upstream, response, backend, timeouts, extra)
         if upstream is not None:
             upstream.close()

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
 
-from config.model import Cors, HeaderEdits, IpNetwork, PathRule, Timeouts
+from config.model import Address, Affinity, Cors, HeaderEdits, IpNetwork, PathRule, Timeouts
 from config.route_policy import MAX_REGEX_SUBJECT
 from proxy.http1 import RequestHead, ResponseHead, upstream_request_head
 
@@ -58,7 +59,7 @@ class CompiledPolicy:
     __slots__ = (
         "allow", "deny", "redirect", "app_root", "max_body_size", "path_pattern", "rewrite_target", "extra_request",
         "drop_request", "timeouts", "_timeouts_for", "send_timeout", "upstream_host", "edits_response", "drop_response",
-        "extra_response", "cors", "rate", "concurrency", "canary",
+        "extra_response", "cors", "rate", "concurrency", "canary", "affinity",
     )
 
     def __init__(self, rule: PathRule) -> None:
@@ -94,6 +95,7 @@ class CompiledPolicy:
             self.rate = RateLimiter(policy.limit_rps, max(burst, 1.0))
         self.concurrency = ConcurrencyLimiter(policy.limit_connections) if policy.limit_connections is not None else None
         self.canary = policy.canary
+        self.affinity = CompiledAffinity(policy.affinity) if policy.affinity is not None else None
         self.edits_response = bool(self.drop_response or self.extra_response or self.cors)
 
     def route_timeouts(self, base: Timeouts) -> Timeouts:
@@ -233,6 +235,49 @@ def _compile_edits(edits: HeaderEdits) -> tuple[frozenset[bytes], bytes]:
     drop = frozenset(name.lower().encode() for name in (*edits.remove, *(name for name, _ in edits.set)))
     lines = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in (*edits.set, *edits.add))
     return drop, lines
+
+
+class CompiledAffinity:
+    """Cookie stickiness: endpoint tokens are a digest of (backend, address), the same in every
+    replica and across restarts, so any replica honours a cookie another one issued."""
+
+    __slots__ = ("name", "attributes", "_tokens")
+
+    def __init__(self, affinity: Affinity) -> None:
+        self.name = affinity.cookie_name
+        attributes = f"; Path={affinity.path}; HttpOnly"
+        if affinity.max_age is not None:
+            attributes += f"; Max-Age={affinity.max_age}"
+        self.attributes = attributes.encode()
+        self._tokens: dict[tuple[str, Address], bytes] = {}
+
+    def token(self, backend: str, address: Address) -> bytes:
+        key = (backend, address)
+        token = self._tokens.get(key)
+        if token is None:
+            if len(self._tokens) >= MAX_TRACKED_CLIENTS:
+                self._tokens.clear()  # endpoints churned a lot: recompute what is asked again
+            token = self._tokens[key] = hashlib.blake2b(f"{backend}|{address}".encode(), digest_size=8).hexdigest().encode()
+        return token
+
+    def order(self, backend: str, candidates: list[Address], head: RequestHead) -> tuple[list[Address], bytes | None]:
+        """Candidates with the cookie's endpoint first (when it still exists), and the token the
+        request carried (None: no cookie)."""
+        wanted = _cookie(head, self.name)
+        if wanted is None:
+            return candidates, None
+        token = wanted.encode("latin-1")
+        for index, address in enumerate(candidates):
+            if self.token(backend, address) == token:
+                return [address, *candidates[:index], *candidates[index + 1 :]], token
+        return candidates, token  # its endpoint is gone: balanced as usual, re-issued below
+
+    def set_cookie(self, backend: str, address: Address, carried: bytes | None) -> bytes:
+        """The Set-Cookie line when the request did not already name the endpoint that served it."""
+        token = self.token(backend, address)
+        if carried == token:
+            return b""
+        return b"Set-Cookie: %s=%s%s\r\n" % (self.name.encode(), token, self.attributes)
 
 
 def chosen_backend(policy: CompiledPolicy, backend: str, head: RequestHead, draw: float) -> str:

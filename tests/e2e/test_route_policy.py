@@ -19,7 +19,7 @@ import h2.events
 import pytest
 import trustme
 
-from config.model import Backend, Canary, Configuration, Cors, HeaderEdits, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
+from config.model import Affinity, Backend, Canary, Configuration, Cors, HeaderEdits, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
 from tests.conftest import RecordingBackend, RunningProxy, certificate_for
 
 pytestmark = pytest.mark.e2e
@@ -53,20 +53,27 @@ ROUTES = {  # host → (path, type, policy)
     "canary.test": ("/", P, RoutePolicy(canary=Canary("canary", weight=0, header="X-Canary", cookie="canary"))),
     "canary-all.test": ("/", P, RoutePolicy(canary=Canary("canary", weight=100))),
     "canary-value.test": ("/", P, RoutePolicy(canary=Canary("canary", header="X-Group", header_value="beta"))),
+    "sticky.test": ("/", P, RoutePolicy(affinity=Affinity("route", max_age=60))),
     "plain.test": ("/", P, None),
 }
+
+
+BACKEND_OF = {"sticky.test": "sticky"}  # three endpoints; every other host: "app", one endpoint
 
 
 @pytest.fixture
 async def policy_proxy(ca: trustme.CA, start_backend, start_proxy) -> tuple[RunningProxy, RecordingBackend]:
     backend = await start_backend("app")
     canary = await start_backend("canary")
+    sticky = [await start_backend(f"sticky-{number}") for number in range(3)]
     configuration = Configuration(
         routes=RouteTable(
             virtual_hosts=tuple(
-                VirtualHost(host, (PathRule(path, kind, "app", policy),)) for host, (path, kind, policy) in ROUTES.items()
+                VirtualHost(host, (PathRule(path, kind, BACKEND_OF.get(host, "app"), policy),))
+                for host, (path, kind, policy) in ROUTES.items()
             ),
-            backends=(Backend("app", (backend.address,)), Backend("canary", (canary.address,))),
+            backends=(Backend("app", (backend.address,)), Backend("canary", (canary.address,)),
+                      Backend("sticky", tuple(backend.address for backend in sticky))),
         ),
         certificates=(certificate_for(ca, *ROUTES),),
         timeouts=Timeouts(drain=2.0),
@@ -344,3 +351,20 @@ async def test_canary_by_header_cookie_and_weight(policy_proxy, ca_file, protoco
     assert await served_by("canary-all.test") == "canary"  # weight 100
     assert await served_by("canary-value.test", "-H", "X-Group: beta") == "canary"
     assert await served_by("canary-value.test", "-H", "X-Group: always") == "app"  # with a value, only the value counts
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_affinity_cookie_keeps_a_client_on_one_endpoint(policy_proxy, ca_file, protocol) -> None:
+    proxy, _ = policy_proxy
+    first = await curl(proxy.https_port, ca_file, protocol, "sticky.test", "/")
+    cookie = first["headers"]["set-cookie"]
+    assert cookie.startswith("route=") and "HttpOnly" in cookie and "Max-Age=60" in cookie
+    pair = cookie.split(";")[0]
+    served = json.loads(first["body"])["backend"]
+    for _ in range(6):  # round-robin would move on to the other two endpoints
+        again = await curl(proxy.https_port, ca_file, protocol, "sticky.test", "/", "-H", f"Cookie: {pair}")
+        assert json.loads(again["body"])["backend"] == served and "set-cookie" not in again["headers"]
+    stale = await curl(proxy.https_port, ca_file, protocol, "sticky.test", "/", "-H", "Cookie: route=0000000000000000")
+    assert stale["headers"]["set-cookie"].startswith("route=")  # an endpoint that is gone: re-picked, re-issued
+    spread = {json.loads((await curl(proxy.https_port, ca_file, protocol, "sticky.test", "/"))["body"])["backend"] for _ in range(3)}
+    assert len(spread) == 3  # without the cookie: balanced as before

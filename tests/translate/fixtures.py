@@ -47,6 +47,7 @@ from cryptography.x509.oid import NameOID
 
 from config.model import (
     Address,
+    Affinity,
     Backend,
     Canary,
     Certificate,
@@ -196,6 +197,8 @@ def _path_rule(spec: str | dict) -> PathRule:
                 fields[name] = tuple(ipaddress.ip_network(cidr) for cidr in fields[name])
         if "redirect" in fields:
             fields["redirect"] = Redirect(**fields["redirect"])
+        if "affinity" in fields:
+            fields["affinity"] = Affinity(**fields["affinity"])
         if "canary" in fields:
             fields["canary"] = Canary(**fields["canary"])
         if "cors" in fields:

@@ -38,9 +38,10 @@ ENABLED_BY = {  # keys that only mean something beside another one (as in ingres
     **{key: "enable-cors" for key in SUPPORTED_ANNOTATIONS if key.startswith("cors-")},
     **{key: "canary" for key in SUPPORTED_ANNOTATIONS if key.startswith("canary-") and key != "canary-by-header-value"},
     "canary-by-header-value": "canary",  # (any text is a valid value: checked via the header name below)
+    **{key: "affinity" for key in SUPPORTED_ANNOTATIONS if key.startswith("session-cookie-")},
 }  # fmt: skip
 ENABLING_VALUES = {
-    "permanent-redirect": "/x", "temporal-redirect": "/x", "limit-rps": "5", "enable-cors": "true", "canary": "true",
+    "permanent-redirect": "/x", "temporal-redirect": "/x", "limit-rps": "5", "enable-cors": "true", "canary": "true", "affinity": "cookie",
 }  # fmt: skip
 FREE_TEXT = {"canary-by-header-value"}  # every value is valid: nothing to refuse
 
@@ -56,5 +57,5 @@ def test_every_supported_key_is_read_and_an_unknown_one_is_reported() -> None:
         if key not in FREE_TEXT:
             assert [problem for problem in problems if NGINX_PREFIX + key in problem.message], key
         assert not any("not supported" in problem.message for problem in problems), key
-    problems = translate(_ingress({NGINX_PREFIX + "affinity": "cookie"}), options).problems
-    assert [problem.message for problem in problems if "affinity is not supported" in problem.message]
+    problems = translate(_ingress({NGINX_PREFIX + "auth-tls-secret": "default/ca"}), options).problems
+    assert [problem.message for problem in problems if "auth-tls-secret is not supported" in problem.message]

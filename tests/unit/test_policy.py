@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from config.model import HeaderEdits, PathRule, PathType, Redirect, RouteTable, RoutePolicy, VirtualHost
+from config.model import Address, Affinity, HeaderEdits, PathRule, PathType, Redirect, RouteTable, RoutePolicy, VirtualHost
 from config.route_policy import (
     MAX_REGEX_LENGTH,
     MAX_REGEX_SUBJECT,
@@ -236,3 +236,21 @@ def test_concurrency_limit_counts_requests_in_flight_per_client() -> None:
     for client in (b"a", b"a", b"b"):
         limiter.leave(client)
     assert limiter.in_flight == {}  # nothing in flight, nothing kept
+
+
+def test_affinity_puts_the_cookies_endpoint_first_and_reissues_when_it_is_gone() -> None:
+    policy = compiled(affinity=Affinity("route", max_age=60))
+    affinity = policy.affinity
+    assert affinity is not None
+    a, b, c = Address("10.0.0.1", 80), Address("10.0.0.2", 80), Address("10.0.0.3", 80)
+    token_b = affinity.token("app", b)
+    assert token_b == compiled(affinity=Affinity("route")).affinity.token("app", b)  # type: ignore[union-attr]  # same in every replica
+    assert affinity.token("other", b) != token_b
+    assert affinity.order("app", [a, b, c], head()) == ([a, b, c], None)  # no cookie: balanced
+    sticky = head(headers=((b"Cookie", b"x=1; route=" + token_b),))
+    assert affinity.order("app", [c, a, b], sticky) == ([b, c, a], token_b)
+    assert affinity.set_cookie("app", b, token_b) == b""  # it already names the endpoint that served
+    assert affinity.order("app", [a, c], sticky) == ([a, c], token_b)  # b is gone: balanced as usual
+    assert affinity.set_cookie("app", a, token_b) == (
+        b"Set-Cookie: route=" + affinity.token("app", a) + b"; Path=/; HttpOnly; Max-Age=60\r\n"
+    )
