@@ -132,6 +132,8 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
         status = 404
         keep = client.answer_locally(head, status, hsts)
     elif match.policy is not None:
+        if match.policy.canary is not None:  # chosen here so that metrics and the access log name it
+            backend = route_policy.chosen_backend(match.policy, backend, head, random.random())
         status, keep = await _proxy_with_policy(client, state, head, backend, match.policy, generation, hsts)
     elif not (candidates := state.balancer.candidates(backend)):
         status = 503
@@ -167,8 +169,6 @@ async def _proxy_with_policy(
     if answer is not None:
         metrics.POLICY_ANSWERS.labels(str(answer.status)).inc()
         return answer.status, client.answer_locally(head, answer.status, answer.extra + hsts)
-    if policy.canary is not None:
-        backend = route_policy.chosen_backend(policy, backend, head, random.random())
     try:
         candidates = state.balancer.candidates(backend)
         if not candidates:

@@ -18,6 +18,7 @@ import h2.errors
 import h2.events
 import pytest
 import trustme
+from prometheus_client import REGISTRY
 
 from config.model import Affinity, Backend, Canary, Configuration, Cors, HeaderEdits, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
 from tests.conftest import RecordingBackend, RunningProxy, certificate_for
@@ -105,6 +106,10 @@ async def curl(port: int, ca_file: str, protocol: str, host: str, target: str, *
     lines = head.decode().split("\r\n")
     headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
     return {"status": int(lines[0].split()[1]), "headers": headers, "body": body, "curl": json.loads(figures)}
+
+
+def protocol_label(protocol: str) -> str:
+    return "h2" if protocol == "--http2" else "http/1.1"
 
 
 def header(seen: dict, name: str) -> list[str]:
@@ -351,6 +356,8 @@ async def test_canary_by_header_cookie_and_weight(policy_proxy, ca_file, protoco
     assert await served_by("canary-all.test") == "canary"  # weight 100
     assert await served_by("canary-value.test", "-H", "X-Group: beta") == "canary"
     assert await served_by("canary-value.test", "-H", "X-Group: always") == "app"  # with a value, only the value counts
+    labels = {"host": "canary-all.test", "backend": "canary", "status": "200", "protocol": protocol_label(protocol)}
+    assert REGISTRY.get_sample_value("ingress_proxy_requests_total", labels)  # metrics name the backend that served
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
