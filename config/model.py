@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 class PathType(enum.Enum):
@@ -167,6 +168,7 @@ class VirtualHost:
     host: str
     paths: tuple[PathRule, ...]
     redirect_to_https: bool = False
+    hsts: Hsts | Literal[False] | None = None  # None: Configuration.hsts; False: none for this host; Hsts: its own
 
 
 @dataclass(frozen=True)

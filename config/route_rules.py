@@ -34,8 +34,9 @@ The rules (Ingress v1 and ingress-nginx, shared/NOTES.md §4):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from config.model import PathRule, PathType, VirtualHost
+from config.model import Hsts, PathRule, PathType, VirtualHost
 
 PATH_TYPES = {path_type.value: path_type for path_type in PathType}
 
@@ -121,10 +122,14 @@ class HostTable:
     def rules(self, host: str) -> tuple[PathRule, ...]:
         return tuple(sorted((rule for rule, _ in self._rules.get(host, {}).values()), key=_rule_order))
 
-    def virtual_hosts(self, redirect_to_https: dict[str, bool]) -> tuple[VirtualHost, ...]:
-        """Hosts with at least one rule, sorted, each with its redirect flag (absent: False)."""
+    def virtual_hosts(
+        self, redirect_to_https: dict[str, bool], hsts: dict[str, Hsts | Literal[False]] | None = None
+    ) -> tuple[VirtualHost, ...]:
+        """Hosts with at least one rule, sorted, each with its redirect flag (absent: False) and
+        its own HSTS (absent: the configuration's)."""
+        own = hsts or {}
         return tuple(
-            VirtualHost(host, rules, redirect_to_https=redirect_to_https.get(host, False))
+            VirtualHost(host, rules, redirect_to_https=redirect_to_https.get(host, False), hsts=own.get(host))
             for host in self.hosts()
             if (rules := self.rules(host))
         )

@@ -49,7 +49,7 @@ import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -147,7 +147,7 @@ _ENGINE_KEYS = ("id", "so_path", "ctrl", "algorithms", "required")
 _TIMEOUT_KEYS = tuple(field.name for field in dataclasses.fields(Timeouts))
 _HSTS_KEYS = ("max_age", "include_subdomains", "preload")
 _ACCESS_LOG_KEYS = ("json",)
-_ROUTE_KEYS = ("host", "redirect_to_https", "policy", "paths")
+_ROUTE_KEYS = ("host", "redirect_to_https", "hsts", "policy", "paths")
 _POLICY_KEYS = (
     "allow_sources", "deny_sources", "redirect", "app_root", "max_body_size", "regex", "rewrite_target", "forwarded_prefix",
     "connect_timeout", "read_timeout", "send_timeout", "request_headers", "response_headers", "upstream_host", "cors",
@@ -351,6 +351,7 @@ class _Checker:
             return ()
         table = HostTable()  # which rules are one rule, and who wins: shared with the translator
         redirect_by_host: dict[str, tuple[bool, str]] = {}  # host → (value, where it was set)
+        hsts_by_host: dict[str, tuple[Hsts | Literal[False], str]] = {}  # host → (its own HSTS or False for none, where)
         for index, item in enumerate(items):
             where = f"routes[{index}]"
             fields = self.mapping(item, where, _ROUTE_KEYS, required={"paths": "paths: [{path: /, backend: NAME}]"})
@@ -373,9 +374,20 @@ class _Checker:
                         f"{str(first_value).lower()} at {first_location} (use one value for all entries of a host)",
                     )
                 redirect_by_host.setdefault(host, (redirect, self.location(redirect_node)))
+                if "hsts" in fields:
+                    own: Hsts | Literal[False] = self.hsts(fields["hsts"], f"{where}.hsts") or False
+                    if host in hsts_by_host and hsts_by_host[host][0] != own:
+                        self.report(fields["hsts"], (
+                            f"{where}.hsts: {_host_label(host)} already has another hsts at {hsts_by_host[host][1]} "
+                            "(use one value for all entries of a host)"
+                        ))
+                    hsts_by_host.setdefault(host, (own, self.location(fields["hsts"])))
             if "paths" in fields:  # checked even without a usable host, but then filed nowhere
                 self.path_rules(fields["paths"], f"{where}.paths", host, defined_backends, policy, table)
-        return table.virtual_hosts({host: value for host, (value, _) in redirect_by_host.items()})
+        return table.virtual_hosts(
+            {host: value for host, (value, _) in redirect_by_host.items()},
+            {host: value for host, (value, _) in hsts_by_host.items()},
+        )
 
     def path_rules(
         self,
@@ -989,27 +1001,27 @@ class _Checker:
             seconds[name] = float(value)
         return Timeouts(**seconds)
 
-    def hsts(self, node: yaml.Node) -> Hsts | None:
+    def hsts(self, node: yaml.Node, where: str = "hsts") -> Hsts | None:
         if _tag(node) == _TAG_BOOL:
-            return Hsts() if self.flag(node, "hsts") else None
-        fields = self.mapping(node, "hsts", _HSTS_KEYS, expected="a mapping or true/false")
+            return Hsts() if self.flag(node, where) else None
+        fields = self.mapping(node, where, _HSTS_KEYS, expected="a mapping or true/false")
         if fields is None:
             return None
         settings: dict[str, Any] = {}
         if "max_age" in fields:
             max_age_node = fields["max_age"]
-            max_age = self.number(max_age_node, "hsts.max_age")
+            max_age = self.number(max_age_node, f"{where}.max_age")
             if max_age is not None and (not isinstance(max_age, int) or max_age < 0):
                 self.report(
                     max_age_node,
-                    f"hsts.max_age: {max_age_node.value} is not a whole number of seconds >= 0 "
+                    f"{where}.max_age: {max_age_node.value} is not a whole number of seconds >= 0 "
                     "(e.g. 31536000)",
                 )
             elif max_age is not None:
                 settings["max_age"] = max_age
         for name in ("include_subdomains", "preload"):
             if name in fields:
-                settings[name] = self.flag(fields[name], f"hsts.{name}") is True
+                settings[name] = self.flag(fields[name], f"{where}.{name}") is True
         return Hsts(**settings)
 
     def access_log_json(self, node: yaml.Node) -> bool:

@@ -34,7 +34,7 @@ import random
 import time
 from typing import Protocol
 
-from config.model import Address, Timeouts
+from config.model import Address, Hsts, Timeouts, VirtualHost
 from proxy import metrics, policy as route_policy
 from proxy.decisions import FailureKind, Retry, is_replayable, retry_after
 from proxy.flow import ConnectionGone
@@ -124,7 +124,7 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     virtual_host = match.virtual_host
     host_label = (virtual_host.host or "*") if virtual_host else "-"
     backend = match.backend
-    hsts = hsts_header(client.listener, generation)
+    hsts = hsts_header(client.listener, generation, virtual_host)
     if not client.listener.tls and virtual_host is not None and virtual_host.redirect_to_https:
         status = 308
         keep = client.answer_locally(head, status, _redirect_header(head, state.https_port) + hsts)
@@ -183,10 +183,13 @@ async def _proxy_with_policy(
             concurrency.leave(client.client_ip)
 
 
-def hsts_header(listener: Listener, generation: Generation) -> bytes:
-    """HSTS for responses on a TLS listener when configured: on proxied and proxy-made ones alike."""
+def hsts_header(listener: Listener, generation: Generation, virtual_host: VirtualHost | None = None) -> bytes:
+    """HSTS for responses on a TLS listener when configured (the host's own, else the
+    configuration's): on proxied and proxy-made ones alike."""
     hsts = generation.configuration.hsts
-    if hsts is None or not listener.tls:
+    if virtual_host is not None and virtual_host.hsts is not None:
+        hsts = virtual_host.hsts or None  # False: none for this host
+    if not isinstance(hsts, Hsts) or not listener.tls:
         return b""
     return b"Strict-Transport-Security: %s\r\n" % hsts.header_value().encode()
 

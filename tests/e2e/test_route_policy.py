@@ -20,7 +20,7 @@ import pytest
 import trustme
 from prometheus_client import REGISTRY
 
-from config.model import Affinity, Backend, Canary, Configuration, Cors, HeaderEdits, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
+from config.model import Affinity, Backend, Canary, Configuration, Cors, HeaderEdits, Hsts, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
 from tests.conftest import RecordingBackend, RunningProxy, certificate_for
 
 pytestmark = pytest.mark.e2e
@@ -375,3 +375,23 @@ async def test_affinity_cookie_keeps_a_client_on_one_endpoint(policy_proxy, ca_f
     assert stale["headers"]["set-cookie"].startswith("route=")  # an endpoint that is gone: re-picked, re-issued
     spread = {json.loads((await curl(proxy.https_port, ca_file, protocol, "sticky.test", "/"))["body"])["backend"] for _ in range(3)}
     assert len(spread) == 3  # without the cookie: balanced as before
+
+
+async def test_hsts_per_host_overrides_the_configurations(ca: trustme.CA, start_backend, start_proxy, ca_file) -> None:
+    backend = await start_backend("app")
+    hosts = {"global.test": None, "off.test": False, "own.test": Hsts(max_age=60, include_subdomains=True)}
+    configuration = Configuration(
+        routes=RouteTable(
+            virtual_hosts=tuple(VirtualHost(host, (PathRule("/", P, "app"),), hsts=hsts) for host, hsts in hosts.items()),
+            backends=(Backend("app", (backend.address,)),),
+        ),
+        certificates=(certificate_for(ca, *hosts),),
+        hsts=Hsts(max_age=100),
+        timeouts=Timeouts(drain=2.0),
+    )
+    proxy = await start_proxy(configuration)
+    for protocol in PROTOCOLS:
+        seen = {host: (await curl(proxy.https_port, ca_file, protocol, host, "/"))["headers"] for host in hosts}
+        assert seen["global.test"]["strict-transport-security"] == "max-age=100"
+        assert "strict-transport-security" not in seen["off.test"]
+        assert seen["own.test"]["strict-transport-security"] == "max-age=60; includeSubDomains"

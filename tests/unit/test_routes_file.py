@@ -260,6 +260,12 @@ VALID_CASES: dict[str, tuple[str, Getter, object]] = {
         "backends: {b: {endpoints: ['127.0.0.1:1']}}",
         lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/x", E, "b"), ("/x", P, "b")),),
     ),
+    "hsts-per-host": (
+        LISTEN + B + "hsts: true\nroutes:\n- {host: a.com, hsts: false, paths: [{path: /, backend: b}]}\n"
+        "- {host: b.com, hsts: {max_age: 60}, paths: [{path: /, backend: b}]}\n- {host: c.com, paths: [{path: /, backend: b}]}\n",
+        lambda r: [(v.host, v.hsts) for v in r.configuration.routes.virtual_hosts],
+        [("a.com", False), ("b.com", Hsts(max_age=60)), ("c.com", None)],
+    ),
     # config.route_rules: one rule for both producers (the translator's cases conflict-* agree)
     "same-rule-twice-same-backend-is-kept-once": (
         LISTEN + B + "routes: [{paths: [{path: /a, backend: b}, {path: /a/, backend: b}, {path: /a, backend: b}]}]\n",
@@ -372,6 +378,11 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
         "path '/' (Prefix) on host 'a.com' is already routed to b",
     ),
     # per-route policy (issue 13): each refused value at its own position
+    "hsts-per-host-disagree": case(
+        LISTEN + B + "routes:\n- {host: a.com, hsts: false, paths: [{path: /, backend: b}]}\n"
+        "- {host: a.com, hsts: »true, paths: [{path: /x, backend: b}]}\n",
+        "routes[1].hsts: host 'a.com' already has another hsts at",
+    ),
     "policy-bad-cidr": case(ROUTES + "[{policy: {allow_sources: [10.0.0.0/8, »10.0.0.0/33]}, paths: [{path: /, backend: b}]}]\n",
                             "routes[0].policy.allow_sources: '10.0.0.0/33' is not an IP address or CIDR"),
     "policy-unknown-key": case(ROUTES + "[{policy: {»allow_source: [10.0.0.0/8]}, paths: [{path: /, backend: b}]}]\n",
