@@ -22,12 +22,22 @@ The rules (shared/NOTES.md §4), in the order they are applied:
 - Hosts: lower-cased; precise, `*.one-label` wildcard, or empty (= any host), checked by
   `config.tls_material.parse_host_pattern` like routes-file hosts (the API server's own rules
   already exclude ports and trailing dots). A rule with a host but no `http` produces nothing.
-- Paths: an empty path means "/". Conflicts are detected the way `proxy.router` matches, not
-  just on identical (path, type): Prefix and ImplementationSpecific (matched like Prefix) with a
-  trailing "/" ignored share one key, Exact has its own. Two rules with one key and different
-  backends conflict; the same backend twice is harmless and both rules are kept. A path whose
-  backend cannot be resolved is skipped before it claims its key, so a younger Ingress's valid
-  rule for the same path is served rather than nothing.
+- Paths: an empty path means "/". Which rules are the same rule, and what a conflict is, is
+  `config.route_rules`'s, shared with the routes file: Prefix and ImplementationSpecific with a
+  trailing "/" ignored share one key, Exact has its own, a regex path (use-regex) is its own key.
+  Two rules with one key and a different backend or policy conflict (the older Ingress wins); the
+  same backend and policy twice is kept once. A path whose backend cannot be resolved is skipped
+  before it claims its key, so a younger Ingress's valid rule for the same path is served rather
+  than nothing. A canary Ingress claims no key: it attaches to the main rule (below).
+- Annotations (`nginx.ingress.kubernetes.io/`, and `ingress.kubernetes.io/`): each supported key
+  (SUPPORTED_ANNOTATIONS, beside the ConfigMap keys) fills the Ingress's `RoutePolicy`, checked by
+  `config.route_policy` exactly as the routes file's `policy:` keys are; an unknown key or a
+  refused value is a Problem. A refused source range, body size or regex leaves the Ingress's
+  paths out (serving them open is the opposite of what was asked); other refused values drop just
+  that key. ConfigMap `proxy-body-size` is every path's default limit. An Ingress with `canary:
+  "true"` becomes the weighted alternative (`Canary`) of the main rule with the same match key,
+  whatever their ages, attached after every main Ingress was read (the first canary of a rule,
+  oldest first, wins); its other annotations are reported and ignored.
 - Default backend: the oldest Ingress whose `spec.defaultBackend` resolves wins.
 - Backends are named "namespace/service:port" (port as written: number or name), which
   `resolve_endpoints` parses back. Endpoints come from EndpointSlices labelled
