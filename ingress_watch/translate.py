@@ -61,7 +61,8 @@ The rules (shared/NOTES.md §4), in the order they are applied:
   `ingress.kubernetes.io/ssl-redirect` of the oldest Ingress routing that host) only redirects
   virtual hosts that some certificate covers: redirecting to HTTPS a host served only by the
   default (possibly self-signed) certificate would lock clients out. The catch-all host "" never
-  redirects for the same reason.
+  redirects for the same reason. `force-ssl-redirect` redirects without that check (TLS terminated
+  in front of us); `nginx.ingress.kubernetes.io/ssl-redirect` is read like the legacy key.
 - ConfigMap keys use haproxy-ingress spelling; durations are HAProxy-style integers with a unit
   (us, ms, s, m, h, d) and, as in HAProxy, a bare number means milliseconds. A bad value is a
   problem and keeps the default; an unknown key is a problem (typos would otherwise go unseen).
