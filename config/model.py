@@ -295,6 +295,18 @@ class Hsts:
 
 
 @dataclass(frozen=True)
+class RealIp:
+    """Trust X-Forwarded-For from these peers (ingress-nginx use-forwarded-headers + proxy-real-ip-cidr).
+
+    The client address (for source ranges, limits and X-Real-IP) is the rightmost address of
+    X-Forwarded-For + peer that is not trusted. A peer outside `trusted` is the client, and its own
+    X-Forwarded-For is dropped instead of passed on: it could say anything.
+    """
+
+    trusted: tuple[IpNetwork, ...]
+
+
+@dataclass(frozen=True)
 class RouteTable:
     """Hosts → paths → backend names, plus the backends themselves."""
 
@@ -316,6 +328,7 @@ class Configuration:
     access_log_json: bool = False
     session_resumption: bool = True  # session cache + tickets; off = HAProxy's no-tls-tickets + cachesize 0
     tls_policy: TlsPolicy = TlsPolicy()
+    real_ip: RealIp | None = None  # None: the TCP peer is the client; X-Forwarded-For is appended to
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ from config.model import (
     PathType,
     PemKey,
     Problem,
+    RealIp,
     Redirect,
     RoutePolicy,
     RouteTable,
@@ -136,7 +137,9 @@ _TAG_INT = "tag:yaml.org,2002:int"
 _TAG_FLOAT = "tag:yaml.org,2002:float"
 
 # Known keys per section, in the order the hint lists them.
-_TOP_KEYS = ("listen", "tls", "timeouts", "hsts", "access_log", "routes", "default_backend", "backends")
+_TOP_KEYS = (
+    "listen", "tls", "timeouts", "hsts", "access_log", "trusted_proxies", "routes", "default_backend", "backends",
+)
 _LISTEN_KEYS = ("https", "http", "admin")
 _TLS_POLICY_KEYS = ("min_version", "max_version", "ciphers", "ciphersuites", "curves", "alpn")
 _TLS_KEYS = ("certificates", "default_certificate", "engine", "async", "providers", "session_resumption") + _TLS_POLICY_KEYS
@@ -246,6 +249,9 @@ class _Checker:
         timeouts = self.timeouts(fields["timeouts"]) if "timeouts" in fields else Timeouts()
         hsts = self.hsts(fields["hsts"]) if "hsts" in fields else None
         access_log_json = self.access_log_json(fields["access_log"]) if "access_log" in fields else False
+        real_ip = None
+        if "trusted_proxies" in fields and (trusted := self.networks(fields["trusted_proxies"], "trusted_proxies")):
+            real_ip = RealIp(trusted)
         problems = self.sorted_problems()
         if problems or listeners is None:
             raise RoutesFileError(problems)
@@ -259,6 +265,7 @@ class _Checker:
             access_log_json=access_log_json,
             session_resumption=session_resumption,
             tls_policy=tls_policy,
+            real_ip=real_ip,
         )
         return LoadedRoutes(listeners=listeners, configuration=configuration)
 

@@ -32,9 +32,9 @@ DIFFERENCES = {
     "limit-connections": "counts requests in flight; per replica and worker",
     "canary": "the canary Ingress's other annotations are ignored (the main Ingress's policy serves both)",
     "affinity": "the cookie value is a digest of the endpoint; affinity-mode and the other session-cookie-* keys are not read",
-    "whitelist-source-range": "the client address is the TCP peer's (PROXY protocol / trusted X-Forwarded-For not read)",
-    "allowlist-source-range": "the client address is the TCP peer's (PROXY protocol / trusted X-Forwarded-For not read)",
-    "denylist-source-range": "the client address is the TCP peer's (PROXY protocol / trusted X-Forwarded-For not read)",
+    "whitelist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
+    "allowlist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
+    "denylist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
 }
 
 

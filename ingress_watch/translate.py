@@ -104,6 +104,7 @@ from config.model import (
     PathRule,
     PemKey,
     Problem,
+    RealIp,
     Redirect,
     RoutePolicy,
     RouteTable,
@@ -211,6 +212,7 @@ def translate(snapshot: Snapshot, options: TranslateOptions) -> Translation:
         timeouts=settings.timeouts,
         hsts=settings.hsts,
         tls_policy=settings.tls_policy,
+        real_ip=settings.real_ip,
     )
     return Translation(
         configuration=configuration,
@@ -985,6 +987,7 @@ class _GlobalSettings:
     ssl_redirect: bool = False
     tls_policy: TlsPolicy = TlsPolicy()
     default_policy: RoutePolicy | None = None  # what every Ingress path gets unless its annotations say otherwise
+    real_ip: RealIp | None = None
 
 
 def _parse_bool(raw: str) -> bool:
@@ -1029,10 +1032,12 @@ def _parse_engine(raw: str) -> EngineSettings | None:
 
 
 _T = TypeVar("_T")
+# ingress-nginx's proxy-real-ip-cidr default: with use-forwarded-headers every peer is trusted.
+INGRESS_NGINX_REAL_IP_CIDR: tuple[IpNetwork, ...] = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 SUPPORTED_CONFIGMAP_KEYS = (
     "hsts", "hsts-include-subdomains", "hsts-max-age", "hsts-preload", "ssl-ciphers", "ssl-ciphersuites", "ssl-ecdh-curve",
-    "proxy-body-size", "ssl-engine", "ssl-mode-async", "ssl-protocols", "ssl-redirect",
-    "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server", "use-http2",
+    "proxy-body-size", "proxy-real-ip-cidr", "ssl-engine", "ssl-mode-async", "ssl-protocols", "ssl-redirect",
+    "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server", "use-forwarded-headers", "use-http2",
 )
 
 
@@ -1156,7 +1161,11 @@ def _read_configmap(configmap: dict | None, problems: list[Problem]) -> _GlobalS
     ssl_redirect = read("ssl-redirect", _parse_bool, False)
     body_size = read("proxy-body-size", _policy_check_value(parse_size), None)  # default: no limit (README)
     default_policy = RoutePolicy(max_body_size=body_size) if body_size is not None else None
-    return _GlobalSettings(crypto, timeouts, enabled_hsts, ssl_redirect, tls_policy, default_policy)
+    real_ip = None
+    if read("use-forwarded-headers", _parse_bool, False):  # ingress-nginx: trusted from proxy-real-ip-cidr
+        trusted = read("proxy-real-ip-cidr", _policy_check_value(_networks), INGRESS_NGINX_REAL_IP_CIDR)
+        real_ip = RealIp(trusted)
+    return _GlobalSettings(crypto, timeouts, enabled_hsts, ssl_redirect, tls_policy, default_policy, real_ip)
 
 
 def _policy_check_value(check: Callable[[str], _T]) -> Callable[[str], _T]:

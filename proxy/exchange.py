@@ -120,6 +120,10 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     loop = asyncio.get_running_loop()
     started = loop.time()
     generation = state.generation
+    client_ip, real_ip = client.client_ip, b""
+    if generation.configuration.real_ip is not None:  # trusted X-Forwarded-For (config.model.RealIp)
+        real_ip, head = route_policy.forwarded_client(generation.configuration.real_ip, client_ip, head)
+        client_ip = real_ip
     match = generation.router.route(head.host.decode("latin-1"), head.path)
     virtual_host = match.virtual_host
     host_label = (virtual_host.host or "*") if virtual_host else "-"
@@ -134,12 +138,13 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     elif match.policy is not None:
         if match.policy.canary is not None:  # chosen here so that metrics and the access log name it
             backend = route_policy.chosen_backend(match.policy, backend, head, random.random())
-        status, keep = await _proxy_with_policy(client, state, head, backend, match.policy, generation, hsts)
+        status, keep = await _proxy_with_policy(client, state, head, backend, match.policy, generation, hsts, client_ip, real_ip)
     elif not (candidates := state.balancer.candidates(backend)):
         status = 503
         keep = client.answer_locally(head, status, hsts)
     else:
-        status, keep = await _proxy(client, state, head, backend, candidates, generation.configuration.timeouts, hsts)
+        timeouts = generation.configuration.timeouts
+        status, keep = await _proxy(client, state, head, backend, candidates, timeouts, hsts, real_ip=real_ip)
     elapsed = loop.time() - started
     backend_label = backend or "-"
     requests, durations = metrics.request_series(host_label, backend_label, status, client.protocol)
@@ -158,13 +163,16 @@ async def _proxy_with_policy(
     policy: route_policy.CompiledPolicy,
     generation: Generation,
     hsts: bytes,
+    client_ip: bytes,
+    real_ip: bytes,
 ) -> tuple[int, bool]:
-    """The policy's local answer, or the request forwarded as the policy shapes it."""
-    answer = route_policy.local_answer(policy, client.client_ip, head)
-    if answer is None and policy.rate is not None and not policy.rate.admit(client.client_ip, time.monotonic()):
+    """The policy's local answer, or the request forwarded as the policy shapes it. `client_ip`
+    is the address policies judge (the peer's, or the trusted X-Forwarded-For's `real_ip`)."""
+    answer = route_policy.local_answer(policy, client_ip, head)
+    if answer is None and policy.rate is not None and not policy.rate.admit(client_ip, time.monotonic()):
         answer = route_policy.TOO_MANY
     concurrency = policy.concurrency
-    if answer is None and concurrency is not None and not concurrency.enter(client.client_ip):
+    if answer is None and concurrency is not None and not concurrency.enter(client_ip):
         answer, concurrency = route_policy.BUSY, None
     if answer is not None:
         metrics.POLICY_ANSWERS.labels(str(answer.status)).inc()
@@ -177,10 +185,10 @@ async def _proxy_with_policy(
         if policy.affinity is not None:
             candidates, carried = policy.affinity.order(backend, candidates, head)
         timeouts = policy.route_timeouts(generation.configuration.timeouts)
-        return await _proxy(client, state, head, backend, candidates, timeouts, hsts, policy, carried)
+        return await _proxy(client, state, head, backend, candidates, timeouts, hsts, policy, carried, real_ip)
     finally:
         if concurrency is not None:
-            concurrency.leave(client.client_ip)
+            concurrency.leave(client_ip)
 
 
 def hsts_header(listener: Listener, generation: Generation, virtual_host: VirtualHost | None = None) -> bytes:
@@ -210,6 +218,7 @@ async def _proxy(
     hsts: bytes,
     policy: route_policy.CompiledPolicy | None = None,
     affinity_token: bytes | None = None,
+    real_ip: bytes = b"",
 ) -> tuple[int, bool]:
     """Forward `head` (shaped by the route's `policy`, if any) with retries; relay the answer."""
     has_body = head.has_body
@@ -218,9 +227,11 @@ async def _proxy(
         client.invite_body(head)
     listener = client.listener
     if policy is None:
-        request = upstream_request_head(head, client.client_ip, listener.name.encode(), listener.address)
+        request = upstream_request_head(head, client.client_ip, listener.name.encode(), listener.address, real_ip=real_ip)
     else:
-        request = route_policy.upstream_request(policy, head, client.client_ip, listener.name.encode(), listener.address)
+        request = route_policy.upstream_request(
+            policy, head, client.client_ip, listener.name.encode(), listener.address, real_ip
+        )
     balancer = state.balancer
     failure = FailureKind.NO_ENDPOINT
     attempts = list(candidates)

@@ -383,7 +383,13 @@ def encode_chunk(data: bytes) -> bytes:
 
 
 def upstream_request_head(
-    head: RequestHead, client_ip: bytes, proto: bytes, local_address: bytes, extra: bytes = b"", host_header: bytes = b""
+    head: RequestHead,
+    client_ip: bytes,
+    proto: bytes,
+    local_address: bytes,
+    extra: bytes = b"",
+    host_header: bytes = b"",
+    real_ip: bytes = b"",
 ) -> bytes:
     """The request line and headers as sent to a backend (always HTTP/1.1).
 
@@ -395,7 +401,8 @@ def upstream_request_head(
     HTTP/1.1 requires one. `extra`: header lines a route policy adds ("Name: value\r\n"...),
     written after ours and never framing (`config.route_policy` refuses CR/LF in their values and
     framing names); `host_header` replaces the Host sent (nginx `upstream-vhost`), X-Forwarded-Host
-    still says what the client asked for.
+    still says what the client asked for; `real_ip` (trusted X-Forwarded-For, config.model.RealIp)
+    is sent as X-Real-IP instead of the peer `client_ip`, which X-Forwarded-For still ends with.
     """
     named_by_connection = connection_tokens(head.headers)
     host = head.host or local_address
@@ -411,7 +418,7 @@ def upstream_request_head(
                 upgrade = value
             continue
         parts += (name, b": ", value, b"\r\n")
-    parts += (b"X-Forwarded-For: ", forwarded_for, client_ip, b"\r\nX-Real-IP: ", client_ip)
+    parts += (b"X-Forwarded-For: ", forwarded_for, client_ip, b"\r\nX-Real-IP: ", real_ip or client_ip)
     port = local_address.rpartition(b":")[2]
     parts += (b"\r\nX-Forwarded-Proto: ", proto, b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Forwarded-Port: ", port)
     if head.chunked:

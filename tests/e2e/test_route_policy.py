@@ -20,7 +20,7 @@ import pytest
 import trustme
 from prometheus_client import REGISTRY
 
-from config.model import Affinity, Backend, Canary, Configuration, Cors, HeaderEdits, Hsts, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
+from config.model import Affinity, Backend, Canary, Configuration, Cors, HeaderEdits, Hsts, RealIp, PathRule, PathType, Redirect, RoutePolicy, RouteTable, Timeouts, VirtualHost
 from tests.conftest import RecordingBackend, RunningProxy, certificate_for
 
 pytestmark = pytest.mark.e2e
@@ -395,3 +395,37 @@ async def test_hsts_per_host_overrides_the_configurations(ca: trustme.CA, start_
         assert seen["global.test"]["strict-transport-security"] == "max-age=100"
         assert "strict-transport-security" not in seen["off.test"]
         assert seen["own.test"]["strict-transport-security"] == "max-age=60; includeSubDomains"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_trusted_x_forwarded_for_gives_the_real_client_address(
+    ca: trustme.CA, start_backend, start_proxy, ca_file, protocol
+) -> None:
+    backend = await start_backend("app")
+
+    async def proxy_trusting(cidr: str) -> RunningProxy:
+        office = RoutePolicy(allow_sources=networks("10.0.0.0/8"))
+        return await start_proxy(Configuration(
+            routes=RouteTable(
+                virtual_hosts=(VirtualHost("office.test", (PathRule("/", P, "app", office),)),
+                               VirtualHost("plain.test", (PathRule("/", P, "app"),))),
+                backends=(Backend("app", (backend.address,)),),
+            ),
+            certificates=(certificate_for(ca, "office.test", "plain.test"),),
+            timeouts=Timeouts(drain=2.0),
+            real_ip=RealIp(networks(cidr)),
+        ))  # fmt: skip
+
+    behind_lb = await proxy_trusting("127.0.0.1/32")  # we are the load balancer's backend
+    port = behind_lb.https_port
+    allowed = await curl(port, ca_file, protocol, "office.test", "/", "-H", "X-Forwarded-For: 10.1.2.3")
+    seen = json.loads(allowed["body"])
+    assert allowed["status"] == 200 and header(seen, "X-Real-IP") == ["10.1.2.3"]
+    assert header(seen, "X-Forwarded-For") == ["10.1.2.3, 127.0.0.1"]
+    assert (await curl(port, ca_file, protocol, "office.test", "/"))["status"] == 403  # the peer itself is not in 10/8
+
+    exposed = await proxy_trusting("192.0.2.0/24")  # clients reach us directly: their header is not believed
+    forged = await curl(exposed.https_port, ca_file, protocol, "office.test", "/", "-H", "X-Forwarded-For: 10.1.2.3")
+    assert forged["status"] == 403
+    plain = json.loads((await curl(exposed.https_port, ca_file, protocol, "plain.test", "/", "-H", "X-Forwarded-For: 10.1.2.3"))["body"])
+    assert header(plain, "X-Forwarded-For") == ["127.0.0.1"] and header(plain, "X-Real-IP") == ["127.0.0.1"]  # replaced

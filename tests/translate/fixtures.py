@@ -26,6 +26,7 @@ expected.yaml (every key optional; absent = empty or the model's default):
   crypto: {engine: {id: qatengine, algorithms: [RSA]}, async_mode: true}
   timeouts: {connect: 0.5, ...}
   hsts: {max_age: 60, include_subdomains: true, preload: false}
+  real_ip: [CIDR, ...]   # trusted X-Forwarded-For peers
   problems: [{location: "Ingress ns/name", message: "a substring of the message"}, ...]
 """
 
@@ -60,6 +61,7 @@ from config.model import (
     PathRule,
     PathType,
     PemKey,
+    RealIp,
     Redirect,
     RoutePolicy,
     RouteTable,
@@ -175,6 +177,7 @@ def expected_configuration(case: Case) -> Configuration:
         ),
         timeouts=Timeouts(**(expected.get("timeouts") or {})),
         hsts=Hsts(**expected["hsts"]) if expected.get("hsts") is not None else None,
+        real_ip=RealIp(tuple(ipaddress.ip_network(cidr) for cidr in expected["real_ip"])) if expected.get("real_ip") else None,
     )
 
 

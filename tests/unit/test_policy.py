@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from config.model import Address, Affinity, HeaderEdits, PathRule, PathType, Redirect, RouteTable, RoutePolicy, VirtualHost
+from config.model import Address, Affinity, HeaderEdits, RealIp, PathRule, PathType, Redirect, RouteTable, RoutePolicy, VirtualHost
 from config.route_policy import (
     MAX_REGEX_LENGTH,
     MAX_REGEX_SUBJECT,
@@ -21,7 +21,7 @@ from config.route_policy import (
     parse_size,
 )
 from proxy.http1 import RequestHead, upstream_request_head
-from proxy.policy import MAX_TRACKED_CLIENTS, CompiledPolicy, ConcurrencyLimiter, RateLimiter, local_answer, source_allowed, upstream_head, upstream_request
+from proxy.policy import MAX_TRACKED_CLIENTS, forwarded_client, CompiledPolicy, ConcurrencyLimiter, RateLimiter, local_answer, source_allowed, upstream_head, upstream_request
 from proxy.router import Router
 
 P, E, I = PathType.PREFIX, PathType.EXACT, PathType.IMPLEMENTATION_SPECIFIC
@@ -254,3 +254,25 @@ def test_affinity_puts_the_cookies_endpoint_first_and_reissues_when_it_is_gone()
     assert affinity.set_cookie("app", a, token_b) == (
         b"Set-Cookie: route=" + affinity.token("app", a) + b"; Path=/; HttpOnly; Max-Age=60\r\n"
     )
+
+
+TRUSTED = RealIp((ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32")))
+
+
+@pytest.mark.parametrize(("peer", "forwarded", "client", "kept"), [
+    (b"127.0.0.1", b"203.0.113.7", b"203.0.113.7", True),  # a trusted load balancer in front
+    (b"127.0.0.1", b"198.51.100.1, 203.0.113.7, 10.1.1.1", b"203.0.113.7", True),  # rightmost untrusted hop
+    (b"127.0.0.1", b"10.2.2.2, 10.1.1.1", b"10.2.2.2", True),  # all trusted: the leftmost
+    (b"127.0.0.1", b"junk, 203.0.113.7", b"203.0.113.7", True),
+    (b"127.0.0.1", b"203.0.113.7, junk", b"127.0.0.1", True),  # a hop that is no address: trust stops there
+    (b"127.0.0.1", None, b"127.0.0.1", True),
+    (b"192.0.2.9", b"10.9.9.9", b"192.0.2.9", False),  # an untrusted peer cannot claim an address: dropped
+])  # fmt: skip
+def test_trusted_forwarded_for(peer: bytes, forwarded: bytes | None, client: bytes, kept: bool) -> None:
+    request = head(headers=((b"X-Forwarded-For", forwarded),) if forwarded is not None else ())
+    found, forwarded_head = forwarded_client(TRUSTED, peer, request)
+    assert found == client
+    has_chain = any(name.lower() == b"x-forwarded-for" for name, _ in forwarded_head.headers)
+    assert has_chain == (kept and forwarded is not None)
+    wire = upstream_request_head(forwarded_head, peer, b"https", b"127.0.0.1:8443", real_ip=found)
+    assert b"X-Real-IP: " + found + b"\r\n" in wire and re.search(rb"X-Forwarded-For: [^\r]*" + re.escape(peer) + rb"\r\n", wire)

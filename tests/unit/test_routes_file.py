@@ -8,6 +8,7 @@ Certificates and keys are generated per session (never checked in) and written p
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import pathlib
 import shutil
 import textwrap
@@ -33,6 +34,7 @@ from config.model import (
     Listeners,
     PathRule,
     PathType,
+    RealIp,
     PemKey,
     RouteTable,
     Timeouts,
@@ -259,6 +261,11 @@ VALID_CASES: dict[str, tuple[str, Getter, object]] = {
         LISTEN + "routes: [{paths: [{path: /x, backend: b}, {path: /x, type: Exact, backend: b}]}]\n"
         "backends: {b: {endpoints: ['127.0.0.1:1']}}",
         lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/x", E, "b"), ("/x", P, "b")),),
+    ),
+    "trusted-proxies": (
+        LISTEN + B + "trusted_proxies: [10.0.0.0/8, '::1']\nroutes: [{paths: [{path: /, backend: b}]}]\n",
+        lambda r: r.configuration.real_ip,
+        RealIp((ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))),
     ),
     "hsts-per-host": (
         LISTEN + B + "hsts: true\nroutes:\n- {host: a.com, hsts: false, paths: [{path: /, backend: b}]}\n"
