@@ -377,6 +377,13 @@ ROWS: tuple[Row, ...] = (
         f"wrk -t1 -c{KEEP_ALIVE_CONNECTIONS}, TLS 1.3, RSA-2048 certificate", measure_keep_alive,
     ),
     Row(
+        "keepalive-policy", "Keep-alive HTTPS, 2-byte body, route policy", ProxySettings("rsa", True, 1, route_policy=True),
+        (_REQUESTS,),
+        f"as keepalive, with per-route work in every proxy: source allowlist, regex rewrite /(.*) → /$1, one header set "
+        f"(ingress-proxy `policy:`, HAProxy http-request deny/replace-path/set-header, nginx allow/rewrite/proxy_set_header)",
+        measure_keep_alive,
+    ),
+    Row(
         "h2", "HTTP/2, 2-byte body, many streams per connection", _RSA, (_REQUESTS,),
         f"h2load -c{H2_CONNECTIONS} -m{H2_STREAMS} -t1, TLS 1.3, RSA-2048; backends spoken to in HTTP/1.1 "
         "(HAProxy `alpn h2,http/1.1`, nginx `listen ... ssl http2`)",

@@ -69,6 +69,7 @@ class ProxySettings:
     # How the proxy reaches the backend: http, https (verified TLS), grpc (h2c), or split-writes
     # (bench/split_writes_backend.py: head and body in two sends with Nagle on).
     upstream: str = "http"
+    route_policy: bool = False  # the same per-route work in each proxy: source allowlist, regex rewrite, a set header
 
     @property
     def cpus(self) -> str:
@@ -465,7 +466,7 @@ defaults
 
 frontend bench
     bind 127.0.0.1:{port} ssl crt {cert}{tickets} alpn h2,http/1.1
-    default_backend app
+{HAPROXY_POLICY if settings.route_policy else ""}    default_backend app
 
 backend app
     server app {_haproxy_server(settings, run)}
@@ -501,7 +502,7 @@ class Nginx:
         ssl_session_cache {cache};
         ssl_session_tickets {tickets};
         location / {{
-{proxying}
+{NGINX_POLICY if settings.route_policy else ""}{proxying}
         }}
     }}"""
         argv = _nginx_argv(run.workdir / "nginx", server_block, settings.workers)
@@ -509,6 +510,24 @@ class Nginx:
             wait_until(lambda: small_request_problem(port, run.certs.ca), process, log_path, self.name)
             check_ready_proxy(self.name, port, settings, run.certs.ca)
             yield RunningProxy(self.name, process.pid, port, notes=())
+
+
+# The "keepalive-policy" row's per-route work, written for each proxy: only loopback clients,
+# the path rewritten through a regex with a capture group, one request header set.
+INGRESS_PROXY_POLICY_ROUTE = (
+    '{policy: {allow_sources: [127.0.0.0/8], regex: true, rewrite_target: "/$1", request_headers: {set: {X-Env: bench}}}, '
+    'paths: [{path: "/(.*)", type: ImplementationSpecific, backend: app}]}'
+)
+HAPROXY_POLICY = (
+    "    http-request deny unless { src 127.0.0.0/8 }\n"
+    "    http-request replace-path /(.*) /\\1\n"
+    "    http-request set-header X-Env bench\n"
+)
+NGINX_POLICY = (
+    "            allow 127.0.0.0/8;\n            deny all;\n"
+    "            rewrite ^/(.*)$ /$1 break;\n"
+    "            proxy_set_header X-Env bench;\n"
+)
 
 
 class IngressProxy:
@@ -544,7 +563,7 @@ tls:
   default_certificate: {{cert: "{files.cert}", key: {key}}}
   session_resumption: {"true" if settings.resumption else "false"}
 {engine}timeouts: {{header_read: {IDLE_TIMEOUT_SECONDS}, idle: {IDLE_TIMEOUT_SECONDS}}}
-routes: [{{paths: [{{path: /, type: Prefix, backend: app}}]}}]
+routes: [{INGRESS_PROXY_POLICY_ROUTE if settings.route_policy else "{paths: [{path: /, type: Prefix, backend: app}]}"}]
 backends: {{app: {_ingress_proxy_backend(settings, run)}}}
 """
         )

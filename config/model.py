@@ -12,7 +12,9 @@ logging a model object can never leak them.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 class PathType(enum.Enum):
@@ -93,11 +95,123 @@ class Backend:
 # ---- end of backend protocols ------------------------------------------------------------------
 
 
+# ---- per-route policy (issue 13): what a route does besides choosing a backend ---------------
+#
+# Both producers fill these from their own spelling (routes-file `policy:` keys, ingress-nginx
+# annotations) through the same checks in `config.route_policy`; `proxy.policy` enforces them.
+# Every default is today's behaviour, and a route without any policy carries `policy=None`, so the
+# data plane's no-policy path does no extra work (one `is None` test per request).
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """Answer every request of the route with `status` and `Location: location` (nginx `return`)."""
+
+    location: str
+    status: int  # 301 (permanent-redirect), 302 (temporal-redirect), or the -code annotations' 3xx
+
+
+@dataclass(frozen=True)
+class HeaderEdits:
+    """Header changes on a message, applied remove → set → add. Names as written, matched without
+    case; names that frame the message or that the proxy derives (Host, X-Forwarded-*) are refused
+    by `config.route_policy.check_header_edit`."""
+
+    set: tuple[tuple[str, str], ...] = ()  # replaces every value the message had under that name
+    add: tuple[tuple[str, str], ...] = ()  # appended beside what the message had
+    remove: tuple[str, ...] = ()
+
+
+CORS_DEFAULT_METHODS = "GET, PUT, POST, DELETE, PATCH, OPTIONS"  # ingress-nginx's defaults, kept verbatim
+CORS_DEFAULT_HEADERS = (
+    "DNT,Keep-Alive,User-Agent,X-Requested-With,If-Modified-Since,Cache-Control,Content-Type,Range,Authorization"
+)
+
+
+@dataclass(frozen=True)
+class Cors:
+    """ingress-nginx `enable-cors` and its `cors-*` keys. The proxy answers preflights itself.
+
+    `allow_origins`: "*" (any), exact origins ("https://app.example.com") or one-level-or-deeper
+    wildcards ("https://*.example.com"). A matching request Origin is echoed (with `*` and no
+    credentials, "*" is sent instead); a non-matching one gets no CORS headers at all.
+    """
+
+    allow_origins: tuple[str, ...] = ("*",)
+    allow_methods: str = CORS_DEFAULT_METHODS
+    allow_headers: str = CORS_DEFAULT_HEADERS
+    expose_headers: str = ""
+    allow_credentials: bool = True
+    max_age: int = 1728000  # seconds a browser may cache a preflight answer (20 days, ingress-nginx's)
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A weighted alternative backend for a rule (ingress-nginx canary Ingresses), decided per
+    request in this order: the header (`always`/`never`, or equal to `header_value`), the cookie
+    (`always`/`never`), then `weight` percent of the remaining requests."""
+
+    backend: str  # key into Configuration.backends
+    weight: int = 0  # 0..100
+    header: str | None = None
+    header_value: str | None = None
+    cookie: str | None = None
+
+
+@dataclass(frozen=True)
+class Affinity:
+    """Sticky endpoint by cookie (ingress-nginx `affinity: cookie`, `session-cookie-*`). The cookie
+    names the endpoint by a digest of backend and address; when that endpoint is gone (endpoint
+    churn) the request is balanced as usual and the cookie is re-issued for the new endpoint."""
+
+    cookie_name: str = "INGRESSCOOKIE"  # ingress-nginx's default name
+    max_age: int | None = None  # seconds; None: a session cookie
+    path: str = "/"
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    """Per-route (host + path) behaviour; field order is the order `proxy.policy` applies them.
+
+    `regex`: the rule's path is a regular expression matched case-insensitively from the start of
+    the request path (ingress-nginx `use-regex`: `location ~* "^<path>"`), checked for safety by
+    `config.route_policy.check_regex`. `rewrite_target`: the path sent upstream becomes this text
+    with `$1`..`$9` replaced by the path's capture groups (the query is kept), as nginx `rewrite`.
+    """
+
+    allow_sources: tuple[IpNetwork, ...] = ()  # non-empty: only these client addresses (else 403)
+    deny_sources: tuple[IpNetwork, ...] = ()  # these client addresses get 403 (checked first)
+    redirect: Redirect | None = None
+    app_root: str | None = None  # a request for "/" is redirected (302) here
+    max_body_size: int | None = None  # bytes; a larger request body gets 413 (None: no limit)
+    regex: bool = False
+    rewrite_target: str | None = None
+    forwarded_prefix: str | None = None  # sent upstream as X-Forwarded-Prefix (the client's is dropped)
+    connect_timeout: float | None = None  # seconds; None: Timeouts.connect
+    read_timeout: float | None = None  # each wait for the backend's response; None: Timeouts.backend_response
+    send_timeout: float | None = None  # each wait for the backend to take request body bytes; None: as read
+    request_headers: HeaderEdits | None = None  # on the request as it goes upstream
+    response_headers: HeaderEdits | None = None  # on the backend's response as it goes to the client
+    upstream_host: str | None = None  # the Host sent upstream (nginx upstream-vhost); X-Forwarded-Host keeps the client's
+    cors: Cors | None = None
+    limit_rps: float | None = None  # requests per second per client address (per replica and worker) → 429
+    limit_burst: float | None = None  # requests a client may send at once above the rate; None: 5 × limit_rps
+    limit_connections: int | None = None  # requests in flight per client address → 503
+    canary: Canary | None = None
+    affinity: Affinity | None = None
+
+
+# ---- end of per-route policy ------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class PathRule:
     path: str
     path_type: PathType
     backend: str  # key into Configuration.backends
+    policy: RoutePolicy | None = None  # None: no policy, today's path
 
 
 @dataclass(frozen=True)
@@ -107,6 +221,7 @@ class VirtualHost:
     host: str
     paths: tuple[PathRule, ...]
     redirect_to_https: bool = False
+    hsts: Hsts | Literal[False] | None = None  # None: Configuration.hsts; False: none for this host; Hsts: its own
 
 
 @dataclass(frozen=True)
@@ -265,6 +380,18 @@ class Hsts:
 
 
 @dataclass(frozen=True)
+class RealIp:
+    """Trust X-Forwarded-For from these peers (ingress-nginx use-forwarded-headers + proxy-real-ip-cidr).
+
+    The client address (for source ranges, limits and X-Real-IP) is the rightmost address of
+    X-Forwarded-For + peer that is not trusted. A peer outside `trusted` is the client, and its own
+    X-Forwarded-For is dropped instead of passed on: it could say anything.
+    """
+
+    trusted: tuple[IpNetwork, ...]
+
+
+@dataclass(frozen=True)
 class RouteTable:
     """Hosts → paths → backend names, plus the backends themselves."""
 
@@ -286,6 +413,7 @@ class Configuration:
     access_log_json: bool = False
     session_resumption: bool = True  # session cache + tickets; off = HAProxy's no-tls-tickets + cachesize 0
     tls_policy: TlsPolicy = TlsPolicy()
+    real_ip: RealIp | None = None  # None: the TCP peer is the client; X-Forwarded-For is appended to
 
 
 @dataclass(frozen=True)

@@ -63,22 +63,27 @@ import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from config.crypto import ALGORITHM_FLAGS, ENGINE_KEY_PREFIX, split_pin
 from config.model import (
     Address,
+    Affinity,
     Backend,
     BackendProtocol,
+    Canary,
     Certificate,
     ClientCertificate,
     Configuration,
+    Cors,
     CryptoSettings,
     EngineKey,
     EngineSettings,
+    HeaderEdits,
     Hsts,
+    IpNetwork,
     KeySource,
     Listeners,
     PathRule,
@@ -86,6 +91,9 @@ from config.model import (
     PemKey,
     Problem,
     ProviderSettings,
+    RealIp,
+    Redirect,
+    RoutePolicy,
     RouteTable,
     StoreKey,
     Timeouts,
@@ -94,6 +102,27 @@ from config.model import (
     UpstreamTls,
     VirtualHost,
 )
+from config.route_policy import (
+    PolicyValueError,
+    check_path_value,
+    check_redirect_code,
+    check_redirect_location,
+    check_regex,
+    check_rewrite_target,
+    parse_networks,
+    check_cookie_name,
+    check_cors_origins,
+    check_header_edit,
+    check_host_value,
+    check_max_age,
+    check_percent,
+    check_positive,
+    check_token_list,
+    header_edits,
+    parse_size,
+    parse_timeout,
+)
+from config.route_rules import HostTable, RuleError, check_path, parse_path_type
 from config.tls_policy import (
     PolicyError,
     check_alpn,
@@ -127,7 +156,9 @@ _TAG_INT = "tag:yaml.org,2002:int"
 _TAG_FLOAT = "tag:yaml.org,2002:float"
 
 # Known keys per section, in the order the hint lists them.
-_TOP_KEYS = ("listen", "tls", "timeouts", "hsts", "access_log", "routes", "default_backend", "backends")
+_TOP_KEYS = (
+    "listen", "tls", "timeouts", "hsts", "access_log", "trusted_proxies", "routes", "default_backend", "backends",
+)
 _LISTEN_KEYS = ("https", "http", "admin")
 _TLS_POLICY_KEYS = ("min_version", "max_version", "ciphers", "ciphersuites", "curves", "alpn")
 _TLS_KEYS = (
@@ -143,13 +174,22 @@ _ENGINE_KEYS = ("id", "so_path", "ctrl", "algorithms", "required")
 _TIMEOUT_KEYS = tuple(field.name for field in dataclasses.fields(Timeouts))
 _HSTS_KEYS = ("max_age", "include_subdomains", "preload")
 _ACCESS_LOG_KEYS = ("json",)
-_ROUTE_KEYS = ("host", "redirect_to_https", "paths")
+_ROUTE_KEYS = ("host", "redirect_to_https", "hsts", "policy", "paths")
+_POLICY_KEYS = (
+    "allow_sources", "deny_sources", "redirect", "app_root", "max_body_size", "regex", "rewrite_target", "forwarded_prefix",
+    "connect_timeout", "read_timeout", "send_timeout", "request_headers", "response_headers", "upstream_host", "cors",
+    "limit_rps", "limit_burst", "limit_connections", "canary", "affinity",
+)
+_AFFINITY_KEYS = ("cookie_name", "max_age", "path")
+_CANARY_KEYS = ("backend", "weight", "header", "header_value", "cookie")
+_CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers", "allow_credentials", "max_age")
+_HEADER_EDIT_KEYS = ("set", "add", "remove")
+_REDIRECT_KEYS = ("to", "code")
 _PATH_KEYS = ("path", "type", "backend")
 _BACKEND_KEYS = ("endpoints", "protocol", "tls")
 _BACKEND_TLS_KEYS = ("ca", "verify", "server_name", "sni", "cert", "key", "pin_env", "pin_file")
 _BACKEND_PROTOCOLS = {protocol.value: protocol for protocol in BackendProtocol}
 
-_PATH_TYPES = {path_type.value: path_type for path_type in PathType}
 _URI_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:[^/\\]", re.IGNORECASE)
 _UNQUOTED_IPV6 = re.compile(r"(?<![\"'])\[[0-9a-f.]*:[0-9a-f:.%]*\]", re.IGNORECASE)
 _LOOKS_NUMERIC = re.compile(r"[0-9.]+")  # "127.0.0.01" is a mistyped IP, not a host name
@@ -163,6 +203,13 @@ _OPENSSL_OWN_PROVIDERS = frozenset({"default", "base", "legacy", "fips", "null"}
 class LoadedRoutes:
     listeners: Listeners
     configuration: Configuration
+
+
+class _Refused:
+    """A `policy:` block that had problems: its paths are checked but routed nowhere."""
+
+
+_REFUSED = _Refused()
 
 
 class RoutesFileError(Exception):
@@ -232,6 +279,9 @@ class _Checker:
         timeouts = self.timeouts(fields["timeouts"]) if "timeouts" in fields else Timeouts()
         hsts = self.hsts(fields["hsts"]) if "hsts" in fields else None
         access_log_json = self.access_log_json(fields["access_log"]) if "access_log" in fields else False
+        real_ip = None
+        if "trusted_proxies" in fields and (trusted := self.networks(fields["trusted_proxies"], "trusted_proxies")):
+            real_ip = RealIp(trusted)
         problems = self.sorted_problems()
         if problems or listeners is None:
             raise RoutesFileError(problems)
@@ -245,6 +295,7 @@ class _Checker:
             access_log_json=access_log_json,
             session_resumption=session_resumption,
             tls_policy=tls_policy,
+            real_ip=real_ip,
         )
         return LoadedRoutes(listeners=listeners, configuration=configuration)
 
@@ -437,9 +488,9 @@ class _Checker:
         items = self.sequence(node, "routes")
         if items is None:
             return ()
-        paths_by_host: dict[str, list[PathRule]] = {}
+        table = HostTable()  # which rules are one rule, and who wins: shared with the translator
         redirect_by_host: dict[str, tuple[bool, str]] = {}  # host → (value, where it was set)
-        rule_origins: dict[tuple[str, str, PathType], str] = {}
+        hsts_by_host: dict[str, tuple[Hsts | Literal[False], str]] = {}  # host → (its own HSTS or False for none, where)
         for index, item in enumerate(items):
             where = f"routes[{index}]"
             fields = self.mapping(item, where, _ROUTE_KEYS, required={"paths": "paths: [{path: /, backend: NAME}]"})
@@ -451,25 +502,30 @@ class _Checker:
             redirect = False
             if "redirect_to_https" in fields:
                 redirect = self.flag(fields["redirect_to_https"], f"{where}.redirect_to_https") is True
-            if host is None:
-                if "paths" in fields:  # still check the paths, without filing them under a host
-                    self.path_rules(fields["paths"], f"{where}.paths", None, defined_backends, rule_origins)
-                continue
-            redirect_node = fields.get("redirect_to_https", item)
-            if host in redirect_by_host and redirect_by_host[host][0] != redirect:
-                first_value, first_location = redirect_by_host[host]
-                self.report(
-                    redirect_node,
-                    f"{where}.redirect_to_https: {_host_label(host)} already has redirect_to_https: "
-                    f"{str(first_value).lower()} at {first_location} (use one value for all entries of a host)",
-                )
-            redirect_by_host.setdefault(host, (redirect, self.location(redirect_node)))
-            rules = paths_by_host.setdefault(host, [])
-            if "paths" in fields:
-                rules.extend(self.path_rules(fields["paths"], f"{where}.paths", host, defined_backends, rule_origins))
-        return tuple(
-            VirtualHost(host=host, paths=tuple(rules), redirect_to_https=redirect_by_host[host][0])
-            for host, rules in paths_by_host.items()
+            policy = self.route_policy(fields["policy"], f"{where}.policy", defined_backends) if "policy" in fields else None
+            if host is not None:
+                redirect_node = fields.get("redirect_to_https", item)
+                if host in redirect_by_host and redirect_by_host[host][0] != redirect:
+                    first_value, first_location = redirect_by_host[host]
+                    self.report(
+                        redirect_node,
+                        f"{where}.redirect_to_https: {_host_label(host)} already has redirect_to_https: "
+                        f"{str(first_value).lower()} at {first_location} (use one value for all entries of a host)",
+                    )
+                redirect_by_host.setdefault(host, (redirect, self.location(redirect_node)))
+                if "hsts" in fields:
+                    own: Hsts | Literal[False] = self.hsts(fields["hsts"], f"{where}.hsts") or False
+                    if host in hsts_by_host and hsts_by_host[host][0] != own:
+                        self.report(fields["hsts"], (
+                            f"{where}.hsts: {_host_label(host)} already has another hsts at {hsts_by_host[host][1]} "
+                            "(use one value for all entries of a host)"
+                        ))
+                    hsts_by_host.setdefault(host, (own, self.location(fields["hsts"])))
+            if "paths" in fields:  # checked even without a usable host, but then filed nowhere
+                self.path_rules(fields["paths"], f"{where}.paths", host, defined_backends, policy, table)
+        return table.virtual_hosts(
+            {host: value for host, (value, _) in redirect_by_host.items()},
+            {host: value for host, (value, _) in hsts_by_host.items()},
         )
 
     def path_rules(
@@ -478,15 +534,15 @@ class _Checker:
         where: str,
         host: str | None,
         defined_backends: set[str],
-        rule_origins: dict[tuple[str, str, PathType], str],
-    ) -> list[PathRule]:
+        policy: RoutePolicy | None | _Refused,
+        table: HostTable,
+    ) -> None:
         items = self.sequence(node, where)
         if items is None:
-            return []
+            return
         if not items:
             self.report(node, f"{where}: the list is empty (add {{path: /, backend: NAME}})")
-            return []
-        rules: list[PathRule] = []
+            return
         for index, item in enumerate(items):
             item_where = f"{where}[{index}]"
             fields = self.mapping(
@@ -501,35 +557,206 @@ class _Checker:
             backend = None
             if "backend" in fields:
                 backend = self.backend_reference(fields["backend"], f"{item_where}.backend", defined_backends)
-            if path is not None and not path.startswith("/"):  # every type: ImplementationSpecific matches like Prefix
-                kind = f"{path_type.value} paths" if path_type is not None else "paths"
-                self.report(fields["path"], f"{item_where}.path: {kind} start with '/' (write '/{path}')")
+            if path is not None:
+                try:
+                    check_path(path, path_type or PathType.PREFIX)
+                except RuleError as error:
+                    message = str(error) if path_type is not None else str(error).replace("Prefix paths", "paths")
+                    self.report(fields["path"], f"{item_where}.path: {message}")
+                    continue
+            if path is None or path_type is None or isinstance(policy, _Refused):
                 continue
-            if path is None or path_type is None:
+            if policy is not None:
+                try:
+                    groups = check_regex(path) if policy.regex else 0
+                    if policy.rewrite_target is not None:
+                        check_rewrite_target(policy.rewrite_target, groups)
+                except PolicyValueError as error:
+                    self.report(fields["path"], f"{item_where}.path: {error.problem} ({error.fix})")
+                    continue
+            if host is None or backend is None:
                 continue
-            if host is None:
-                continue
-            rule_key = (host, path, path_type)
-            if rule_key in rule_origins:
-                self.report(
-                    item,
-                    f"{item_where}: {_host_label(host)} path '{path}' type {path_type.value} is already routed at "
-                    f"{rule_origins[rule_key]} (remove one of the two)",
-                )
-                continue
-            rule_origins[rule_key] = self.location(item)
-            if backend is not None:
-                rules.append(PathRule(path=path, path_type=path_type, backend=backend))
-        return rules
+            conflict = table.add(host, PathRule(path, path_type, backend, policy), f"the rule at {self.location(item)}")
+            if conflict is not None:
+                self.report(item, f"{item_where}: {conflict.describe(host)} (remove one, or route them alike)")
 
     def path_type(self, node: yaml.Node, where: str) -> PathType | None:
         text = self.text(node, where)
         if text is None:
             return None
-        if text not in _PATH_TYPES:
-            self.report(node, f"{where}: '{text}' is not a path type (use Exact, Prefix or ImplementationSpecific)")
+        try:
+            return parse_path_type(text)
+        except RuleError as error:
+            self.report(node, f"{where}: {error}")
             return None
-        return _PATH_TYPES[text]
+
+    # ---- per-route policy (issue 13) ------------------------------------------------------------
+
+    def route_policy(self, node: yaml.Node, where: str, defined_backends: set[str]) -> RoutePolicy | None | _Refused:
+        """A route entry's `policy:` → RoutePolicy (None when it asks for nothing); _Refused after
+        a problem, so its paths are checked but not routed (the file is refused anyway)."""
+        fields = self.mapping(node, where, _POLICY_KEYS)
+        if fields is None:
+            return _REFUSED
+        before = len(self._problems)
+        values: dict[str, Any] = {}
+        for name in ("allow_sources", "deny_sources"):
+            if name in fields:
+                values[name] = self.networks(fields[name], f"{where}.{name}")
+        if "redirect" in fields:
+            values["redirect"] = self.redirect(fields["redirect"], f"{where}.redirect")
+        for name in ("app_root", "forwarded_prefix"):
+            if name in fields and (text := self.text(fields[name], f"{where}.{name}")) is not None:
+                values[name] = self.checked(fields[name], f"{where}.{name}", check_path_value, text, name)
+        if "max_body_size" in fields and (size := self.text(fields["max_body_size"], f"{where}.max_body_size")) is not None:
+            values["max_body_size"] = self.checked(fields["max_body_size"], f"{where}.max_body_size", parse_size, size)
+        if "regex" in fields:
+            values["regex"] = self.flag(fields["regex"], f"{where}.regex") is True
+        for name in ("connect_timeout", "read_timeout", "send_timeout"):
+            if name in fields and (seconds := self.number(fields[name], f"{where}.{name}")) is not None:
+                values[name] = self.checked(fields[name], f"{where}.{name}", parse_timeout, seconds)
+        if "rewrite_target" in fields:
+            values["rewrite_target"] = self.text(fields["rewrite_target"], f"{where}.rewrite_target")
+        for name in ("request_headers", "response_headers"):
+            if name in fields:
+                values[name] = self.header_edits(fields[name], f"{where}.{name}", request=name == "request_headers")
+        if "upstream_host" in fields and (host := self.text(fields["upstream_host"], f"{where}.upstream_host")) is not None:
+            values["upstream_host"] = self.checked(fields["upstream_host"], f"{where}.upstream_host", check_host_value, host)
+        if "cors" in fields:
+            values["cors"] = self.cors(fields["cors"], f"{where}.cors")
+        if "canary" in fields:
+            values["canary"] = self.canary(fields["canary"], f"{where}.canary", defined_backends)
+        if "affinity" in fields:
+            values["affinity"] = self.affinity(fields["affinity"], f"{where}.affinity")
+        for name in ("limit_rps", "limit_burst", "limit_connections"):
+            if name in fields and (number := self.number(fields[name], f"{where}.{name}")) is not None:
+                whole = name == "limit_connections"
+                limit = self.checked(fields[name], f"{where}.{name}", check_positive, number, name, whole)
+                values[name] = int(limit) if whole and limit is not None else limit
+        if len(self._problems) != before:
+            return _REFUSED
+        policy = RoutePolicy(**values)
+        return policy if policy != RoutePolicy() else None
+
+    def canary(self, node: yaml.Node, where: str, defined_backends: set[str]) -> Canary | None:
+        fields = self.mapping(node, where, _CANARY_KEYS, required={"backend": "backend: NAME"})
+        if fields is None or "backend" not in fields:
+            return None
+        backend = self.backend_reference(fields["backend"], f"{where}.backend", defined_backends)
+        weight: float | None = 0
+        if "weight" in fields and (number := self.number(fields["weight"], f"{where}.weight")) is not None:
+            weight = self.checked(fields["weight"], f"{where}.weight", check_percent, number)
+        header = header_value = cookie = None
+        if "header" in fields and (text := self.text(fields["header"], f"{where}.header")) is not None:
+            header = self.checked(fields["header"], f"{where}.header", check_header_edit, text, None, True)
+        if "header_value" in fields:
+            header_value = self.text(fields["header_value"], f"{where}.header_value")
+        if "cookie" in fields and (text := self.text(fields["cookie"], f"{where}.cookie")) is not None:
+            cookie = self.checked(fields["cookie"], f"{where}.cookie", check_cookie_name, text)
+        if backend is None or weight is None:
+            return None
+        return Canary(backend, int(weight), header, header_value, cookie)
+
+    def affinity(self, node: yaml.Node, where: str) -> Affinity | None:
+        """`affinity: true` (cookie INGRESSCOOKIE, a session cookie, Path=/) or a mapping of _AFFINITY_KEYS."""
+        if _tag(node) == _TAG_BOOL:
+            return Affinity() if self.flag(node, where) else None
+        fields = self.mapping(node, where, _AFFINITY_KEYS, expected="true/false or a mapping")
+        if fields is None:
+            return None
+        affinity = Affinity()
+        name, max_age, path = affinity.cookie_name, affinity.max_age, affinity.path
+        if "cookie_name" in fields and (text := self.text(fields["cookie_name"], f"{where}.cookie_name")) is not None:
+            name = self.checked(fields["cookie_name"], f"{where}.cookie_name", check_cookie_name, text) or name
+        if "max_age" in fields and (number := self.number(fields["max_age"], f"{where}.max_age")) is not None:
+            max_age = self.checked(fields["max_age"], f"{where}.max_age", check_max_age, number)
+        if "path" in fields and (text := self.text(fields["path"], f"{where}.path")) is not None:
+            path = self.checked(fields["path"], f"{where}.path", check_path_value, text, "path") or path
+        return Affinity(name, max_age, path)
+
+    def cors(self, node: yaml.Node, where: str) -> Cors | None:
+        """`cors: true` (ingress-nginx's defaults) or a mapping of _CORS_KEYS."""
+        if _tag(node) == _TAG_BOOL:
+            return Cors() if self.flag(node, where) else None
+        fields = self.mapping(node, where, _CORS_KEYS, expected="true/false or a mapping")
+        if fields is None:
+            return None
+        values: dict[str, Any] = {}
+        if "allow_origins" in fields:
+            values["allow_origins"] = self.checked(
+                fields["allow_origins"], f"{where}.allow_origins", check_cors_origins, self.texts(fields["allow_origins"], f"{where}.allow_origins")
+            )
+        for name, what in (("allow_methods", "method"), ("allow_headers", "header"), ("expose_headers", "header")):
+            if name in fields:
+                items = self.texts(fields[name], f"{where}.{name}")
+                values[name] = self.checked(fields[name], f"{where}.{name}", check_token_list, ",".join(items), what)
+        if "allow_credentials" in fields:
+            values["allow_credentials"] = self.flag(fields["allow_credentials"], f"{where}.allow_credentials") is True
+        if "max_age" in fields and (age := self.number(fields["max_age"], f"{where}.max_age")) is not None:
+            values["max_age"] = self.checked(fields["max_age"], f"{where}.max_age", check_max_age, age)
+        return Cors(**{name: value for name, value in values.items() if value is not None})
+
+    def header_edits(self, node: yaml.Node, where: str, request: bool) -> HeaderEdits | None:
+        fields = self.mapping(node, where, _HEADER_EDIT_KEYS)
+        if fields is None:
+            return None
+        pairs: dict[str, tuple[tuple[str, str], ...]] = {"set": (), "add": ()}
+        for name in ("set", "add"):
+            if name in fields:
+                entries = self.mapping(fields[name], f"{where}.{name}", known=None) or {}
+                found = []
+                for header, value_node in entries.items():
+                    value = self.text(value_node, f"{where}.{name}.{header}")
+                    if value is None:
+                        continue
+                    checked: str | None = self.checked(value_node, f"{where}.{name}", check_header_edit, header, value, request)
+                    if checked is not None:
+                        found.append((checked, value))
+                pairs[name] = tuple(found)
+        removed = []
+        if "remove" in fields:
+            for index, item in enumerate(self.sequence(fields["remove"], f"{where}.remove") or []):
+                written = self.text(item, f"{where}.remove[{index}]")
+                if written is None:
+                    continue
+                name_checked: str | None = self.checked(item, f"{where}.remove[{index}]", check_header_edit, written, None, request)
+                if name_checked is not None:
+                    removed.append(name_checked)
+        return header_edits(pairs["set"], pairs["add"], tuple(removed), request)
+
+    def networks(self, node: yaml.Node, where: str) -> tuple[IpNetwork, ...] | None:
+        items = self.sequence(node, where)
+        if items is None:
+            return None
+        if not items:
+            self.report(node, f"{where}: the list is empty (name at least one CIDR, or remove the key)")
+            return None
+        networks: list[IpNetwork] = []
+        for index, item in enumerate(items):
+            text = self.text(item, f"{where}[{index}]")
+            if text is not None:
+                networks += self.checked(item, where, parse_networks, [text]) or ()
+        return tuple(networks)
+
+    def redirect(self, node: yaml.Node, where: str) -> Redirect | None:
+        fields = self.mapping(node, where, _REDIRECT_KEYS, required={"to": "to: https://example.com/"})
+        if fields is None or "to" not in fields:
+            return None
+        text = self.text(fields["to"], f"{where}.to")
+        location = self.checked(fields["to"], f"{where}.to", check_redirect_location, text) if text is not None else None
+        code: int | None = 301
+        if "code" in fields:
+            number = self.number(fields["code"], f"{where}.code")
+            code = self.checked(fields["code"], f"{where}.code", check_redirect_code, number) if number is not None else None
+        return Redirect(location, code) if location is not None and code is not None else None
+
+    def checked(self, node: yaml.Node, where: str, check: Callable[..., _V], *arguments: Any) -> _V | None:
+        """`check(*arguments)`, or None after reporting its PolicyValueError at `node`."""
+        try:
+            return check(*arguments)
+        except PolicyValueError as error:
+            self.report(node, f"{where}: {error.problem} ({error.fix})")
+            return None
 
     def host_pattern(self, node: yaml.Node, where: str, allow_any: bool) -> str | None:
         if allow_any and _is_null(node):
@@ -1038,27 +1265,27 @@ class _Checker:
             seconds[name] = float(value)
         return Timeouts(**seconds)
 
-    def hsts(self, node: yaml.Node) -> Hsts | None:
+    def hsts(self, node: yaml.Node, where: str = "hsts") -> Hsts | None:
         if _tag(node) == _TAG_BOOL:
-            return Hsts() if self.flag(node, "hsts") else None
-        fields = self.mapping(node, "hsts", _HSTS_KEYS, expected="a mapping or true/false")
+            return Hsts() if self.flag(node, where) else None
+        fields = self.mapping(node, where, _HSTS_KEYS, expected="a mapping or true/false")
         if fields is None:
             return None
         settings: dict[str, Any] = {}
         if "max_age" in fields:
             max_age_node = fields["max_age"]
-            max_age = self.number(max_age_node, "hsts.max_age")
+            max_age = self.number(max_age_node, f"{where}.max_age")
             if max_age is not None and (not isinstance(max_age, int) or max_age < 0):
                 self.report(
                     max_age_node,
-                    f"hsts.max_age: {max_age_node.value} is not a whole number of seconds >= 0 "
+                    f"{where}.max_age: {max_age_node.value} is not a whole number of seconds >= 0 "
                     "(e.g. 31536000)",
                 )
             elif max_age is not None:
                 settings["max_age"] = max_age
         for name in ("include_subdomains", "preload"):
             if name in fields:
-                settings[name] = self.flag(fields[name], f"hsts.{name}") is True
+                settings[name] = self.flag(fields[name], f"{where}.{name}") is True
         return Hsts(**settings)
 
     def access_log_json(self, node: yaml.Node) -> bool:

@@ -22,12 +22,22 @@ The rules (shared/NOTES.md §4), in the order they are applied:
 - Hosts: lower-cased; precise, `*.one-label` wildcard, or empty (= any host), checked by
   `config.tls_material.parse_host_pattern` like routes-file hosts (the API server's own rules
   already exclude ports and trailing dots). A rule with a host but no `http` produces nothing.
-- Paths: an empty path means "/". Conflicts are detected the way `proxy.router` matches, not
-  just on identical (path, type): Prefix and ImplementationSpecific (matched like Prefix) with a
-  trailing "/" ignored share one key, Exact has its own. Two rules with one key and different
-  backends conflict; the same backend twice is harmless and both rules are kept. A path whose
-  backend cannot be resolved is skipped before it claims its key, so a younger Ingress's valid
-  rule for the same path is served rather than nothing.
+- Paths: an empty path means "/". Which rules are the same rule, and what a conflict is, is
+  `config.route_rules`'s, shared with the routes file: Prefix and ImplementationSpecific with a
+  trailing "/" ignored share one key, Exact has its own, a regex path (use-regex) is its own key.
+  Two rules with one key and a different backend or policy conflict (the older Ingress wins); the
+  same backend and policy twice is kept once. A path whose backend cannot be resolved is skipped
+  before it claims its key, so a younger Ingress's valid rule for the same path is served rather
+  than nothing. A canary Ingress claims no key: it attaches to the main rule (below).
+- Annotations (`nginx.ingress.kubernetes.io/`, and `ingress.kubernetes.io/`): each supported key
+  (SUPPORTED_ANNOTATIONS, beside the ConfigMap keys) fills the Ingress's `RoutePolicy`, checked by
+  `config.route_policy` exactly as the routes file's `policy:` keys are; an unknown key or a
+  refused value is a Problem. A refused source range, body size or regex leaves the Ingress's
+  paths out (serving them open is the opposite of what was asked); other refused values drop just
+  that key. ConfigMap `proxy-body-size` is every path's default limit. An Ingress with `canary:
+  "true"` becomes the weighted alternative (`Canary`) of the main rule with the same match key,
+  whatever their ages, attached after every main Ingress was read (the first canary of a rule,
+  oldest first, wins); its other annotations are reported and ignored.
 - Default backend: the oldest Ingress whose `spec.defaultBackend` resolves wins.
 - Backends are named "namespace/service:port" (port as written: number or name), which
   `resolve_endpoints` parses back. Endpoints come from EndpointSlices labelled
@@ -57,7 +67,8 @@ The rules (shared/NOTES.md §4), in the order they are applied:
   `ingress.kubernetes.io/ssl-redirect` of the oldest Ingress routing that host) only redirects
   virtual hosts that some certificate covers: redirecting to HTTPS a host served only by the
   default (possibly self-signed) certificate would lock clients out. The catch-all host "" never
-  redirects for the same reason.
+  redirects for the same reason. `force-ssl-redirect` redirects without that check (TLS terminated
+  in front of us); `nginx.ingress.kubernetes.io/ssl-redirect` is read like the legacy key.
 - ConfigMap keys use haproxy-ingress spelling; durations are HAProxy-style integers with a unit
   (us, ms, s, m, h, d) and, as in HAProxy, a bare number means milliseconds. A bad value is a
   problem and keeps the default; an unknown key is a problem (typos would otherwise go unseen).
@@ -103,27 +114,56 @@ from typing import TypeVar
 from config.crypto import ALGORITHM_FLAGS, split_pin
 from config.model import (
     Address,
+    Affinity,
     Backend,
     BackendProtocol,
+    Canary,
     Certificate,
     ClientCertificate,
     Configuration,
+    Cors,
     CryptoSettings,
     EngineSettings,
+    HeaderEdits,
     Hsts,
+    IpNetwork,
     PathRule,
-    PathType,
     KeySource,
     PemKey,
     Problem,
     ProviderSettings,
+    RealIp,
+    Redirect,
+    RoutePolicy,
     RouteTable,
     StoreKey,
     Timeouts,
     TlsPolicy,
     UpstreamTls,
-    VirtualHost,
 )
+from config.route_policy import (
+    PolicyValueError,
+    check_path_value,
+    check_redirect_code,
+    check_redirect_location,
+    check_regex,
+    check_rewrite_target,
+    parse_networks,
+    check_cookie_name,
+    check_cors_origins,
+    check_header_edit,
+    check_host_value,
+    check_max_age,
+    check_percent,
+    check_positive,
+    check_token_list,
+    header_edits,
+    parse_header_lines,
+    parse_size,
+    parse_timeout,
+    split_list,
+)
+from config.route_rules import HostTable, RuleError, check_path, parse_path_type
 from config.tls_policy import PolicyError, check_ciphers, check_ciphersuites, check_curves, check_protocols
 from config.tls_material import (
     CertificateParseError,
@@ -148,7 +188,6 @@ SSL_REDIRECT_ANNOTATION = "ingress.kubernetes.io/ssl-redirect"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 TLS_SECRET_TYPE = "kubernetes.io/tls"
 
-PATH_TYPES = {path_type.value: path_type for path_type in PathType}
 DURATION_MICROSECONDS = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 DURATION = re.compile(r"(\d+)(us|ms|s|m|h|d)?")
 
@@ -185,7 +224,7 @@ def translate(snapshot: Snapshot, options: TranslateOptions) -> Translation:
     problems: list[Problem] = []
     settings = _read_configmap(index.configmap, problems)
     ingresses = _claimed_ingresses(snapshot, options)
-    routes = _RouteCollector(index, problems)
+    routes = _RouteCollector(index, problems, settings.default_policy)
     certificates = _CertificateCollector(index, problems)
     for ingress in ingresses:
         try:
@@ -206,6 +245,7 @@ def translate(snapshot: Snapshot, options: TranslateOptions) -> Translation:
         timeouts=settings.timeouts,
         hsts=settings.hsts,
         tls_policy=settings.tls_policy,
+        real_ip=settings.real_ip,
     )
     return Translation(
         configuration=configuration,
@@ -419,25 +459,35 @@ def _host_problem(where: str, written_host: str, error: HostPatternError) -> str
 
 
 class _RouteCollector:
-    """Virtual hosts, the default backend and the backends they use, from Ingresses oldest first."""
+    """Virtual hosts, the default backend and the backends they use, from Ingresses oldest first.
 
-    def __init__(self, index: _ObjectIndex, problems: list[Problem]) -> None:
+    Which rules are the same rule and who wins a conflict is `config.route_rules`'s, shared with
+    the routes file; this class adds only the Kubernetes side (age order, problems per Ingress)."""
+
+    def __init__(self, index: _ObjectIndex, problems: list[Problem], default_policy: RoutePolicy | None) -> None:
         self._index = index
         self._problems = problems
+        self._default_policy = default_policy
         self._backends: dict[str, Backend] = {}
-        self._hosts: dict[str, _HostRoutes] = {}
+        self._table = HostTable()
+        self._redirects: dict[str, _HostRedirect] = {}
         self._default_backend: str | None = None
         self._default_backend_owner = ""
         self._transport = _TransportAnnotations()  # of the Ingress being added
         self._ingress_ref = ""
         self._backend_owner: dict[str, str] = {}  # backend name → Ingress that set its protocol
+        self._canaries: list[tuple[dict, Canary]] = []  # (Ingress, its canary with backend "")
 
     def add(self, ingress: dict) -> None:
         location = f"Ingress {_ref(ingress)}"
         spec = ingress.get("spec") or {}
+        canary = _read_canary(ingress, location, self._problems)
+        if canary is not None:
+            self._canaries.append((ingress, canary))  # attached once every main rule is filed
+            return
         if spec.get("defaultBackend") is not None:
             self._add_default_backend(ingress, spec["defaultBackend"], location)
-        redirect = _ssl_redirect_annotation(ingress, location, self._problems)
+        annotations = _read_annotations(ingress, location, self._problems, self._default_policy)
         self._transport = _transport_annotations(ingress, location, self._problems)
         self._ingress_ref = _ref(ingress)
         for rule_number, rule in enumerate(spec.get("rules") or ()):
@@ -451,37 +501,86 @@ class _RouteCollector:
             http = rule.get("http")
             if not http:
                 continue
-            routes = self._hosts.setdefault(host, _HostRoutes())
-            routes.note_redirect(redirect, _ref(ingress), host, location, self._problems)
+            redirect = self._redirects.setdefault(host, _HostRedirect())
+            redirect.note(annotations, _ref(ingress), host, location, self._problems)
             for path_number, path_spec in enumerate(http.get("paths") or ()):
                 path_where = f"{where}.http.paths[{path_number}]"
                 try:
-                    path_rule = self._path_rule(_namespace(ingress), path_spec)
+                    path_rule = self._path_rule(_namespace(ingress), path_spec, annotations)
                 except _Rejected as rejected:
                     self._problems.append(Problem(location, f"{path_where}: {rejected}"))
                     continue
-                routes.add(path_rule, _ref(ingress), host, path_where, location, self._problems)
+                conflict = self._table.add(host, path_rule, f"Ingress {_ref(ingress)}")
+                if conflict is not None:
+                    self._problems.append(Problem(location, (
+                        f"{path_where}: {conflict.describe(host)}, which wins (older or listed first); "
+                        "change the path or remove one"
+                    )))
+
+    def _attach_canaries(self) -> None:
+        """Each canary Ingress's paths become the alternative of the main rule they match."""
+        for ingress, canary in self._canaries:
+            location = f"Ingress {_ref(ingress)}"
+            self._transport = _transport_annotations(ingress, location, self._problems)  # its backend's protocol
+            self._ingress_ref = _ref(ingress)
+            for rule_number, rule in enumerate((ingress.get("spec") or {}).get("rules") or ()):
+                try:
+                    host = parse_host_pattern(rule.get("host") or "", allow_any=True)
+                except HostPatternError as error:
+                    self._problems.append(Problem(location, _host_problem(f"spec.rules[{rule_number}]", rule.get("host") or "", error)))
+                    continue
+                for path_number, path_spec in enumerate((rule.get("http") or {}).get("paths") or ()):
+                    where = f"spec.rules[{rule_number}].http.paths[{path_number}]"
+                    try:
+                        path_rule = self._path_rule(_namespace(ingress), path_spec, _IngressAnnotations())
+                    except _Rejected as rejected:
+                        self._problems.append(Problem(location, f"{where}: {rejected}"))
+                        continue
+                    main = self._table.find(host, path_rule)
+                    if main is None:
+                        self._problems.append(Problem(location, (
+                            f"{where}: canary for path {path_rule.path!r} on host {host or '*'!r}, which no other Ingress "
+                            "routes; ignored (create the main Ingress first)"
+                        )))
+                        continue
+                    if main.policy is not None and main.policy.canary is not None:
+                        self._problems.append(Problem(location, (
+                            f"{where}: path {path_rule.path!r} on host {host or '*'!r} already has the canary "
+                            f"{main.policy.canary.backend}; ignored (keep one canary per path)"
+                        )))
+                        continue
+                    attached = dataclasses.replace(canary, backend=path_rule.backend)
+                    policy = dataclasses.replace(main.policy or RoutePolicy(), canary=attached)
+                    self._table.replace(host, dataclasses.replace(main, policy=policy))
 
     def result(self, certificates: tuple[Certificate, ...], ssl_redirect: bool) -> RouteTable:
+        self._attach_canaries()
         certificate_hosts = frozenset(host for certificate in certificates for host in certificate.hosts)
-        virtual_hosts = []
-        for host, routes in sorted(self._hosts.items()):
-            if not routes.rules:
+        redirects: dict[str, bool] = {}
+        for host in self._table.hosts():
+            if not self._table.rules(host):
                 continue
+            routes = self._redirects[host]
             covered = _covered_by_certificate(host, certificate_hosts)
-            if routes.redirect and not covered:
-                self._problems.append(Problem(f"Ingress {routes.redirect_owner}", (
+            if routes.redirect and not covered and not routes.forced:
+                self._problems.append(Problem(f"Ingress {routes.owner}", (
                     f"{SSL_REDIRECT_ANNOTATION} is true but no certificate covers host {host!r}; "
-                    "add the host to spec.tls so it can be served over HTTPS"
+                    "add the host to spec.tls so it can be served over HTTPS "
+                    f"(or set {NGINX_PREFIX}force-ssl-redirect to redirect anyway)"
                 )))
             redirect = routes.redirect if routes.redirect is not None else ssl_redirect
-            rules = sorted(set(routes.rules), key=lambda rule: (rule.path, rule.path_type.value, rule.backend))
-            virtual_hosts.append(VirtualHost(host, tuple(rules), redirect_to_https=redirect and covered))
+            redirects[host] = bool(redirect and (covered or routes.forced))
+        virtual_hosts = self._table.virtual_hosts(redirects)
         used = {rule.backend for virtual_host in virtual_hosts for rule in virtual_host.paths}
+        used |= {  # a canary's backend is served too
+            rule.policy.canary.backend
+            for virtual_host in virtual_hosts for rule in virtual_host.paths
+            if rule.policy is not None and rule.policy.canary is not None
+        }  # fmt: skip
         if self._default_backend is not None:
             used.add(self._default_backend)
         return RouteTable(
-            virtual_hosts=tuple(virtual_hosts),
+            virtual_hosts=virtual_hosts,
             backends=tuple(self._backends[name] for name in sorted(used)),
             default_backend=self._default_backend,
         )
@@ -523,66 +622,269 @@ class _RouteCollector:
         self._backend_owner.setdefault(backend.name, ingress)
         return backend
 
-    def _path_rule(self, namespace: str, path_spec: dict) -> PathRule:
+    def _path_rule(self, namespace: str, path_spec: dict, annotations: _IngressAnnotations) -> PathRule:
         path = path_spec.get("path") or "/"
-        if not path.startswith("/"):
-            raise _Rejected(f"path {path!r} must start with '/'")
-        path_type = PATH_TYPES.get(path_spec.get("pathType") or "")
-        if path_type is None:
-            raise _Rejected(f"pathType {path_spec.get('pathType')!r} must be one of {', '.join(PATH_TYPES)}")
+        try:
+            path_type = parse_path_type(path_spec.get("pathType") or "")
+        except RuleError as error:
+            raise _Rejected(f"pathType: {error}") from None
+        try:
+            check_path(path, path_type)
+        except RuleError as error:
+            raise _Rejected(str(error)) from None
+        try:
+            policy = annotations.policy_for(path)
+        except PolicyValueError as error:
+            raise _Rejected(str(error)) from None
         backend = self._backend(namespace, self._ingress_ref, path_spec.get("backend") or {})
-        return PathRule(path, path_type, backend.name)
-
-
-def _match_key(rule: PathRule) -> tuple[bool, str]:
-    """Rules with one key match exactly the same requests in `proxy.router`."""
-    if rule.path_type is PathType.EXACT:
-        return (True, rule.path)
-    return (False, rule.path.rstrip("/"))
+        return PathRule(path, path_type, backend.name, policy)
 
 
 @dataclass
-class _HostRoutes:
-    """Paths for one host gathered over Ingresses visited oldest first."""
+class _HostRedirect:
+    """The HTTPS redirect of one host, decided by the oldest Ingress that says anything about it."""
 
-    rules: list[PathRule] = field(default_factory=list)
-    owners: dict[tuple[bool, str], tuple[str, str]] = field(default_factory=dict)  # key → (Ingress, backend)
-    redirect: bool | None = None  # explicit ssl-redirect annotation of the oldest Ingress that has one
-    redirect_owner: str = ""
+    redirect: bool | None = None
+    forced: bool = False
+    owner: str = ""
 
-    def add(self, rule: PathRule, ingress: str, host: str, where: str, location: str, problems: list[Problem]) -> None:
-        owner, backend = self.owners.setdefault(_match_key(rule), (ingress, rule.backend))
-        if backend != rule.backend:
-            problems.append(Problem(location, (
-                f"{where}: path {rule.path!r} ({rule.path_type.value}) on host {host or '*'!r} is already routed to "
-                f"{backend} by Ingress {owner}, which wins (older or listed first); change the path or remove one"
-            )))
-            return
-        self.rules.append(rule)
-
-    def note_redirect(
-        self, redirect: bool | None, ingress: str, host: str, location: str, problems: list[Problem]
+    def note(
+        self, annotations: _IngressAnnotations, ingress: str, host: str, location: str, problems: list[Problem]
     ) -> None:
+        redirect = annotations.ssl_redirect
         if redirect is None:
             return
         if self.redirect is None:
-            self.redirect, self.redirect_owner = redirect, ingress
-        elif self.redirect != redirect and self.redirect_owner != ingress:
+            self.redirect, self.forced, self.owner = redirect, annotations.force_ssl_redirect, ingress
+        elif self.redirect != redirect and self.owner != ingress:
             problems.append(Problem(location, (
                 f"{SSL_REDIRECT_ANNOTATION}={str(redirect).lower()} is overridden on host {host or '*'!r} by the "
-                f"older Ingress {self.redirect_owner} ({str(self.redirect).lower()}); make them agree"
+                f"older Ingress {self.owner} ({str(self.redirect).lower()}); make them agree"
             )))
 
 
-def _ssl_redirect_annotation(ingress: dict, location: str, problems: list[Problem]) -> bool | None:
-    raw = (_metadata(ingress).get("annotations") or {}).get(SSL_REDIRECT_ANNOTATION)
-    if raw is None:
+# --- annotations (issue 13) --------------------------------------------------------------------
+#
+# ingress-nginx keys under `nginx.ingress.kubernetes.io/`, and the same names under
+# `ingress.kubernetes.io/` (haproxy-ingress's legacy prefix, which this controller read first).
+# Every key under those prefixes that is not in SUPPORTED_ANNOTATIONS, and every value that is
+# refused, is a Problem on the Ingress (a Warning Event, a log line and the problems gauge); a
+# refused value leaves the Ingress served without that key's effect, except where serving
+# without it would open what the user meant to close (a bad source range, body size or regex),
+# where the Ingress's paths are left out instead.
+
+NGINX_PREFIX = "nginx.ingress.kubernetes.io/"
+ANNOTATION_PREFIXES = (NGINX_PREFIX, "ingress.kubernetes.io/")
+# SUPPORTED_ANNOTATIONS (the table, beside SUPPORTED_CONFIGMAP_KEYS) says what each key does.
+
+
+@dataclass(frozen=True)
+class _IngressAnnotations:
+    """What an Ingress's annotations ask for; `policy_for(path)` checks what depends on the path."""
+
+    ssl_redirect: bool | None = None
+    force_ssl_redirect: bool = False
+    policy: RoutePolicy | None = None
+    refusal: str | None = None  # set: a value whose absence would serve too much; paths are skipped
+    rewrite_key: str = ""  # the rewrite-target annotation as written, for messages
+
+    def policy_for(self, path: str) -> RoutePolicy | None:
+        if self.refusal is not None:
+            raise _Rejected(self.refusal)
+        policy = self.policy
+        if policy is None:
+            return None
+        groups = check_regex(path) if policy.regex else 0
+        if policy.rewrite_target is not None:
+            try:
+                check_rewrite_target(policy.rewrite_target, groups)
+            except PolicyValueError as error:
+                raise PolicyValueError(f"annotation {self.rewrite_key}: {error.problem}", error.fix) from None
+        return policy
+
+
+def _read_annotations(
+    ingress: dict, location: str, problems: list[Problem], default_policy: RoutePolicy | None
+) -> _IngressAnnotations:
+    values: dict[str, str] = {}
+    keys: dict[str, str] = {}  # name → the annotation key as written, for messages
+    for key, value in sorted((_metadata(ingress).get("annotations") or {}).items()):
+        prefix = next((prefix for prefix in ANNOTATION_PREFIXES if key.startswith(prefix)), None)
+        if prefix is None:
+            continue  # someone else's annotation (kubectl, cert-manager, ...)
+        name = key[len(prefix):]
+        if name in TRANSPORT_ANNOTATIONS:
+            continue  # how the backend is reached: `_transport_annotations` reads (and checks) these
+        if name not in SUPPORTED_ANNOTATIONS:
+            problems.append(Problem(location, (
+                f"annotation {key} is not supported by ingress-proxy and is ignored; "
+                f"supported: {', '.join(sorted(SUPPORTED_ANNOTATIONS))} (README: Annotations)"
+            )))
+            continue
+        if name in values and values[name] != str(value):
+            problems.append(Problem(location, f"annotation {key} disagrees with the same key under another prefix; keep one"))
+            continue
+        values[name], keys[name] = str(value), key
+    reader = _AnnotationReader(values, keys, location, problems)
+    fields: dict[str, object] = {}
+    if default_policy is not None and default_policy.max_body_size is not None:
+        fields["max_body_size"] = default_policy.max_body_size
+    refusal = None
+    refusing_checks: tuple[tuple[str, Callable[[str], object]], ...] = (
+        ("whitelist-source-range", _networks), ("allowlist-source-range", _networks),
+        ("denylist-source-range", _networks), ("proxy-body-size", parse_size),
+    )
+    for name, refusing_check in refusing_checks:
+        if name not in values:
+            continue
+        try:
+            value = refusing_check(values[name])
+        except PolicyValueError as error:
+            refusal = f"annotation {keys[name]}: {error.problem}; the Ingress's paths are not served until you {error.fix}"
+            continue
+        target = {"proxy-body-size": "max_body_size", "denylist-source-range": "deny_sources"}.get(name, "allow_sources")
+        fields[target] = value
+    for kind, default_code in (("permanent", 301), ("temporal", 302)):
+        location_value = reader.read(f"{kind}-redirect", check_redirect_location)
+        if location_value is not None:
+            code = reader.read(f"{kind}-redirect-code", check_redirect_code) or default_code
+            fields.setdefault("redirect", Redirect(location_value, code))
+    lenient_checks: tuple[tuple[str, str, Callable[[str], object]], ...] = (
+        ("app-root", "app_root", lambda raw: check_path_value(raw, "app-root")),
+        ("rewrite-target", "rewrite_target", lambda raw: raw),  # checked per path (capture groups)
+        ("x-forwarded-prefix", "forwarded_prefix", lambda raw: check_path_value(raw, "x-forwarded-prefix")),
+        ("use-regex", "regex", _parse_bool),
+        ("proxy-connect-timeout", "connect_timeout", parse_timeout),
+        ("proxy-read-timeout", "read_timeout", parse_timeout),
+        ("proxy-send-timeout", "send_timeout", parse_timeout),
+        ("upstream-vhost", "upstream_host", check_host_value),
+    )
+    for name, field_name, lenient_check in lenient_checks:
+        value = reader.read(name, lenient_check)
+        if value is not None:
+            fields[field_name] = value
+    rate = reader.read("limit-rps", lambda raw: check_positive(raw, "limit-rps"))
+    if rate is not None:
+        fields["limit_rps"] = rate
+        multiplier = reader.read("limit-burst-multiplier", lambda raw: check_positive(raw, "limit-burst-multiplier"))
+        if multiplier is not None:
+            fields["limit_burst"] = rate * multiplier
+    connections = reader.read("limit-connections", lambda raw: check_positive(raw, "limit-connections", whole=True))
+    if connections is not None:
+        fields["limit_connections"] = int(connections)
+    if reader.read("affinity", _check_affinity_mode):
+        name = reader.read("session-cookie-name", check_cookie_name)
+        max_age = reader.read("session-cookie-max-age", check_max_age)
+        cookie_path = reader.read("session-cookie-path", lambda raw: check_path_value(raw, "session-cookie-path"))
+        fields["affinity"] = Affinity(name or Affinity().cookie_name, max_age, cookie_path or "/")
+    if reader.read("enable-cors", _parse_bool):
+        fields["cors"] = reader.read_cors()
+    for direction in ("request", "response"):
+        edits = reader.read_edits(direction)
+        if edits is not None:
+            fields[f"{direction}_headers"] = edits
+    policy = RoutePolicy(**fields)  # type: ignore[arg-type]
+    forced = reader.read("force-ssl-redirect", _parse_bool)
+    ssl_redirect = reader.read("ssl-redirect", _parse_bool)
+    return _IngressAnnotations(
+        ssl_redirect=True if forced else ssl_redirect,
+        force_ssl_redirect=bool(forced),
+        policy=policy if policy != RoutePolicy() else None,  # no policy: today's path, no per-request work
+        refusal=refusal,
+        rewrite_key=keys.get("rewrite-target", ""),
+    )
+
+
+@dataclass
+class _AnnotationReader:
+    values: dict[str, str]
+    keys: dict[str, str]
+    location: str
+    problems: list[Problem]
+    reported: set[str] = field(default_factory=set)
+
+    def read(self, name: str, check: Callable[[str], _T]) -> _T | None:
+        if name not in self.values:
+            return None
+        try:
+            return check(self.values[name])
+        except (PolicyValueError, _Rejected) as error:
+            if name not in self.reported:
+                self.reported.add(name)
+                self.problems.append(Problem(self.location, f"annotation {self.keys[name]}: {error}; annotation ignored"))
+            return None
+
+
+    def read_cors(self) -> Cors:
+        defaults = Cors()
+        origins = self.read("cors-allow-origin", lambda raw: check_cors_origins(split_list(raw)))
+        methods = self.read("cors-allow-methods", lambda raw: check_token_list(raw, "method"))
+        headers = self.read("cors-allow-headers", lambda raw: check_token_list(raw, "header"))
+        exposed = self.read("cors-expose-headers", lambda raw: check_token_list(raw, "header"))
+        credentials = self.read("cors-allow-credentials", _parse_bool)
+        max_age = self.read("cors-max-age", check_max_age)
+        return Cors(
+            allow_origins=origins or defaults.allow_origins,
+            allow_methods=methods or defaults.allow_methods,
+            allow_headers=headers or defaults.allow_headers,
+            expose_headers=exposed if exposed is not None else defaults.expose_headers,
+            allow_credentials=credentials if credentials is not None else defaults.allow_credentials,
+            max_age=max_age if max_age is not None else defaults.max_age,
+        )
+
+    def read_edits(self, direction: str) -> HeaderEdits | None:
+        names = [f"{direction}-{verb}-headers" for verb in ("set", "add", "remove")]
+        if not any(name in self.values for name in names):
+            return None
+        request = direction == "request"
+
+        def check(_: str) -> HeaderEdits | None:
+            return header_edits(
+                parse_header_lines(self.values.get(names[0], "")),
+                parse_header_lines(self.values.get(names[1], "")),
+                tuple(split_list(self.values.get(names[2], ""))),
+                request,
+            )
+
+        return self.read(next(name for name in names if name in self.values), check)
+
+
+def _read_canary(ingress: dict, location: str, problems: list[Problem]) -> Canary | None:
+    """The canary an Ingress declares (backend filled in per path), or None for a main Ingress."""
+    values: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    for key, value in (_metadata(ingress).get("annotations") or {}).items():
+        for prefix in ANNOTATION_PREFIXES:
+            if key.startswith(prefix) and key[len(prefix):].startswith("canary"):
+                values[key[len(prefix):]], keys[key[len(prefix):]] = str(value), key
+    reader = _AnnotationReader(values, keys, location, problems)
+    if not reader.read("canary", _parse_bool):
         return None
-    try:
-        return _parse_bool(raw)
-    except _Rejected as rejected:
-        problems.append(Problem(location, f"annotation {SSL_REDIRECT_ANNOTATION}: {rejected}; annotation ignored"))
-        return None
+    for key in sorted(_metadata(ingress).get("annotations") or {}):
+        ours = next((written for written in ANNOTATION_PREFIXES if key.startswith(written)), None)
+        if ours is not None and key[len(ours):] not in CANARY_ANNOTATIONS:
+            problems.append(Problem(location, (
+                f"annotation {key} is ignored on a canary Ingress (only {', '.join(sorted(CANARY_ANNOTATIONS))} "
+                "apply; the main Ingress's policy serves both); move it to the main Ingress or remove it"
+            )))
+    weight = reader.read("canary-weight", lambda raw: int(check_percent(raw)))
+    return Canary(
+        backend="",
+        weight=weight or 0,
+        header=reader.read("canary-by-header", lambda raw: check_header_edit(raw.strip(), None, request=True)),
+        header_value=reader.read("canary-by-header-value", lambda raw: raw),
+        cookie=reader.read("canary-by-cookie", lambda raw: check_cookie_name(raw.strip())),
+    )
+
+
+def _check_affinity_mode(raw: str) -> bool:
+    if str(raw).strip() != "cookie":
+        raise PolicyValueError(f"affinity {raw!r} is not an affinity kind", 'write "cookie" (the only one ingress-nginx has)')
+    return True
+
+
+def _networks(raw: str) -> tuple[IpNetwork, ...]:
+    return parse_networks(split_list(raw))
 
 
 # --- backend protocols and upstream TLS (issue 12) -----------------------------------------------
@@ -923,6 +1225,8 @@ class _GlobalSettings:
     hsts: Hsts | None = None
     ssl_redirect: bool = False
     tls_policy: TlsPolicy = TlsPolicy()
+    default_policy: RoutePolicy | None = None  # what every Ingress path gets unless its annotations say otherwise
+    real_ip: RealIp | None = None
 
 
 def _parse_bool(raw: str) -> bool:
@@ -1020,12 +1324,72 @@ def _provider_settings(
 
 
 _T = TypeVar("_T")
+# ingress-nginx's proxy-real-ip-cidr default: with use-forwarded-headers every peer is trusted.
+INGRESS_NGINX_REAL_IP_CIDR: tuple[IpNetwork, ...] = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 SUPPORTED_CONFIGMAP_KEYS = (
     "hsts", "hsts-include-subdomains", "hsts-max-age", "hsts-preload", "ssl-ciphers", "ssl-ciphersuites", "ssl-ecdh-curve",
-    "ssl-engine", "ssl-mode-async", "ssl-propquery", "ssl-protocols", "ssl-provider", "ssl-provider-optional",
-    "ssl-provider-parameters", "ssl-provider-path", "ssl-redirect",
-    "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server", "use-http2",
+    "proxy-body-size", "proxy-real-ip-cidr", "ssl-engine", "ssl-mode-async", "ssl-propquery", "ssl-protocols",
+    "ssl-provider", "ssl-provider-optional", "ssl-provider-parameters", "ssl-provider-path", "ssl-redirect",
+    "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server", "use-forwarded-headers", "use-http2",
 )
+
+
+# Annotation names (after ANNOTATION_PREFIXES) → what we do with them. README's "Annotations" table
+# is checked against this one (tests/translate/test_annotations.py), so docs and code cannot drift.
+SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is written from this)
+    "ssl-redirect": "redirect plain-HTTP requests for the Ingress's hosts to HTTPS (308) when a certificate covers them",
+    "force-ssl-redirect": "redirect to HTTPS even when no certificate of ours covers the host",
+    "permanent-redirect": "answer every request with 301 and this Location",
+    "permanent-redirect-code": "the status for permanent-redirect (301, 302, 303, 307 or 308)",
+    "temporal-redirect": "answer every request with 302 and this Location",
+    "temporal-redirect-code": "the status for temporal-redirect",
+    "app-root": "redirect (302) requests for / to this path",
+    "proxy-body-size": "request bodies over this size (nginx syntax: 8m) get 413; 0 = no limit",
+    "whitelist-source-range": "only these client CIDRs are served (else 403)",
+    "allowlist-source-range": "same as whitelist-source-range",
+    "denylist-source-range": "these client CIDRs get 403",
+    "use-regex": "paths are regexes, anchored and case-insensitive (checked for catastrophic backtracking)",
+    "rewrite-target": "the path sent upstream becomes this, with $1..$9 from the path's groups",
+    "x-forwarded-prefix": "sent upstream as X-Forwarded-Prefix",
+    "proxy-connect-timeout": "seconds to connect to an endpoint (timeout-connect for this Ingress)",
+    "proxy-read-timeout": "seconds each wait for the backend's response may take (timeout-server for this Ingress)",
+    "proxy-send-timeout": "seconds each wait for the backend to take request body bytes may take",
+    "upstream-vhost": "the Host header sent upstream (X-Forwarded-Host keeps the client's)",
+    "enable-cors": "answer CORS preflights and add CORS headers to responses",
+    "cors-allow-origin": "origins allowed (*, exact, or https://*.example.com)",
+    "cors-allow-methods": "Access-Control-Allow-Methods of preflight answers",
+    "cors-allow-headers": "Access-Control-Allow-Headers of preflight answers",
+    "cors-expose-headers": "Access-Control-Expose-Headers",
+    "cors-allow-credentials": "send Access-Control-Allow-Credentials: true (the Origin is then echoed, never *)",
+    "cors-max-age": "Access-Control-Max-Age of preflight answers",
+    "canary": "this Ingress is a weighted alternative to the main Ingress of the same host and paths",
+    "canary-weight": "percent of requests (0-100) sent to the canary",
+    "canary-by-header": "a request header: always → canary, never → main (or compared with canary-by-header-value)",
+    "canary-by-header-value": "the canary-by-header value that selects the canary",
+    "canary-by-cookie": "a cookie: always → canary, never → main",
+    "affinity": "cookie: sticky endpoint by cookie (re-picked and re-issued when the endpoint is gone)",
+    "session-cookie-name": "the affinity cookie's name (default INGRESSCOOKIE)",
+    "session-cookie-max-age": "the affinity cookie's Max-Age in seconds (default: a session cookie)",
+    "session-cookie-path": "the affinity cookie's Path (default /)",
+    "limit-rps": "requests per second per client address, per replica (429 above it)",
+    "limit-burst-multiplier": "burst = limit-rps × this (default 5)",
+    "limit-connections": "requests in flight per client address, per replica (503 above it)",
+    # ingress-proxy's own keys (ingress-nginx needs a configuration-snippet for these): one
+    # "Name: value" per line for set/add, a comma-separated list of names for remove
+    "request-set-headers": "request headers set (replacing the client's) before forwarding",
+    "request-add-headers": "request headers added before forwarding",
+    "request-remove-headers": "request headers removed before forwarding",
+    "response-set-headers": "response headers set (replacing the backend's)",
+    "response-add-headers": "response headers added",
+    "response-remove-headers": "response headers removed",
+}
+CANARY_ANNOTATIONS = frozenset(name for name in SUPPORTED_ANNOTATIONS if name.startswith("canary"))
+# How the backend is reached (README: Backends over TLS and HTTP/2), read by `_transport_annotations`
+# under NGINX_PREFIX or HAPROXY_PREFIXES (the legacy `ingress.kubernetes.io/` is both projects').
+TRANSPORT_ANNOTATIONS = frozenset((
+    "backend-protocol", "proxy-ssl-secret", "proxy-ssl-verify", "proxy-ssl-name", "proxy-ssl-server-name",
+    "secure-backends", "secure-verify-ca-secret",
+))  # fmt: skip
 
 
 def _policy_check(check: Callable[[str], _T]) -> Callable[[str], _T]:
@@ -1103,4 +1467,20 @@ def _read_configmap(configmap: dict | None, problems: list[Problem]) -> _GlobalS
         alpn=policy_defaults.alpn if read("use-http2", _parse_bool, True) else ("http/1.1",),  # ingress-nginx's key
     )
     ssl_redirect = read("ssl-redirect", _parse_bool, False)
-    return _GlobalSettings(crypto, timeouts, enabled_hsts, ssl_redirect, tls_policy)
+    body_size = read("proxy-body-size", _policy_check_value(parse_size), None)  # default: no limit (README)
+    default_policy = RoutePolicy(max_body_size=body_size) if body_size is not None else None
+    real_ip = None
+    if read("use-forwarded-headers", _parse_bool, False):  # ingress-nginx: trusted from proxy-real-ip-cidr
+        trusted = read("proxy-real-ip-cidr", _policy_check_value(_networks), INGRESS_NGINX_REAL_IP_CIDR)
+        real_ip = RealIp(trusted)
+    return _GlobalSettings(crypto, timeouts, enabled_hsts, ssl_redirect, tls_policy, default_policy, real_ip)
+
+
+def _policy_check_value(check: Callable[[str], _T]) -> Callable[[str], _T]:
+    def parse(raw: str) -> _T:
+        try:
+            return check(str(raw))
+        except PolicyValueError as error:
+            raise _Rejected(str(error)) from None
+
+    return parse

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
     from ingress_watch.controller import ControllerSettings
 
+if TYPE_CHECKING:
+    from ingress_watch.snapshot import Snapshot  # imported lazily: standalone mode never loads the Kubernetes client
+
 LOG = logging.getLogger("ingress_proxy")
 
 
@@ -60,6 +63,47 @@ def _check(args: argparse.Namespace) -> int:
         print(RoutesFileError(problems), file=sys.stderr)
         return 1
     print(f"{args.routes}: OK")
+    return 0
+
+
+async def _list_cluster(args: argparse.Namespace) -> Snapshot:
+    """LIST (never WATCH, never write) what the controller would watch, as one Snapshot."""
+    import json
+
+    from kubernetes_asyncio import client
+
+    from ingress_watch.cache import ObjectCache
+    from ingress_watch.controller import load_client_configuration
+    from ingress_watch.watch import watch_targets
+
+    targets = watch_targets(args.watch_namespace, _namespaced(args.configmap, "--configmap"))
+    cache = ObjectCache(tuple(target.kind for target in targets))
+    async with client.ApiClient(await load_client_configuration(args.kubeconfig)) as api_client:
+        for target in targets:
+            selector = {"field_selector": target.field_selector} if target.field_selector else {}
+            response = await getattr(target.api(api_client), target.list_method)(*target.args, **selector, _preload_content=False)
+            try:
+                cache.replace(target.kind, json.loads(await response.read()).get("items") or [])
+            finally:
+                response.release()
+    return cache.snapshot()
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import json
+
+    from ingress_watch.migration import migration_report, render_text
+    from ingress_watch.translate import TranslateOptions
+
+    options = TranslateOptions(
+        ingress_class=args.ingress_class,
+        controller_class=args.controller_class,
+        watch_ingress_without_class=args.watch_ingress_without_class,
+        watch_namespace=args.watch_namespace,
+        default_ssl_certificate=_namespaced(args.default_ssl_certificate, "--default-ssl-certificate"),
+    )
+    report = migration_report(uvloop.run(_list_cluster(args)), options)
+    print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0
 
 
@@ -272,6 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kubernetes_arguments(serve)
     check = commands.add_parser("check", help="validate a routes file and exit")
     check.add_argument("--routes", type=Path, required=True)
+    migrate = commands.add_parser(
+        "migrate", help="read-only: what would be served from this cluster's Ingresses, annotation by annotation"
+    )
+    migrate.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
+    migrate.add_argument("--ingress-class", default="ingress-proxy", help="legacy kubernetes.io/ingress.class value")
+    migrate.add_argument("--controller-class", default="ingress-proxy.dev/controller", help="IngressClass spec.controller")
+    migrate.add_argument("--watch-namespace", help="only this namespace (default: all)")
+    migrate.add_argument("--watch-ingress-without-class", action="store_true", help="also count class-less Ingresses")
+    migrate.add_argument("--configmap", metavar="NS/NAME", help="the settings ConfigMap the controller would read")
+    migrate.add_argument("--default-ssl-certificate", metavar="NS/NAME")
+    migrate.add_argument("--json", action="store_true", help="the same report as JSON")
     doctor = commands.add_parser("doctor", help="report OpenSSL, engine and key status")
     doctor.add_argument("--routes", type=Path)
     return parser
@@ -283,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check(args)
     if args.command == "doctor":
         return _doctor(args)
+    if args.command == "migrate":
+        return _migrate(args)
     return _serve(args)
 
 

@@ -24,6 +24,10 @@ can only cut the client's response (`ClientSide.abort_response`).
 
 Timeouts: each wait for the client's body is bounded by `idle`, each wait for the backend by
 `backend_response`; 1xx interim responses never extend the latter.
+
+Per-route policy (`proxy.policy`) runs after routing and before an endpoint is chosen, only when
+the matched rule has one (`match.policy is not None`): it may answer locally (403, a redirect,
+413), rewrite the head that goes upstream and bound a body of unknown length while it streams.
 """
 
 from __future__ import annotations
@@ -32,14 +36,15 @@ import asyncio
 import dataclasses
 import email.utils
 import logging
+import random
 import time
 from typing import Protocol
 
 from h2 import exceptions as h2_exceptions
 from h2.errors import ErrorCodes
 
-from config.model import Address, Timeouts
-from proxy import metrics
+from config.model import Address, Hsts, Timeouts, VirtualHost
+from proxy import metrics, policy as route_policy
 from proxy.access_log import ACCESS_LOG
 from proxy.decisions import FailureKind, Retry, is_replayable, retry_after
 from proxy.flow import ConnectionGone
@@ -152,11 +157,15 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     loop = asyncio.get_running_loop()
     started = loop.time()
     generation = state.generation
+    client_ip, real_ip = client.client_ip, b""
+    if generation.configuration.real_ip is not None:  # trusted X-Forwarded-For (config.model.RealIp)
+        real_ip, head = route_policy.forwarded_client(generation.configuration.real_ip, client_ip, head)
+        client_ip = real_ip
     match = generation.router.route(head.host.decode("latin-1"), head.path)
     virtual_host = match.virtual_host
     host_label = (virtual_host.host or "*") if virtual_host else "-"
     backend = match.backend
-    hsts = hsts_header(client.listener, generation)
+    hsts = hsts_header(client.listener, generation, virtual_host)
     grpc = is_grpc(head.headers)
     if grpc and client.protocol != "h2":
         status = 426
@@ -167,13 +176,20 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     elif backend is None:
         status = 404
         keep = _answer(client, head, status, hsts, grpc)
+    elif match.policy is not None:
+        if match.policy.canary is not None:  # chosen here so that metrics and the access log name it
+            backend = route_policy.chosen_backend(match.policy, backend, head, random.random())
+        status, keep = await _proxy_with_policy(
+            client, state, head, backend, match.policy, generation, hsts, client_ip, real_ip, grpc
+        )
     elif not (candidates := state.balancer.candidates(backend)):
         status = 503
         keep = _answer(client, head, status, hsts, grpc)
     elif state.balancer.protocol(backend).multiplexed:
         status, keep = await _proxy_http2(client, state, head, backend, candidates, generation.configuration.timeouts, hsts, grpc)
     else:
-        status, keep = await _proxy(client, state, head, backend, candidates, generation.configuration.timeouts, hsts)
+        timeouts = generation.configuration.timeouts
+        status, keep = await _proxy(client, state, head, backend, candidates, timeouts, hsts, real_ip=real_ip)
     elapsed = loop.time() - started
     backend_label = backend or "-"
     requests, durations = metrics.request_series(host_label, backend_label, status, client.protocol)
@@ -187,10 +203,54 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     return keep
 
 
-def hsts_header(listener: Listener, generation: Generation) -> bytes:
-    """HSTS for responses on a TLS listener when configured: on proxied and proxy-made ones alike."""
+async def _proxy_with_policy(
+    client: ClientSide,
+    state: ServingState,
+    head: RequestHead,
+    backend: str,
+    policy: route_policy.CompiledPolicy,
+    generation: Generation,
+    hsts: bytes,
+    client_ip: bytes,
+    real_ip: bytes,
+    grpc: bool,
+) -> tuple[int, bool]:
+    """The policy's local answer, or the request forwarded as the policy shapes it. `client_ip`
+    is the address policies judge (the peer's, or the trusted X-Forwarded-For's `real_ip`). To an
+    HTTP/2 backend, access, limits, affinity and timeouts apply; header edits and rewrites do not
+    (they are written into HTTP/1.1 heads)."""
+    answer = route_policy.local_answer(policy, client_ip, head)
+    if answer is None and policy.rate is not None and not policy.rate.admit(client_ip, time.monotonic()):
+        answer = route_policy.TOO_MANY
+    concurrency = policy.concurrency
+    if answer is None and concurrency is not None and not concurrency.enter(client_ip):
+        answer, concurrency = route_policy.BUSY, None
+    if answer is not None:
+        metrics.POLICY_ANSWERS.labels(str(answer.status)).inc()
+        return answer.status, client.answer_locally(head, answer.status, answer.extra + hsts)
+    try:
+        candidates = state.balancer.candidates(backend)
+        if not candidates:
+            return 503, _answer(client, head, 503, hsts, grpc)
+        carried = None
+        if policy.affinity is not None:
+            candidates, carried = policy.affinity.order(backend, candidates, head)
+        timeouts = policy.route_timeouts(generation.configuration.timeouts)
+        if state.balancer.protocol(backend).multiplexed:
+            return await _proxy_http2(client, state, head, backend, candidates, timeouts, hsts, grpc)
+        return await _proxy(client, state, head, backend, candidates, timeouts, hsts, policy, carried, real_ip)
+    finally:
+        if concurrency is not None:
+            concurrency.leave(client_ip)
+
+
+def hsts_header(listener: Listener, generation: Generation, virtual_host: VirtualHost | None = None) -> bytes:
+    """HSTS for responses on a TLS listener when configured (the host's own, else the
+    configuration's): on proxied and proxy-made ones alike."""
     hsts = generation.configuration.hsts
-    if hsts is None or not listener.tls:
+    if virtual_host is not None and virtual_host.hsts is not None:
+        hsts = virtual_host.hsts or None  # False: none for this host
+    if not isinstance(hsts, Hsts) or not listener.tls:
         return b""
     return b"Strict-Transport-Security: %s\r\n" % hsts.header_value().encode()
 
@@ -222,13 +282,22 @@ async def _proxy(
     candidates: list[Address],
     timeouts: Timeouts,
     hsts: bytes,
+    policy: route_policy.CompiledPolicy | None = None,
+    affinity_token: bytes | None = None,
+    real_ip: bytes = b"",
 ) -> tuple[int, bool]:
+    """Forward `head` (shaped by the route's `policy`, if any) with retries; relay the answer."""
     has_body = head.has_body
     replayable = is_replayable(head)
     if has_body:
         client.invite_body(head)
     listener = client.listener
-    request = upstream_request_head(head, client.client_ip, listener.name.encode(), listener.address)
+    if policy is None:
+        request = upstream_request_head(head, client.client_ip, listener.name.encode(), listener.address, real_ip=real_ip)
+    else:
+        request = route_policy.upstream_request(
+            policy, head, client.client_ip, listener.name.encode(), listener.address, real_ip
+        )
     balancer = state.balancer
     transport = balancer.transport(backend)
     failure = FailureKind.NO_ENDPOINT
@@ -243,12 +312,16 @@ async def _proxy(
             upstream.begin_request(head.method, client.backlog)
             upstream.write(request)
             if has_body:  # never on a retry: only body-less requests are retried
-                await _forward_request_body(client, head, upstream, timeouts)
+                await _forward_request_body(client, head, upstream, timeouts, policy)
             upstream.request_sent()
             response = await _response_head(client, upstream, head, timeouts.backend_response)
         except ClientFailed as failed:
             if upstream is not None:
                 upstream.close()
+            client.upstream = None
+            if failed.cause is BODY_TOO_LARGE:  # a policy limit, not a broken client: answer it
+                metrics.POLICY_ANSWERS.labels("413").inc()
+                return 413, client.answer_locally(head, 413, hsts)
             raise failed.cause from None
         except BackendFailed as error:
             failure = error.kind
@@ -262,7 +335,13 @@ async def _proxy(
             failure = tls_failure.kind
             LOG.info("backend %s %s: %s", backend, address, tls_failure)
         else:
-            return response.status, await _relay_response(client, state, head, upstream, response, backend, timeouts, hsts)
+            extra = hsts
+            if policy is not None:
+                if policy.edits_response:
+                    response, extra = route_policy.downstream_head(policy, head, response, hsts)
+                if policy.affinity is not None:
+                    extra = policy.affinity.set_cookie(backend, address, affinity_token) + extra
+            return response.status, await _relay_response(client, state, head, upstream, response, backend, timeouts, extra)
         if upstream is not None:
             upstream.close()
         client.upstream = None
@@ -452,13 +531,27 @@ async def _connect(backend: str, address: Address, transport: UpstreamTransport 
         raise BackendFailed(FailureKind.CONNECT_FAILED) from None
 
 
+BODY_TOO_LARGE = PeerError(413, "request body over the route's limit")
+
+
 async def _forward_request_body(
-    client: ClientSide, head: RequestHead, upstream: UpstreamConnection, timeouts: Timeouts
+    client: ClientSide,
+    head: RequestHead,
+    upstream: UpstreamConnection,
+    timeouts: Timeouts,
+    policy: route_policy.CompiledPolicy | None,
 ) -> None:
     """Stream the request body (re-chunked if it has no length) until its EndOfMessage.
 
     `idle` bounds each wait for the client, `backend_response` each wait for a backend that does
-    not read what we send (without it, both connections would hang forever)."""
+    not read what we send (without it, both connections would hang forever; a route's
+    `send_timeout` replaces it). The route's `max_body_size` (a declared length was checked
+    before) bounds a body of unknown length."""
+    remaining = send_timeout = None
+    if policy is not None:
+        send_timeout = policy.send_timeout
+        if head.content_length is None:
+            remaining = policy.max_body_size
     while True:
         try:
             event = await client.next_body_event(timeouts.idle)
@@ -467,10 +560,14 @@ async def _forward_request_body(
         except (PeerError, ConnectionGone) as error:
             raise ClientFailed(error) from None
         if type(event) is Body:
+            if remaining is not None:
+                remaining -= len(event.data)
+                if remaining < 0:
+                    raise ClientFailed(BODY_TOO_LARGE)
             upstream.write(encode_chunk(event.data) if head.chunked else event.data)
             if upstream._writing_paused:
                 try:
-                    async with asyncio.timeout(timeouts.backend_response):
+                    async with asyncio.timeout(send_timeout or timeouts.backend_response):
                         await upstream.drain()
                 except ConnectionGone:
                     raise BackendFailed(FailureKind.RESET_WHILE_SENDING) from None

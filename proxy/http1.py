@@ -363,12 +363,19 @@ _FORWARDED_BY_US = frozenset(
 _DERIVED_IN_REQUEST = HOP_BY_HOP | _FORWARDED_BY_US | {b"content-length", b"host"}
 _DERIVED_IN_RESPONSE = HOP_BY_HOP | {b"content-length"}
 REASONS = {
+    301: b"Moved Permanently",
+    302: b"Found",
+    303: b"See Other",
+    307: b"Temporary Redirect",
     308: b"Permanent Redirect",
     400: b"Bad Request",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
     408: b"Request Timeout",
+    413: b"Content Too Large",
     414: b"URI Too Long",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
     502: b"Bad Gateway",
@@ -382,7 +389,15 @@ def encode_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def upstream_request_head(head: RequestHead, client_ip: bytes, proto: bytes, local_address: bytes) -> bytes:
+def upstream_request_head(
+    head: RequestHead,
+    client_ip: bytes,
+    proto: bytes,
+    local_address: bytes,
+    extra: bytes = b"",
+    host_header: bytes = b"",
+    real_ip: bytes = b"",
+) -> bytes:
     """The request line and headers as sent to a backend (always HTTP/1.1).
 
     Headers are copied in order except the hop-by-hop ones, those the client's Connection header
@@ -390,11 +405,15 @@ def upstream_request_head(head: RequestHead, client_ip: bytes, proto: bytes, loc
     headers from us (appending to a client's X-Forwarded-For but never trusting its other
     X-Forwarded-* values). `Expect` is dropped because the proxy answers 100-continue itself.
     An HTTP/1.0 request without Host gets the listener's `local_address` (`ip:port`), since
-    HTTP/1.1 requires one.
+    HTTP/1.1 requires one. `extra`: header lines a route policy adds ("Name: value\r\n"...),
+    written after ours and never framing (`config.route_policy` refuses CR/LF in their values and
+    framing names); `host_header` replaces the Host sent (nginx `upstream-vhost`), X-Forwarded-Host
+    still says what the client asked for; `real_ip` (trusted X-Forwarded-For, config.model.RealIp)
+    is sent as X-Real-IP instead of the peer `client_ip`, which X-Forwarded-For still ends with.
     """
     named_by_connection = connection_tokens(head.headers)
     host = head.host or local_address
-    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host_header or host, b"\r\n"]
     forwarded_for = b""
     upgrade = b""
     for name, value in head.headers:
@@ -406,7 +425,7 @@ def upstream_request_head(head: RequestHead, client_ip: bytes, proto: bytes, loc
                 upgrade = value
             continue
         parts += (name, b": ", value, b"\r\n")
-    parts += (b"X-Forwarded-For: ", forwarded_for, client_ip, b"\r\nX-Real-IP: ", client_ip)
+    parts += (b"X-Forwarded-For: ", forwarded_for, client_ip, b"\r\nX-Real-IP: ", real_ip or client_ip)
     port = local_address.rpartition(b":")[2]
     parts += (b"\r\nX-Forwarded-Proto: ", proto, b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Forwarded-Port: ", port)
     if head.chunked:
@@ -415,7 +434,7 @@ def upstream_request_head(head: RequestHead, client_ip: bytes, proto: bytes, loc
         parts.append(b"\r\nContent-Length: %d" % head.content_length)
     if head.upgrade and upgrade:
         parts += (b"\r\nConnection: upgrade\r\nUpgrade: ", upgrade)
-    parts.append(b"\r\n\r\n")
+    parts += (b"\r\n", extra, b"\r\n")
     return b"".join(parts)
 
 

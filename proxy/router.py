@@ -9,45 +9,71 @@ slash-sensitive. `Prefix` and `ImplementationSpecific` (ours: same as Prefix) co
 on `/`: `/aaa` matches `/aaa`, `/aaa/` and `/aaa/x`, never `/aaaccc`; a trailing `/` on the rule
 is ignored. The longest match wins; on a tie Exact beats Prefix. An Exact match is always the
 longest possible (no prefix can be longer than the path it matches), so Exact is tried first.
+
+Regex rules (policy `regex`, ingress-nginx `use-regex`) are tried after Exact and before Prefix,
+longest pattern first, as nginx tries `~*` locations before plain prefix ones and ingress-nginx
+orders paths by length; each is anchored at the start of the path and case-insensitive.
+
+A rule's policy is compiled here (`proxy.policy.CompiledPolicy`) and returned with the backend; a
+rule without one returns None, so the exchange does no policy work for it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from config.model import PathType, RouteTable, VirtualHost
+from config.model import PathRule, PathType, RouteTable, VirtualHost
+from proxy.policy import CompiledPolicy
+
+Target = tuple[str, CompiledPolicy | None]  # backend name, the rule's policy
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteMatch:
     virtual_host: VirtualHost | None  # None: no virtual host matched (default backend or 404)
     backend: str | None  # None: nothing matched and there is no default backend → 404
+    policy: CompiledPolicy | None = None  # the matched rule's policy; None for none (and for the default backend)
+
+
+def _target(rule: PathRule) -> Target:
+    return (rule.backend, CompiledPolicy(rule) if rule.policy is not None else None)
 
 
 class _CompiledHost:
-    __slots__ = ("virtual_host", "exact", "prefixes")
+    __slots__ = ("virtual_host", "exact", "regexes", "prefixes")
 
     def __init__(self, virtual_host: VirtualHost) -> None:
         self.virtual_host = virtual_host
-        self.exact: dict[str, str] = {}
-        by_prefix: dict[str, str] = {}
+        self.exact: dict[str, Target] = {}
+        by_prefix: dict[str, Target] = {}
+        regexes: list[tuple[str, CompiledPolicy, str]] = []
         for rule in virtual_host.paths:  # first rule wins on duplicates, as sources order by priority
-            if rule.path_type is PathType.EXACT:
-                self.exact.setdefault(rule.path, rule.backend)
+            target = _target(rule)
+            policy = target[1]
+            if policy is not None and rule.policy is not None and rule.policy.regex:
+                regexes.append((rule.path, policy, rule.backend))
+            elif rule.path_type is PathType.EXACT:
+                self.exact.setdefault(rule.path, target)
             else:
-                by_prefix.setdefault(rule.path.rstrip("/"), rule.backend)
+                by_prefix.setdefault(rule.path.rstrip("/"), target)
+        self.regexes: tuple[tuple[CompiledPolicy, Target], ...] = tuple(
+            (policy, (backend, policy)) for _, policy, backend in sorted(regexes, key=lambda item: -len(item[0]))
+        )
         # Longest first; "" (the rule "/") matches every path and so comes last.
-        self.prefixes: tuple[tuple[str, str], ...] = tuple(
+        self.prefixes: tuple[tuple[str, Target], ...] = tuple(
             sorted(by_prefix.items(), key=lambda item: len(item[0]), reverse=True)
         )
 
-    def match(self, path: str) -> str | None:
-        backend = self.exact.get(path)
-        if backend is not None:
-            return backend
-        for prefix, backend in self.prefixes:
+    def match(self, path: str) -> Target | None:
+        target = self.exact.get(path)
+        if target is not None:
+            return target
+        for policy, target in self.regexes:
+            if policy.matches(path):
+                return target
+        for prefix, target in self.prefixes:
             if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
-                return backend
+                return target
         return None
 
 
@@ -94,4 +120,7 @@ class Router:
         compiled = self._host(normalize_host(host_header))
         if compiled is None:
             return RouteMatch(None, self._default_backend)
-        return RouteMatch(compiled.virtual_host, compiled.match(path) or self._default_backend)
+        target = compiled.match(path)
+        if target is None:
+            return RouteMatch(compiled.virtual_host, self._default_backend)
+        return RouteMatch(compiled.virtual_host, target[0], target[1])

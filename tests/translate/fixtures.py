@@ -16,6 +16,9 @@ A plain string is used as is (e.g. text that is not base64).
 expected.yaml (every key optional; absent = empty or the model's default):
   claimed: [ns/name, ...]
   virtual_hosts: [{host: foo.example.com, redirect_to_https: true, paths: ["/api Prefix ns/svc:80", ...]}]
+      a path with a policy: {rule: "/api Prefix ns/svc:80", policy: {RoutePolicy fields}}, where
+      allow_sources/deny_sources are lists of CIDRs, redirect is {location: URL, status: 301} and
+      request_headers/response_headers are {set: [[name, value]], add: [[name, value]], remove: [name]}
   backends: {ns/svc:80: ["10.0.0.1:8080", ...]}
       or, for a backend over TLS: {ns/svc:443: {endpoints: [...], protocol: https, tls: {ca: ns/secret,
       verify: true, server_name: name, send_sni: true, client_certificate: ns/secret}}}
@@ -29,6 +32,7 @@ expected.yaml (every key optional; absent = empty or the model's default):
            provider_path: /opt/modules}
   timeouts: {connect: 0.5, ...}
   hsts: {max_age: 60, include_subdomains: true, preload: false}
+  real_ip: [CIDR, ...]   # trusted X-Forwarded-For peers
   problems: [{location: "Ingress ns/name", message: "a substring of the message"}, ...]
 """
 
@@ -37,6 +41,7 @@ from __future__ import annotations
 import base64
 import datetime
 import functools
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,18 +54,25 @@ from cryptography.x509.oid import NameOID
 
 from config.model import (
     Address,
+    Affinity,
     Backend,
     BackendProtocol,
+    Canary,
     Certificate,
     ClientCertificate,
     Configuration,
+    Cors,
     CryptoSettings,
     EngineSettings,
+    HeaderEdits,
     Hsts,
     PathRule,
     PathType,
     PemKey,
     ProviderSettings,
+    RealIp,
+    Redirect,
+    RoutePolicy,
     RouteTable,
     StoreKey,
     Timeouts,
@@ -98,8 +110,8 @@ def case_names() -> list[str]:
     return sorted(path.name for path in CASES_DIR.iterdir() if (path / "input.yaml").is_file())
 
 
-def load_case(name: str) -> Case:
-    directory = CASES_DIR / name
+def load_case(name: str, directory: Path | None = None) -> Case:
+    directory = directory or CASES_DIR / name
     documents = [doc for doc in yaml.safe_load_all((directory / "input.yaml").read_text()) if doc]
     expected = yaml.safe_load((directory / "expected.yaml").read_text()) or {}
     options = TranslateOptions()
@@ -186,6 +198,7 @@ def expected_configuration(case: Case) -> Configuration:
         ),
         timeouts=Timeouts(**(expected.get("timeouts") or {})),
         hsts=Hsts(**expected["hsts"]) if expected.get("hsts") is not None else None,
+        real_ip=RealIp(tuple(ipaddress.ip_network(cidr) for cidr in expected["real_ip"])) if expected.get("real_ip") else None,
     )
 
 
@@ -220,9 +233,35 @@ def _split_ref(reference: str) -> tuple[str, str, str]:
     return reference.partition("/")
 
 
-def _path_rule(text: str) -> PathRule:
+def _path_rule(spec: str | dict) -> PathRule:
+    text = spec if isinstance(spec, str) else spec["rule"]
     path, path_type, backend = text.split()
-    return PathRule(path, PathType(path_type), backend)
+    policy = None
+    if isinstance(spec, dict):
+        fields = dict(spec["policy"])
+        for name in ("allow_sources", "deny_sources"):
+            if name in fields:
+                fields[name] = tuple(ipaddress.ip_network(cidr) for cidr in fields[name])
+        if "redirect" in fields:
+            fields["redirect"] = Redirect(**fields["redirect"])
+        if "affinity" in fields:
+            fields["affinity"] = Affinity(**fields["affinity"])
+        if "canary" in fields:
+            fields["canary"] = Canary(**fields["canary"])
+        if "cors" in fields:
+            cors = dict(fields["cors"])
+            if "allow_origins" in cors:
+                cors["allow_origins"] = tuple(cors["allow_origins"])
+            fields["cors"] = Cors(**cors)
+        for name in ("request_headers", "response_headers"):
+            if name in fields:
+                edits = fields[name]
+                fields[name] = HeaderEdits(
+                    set=tuple(map(tuple, edits.get("set", ()))), add=tuple(map(tuple, edits.get("add", ()))),
+                    remove=tuple(edits.get("remove", ())),
+                )
+        policy = RoutePolicy(**fields)
+    return PathRule(path, PathType(path_type), backend, policy)
 
 
 def _address(text: str) -> Address:

@@ -8,6 +8,7 @@ Certificates and keys are generated per session (never checked in) and written p
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import pathlib
 import shutil
 import textwrap
@@ -33,6 +34,7 @@ from config.model import (
     Listeners,
     PathRule,
     PathType,
+    RealIp,
     PemKey,
     ProviderSettings,
     StoreKey,
@@ -46,6 +48,7 @@ MARKER = "»"
 SECRET_PIN = "s3cr3t-PIN-9876"
 LISTEN = "listen: {https: 127.0.0.1:8443}\n"
 B = "backends: {b: {endpoints: ['127.0.0.1:1']}}\n"
+B2 = "backends: {b: {endpoints: ['127.0.0.1:1']}, c: {endpoints: ['127.0.0.1:2']}}\n"
 EXAMPLE_ROUTES = pathlib.Path(__file__).parents[2] / "examples" / "routes.yaml"
 
 
@@ -196,10 +199,10 @@ def test_full_file_gives_the_expected_configuration(routes_dir: pathlib.Path, mo
     assert loaded.listeners == Listeners(https=addr("127.0.0.1:8443"), http=addr("[::1]:8080"), admin=addr("localhost:9100"))
     expected = Configuration(
         routes=RouteTable(
-            virtual_hosts=(
-                vhost("foo.example.com", ("/", P, "web"), ("/api", P, "api"), ("/api", E, "api"), redirect=True),
-                vhost("*.example.com", ("/exact", E, "api"), ("/app", I, "web")),
+            virtual_hosts=(  # canonical order (config.route_rules): hosts sorted, rules by (path, type)
                 vhost("", ("/", P, "web")),
+                vhost("*.example.com", ("/app", I, "web"), ("/exact", E, "api")),
+                vhost("foo.example.com", ("/", P, "web"), ("/api", E, "api"), ("/api", P, "api"), redirect=True),
             ),
             backends=(backend("web", "127.0.0.1:9001"), backend("api", "127.0.0.1:9002", "[::1]:9003", "backend.local:80")),
             default_backend="web",
@@ -274,7 +277,23 @@ VALID_CASES: dict[str, tuple[str, Getter, object]] = {
     "same-path-different-type-is-no-duplicate": (
         LISTEN + "routes: [{paths: [{path: /x, backend: b}, {path: /x, type: Exact, backend: b}]}]\n"
         "backends: {b: {endpoints: ['127.0.0.1:1']}}",
-        lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/x", P, "b"), ("/x", E, "b")),),
+        lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/x", E, "b"), ("/x", P, "b")),),
+    ),
+    "trusted-proxies": (
+        LISTEN + B + "trusted_proxies: [10.0.0.0/8, '::1']\nroutes: [{paths: [{path: /, backend: b}]}]\n",
+        lambda r: r.configuration.real_ip,
+        RealIp((ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))),
+    ),
+    "hsts-per-host": (
+        LISTEN + B + "hsts: true\nroutes:\n- {host: a.com, hsts: false, paths: [{path: /, backend: b}]}\n"
+        "- {host: b.com, hsts: {max_age: 60}, paths: [{path: /, backend: b}]}\n- {host: c.com, paths: [{path: /, backend: b}]}\n",
+        lambda r: [(v.host, v.hsts) for v in r.configuration.routes.virtual_hosts],
+        [("a.com", False), ("b.com", Hsts(max_age=60)), ("c.com", None)],
+    ),
+    # config.route_rules: one rule for both producers (the translator's cases conflict-* agree)
+    "same-rule-twice-same-backend-is-kept-once": (
+        LISTEN + B + "routes: [{paths: [{path: /a, backend: b}, {path: /a/, backend: b}, {path: /a, backend: b}]}]\n",
+        lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/a", P, "b")),),
     ),
     "engine-defaults": (LISTEN + "tls: {engine: {id: qatengine}}", lambda r: r.configuration.crypto,
                         CryptoSettings(engine=EngineSettings(id="qatengine", algorithms=("ALL",), required=False))),
@@ -374,11 +393,60 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
     "undefined-backend-no-backends": case(LISTEN + "routes: [{paths: [{path: /, backend: »web}]}]\n",
                                           "define it under backends:"),
     "undefined-default-backend": case(LISTEN + B + "default_backend: »c\n", "default_backend: backend 'c' is not defined"),
-    "duplicate-rule-in-one-entry": case(LISTEN + B + "routes:\n- paths:\n  - {path: /a, backend: b}\n  - »{path: /a, backend: b}\n",
-                                        "the any-host entry path '/a' type Prefix is already routed at"),
-    "duplicate-rule-across-merged-entries": case(
-        LISTEN + B + "routes:\n- {host: a.com, paths: [{path: /, backend: b}]}\n- {host: A.COM, paths: [»{path: /, backend: b}]}\n",
-        "host 'a.com' path '/' type Prefix is already routed",
+    "conflicting-rule-in-one-entry": case(
+        LISTEN + B2 + "routes:\n- paths:\n  - {path: /a, backend: b}\n  - »{path: /a, backend: c}\n",
+        "routes[0].paths[1]: path '/a' (Prefix) on host '*' is already routed to b by the rule at",
+    ),
+    "conflicting-rule-across-merged-entries": case(
+        LISTEN + B2 + "routes:\n- {host: a.com, paths: [{path: /, backend: b}]}\n- {host: A.COM, paths: [»{path: /, backend: c}]}\n",
+        "path '/' (Prefix) on host 'a.com' is already routed to b",
+    ),
+    # per-route policy (issue 13): each refused value at its own position
+    "hsts-per-host-disagree": case(
+        LISTEN + B + "routes:\n- {host: a.com, hsts: false, paths: [{path: /, backend: b}]}\n"
+        "- {host: a.com, hsts: »true, paths: [{path: /x, backend: b}]}\n",
+        "routes[1].hsts: host 'a.com' already has another hsts at",
+    ),
+    "policy-bad-cidr": case(ROUTES + "[{policy: {allow_sources: [10.0.0.0/8, »10.0.0.0/33]}, paths: [{path: /, backend: b}]}]\n",
+                            "routes[0].policy.allow_sources: '10.0.0.0/33' is not an IP address or CIDR"),
+    "policy-unknown-key": case(ROUTES + "[{policy: {»allow_source: [10.0.0.0/8]}, paths: [{path: /, backend: b}]}]\n",
+                               "routes[0].policy: unknown key 'allow_source' (did you mean 'allow_sources'?)"),
+    "policy-bad-size": case(ROUTES + "[{policy: {max_body_size: »lots}, paths: [{path: /, backend: b}]}]\n",
+                            "routes[0].policy.max_body_size: 'lots' is not a size"),
+    "policy-bad-redirect-code": case(ROUTES + "[{policy: {redirect: {to: /x, code: »200}}, paths: [{path: /, backend: b}]}]\n",
+                                     "routes[0].policy.redirect.code: redirect code 200 does not redirect (use one of 301, 302, 303, 307, 308)"),
+    "policy-redirect-injection": case(
+        ROUTES + '[{policy: {redirect: {to: »"/x\\r\\nSet-Cookie: a=b"}}, paths: [{path: /, backend: b}]}]\n',
+        "routes[0].policy.redirect.to: redirect location contains a control character",
+    ),
+    "policy-unsafe-regex": case(ROUTES + "[{policy: {regex: true}, paths: [{path: »'/(a+)+', backend: b}]}]\n",
+                                "routes[0].paths[0].path: '/(a+)+' nests a repeat inside a repeat"),
+    "policy-rewrite-group-missing": case(
+        ROUTES + "[{policy: {regex: true, rewrite_target: /$2}, paths: [{path: »'/api(.*)', backend: b}]}]\n",
+        "rewrite target '/$2' uses $2 but the path has 1 capture group(s)",
+    ),
+    "policy-cors-bad-origin": case(ROUTES + "[{policy: {cors: {allow_origins: »[app.example.com]}}, paths: [{path: /, backend: b}]}]\n",
+                                   "routes[0].policy.cors.allow_origins: 'app.example.com' is not an origin"),
+    "policy-header-edit-framing": case(
+        ROUTES + "[{policy: {request_headers: {set: {Content-Length: »'5'}}}, paths: [{path: /, backend: b}]}]\n",
+        "routes[0].policy.request_headers.set: header Content-Length cannot be edited",
+    ),
+    "policy-canary-undefined-backend": case(
+        ROUTES + "[{policy: {canary: {backend: »bb, weight: 10}}, paths: [{path: /, backend: b}]}]\n",
+        "routes[0].policy.canary.backend: backend 'bb' is not defined (did you mean 'b'?)",
+    ),
+    "policy-canary-weight": case(
+        ROUTES + "[{policy: {canary: {backend: b, weight: »101}}, paths: [{path: /, backend: b}]}]\n",
+        "routes[0].policy.canary.weight: 101 is not from 0 to 100",
+    ),
+    "policy-conflict-same-backend-other-policy": case(
+        ROUTES + "\n- {host: a.com, paths: [{path: /admin, backend: b}]}\n"
+        "- {host: a.com, policy: {allow_sources: [10.0.0.0/8]}, paths: [»{path: /admin/, backend: b}]}\n",
+        "is already routed to b with a different policy by the rule at",
+    ),
+    "trailing-slash-is-the-same-prefix-rule": case(  # the issue-13 case: /foo → one, /foo/ → two
+        LISTEN + B2 + "routes:\n- {host: a.com, paths: [{path: /foo, backend: b}, »{path: /foo/, backend: c}]}\n",
+        "path '/foo/' (Prefix) on host 'a.com' is already routed to b by the rule at",
     ),
     "merged-entries-disagree-on-redirect": case(
         LISTEN + B + "routes:\n- {host: a.com, paths: [{path: /, backend: b}]}\n"
