@@ -47,12 +47,10 @@ from OpenSSL._util import ffi, lib
 
 from config.model import Address, Backend, BackendProtocol, Problem, UpstreamTls
 from config.tls_material import PEM_CERTIFICATE_BLOCK
-from proxy.tls import libssl
+from proxy.tls import READ_CHUNK, SHARED_BUFFER, error_queue_reason, libssl, take_ciphertext
 from proxy.contexts import KeyInstaller
 from proxy.decisions import FailureKind, tls_failure_kind
 
-_READ_CHUNK = 256 * 1024
-_shared_buffer = ffi.new("char[]", _READ_CHUNK)  # one event-loop thread: safe to reuse
 _NO_PARTIAL_WILDCARDS = 0x4  # X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS: "*.example.com" only, as browsers
 # The client offers what our listeners accept (config.model TLS policy defaults): TLS 1.2+ only.
 _CLIENT_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -85,15 +83,6 @@ class UpstreamTlsFailure(Exception):
         super().__init__(f"{kind.label}: {reason}")
         self.kind = kind
         self.reason = reason
-
-
-def _error_queue_reason() -> str:
-    reasons = []
-    while code := lib.ERR_get_error():
-        lib.ERR_error_string_n(code, _shared_buffer, 256)
-        text = ffi.string(_shared_buffer).decode("latin-1")
-        reasons.append(text.rsplit(":", 1)[-1] or text)
-    return "; ".join(reasons) or "protocol error"
 
 
 def _is_ip(host: str) -> bool:
@@ -138,7 +127,7 @@ class ClientTls:
         self.state = new_state
 
     def _break(self, during_handshake: bool) -> UpstreamTlsFailure:
-        reason = _error_queue_reason()
+        reason = error_queue_reason()
         if during_handshake:
             kind = tls_failure_kind(lib.SSL_get_verify_result(self._ssl))
         else:
@@ -175,9 +164,9 @@ class ClientTls:
     def _read_plaintext(self) -> bytes:
         pieces = []
         while True:
-            count = lib.SSL_read(self._ssl, _shared_buffer, _READ_CHUNK)
+            count = lib.SSL_read(self._ssl, SHARED_BUFFER, READ_CHUNK)
             if count > 0:
-                pieces.append(ffi.buffer(_shared_buffer, count)[:])
+                pieces.append(ffi.buffer(SHARED_BUFFER, count)[:])
                 if not lib.BIO_ctrl_pending(self._into_ssl) and not lib.SSL_pending(self._ssl):
                     break
                 continue
@@ -208,17 +197,7 @@ class ClientTls:
         raise self._break(during_handshake=False)
 
     def outgoing(self) -> bytes:
-        pending = lib.BIO_ctrl_pending(self._from_ssl)
-        if not pending:
-            return b""
-        pieces = []
-        while pending > 0:
-            count = lib.BIO_read(self._from_ssl, _shared_buffer, min(pending, _READ_CHUNK))
-            if count <= 0:
-                break
-            pieces.append(ffi.buffer(_shared_buffer, count)[:])
-            pending -= count
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return take_ciphertext(self._from_ssl)
 
     def close(self) -> None:
         """Queue our close_notify (if healthy); quiet shutdown keeps the session resumable."""

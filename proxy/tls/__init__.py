@@ -60,8 +60,8 @@ from OpenSSL._util import ffi, lib
 
 from proxy.tls.offload import SSL_ERROR_WANT_ASYNC, SSL_MODE_ASYNC, async_wait_fds
 
-_READ_CHUNK = 256 * 1024
-_shared_buffer = ffi.new("char[]", _READ_CHUNK)  # one event-loop thread: safe to reuse
+READ_CHUNK = 256 * 1024
+SHARED_BUFFER = ffi.new("char[]", READ_CHUNK)  # one event-loop thread: safe to reuse
 
 
 class TlsState(enum.Enum):
@@ -89,11 +89,26 @@ class TlsFailure(Exception):
         self.reason = reason
 
 
-def _error_queue_reason() -> str:
+def take_ciphertext(bio: object) -> bytes:
+    """Everything waiting in a memory BIO, read through the shared buffer (ours and backends' TLS)."""
+    pending = lib.BIO_ctrl_pending(bio)
+    if not pending:
+        return b""
+    pieces = []
+    while pending > 0:
+        count = lib.BIO_read(bio, SHARED_BUFFER, min(pending, READ_CHUNK))
+        if count <= 0:
+            break
+        pieces.append(ffi.buffer(SHARED_BUFFER, count)[:])
+        pending -= count
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def error_queue_reason() -> str:
     reasons = []
     while code := lib.ERR_get_error():
-        lib.ERR_error_string_n(code, _shared_buffer, 256)
-        text = ffi.string(_shared_buffer).decode("latin-1")
+        lib.ERR_error_string_n(code, SHARED_BUFFER, 256)
+        text = ffi.string(SHARED_BUFFER).decode("latin-1")
         reasons.append(text.rsplit(":", 1)[-1] or text)
     return "; ".join(reasons) or "protocol error"
 
@@ -126,7 +141,7 @@ class ServerTls:
 
     def _break(self) -> TlsFailure:
         self._move(TlsState.BROKEN)
-        return TlsFailure(_error_queue_reason())
+        return TlsFailure(error_queue_reason())
 
     # -- ciphertext in ------------------------------------------------------------------------
 
@@ -170,9 +185,9 @@ class ServerTls:
     def _read_plaintext(self) -> bytes:
         pieces = []
         while True:
-            count = lib.SSL_read(self._ssl, _shared_buffer, _READ_CHUNK)
+            count = lib.SSL_read(self._ssl, SHARED_BUFFER, READ_CHUNK)
             if count > 0:
-                pieces.append(ffi.buffer(_shared_buffer, count)[:])
+                pieces.append(ffi.buffer(SHARED_BUFFER, count)[:])
                 if not lib.BIO_ctrl_pending(self._into_ssl) and not lib.SSL_pending(self._ssl):
                     break  # all consumed: skip the SSL_read + SSL_get_error that would say so
                 continue
@@ -206,7 +221,7 @@ class ServerTls:
         offset = 0
         while written > 0:
             offset += written
-            self._encrypted.append(self._take_ciphertext())
+            self._encrypted.append(take_ciphertext(self._from_ssl))
             if offset == total:
                 return
             written = lib.SSL_write(self._ssl, buffer + offset, total - offset)
@@ -215,24 +230,11 @@ class ServerTls:
     def outgoing(self) -> bytes:
         """Ciphertext waiting to go to the socket (handshake records, alerts, application data)."""
         if not self._encrypted:
-            return self._take_ciphertext()
-        self._encrypted.append(self._take_ciphertext())
+            return take_ciphertext(self._from_ssl)
+        self._encrypted.append(take_ciphertext(self._from_ssl))
         ciphertext = b"".join(self._encrypted)
         self._encrypted.clear()
         return ciphertext
-
-    def _take_ciphertext(self) -> bytes:
-        pending = lib.BIO_ctrl_pending(self._from_ssl)
-        if not pending:
-            return b""
-        pieces = []
-        while pending > 0:
-            count = lib.BIO_read(self._from_ssl, _shared_buffer, min(pending, _READ_CHUNK))
-            if count <= 0:
-                break
-            pieces.append(ffi.buffer(_shared_buffer, count)[:])
-            pending -= count
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     # -- closing ------------------------------------------------------------------------------
 
