@@ -2,13 +2,13 @@
 
 Theory of operation
 -------------------
-`ClientTls` is the client twin of `proxy.tls.ServerTls` (kept in its own module: the server one
-is being reshaped for providers). It wraps one pyOpenSSL `SSL.Connection` with no socket in the
-connect state: `start()` queues the ClientHello, `receive()` takes socket bytes and returns the
+`ClientTls` is the client twin of `proxy.tls.ServerTls`: both are `proxy.tls.MemoryBioTls`, which
+holds the state table, `send`, the plaintext reads, `outgoing` and the quiet close. It wraps one
+pyOpenSSL `SSL.Connection` with no socket in the connect state: `start()` queues the ClientHello, `receive()` takes socket bytes and returns the
 plaintext they unlocked, `send()` encrypts, `outgoing()` hands back ciphertext for one
 `transport.write`. It never touches a socket, so its tests pump it into a `ServerTls` in memory.
 
-States and the only transitions allowed (see `_ALLOWED`), as in the server machine:
+States and the only transitions allowed (`proxy.tls._ALLOWED`; a client never pauses for async):
 
     HANDSHAKING ──► OPEN ──► CLOSED
          │           │
@@ -39,15 +39,14 @@ which is why the session is taken again once a connection goes idle in its pool 
 from __future__ import annotations
 
 import ctypes
-import enum
 import ipaddress
 
 from OpenSSL import SSL, crypto
-from OpenSSL._util import ffi, lib
+from OpenSSL._util import lib
 
 from config.model import Address, Backend, BackendProtocol, Problem, UpstreamTls
 from config.tls_material import PEM_CERTIFICATE_BLOCK
-from proxy.tls import READ_CHUNK, SHARED_BUFFER, error_queue_reason, libssl, take_ciphertext
+from proxy.tls import MemoryBioTls, TlsState, error_queue_reason, libssl
 from proxy.contexts import KeyInstaller
 from proxy.decisions import FailureKind, tls_failure_kind
 
@@ -59,21 +58,6 @@ _CLIENT_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 _SSL_SESSION_is_resumable = libssl.LIBSSL.SSL_SESSION_is_resumable
 _SSL_SESSION_is_resumable.argtypes = (ctypes.c_void_p,)
 _SSL_SESSION_is_resumable.restype = ctypes.c_int
-
-
-class TlsState(enum.Enum):
-    HANDSHAKING = "handshaking"
-    OPEN = "open"
-    CLOSED = "closed"
-    BROKEN = "broken"
-
-
-_ALLOWED = {
-    TlsState.HANDSHAKING: {TlsState.OPEN, TlsState.CLOSED, TlsState.BROKEN},
-    TlsState.OPEN: {TlsState.CLOSED, TlsState.BROKEN},
-    TlsState.CLOSED: set(),
-    TlsState.BROKEN: set(),
-}
 
 
 class UpstreamTlsFailure(Exception):
@@ -93,17 +77,15 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-class ClientTls:
-    __slots__ = ("connection", "state", "failure", "_ssl", "_into_ssl", "_from_ssl")
+class ClientTls(MemoryBioTls):
+    """Our side of a backend's TLS: `proxy.tls.MemoryBioTls` (state table, send, receive plaintext,
+    quiet close) with the client's handshake, name verification and failure kinds."""
+
+    __slots__ = ("failure",)
 
     def __init__(self, context: SSL.Context, name: str, send_sni: bool, verify: bool, session: SSL.Session | None) -> None:
-        self.connection = SSL.Connection(context, None)
-        self.connection.set_connect_state()
-        self.state = TlsState.HANDSHAKING
+        super().__init__(context, server_side=False)
         self.failure: UpstreamTlsFailure | None = None
-        self._ssl = self.connection._ssl
-        self._into_ssl = self.connection._into_ssl
-        self._from_ssl = self.connection._from_ssl
         is_ip = _is_ip(name)
         if send_sni and not is_ip:
             self.connection.set_tlsext_host_name(name.encode("idna"))
@@ -121,12 +103,7 @@ class ClientTls:
         if session is not None:
             self.connection.set_session(session)
 
-    def _move(self, new_state: TlsState) -> None:
-        if new_state not in _ALLOWED[self.state]:
-            raise AssertionError(f"TLS state {self.state.name} cannot become {new_state.name}")
-        self.state = new_state
-
-    def _break(self, during_handshake: bool) -> UpstreamTlsFailure:
+    def _break(self, during_handshake: bool = False) -> UpstreamTlsFailure:
         reason = error_queue_reason()
         if during_handshake:
             kind = tls_failure_kind(lib.SSL_get_verify_result(self._ssl))
@@ -161,60 +138,8 @@ class ClientTls:
             return
         raise self._break(during_handshake=True)
 
-    def _read_plaintext(self) -> bytes:
-        pieces = []
-        while True:
-            count = lib.SSL_read(self._ssl, SHARED_BUFFER, READ_CHUNK)
-            if count > 0:
-                pieces.append(ffi.buffer(SHARED_BUFFER, count)[:])
-                if not lib.BIO_ctrl_pending(self._into_ssl) and not lib.SSL_pending(self._ssl):
-                    break
-                continue
-            error = lib.SSL_get_error(self._ssl, count)
-            if error == lib.SSL_ERROR_WANT_READ:
-                break
-            if error == lib.SSL_ERROR_ZERO_RETURN:  # the backend's close_notify
-                self._move(TlsState.CLOSED)
-                break
-            raise self._break(during_handshake=False)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def send(self, plaintext: bytes) -> None:
-        """Encrypt `plaintext` into the outgoing BIO (one SSL_write per 16 KiB record)."""
-        if self.state is not TlsState.OPEN:
-            raise UpstreamTlsFailure(FailureKind.TLS_FAILED, f"cannot send in state {self.state.value}")
-        total = len(plaintext)
-        written = lib.SSL_write(self._ssl, plaintext, total)
-        if written == total:
-            return
-        buffer = ffi.from_buffer(plaintext)
-        offset = 0
-        while written > 0:
-            offset += written
-            if offset == total:
-                return
-            written = lib.SSL_write(self._ssl, buffer + offset, total - offset)
-        raise self._break(during_handshake=False)
-
-    def outgoing(self) -> bytes:
-        return take_ciphertext(self._from_ssl)
-
-    def close(self) -> None:
-        """Queue our close_notify (if healthy); quiet shutdown keeps the session resumable."""
-        if self.state is TlsState.OPEN:
-            lib.ERR_clear_error()
-            lib.SSL_shutdown(self._ssl)
-        self.connection.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
-        if self.state in (TlsState.HANDSHAKING, TlsState.OPEN):
-            self._move(TlsState.CLOSED)
-
-    @property
-    def resumed(self) -> bool:
-        return bool(lib.SSL_session_reused(self._ssl))
-
-    @property
-    def version(self) -> str:
-        return self.connection.get_protocol_version_name()
+    def _refuse_send(self) -> Exception:
+        return UpstreamTlsFailure(FailureKind.TLS_FAILED, f"cannot send in state {self.state.value}")
 
 
 class UpstreamTransport:

@@ -113,17 +113,112 @@ def error_queue_reason() -> str:
     return "; ".join(reasons) or "protocol error"
 
 
-class ServerTls:
+class MemoryBioTls:
+    """What both directions share (`ServerTls` here, `upstream_tls.ClientTls` towards backends):
+    the state table, plaintext out of and into OpenSSL, ciphertext out, the quiet close. A subclass
+    says what a failure is (`_break`) and how its handshake goes."""
+
     __slots__ = ("connection", "state", "_ssl", "_into_ssl", "_from_ssl", "_encrypted")
 
-    def __init__(self, context: SSL.Context) -> None:
+    def __init__(self, context: SSL.Context, server_side: bool) -> None:
         self.connection = SSL.Connection(context, None)
-        self.connection.set_accept_state()
+        if server_side:
+            self.connection.set_accept_state()
+        else:
+            self.connection.set_connect_state()
         self.state = TlsState.HANDSHAKING
         self._ssl = self.connection._ssl
         self._into_ssl = self.connection._into_ssl
         self._from_ssl = self.connection._from_ssl
         self._encrypted: list[bytes] = []  # ciphertext `send` took out of the BIO, for outgoing()
+
+    def _move(self, new_state: TlsState) -> None:
+        if new_state not in _ALLOWED[self.state]:
+            raise AssertionError(f"TLS state {self.state.name} cannot become {new_state.name}")
+        self.state = new_state
+
+    def _break(self, during_handshake: bool = False) -> Exception:
+        """Move to BROKEN and return the exception to raise (the OpenSSL error queue says why)."""
+        raise NotImplementedError
+
+    def _read_plaintext(self) -> bytes:
+        pieces = []
+        while True:
+            count = lib.SSL_read(self._ssl, SHARED_BUFFER, READ_CHUNK)
+            if count > 0:
+                pieces.append(ffi.buffer(SHARED_BUFFER, count)[:])
+                if not lib.BIO_ctrl_pending(self._into_ssl) and not lib.SSL_pending(self._ssl):
+                    break  # all consumed: skip the SSL_read + SSL_get_error that would say so
+                continue
+            error = lib.SSL_get_error(self._ssl, count)
+            if error == lib.SSL_ERROR_WANT_READ:
+                break
+            if error == lib.SSL_ERROR_ZERO_RETURN:  # the peer's close_notify
+                self._move(TlsState.CLOSED)
+                break
+            raise self._break()
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _refuse_send(self) -> Exception:
+        return TlsFailure(f"cannot send in state {self.state.value}")
+
+    def send(self, plaintext: bytes) -> None:
+        """Encrypt `plaintext` into the outgoing BIO.
+
+        pyOpenSSL turns on SSL_MODE_ENABLE_PARTIAL_WRITE, so one SSL_write takes one record
+        (16 KiB) at most: loop. The memory BIO grows as needed, so every call makes progress.
+        After each record of a longer plaintext its ciphertext leaves the BIO for `_encrypted`:
+        OpenSSL's memory BIO never shrinks (it keeps its largest size for the connection's life),
+        so it stays at one record, 16 KiB + 22, instead of a whole flush (~85 KiB for 64 KiB).
+        """
+        if self.state is not TlsState.OPEN:
+            raise self._refuse_send()
+        total = len(plaintext)
+        written = lib.SSL_write(self._ssl, plaintext, total)
+        if written == total:
+            return
+        buffer = ffi.from_buffer(plaintext)
+        offset = 0
+        while written > 0:
+            offset += written
+            self._encrypted.append(take_ciphertext(self._from_ssl))
+            if offset == total:
+                return
+            written = lib.SSL_write(self._ssl, buffer + offset, total - offset)
+        raise self._break()
+
+    def outgoing(self) -> bytes:
+        """Ciphertext waiting to go to the socket (handshake records, alerts, application data)."""
+        if not self._encrypted:
+            return take_ciphertext(self._from_ssl)
+        self._encrypted.append(take_ciphertext(self._from_ssl))
+        ciphertext = b"".join(self._encrypted)
+        self._encrypted.clear()
+        return ciphertext
+
+    def close(self) -> None:
+        """Queue our close_notify (if the session is healthy) and keep the session resumable."""
+        if self.state is TlsState.OPEN:
+            lib.ERR_clear_error()
+            lib.SSL_shutdown(self._ssl)
+        self.connection.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+        if self.state in (TlsState.HANDSHAKING, TlsState.OPEN):
+            self._move(TlsState.CLOSED)
+
+    @property
+    def version(self) -> str:
+        return self.connection.get_protocol_version_name()
+
+    @property
+    def resumed(self) -> bool:
+        return bool(lib.SSL_session_reused(self._ssl))
+
+
+class ServerTls(MemoryBioTls):
+    __slots__ = ()
+
+    def __init__(self, context: SSL.Context) -> None:
+        super().__init__(context, server_side=True)
 
     @property
     def waiting_for_async(self) -> bool:
@@ -134,12 +229,7 @@ class ServerTls:
         """The fds that become readable when the paused job can go on."""
         return async_wait_fds(self.connection)
 
-    def _move(self, new_state: TlsState) -> None:
-        if new_state not in _ALLOWED[self.state]:
-            raise AssertionError(f"TLS state {self.state.name} cannot become {new_state.name}")
-        self.state = new_state
-
-    def _break(self) -> TlsFailure:
+    def _break(self, during_handshake: bool = False) -> TlsFailure:
         self._move(TlsState.BROKEN)
         return TlsFailure(error_queue_reason())
 
@@ -182,72 +272,12 @@ class ServerTls:
             return
         raise self._break()
 
-    def _read_plaintext(self) -> bytes:
-        pieces = []
-        while True:
-            count = lib.SSL_read(self._ssl, SHARED_BUFFER, READ_CHUNK)
-            if count > 0:
-                pieces.append(ffi.buffer(SHARED_BUFFER, count)[:])
-                if not lib.BIO_ctrl_pending(self._into_ssl) and not lib.SSL_pending(self._ssl):
-                    break  # all consumed: skip the SSL_read + SSL_get_error that would say so
-                continue
-            error = lib.SSL_get_error(self._ssl, count)
-            if error == lib.SSL_ERROR_WANT_READ:
-                break
-            if error == lib.SSL_ERROR_ZERO_RETURN:  # the peer's close_notify
-                self._move(TlsState.CLOSED)
-                break
-            raise self._break()
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    # -- plaintext out ------------------------------------------------------------------------
-
-    def send(self, plaintext: bytes) -> None:
-        """Encrypt `plaintext` into the outgoing BIO.
-
-        pyOpenSSL turns on SSL_MODE_ENABLE_PARTIAL_WRITE, so one SSL_write takes one record
-        (16 KiB) at most: loop. The memory BIO grows as needed, so every call makes progress.
-        After each record of a longer plaintext its ciphertext leaves the BIO for `_encrypted`:
-        OpenSSL's memory BIO never shrinks (it keeps its largest size for the connection's life),
-        so it stays at one record, 16 KiB + 22, instead of a whole flush (~85 KiB for 64 KiB).
-        """
-        if self.state is not TlsState.OPEN:
-            raise TlsFailure(f"cannot send in state {self.state.value}")
-        total = len(plaintext)
-        written = lib.SSL_write(self._ssl, plaintext, total)
-        if written == total:
-            return
-        buffer = ffi.from_buffer(plaintext)
-        offset = 0
-        while written > 0:
-            offset += written
-            self._encrypted.append(take_ciphertext(self._from_ssl))
-            if offset == total:
-                return
-            written = lib.SSL_write(self._ssl, buffer + offset, total - offset)
-        raise self._break()
-
-    def outgoing(self) -> bytes:
-        """Ciphertext waiting to go to the socket (handshake records, alerts, application data)."""
-        if not self._encrypted:
-            return take_ciphertext(self._from_ssl)
-        self._encrypted.append(take_ciphertext(self._from_ssl))
-        ciphertext = b"".join(self._encrypted)
-        self._encrypted.clear()
-        return ciphertext
-
     # -- closing ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Queue our close_notify (if the session is healthy) and keep the session resumable."""
         if self.state is TlsState.ASYNC_PAUSED:
             raise AssertionError("a connection with a paused async job must not be closed")
-        if self.state is TlsState.OPEN:
-            lib.ERR_clear_error()
-            lib.SSL_shutdown(self._ssl)
-        self.connection.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
-        if self.state in (TlsState.HANDSHAKING, TlsState.OPEN):
-            self._move(TlsState.CLOSED)
+        super().close()
 
     # -- facts for logs and metrics -----------------------------------------------------------
 
@@ -256,10 +286,3 @@ class ServerTls:
         name = self.connection.get_servername()
         return name.decode("ascii", "replace") if name else None
 
-    @property
-    def version(self) -> str:
-        return self.connection.get_protocol_version_name()
-
-    @property
-    def resumed(self) -> bool:
-        return bool(lib.SSL_session_reused(self._ssl))
