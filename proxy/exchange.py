@@ -268,6 +268,21 @@ def _answer(client: ClientSide, head: RequestHead, status: int, hsts: bytes, grp
     return keep
 
 
+def _attempt_failure(error: Exception, backend: str, address: Address) -> FailureKind:
+    """What the exception that ended one backend attempt means, for the retry and the metric."""
+    if isinstance(error, BackendFailed | UpstreamTlsFailure):
+        if isinstance(error, UpstreamTlsFailure):
+            LOG.info("backend %s %s: %s", backend, address, error)
+        return error.kind
+    if isinstance(error, PeerError):
+        return FailureKind.BAD_RESPONSE
+    if isinstance(error, TimeoutError):
+        return FailureKind.RESPONSE_TIMEOUT
+    if isinstance(error, h2_exceptions.H2Error):  # the HTTP/2 backend connection broke under us
+        LOG.info("backend %s %s: HTTP/2: %r", backend, address, error)
+    return FailureKind.RESET  # closed or reset before any response byte
+
+
 def _redirect_header(head: RequestHead, https_port: int) -> bytes:
     host = head.host.split(b":")[0] if not head.host.startswith(b"[") else head.host.split(b"]")[0] + b"]"
     authority = host if https_port == 443 else b"%s:%d" % (host, https_port)
@@ -323,17 +338,8 @@ async def _proxy(
                 metrics.POLICY_ANSWERS.labels("413").inc()
                 return 413, client.answer_locally(head, 413, hsts)
             raise failed.cause from None
-        except BackendFailed as error:
-            failure = error.kind
-        except ConnectionGone:
-            failure = FailureKind.RESET
-        except PeerError:
-            failure = FailureKind.BAD_RESPONSE
-        except TimeoutError:
-            failure = FailureKind.RESPONSE_TIMEOUT
-        except UpstreamTlsFailure as tls_failure:
-            failure = tls_failure.kind
-            LOG.info("backend %s %s: %s", backend, address, tls_failure)
+        except (BackendFailed, ConnectionGone, PeerError, TimeoutError, UpstreamTlsFailure) as error:
+            failure = _attempt_failure(error, backend, address)
         else:
             extra = hsts
             if policy is not None:
@@ -401,18 +407,8 @@ async def _proxy_http2(
                     return await _exchange_http2(client, head, stream, fields, hsts, timeouts, backend, progress)
                 except ClientFailed as failed:
                     raise failed.cause from None
-                except BackendFailed as error:
-                    failure = error.kind
-                except ConnectionGone:
-                    failure = FailureKind.RESET
-                except PeerError:
-                    failure = FailureKind.BAD_RESPONSE
-                except UpstreamTlsFailure as tls_failure:
-                    failure = tls_failure.kind
-                    LOG.info("backend %s %s: %s", backend, address, tls_failure)
-                except h2_exceptions.H2Error as error:  # the backend connection broke under us
-                    failure = FailureKind.RESET
-                    LOG.info("backend %s %s: HTTP/2: %r", backend, address, error)
+                except (BackendFailed, ConnectionGone, PeerError, UpstreamTlsFailure, h2_exceptions.H2Error) as error:
+                    failure = _attempt_failure(error, backend, address)
                 finally:
                     if stream is not None:
                         stream.release()
