@@ -4,8 +4,9 @@ Each folder under cases/ holds `routes.yaml` (the routes file) and `input.yaml` 
 Kubernetes objects, in tests/translate/fixtures.py's format), written to name their backends the
 same way ("namespace/service:port"). `expected.yaml` says `problem: null` (both load without a
 problem and must give *equal* route tables: hosts, paths, types, policies, backends, default
-backend; and the same real-client-address settings: trusted proxies, PROXY protocol listeners) or `problem: "<text>"` (both report that text: the routes file refuses itself, the
-translator leaves the younger rule out).
+backend; and the same real-client-address settings: trusted proxies, PROXY protocol listeners)
+or `problem: "<text>"` (both report that text: the routes file refuses itself, the translator
+leaves the younger rule out).
 """
 
 from __future__ import annotations
