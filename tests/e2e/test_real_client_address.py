@@ -236,11 +236,12 @@ def test_a_listener_requiring_the_header_closes_a_bare_client(ca: trustme.CA, be
     assert "requires a PROXY protocol header" in behind_l4.stderr()  # the first refusal, at info
 
 
-def test_a_header_must_arrive_within_the_handshake_timeout(behind_l4: ProxyProcess) -> None:
-    before = behind_l4.metric("ingress_proxy_proxy_header_refusals_total", listener="https")
-    with connect(behind_l4.ports.https, v2("203.0.113.7")[:20]) as sock:  # half a header, then silence
+@pytest.mark.parametrize("listener", ["https", "http"])
+def test_a_header_must_arrive_within_the_handshake_timeout(behind_l4: ProxyProcess, listener: str) -> None:
+    before = behind_l4.metric("ingress_proxy_proxy_header_refusals_total", listener=listener)
+    with connect(getattr(behind_l4.ports, listener), v2("203.0.113.7")[:20]) as sock:  # half a header, then silence
         assert closed_without_answer(sock)  # the socket's own timeout (WAIT) is far above the proxy's 2 s
-    assert behind_l4.metric("ingress_proxy_proxy_header_refusals_total", listener="https") == before + 1
+    assert behind_l4.metric("ingress_proxy_proxy_header_refusals_total", listener=listener) == before + 1
 
 
 @pytest.mark.parametrize("header", [pytest.param(v1("203.0.113.7"), id="v1"), pytest.param(v2("203.0.113.7"), id="v2")])
