@@ -109,13 +109,12 @@ def _v1(buffer: bytes) -> tuple[ProxyHeader, bytes] | None:
         raise ProxyHeaderError("PROXY v1 header is not 'PROXY TCP4|TCP6 <src> <dst> <sport> <dport>' or 'PROXY UNKNOWN'")
     family, source, destination, source_port, destination_port = fields
     version = 4 if family == b"TCP4" else 6
-    for address in (source, destination):
-        if _ip_version(address) != version:
-            raise ProxyHeaderError(f"PROXY v1 {family.decode()} header with a bad address {address[:40]!r}")
+    client = _ip_address(source, version, family)
+    _ip_address(destination, version, family)
     for port in (source_port, destination_port):
         if not (port.isdigit() and len(port) <= 5 and int(port) <= 65535):
             raise ProxyHeaderError(f"PROXY v1 header with a bad port {port[:8]!r}")
-    return ProxyHeader(1, _canonical(source)), rest
+    return ProxyHeader(1, client), rest
 
 
 def _v2(buffer: bytes) -> tuple[ProxyHeader, bytes] | None:
@@ -163,18 +162,16 @@ def _check_tlvs(payload: bytes, offset: int) -> None:
             raise ProxyHeaderError("PROXY v2 header with a TLV longer than the header")
 
 
-def _ip_version(text: bytes) -> int | None:
-    if b"%" in text:
-        return None  # an IPv6 zone ("fe80::1%eth0") names an interface of the sender, not a client
+def _ip_address(text: bytes, version: int, family: bytes) -> bytes:
+    """`text` as one spelling of an address of `version` (`2001:DB8::0:7` → `2001:db8::7`, as a
+    socket peer is reported), or ProxyHeaderError."""
     try:
-        return ipaddress.ip_address(text.decode("ascii")).version
+        if b"%" in text:
+            raise ValueError  # an IPv6 zone ("fe80::1%eth0") names an interface of the sender, not a client
+        address = ipaddress.IPv4Address(text.decode("ascii")) if version == 4 else ipaddress.IPv6Address(text.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
-        return None
-
-
-def _canonical(text: bytes) -> bytes:
-    """One spelling per address (`2001:DB8::0:7` → `2001:db8::7`), as a socket peer is reported."""
-    return str(ipaddress.ip_address(text.decode("ascii"))).encode()
+        raise ProxyHeaderError(f"PROXY v1 {family.decode()} header with a bad address {text[:40]!r}") from None
+    return str(address).encode()
 
 
 # -- the shell's bookkeeping (proxy.downstream calls this when it closes a refused connection) --
