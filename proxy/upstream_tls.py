@@ -119,7 +119,7 @@ class ClientTls(MemoryBioTls):
 
     def receive(self, ciphertext: bytes) -> bytes:
         """Take bytes from the socket; return the plaintext they complete (maybe b"")."""
-        if self.state in (TlsState.CLOSED, TlsState.BROKEN):
+        if self.input_ended:
             return b""
         lib.BIO_write(self._into_ssl, ciphertext, len(ciphertext))
         if self.state is TlsState.HANDSHAKING:
