@@ -22,7 +22,8 @@ from config.route_policy import (
     check_header_edit,
     check_host_value,
     check_max_age,
-    check_percent,
+    check_weight,
+    check_weight_total,
     check_positive,
     check_token_list,
     header_edits,
@@ -236,10 +237,12 @@ def read_canary(ingress: dict, location: str, problems: list[Problem]) -> Canary
                 f"annotation {key} is ignored on a canary Ingress (only {', '.join(sorted(CANARY_ANNOTATIONS))} "
                 "apply; the main Ingress's policy serves both); move it to the main Ingress or remove it"
             )))
-    weight = reader.read("canary-weight", lambda raw: int(check_percent(raw)))
+    total = reader.read("canary-weight-total", check_weight_total) or 100
+    weight = reader.read("canary-weight", lambda raw: check_weight(raw, total))
     return Canary(
         backend="",
         weight=weight or 0,
+        weight_total=total,
         header=reader.read("canary-by-header", lambda raw: check_header_edit(raw.strip(), None, request=True)),
         header_value=reader.read("canary-by-header-value", lambda raw: raw),
         cookie=reader.read("canary-by-cookie", lambda raw: check_cookie_name(raw.strip())),
@@ -285,7 +288,8 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "cors-allow-credentials": "send Access-Control-Allow-Credentials: true (the Origin is then echoed, never *)",
     "cors-max-age": "Access-Control-Max-Age of preflight answers",
     "canary": "this Ingress is a weighted alternative to the main Ingress of the same host and paths",
-    "canary-weight": "percent of requests (0-100) sent to the canary",
+    "canary-weight": "requests sent to the canary, out of canary-weight-total (0-100 by default)",
+    "canary-weight-total": "the denominator of canary-weight (default 100; 1000 gives tenths of a percent)",
     "canary-by-header": "a request header: always → canary, never → main (or compared with canary-by-header-value)",
     "canary-by-header-value": "the canary-by-header value that selects the canary",
     "canary-by-cookie": "a cookie: always → canary, never → main",

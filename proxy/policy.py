@@ -311,7 +311,7 @@ def chosen_backend(policy: CompiledPolicy, backend: str, head: RequestHead, draw
             return canary.backend
         if cookie == "never":
             return backend
-    return canary.backend if draw * 100 < canary.weight else backend
+    return canary.backend if draw * canary.weight_total < canary.weight else backend
 
 
 def _cookie(head: RequestHead, name: str) -> str | None:

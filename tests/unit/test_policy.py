@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from config.model import Address, Affinity, HeaderEdits, RealIp, PathRule, PathType, Redirect, RouteTable, RoutePolicy, VirtualHost
+from config.model import Address, Affinity, Canary, HeaderEdits, RealIp, PathRule, PathType, Redirect, RouteTable, RoutePolicy, VirtualHost
 from config.route_policy import (
     MAX_REGEX_LENGTH,
     MAX_REGEX_SUBJECT,
@@ -21,7 +21,7 @@ from config.route_policy import (
     parse_size,
 )
 from proxy.http1 import RequestHead, upstream_request_head
-from proxy.policy import MAX_TRACKED_CLIENTS, forwarded_client, CompiledPolicy, ConcurrencyLimiter, RateLimiter, local_answer, shaped_head, source_allowed, upstream_fields, upstream_request
+from proxy.policy import MAX_TRACKED_CLIENTS, chosen_backend, forwarded_client, CompiledPolicy, ConcurrencyLimiter, RateLimiter, local_answer, shaped_head, source_allowed, upstream_fields, upstream_request
 from proxy.router import Router
 
 P, E, I = PathType.PREFIX, PathType.EXACT, PathType.IMPLEMENTATION_SPECIFIC
@@ -334,3 +334,21 @@ def test_trusted_forwarded_for(peer: bytes, forwarded: bytes | None, client: byt
     assert has_chain == (kept and forwarded is not None)
     wire = upstream_request_head(forwarded_head, peer, b"https", b"127.0.0.1:8443", real_ip=found)
     assert b"X-Real-IP: " + found + b"\r\n" in wire and re.search(rb"X-Forwarded-For: [^\r]*" + re.escape(peer) + rb"\r\n", wire)
+
+
+@pytest.mark.parametrize(("canary", "headers", "draw", "chosen"), [
+    (Canary("c", weight=10), (), 0.0999, "c"),
+    (Canary("c", weight=10), (), 0.1, "main"),
+    (Canary("c", weight=5, weight_total=1000), (), 0.00499, "c"),  # canary-weight-total: 5 in 1000
+    (Canary("c", weight=5, weight_total=1000), (), 0.005, "main"),
+    (Canary("c", weight=1, weight_total=1), (), 0.99999, "c"),
+    (Canary("c", weight=0), (), 0.0, "main"),
+    (Canary("c", weight=100, header="X-Canary"), ((b"x-canary", b"never"),), 0.0, "main"),  # header first
+    (Canary("c", weight=0, header="X-Canary"), ((b"X-Canary", b"always"),), 0.5, "c"),
+    (Canary("c", weight=0, header="X-Group", header_value="beta"), ((b"x-group", b"beta"),), 0.5, "c"),
+    (Canary("c", weight=100, header="X-Group", header_value="beta"), ((b"x-group", b"alpha"),), 0.5, "c"),  # no match: weight
+    (Canary("c", weight=0, cookie="canary"), ((b"cookie", b"a=1; canary=always"),), 0.5, "c"),
+    (Canary("c", weight=100, cookie="canary"), ((b"cookie", b"canary=never"),), 0.0, "main"),
+])  # fmt: skip
+def test_canary_choice(canary: Canary, headers: tuple, draw: float, chosen: str) -> None:
+    assert chosen_backend(compiled(canary=canary), "main", head(headers=headers), draw) == chosen
