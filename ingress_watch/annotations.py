@@ -32,7 +32,8 @@ from config.route_policy import (
     parse_timeout,
     split_list,
 )
-from ingress_watch.objects import Rejected, object_metadata, parse_bool
+from ingress_watch.header_configmaps import configmap_headers, configmap_reference, merged_edits, set_edits
+from ingress_watch.objects import ObjectIndex, Rejected, object_metadata, object_namespace, parse_bool
 
 # ingress-nginx keys under `nginx.ingress.kubernetes.io/`, and the same names under
 # `ingress.kubernetes.io/` (haproxy-ingress's legacy prefix, which this controller read first).
@@ -74,7 +75,7 @@ class IngressAnnotations:
 
 
 def read_annotations(
-    ingress: dict, location: str, problems: list[Problem], default_policy: RoutePolicy | None
+    ingress: dict, location: str, problems: list[Problem], default_policy: RoutePolicy | None, index: ObjectIndex
 ) -> IngressAnnotations:
     values: dict[str, str] = {}
     keys: dict[str, str] = {}  # name → the annotation key as written, for messages
@@ -149,8 +150,17 @@ def read_annotations(
         fields["affinity"] = Affinity(name or Affinity().cookie_name, max_age, cookie_path or "/")
     if reader.read("enable-cors", parse_bool):
         fields["cors"] = reader.read_cors()
+    custom = reader.read("custom-headers", lambda raw: configmap_reference(raw, object_namespace(ingress)))
+    custom_edits = None
+    if custom is not None:
+        pairs = configmap_headers(index, custom, False, f"annotation {keys['custom-headers']}", location, problems)
+        custom_edits = set_edits(pairs)
     for direction in ("request", "response"):
-        edits = reader.read_edits(direction)
+        own = reader.read_edits(direction)
+        if direction == "response":
+            own = merged_edits(custom_edits, own)  # the Ingress's own response-*-headers win
+        base = None if default_policy is None else getattr(default_policy, f"{direction}_headers")
+        edits = merged_edits(base, own)  # ConfigMap add-headers / proxy-set-headers, under the Ingress's
         if edits is not None:
             fields[f"{direction}_headers"] = edits
     policy = RoutePolicy(**fields)  # type: ignore[arg-type]
@@ -300,6 +310,7 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "limit-rps": "requests per second per client address, per replica (429 above it)",
     "limit-burst-multiplier": "burst = limit-rps × this (default 5)",
     "limit-connections": "requests in flight per client address, per replica (503 above it)",
+    "custom-headers": "namespace/name of a ConfigMap whose data are response headers set on every response of the Ingress",
     # ingress-proxy's own keys (ingress-nginx needs a configuration-snippet for these): one
     # "Name: value" per line for set/add, a comma-separated list of names for remove
     "request-set-headers": "request headers set (replacing the client's) before forwarding",

@@ -36,6 +36,8 @@ DIFFERENCES = {
     "whitelist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
     "allowlist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
     "denylist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
+    "custom-headers": "the names need not be in global-allowed-response-headers; the proxy's own answers (404, 503) do not get them",
+    "canary-weight": "a whole number from 0 to canary-weight-total (a fraction is refused, not truncated)",
 }
 
 
