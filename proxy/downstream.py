@@ -51,6 +51,7 @@ from proxy.http1 import (
 )
 from proxy.serving import Listener, ServingState
 from proxy.tls import ServerTls, TlsFailure, TlsState
+from proxy.tls.offload import async_job_watcher
 from proxy.upstream import UpstreamConnection
 
 LOG = logging.getLogger("ingress_proxy")
@@ -95,7 +96,7 @@ class ClientConnection(FlowControlled):
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b"-"
         self.server.connections.add(self)
-        metrics.OPEN_CONNECTIONS.labels(self.listener.name).inc()
+        metrics.open_connections(self.listener.name).inc()
         generation = self.server.generation
         if self.listener.tls:  # the protocol is known once ALPN has spoken: see _handshake_done
             self.tls = ServerTls(generation.tls.default)
@@ -143,7 +144,7 @@ class ClientConnection(FlowControlled):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.server.connections.discard(self)
-        metrics.OPEN_CONNECTIONS.labels(self.listener.name).dec()
+        metrics.open_connections(self.listener.name).dec()
         for timer in (self._head_timer, self._handshake_timer):
             if timer is not None:
                 timer.cancel()
@@ -177,7 +178,7 @@ class ClientConnection(FlowControlled):
     def _handshake_done(self) -> None:
         """Start the protocol ALPN chose: HTTP/2, or HTTP/1.1 (also when the client offered none)."""
         assert self.tls is not None
-        if self.tls.connection.get_alpn_proto_negotiated() == b"h2":
+        if self.tls.alpn_selected == b"h2":
             self.protocol = "h2"
             self.http2 = Http2Session(self, self.server)
             self.http2.write()
@@ -185,8 +186,6 @@ class ClientConnection(FlowControlled):
             self._handler = self.loop.create_task(self._serve())
 
     def _watch_async_job(self) -> None:
-        from proxy.tls.offload import async_job_watcher
-
         assert self.tls is not None
         metrics.TLS_ASYNC_PAUSES.inc()
         _PAUSED_IN_ASYNC_JOB.add(self)
@@ -194,8 +193,6 @@ class ClientConnection(FlowControlled):
         async_job_watcher(self.loop).watch(self._async_fds, self._async_job_ready)
 
     def _async_job_ready(self) -> None:
-        from proxy.tls.offload import async_job_watcher
-
         assert self.tls is not None
         async_job_watcher(self.loop).forget(self._async_fds)
         _PAUSED_IN_ASYNC_JOB.discard(self)
