@@ -31,6 +31,7 @@ import socket
 import struct
 
 from proxy import memory, metrics
+from proxy.deadlines import Deadline, deadline_sweeper
 from proxy.decisions import http1_connection_continues, plan_http1_response
 from proxy.exchange import HttpDate, exchange, hsts_header
 from proxy.flow import ConnectionGone, Failure, FlowControlled
@@ -80,7 +81,7 @@ class ClientConnection(FlowControlled):
         self._out_size = 0
         self._awaiting_head = True
         self._head_timer: asyncio.TimerHandle | None = None
-        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._handshake_timer: Deadline | None = None  # one sweeper's entry, not a loop timer each
         self._async_fds: list[int] = []
         self._parse_failed = False
         self._handler: asyncio.Task[None] | None = None
@@ -100,7 +101,7 @@ class ClientConnection(FlowControlled):
         generation = self.server.generation
         if self.listener.tls:  # the protocol is known once ALPN has spoken: see _handshake_done
             self.tls = ServerTls(generation.tls.default)
-            self._handshake_timer = self.loop.call_later(
+            self._handshake_timer = deadline_sweeper(self.loop).call_later(
                 generation.configuration.timeouts.handshake, self._handshake_expired
             )
         else:
