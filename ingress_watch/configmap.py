@@ -43,6 +43,7 @@ class GlobalSettings:
     tls_policy: TlsPolicy = TlsPolicy()
     default_policy: RoutePolicy | None = None  # what every Ingress path gets unless its annotations say otherwise
     real_ip: RealIp | None = None
+    proxy_protocol: tuple[str, ...] = ()  # listener names: use-proxy-protocol applies to all (https, http)
 
 
 def _parse_duration(raw: str) -> float:
@@ -134,10 +135,11 @@ _T = TypeVar("_T")
 # ingress-nginx's proxy-real-ip-cidr default: with use-forwarded-headers every peer is trusted.
 INGRESS_NGINX_REAL_IP_CIDR: tuple[IpNetwork, ...] = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 SUPPORTED_CONFIGMAP_KEYS = (
-    "hsts", "hsts-include-subdomains", "hsts-max-age", "hsts-preload", "ssl-ciphers", "ssl-ciphersuites", "ssl-ecdh-curve",
+    "compute-full-forwarded-for", "hsts", "hsts-include-subdomains", "hsts-max-age", "hsts-preload", "ssl-ciphers", "ssl-ciphersuites", "ssl-ecdh-curve",
     "proxy-body-size", "proxy-real-ip-cidr", "ssl-engine", "ssl-mode-async", "ssl-propquery", "ssl-protocols",
     "ssl-provider", "ssl-provider-optional", "ssl-provider-parameters", "ssl-provider-path", "ssl-redirect",
     "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server", "use-forwarded-headers", "use-http2",
+    "use-proxy-protocol",
 )
 
 
@@ -221,7 +223,21 @@ def read_configmap(configmap: dict | None, problems: list[Problem]) -> GlobalSet
     body_size = read("proxy-body-size", _policy_check(parse_size), None)  # default: no limit (README)
     default_policy = RoutePolicy(max_body_size=body_size) if body_size is not None else None
     real_ip = None
+    compute_full = read("compute-full-forwarded-for", parse_bool, False)
+    proxy_protocol = ("https", "http") if read("use-proxy-protocol", parse_bool, False) else ()
     if read("use-forwarded-headers", parse_bool, False):  # ingress-nginx: trusted from proxy-real-ip-cidr
         trusted = read("proxy-real-ip-cidr", _policy_check(source_networks), INGRESS_NGINX_REAL_IP_CIDR)
-        real_ip = RealIp(trusted)
-    return GlobalSettings(crypto, timeouts, enabled_hsts, ssl_redirect, tls_policy, default_policy, real_ip)
+        real_ip = RealIp(trusted, compute_full_forwarded_for=compute_full)
+        if proxy_protocol and trusted == INGRESS_NGINX_REAL_IP_CIDR:
+            problems.append(Problem(location, (
+                "use-forwarded-headers with use-proxy-protocol: every PROXY header's source is trusted to set "
+                "X-Forwarded-For, so any client can claim an address; set proxy-real-ip-cidr to the L7 proxies "
+                "in front of the balancer, or drop use-forwarded-headers"
+            )))
+    elif compute_full:
+        problems.append(Problem(location, (
+            "compute-full-forwarded-for: has no effect without use-forwarded-headers: \"true\" (an untrusted "
+            "client's X-Forwarded-For is replaced, never appended to); set both, or drop it"
+        )))
+    return GlobalSettings(crypto, timeouts, enabled_hsts, ssl_redirect, tls_policy, default_policy, real_ip, proxy_protocol)
+

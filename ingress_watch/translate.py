@@ -198,6 +198,7 @@ def translate(snapshot: Snapshot, options: TranslateOptions) -> Translation:
         hsts=settings.hsts,
         tls_policy=settings.tls_policy,
         real_ip=settings.real_ip,
+        proxy_protocol=settings.proxy_protocol,
     )
     return Translation(
         configuration=configuration,
