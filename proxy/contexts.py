@@ -27,6 +27,7 @@ for the certificate OpenSSL chose, so an RSA + ECDSA context staples each one's 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,10 @@ KeyInstaller = Callable[[SSL.Context, KeySource], str]
 
 _SESSION_CACHE_SECONDS = 300
 _ALPN_CALLBACK = "int(*)(SSL *, unsigned char **, unsigned char *, unsigned char *, unsigned int, void *)"
+_SERVERNAME_CALLBACK = "int (*)(SSL *, int *, void *)"
+_SERVERNAME_OK = 0  # SSL_TLSEXT_ERR_OK: go on with the handshake (also if a bug raised in the callback)
+_STATUS_CALLBACK = "int (*)(SSL *, void *)"
+_STATUS_NO_STAPLE = 3  # SSL_TLSEXT_ERR_NOACK: no status_request answer, the handshake goes on
 
 
 @functools.cache
@@ -174,11 +179,25 @@ class ContextCache:
         self.current = TlsContexts(default, precise, wildcard, key_sources, problems)
         return self.current
 
-    def _switch_by_sni(self, connection: SSL.Connection) -> None:
-        assert self.current is not None
-        chosen = self.current.for_server_name(connection.get_servername())
-        if chosen is not connection.get_context():
-            connection.set_context(chosen)
+    def _sni_switch(self, context: SSL.Context) -> object:
+        """`context`'s servername callback (our own cffi one, like the ALPN selector): OpenSSL calls it
+        for every ClientHello, with or without SNI. pyOpenSSL's wrapper looked up the Connection
+        object and decoded the name on each call; here the common case, a connection already on
+        the context its name maps to (no SNI → the default), is one libssl call and one dict
+        lookup, and only a switch looks up the Connection. The callback holds its context weakly
+        (the context holds the callback), and reads `current`, so it switches by the newest mapping."""
+        own = weakref.ref(context)
+
+        @ffi.callback(_SERVERNAME_CALLBACK, error=_SERVERNAME_OK)
+        def switch(ssl: object, _alert: object, _arg: object) -> int:
+            assert self.current is not None
+            name = lib.SSL_get_servername(ssl, lib.TLSEXT_NAMETYPE_host_name)
+            chosen = self.current.for_server_name(ffi.string(name) if name else None)
+            if chosen is not own():  # the connection is still on the context it was made with
+                SSL.Connection._reverse_mapping[ssl].set_context(chosen)
+            return _SERVERNAME_OK
+
+        return switch
 
     def new_context(self, async_mode: bool, resumption: bool, policy: TlsPolicy) -> SSL.Context:
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
@@ -197,7 +216,8 @@ class ContextCache:
         context.set_mode(SSL.MODE_RELEASE_BUFFERS)
         context._ingress_alpn = _alpn_selector(policy.alpn)  # type: ignore[attr-defined]  # lives as long as the context
         lib.SSL_CTX_set_alpn_select_cb(context._context, context._ingress_alpn, ffi.NULL)  # type: ignore[attr-defined]
-        context.set_tlsext_servername_callback(self._switch_by_sni)
+        context._ingress_sni = self._sni_switch(context)  # type: ignore[attr-defined]  # lives as long as the context
+        lib.SSL_CTX_set_tlsext_servername_callback(context._context, context._ingress_sni)  # type: ignore[attr-defined]
         libssl.set_ticket_keys(context, self._ticket_keys)
         if async_mode:
             from proxy.tls.offload import enable_async_mode
@@ -235,7 +255,7 @@ class _Build:
     def _build(self, certificates: list[Certificate]) -> tuple[SSL.Context, str] | None:
         context = self._cache.new_context(self._async_mode, self._resumption, self._policy)
         labels = []
-        stapled: dict[tuple[int, bytes], StapledResponse] = {}
+        stapled: dict[int, StapledResponse] = {}  # the leaf's X509 address → its response
         for certificate in certificates:
             try:
                 chain = _load_chain(certificate.chain_pem)
@@ -255,19 +275,30 @@ class _Build:
                 except OcspMismatch as mismatch:
                     self.not_stapled.add(Problem(certificate.origin, f"OCSP response not stapled: {mismatch}"))
                 else:
-                    stapled[_identity(chain[0])] = response
+                    stapled[libssl.address(chain[0]._x509)] = response
         if stapled:
-            context.set_ocsp_server_callback(_staple, stapled)
+            context._ingress_staple = _stapler(stapled)  # type: ignore[attr-defined]  # lives as long as the context
+            lib.SSL_CTX_set_tlsext_status_cb(context._context, context._ingress_staple)  # type: ignore[attr-defined]
         return context, "+".join(sorted(set(labels)))
 
 
-def _identity(certificate: crypto.X509) -> tuple[int, bytes]:
-    """Which of a context's certificates a handshake uses: serial number and issuer name."""
-    return certificate.get_serial_number(), certificate.get_issuer().der()
+def _stapler(stapled: dict[int, StapledResponse]) -> object:
+    """A context's OCSP status callback, in cffi like the ALPN selector. OpenSSL calls it only when
+    the client sent status_request, after it chose the certificate. A context and every connection
+    made from it (or switched to it by SNI) hold the very X509 objects the context was given
+    (SSL_CTX_use_certificate and SSL_new take references, not copies), so `SSL_get_certificate`'s
+    address says which certificate was chosen: no X509 wrapper, serial number or issuer DER per
+    handshake, as pyOpenSSL's callback and the earlier serial+issuer key needed."""
 
+    @ffi.callback(_STATUS_CALLBACK, error=_STATUS_NO_STAPLE)  # a bug here staples nothing
+    def staple(ssl: object, _arg: object) -> int:
+        response = stapled.get(libssl.address(lib.SSL_get_certificate(ssl)))
+        der = response.for_handshake() if response is not None else b""
+        if not der:
+            return _STATUS_NO_STAPLE
+        copy = lib.OPENSSL_malloc(len(der))  # OpenSSL frees the response with the connection
+        ffi.memmove(copy, der, len(der))
+        lib.SSL_set_tlsext_status_ocsp_resp(ssl, copy, len(der))
+        return int(lib.SSL_TLSEXT_ERR_OK)
 
-def _staple(connection: SSL.Connection, stapled: dict[tuple[int, bytes], StapledResponse]) -> bytes:
-    """OpenSSL asks only when the client sent status_request; b"" = staple nothing."""
-    chosen = connection.get_certificate()
-    response = stapled.get(_identity(chosen)) if chosen is not None else None
-    return response.for_handshake() if response is not None else b""
+    return staple
