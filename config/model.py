@@ -206,6 +206,39 @@ class RoutePolicy:
 # ---- end of per-route policy ------------------------------------------------------------------
 
 
+# ---- client certificates per host (issue 13, ingress-nginx auth-tls-*) --------------------------
+
+
+class ClientVerify(enum.Enum):
+    """ingress-nginx `auth-tls-verify-client` (nginx `ssl_verify_client`)."""
+
+    ON = "on"  # a certificate from `ca_pem` is required: none or a bad one → 400
+    OPTIONAL = "optional"  # asked for; none passes (ssl-client-verify: NONE), a bad one → 400
+    OPTIONAL_NO_CA = "optional_no_ca"  # asked for; an unverifiable issuer passes (FAILED:reason), other errors → 400
+    OFF = "off"  # not asked for at all
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """Client certificate authentication of one host: a TLS property of its SNI-selected context.
+
+    `depth`: how many certificates above the client's own may be checked (OpenSSL's verify depth;
+    1, ingress-nginx's default: issued directly by a CA of the bundle). The backend always gets
+    ssl-client-verify, ssl-client-subject-dn and ssl-client-issuer-dn, and with `pass_certificate`
+    also ssl-client-cert (URL-escaped PEM), as ingress-nginx sends them; clients' own copies of
+    those headers are always dropped, on every host. A host with
+    `verify` OFF carries no ClientAuth at all (both producers leave it None).
+    """
+
+    ca_pem: bytes = field(repr=False)
+    verify: ClientVerify = ClientVerify.ON
+    depth: int = 1
+    pass_certificate: bool = False
+
+
+# ---- end of client certificates ---------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class PathRule:
     path: str
@@ -222,6 +255,7 @@ class VirtualHost:
     paths: tuple[PathRule, ...]
     redirect_to_https: bool = False
     hsts: Hsts | Literal[False] | None = None  # None: Configuration.hsts; False: none for this host; Hsts: its own
+    client_auth: ClientAuth | None = None  # None: no client certificates asked for (today's contexts)
 
 
 @dataclass(frozen=True)

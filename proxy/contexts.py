@@ -20,6 +20,12 @@ fatal no_application_protocol alert, which OpenSSL sends when the callback retur
 SSL_TLSEXT_ERR_ALERT_FATAL. A client that sends no ALPN extension never reaches the callback and
 is served. A changed policy rebuilds every context (it is part of what the cache is keyed on).
 
+A host with client certificate authentication (`VirtualHost.client_auth`) gets a context of its
+own, built from the certificates that would serve its name (its own, a wildcard's, or the
+default) plus its CA bundle, keyed by both; proxy/client_auth.py explains the verify settings the
+SNI callback adds and the ClientHello callback that keeps sessions from crossing into such hosts.
+Contexts of other hosts are built exactly as before.
+
 OCSP responses (proxy/stapling.py) are checked when a context is built and stapled per handshake
 for the certificate OpenSSL chose, so an RSA + ECDSA context staples each one's own response.
 """
@@ -33,9 +39,16 @@ from dataclasses import dataclass
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi, lib
 
-from config.model import Certificate, Configuration, KeySource, PemKey, Problem, TlsPolicy
+from config.model import Certificate, ClientAuth, Configuration, KeySource, PemKey, Problem, TlsPolicy, VirtualHost
 from config.tls_material import PEM_CERTIFICATE_BLOCK, self_signed_certificate
 from config.tls_policy import apply_policy
+from proxy.client_auth import (
+    client_auth_of,
+    client_hello_callback,
+    configure_context,
+    install_client_hello_callback,
+    request_certificate,
+)
 from proxy.stapling import OcspMismatch, StapledResponse
 from proxy.tls import libssl
 
@@ -119,8 +132,9 @@ class TlsContexts:
         return self.key_sources.get(id(context), "file")
 
 
-# What a context is built from: each certificate's chain, key and OCSP response, in SNI-group order.
-_ContextKey = tuple[tuple[bytes, KeySource, bytes | None], ...]
+# What a context is built from: each certificate's chain, key and OCSP response, in SNI-group
+# order, and the client auth of the host it serves (None for most).
+_ContextKey = tuple[tuple[tuple[bytes, KeySource, bytes | None], ...], ClientAuth | None]
 
 
 class ContextCache:
@@ -140,6 +154,7 @@ class ContextCache:
         self._built: dict[_ContextKey, tuple[SSL.Context, str]] = {}  # → (context, key-source label)
         self._built_with: tuple[KeyInstaller, bool, TlsPolicy] | None = None  # (crypto runtime, resumption, policy)
         self.current: TlsContexts | None = None
+        self._client_hello = client_hello_callback(self._context_for_name)
 
     def build(self, configuration: Configuration, install_key: KeyInstaller) -> TlsContexts:
         """Contexts for `configuration`; certificates that fail are left out and reported."""
@@ -153,20 +168,24 @@ class ContextCache:
                 by_host.setdefault(host.lower(), []).append(certificate)
         precise: dict[str, SSL.Context] = {}
         wildcard: dict[str, SSL.Context] = {}
-        for host, certificates in by_host.items():
-            context = build.context_for(certificates)
+        default = None
+        if configuration.default_certificate is not None:
+            default_certificates = [configuration.default_certificate]
+            default = build.context_for(default_certificates)
+        if default is None:
+            default_certificates = [self_signed_default()]
+            default = build.context_for(default_certificates)
+        assert default is not None, "the generated default certificate always loads"
+        client_auth = _client_auth_by_host(configuration.routes.virtual_hosts)
+        for host in by_host.keys() | {host for host, auth in client_auth.items() if auth is not None}:
+            certificates = _serving(host, by_host) or default_certificates
+            context = build.context_for(certificates, _client_auth_for(host, client_auth))
             if context is None:
                 continue
             if host.startswith("*."):
                 wildcard[host[2:]] = context
             else:
                 precise[host] = context
-        default = None
-        if configuration.default_certificate is not None:
-            default = build.context_for([configuration.default_certificate])
-        if default is None:
-            default = build.context_for([self_signed_default()])
-        assert default is not None, "the generated default certificate always loads"
         self._built = build.used
         problems = tuple(Problem(origin, f"certificate left out: {reason}") for origin, reason in sorted(build.failed.items()))
         problems += tuple(sorted(build.not_stapled, key=lambda problem: (problem.location, problem.message)))
@@ -179,6 +198,13 @@ class ContextCache:
         chosen = self.current.for_server_name(connection.get_servername())
         if chosen is not connection.get_context():
             connection.set_context(chosen)
+            auth = client_auth_of(chosen)
+            if auth is not None:
+                request_certificate(connection, auth)
+
+    def _context_for_name(self, name: bytes) -> SSL.Context:
+        assert self.current is not None
+        return self.current.for_server_name(name)
 
     def new_context(self, async_mode: bool, resumption: bool, policy: TlsPolicy) -> SSL.Context:
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
@@ -198,6 +224,7 @@ class ContextCache:
         context._ingress_alpn = _alpn_selector(policy.alpn)  # type: ignore[attr-defined]  # lives as long as the context
         lib.SSL_CTX_set_alpn_select_cb(context._context, context._ingress_alpn, ffi.NULL)  # type: ignore[attr-defined]
         context.set_tlsext_servername_callback(self._switch_by_sni)
+        install_client_hello_callback(context, self._client_hello)
         libssl.set_ticket_keys(context, self._ticket_keys)
         if async_mode:
             from proxy.tls.offload import enable_async_mode
@@ -219,21 +246,24 @@ class _Build:
         self.not_stapled: set[Problem] = set()  # OCSP responses refused while building new contexts
         self.used: dict[_ContextKey, tuple[SSL.Context, str]] = {}
 
-    def context_for(self, certificates: list[Certificate]) -> SSL.Context | None:
+    def context_for(self, certificates: list[Certificate], client_auth: ClientAuth | None = None) -> SSL.Context | None:
         certificates = [certificate for certificate in certificates if certificate.origin not in self.failed]
         if not certificates:
             return None
-        key = tuple((certificate.chain_pem, certificate.key, certificate.ocsp_response) for certificate in certificates)
+        served = tuple((certificate.chain_pem, certificate.key, certificate.ocsp_response) for certificate in certificates)
+        key = (served, client_auth)
         entry = self.used.get(key) or self._cache._built.get(key)
         if entry is None:
-            entry = self._build(certificates)
+            entry = self._build(certificates, client_auth)
             if entry is None:  # one of them failed: try again without it
-                return self.context_for(certificates)
+                return self.context_for(certificates, client_auth)
         self.used[key] = entry
         return entry[0]
 
-    def _build(self, certificates: list[Certificate]) -> tuple[SSL.Context, str] | None:
+    def _build(self, certificates: list[Certificate], client_auth: ClientAuth | None) -> tuple[SSL.Context, str] | None:
         context = self._cache.new_context(self._async_mode, self._resumption, self._policy)
+        if client_auth is not None:
+            configure_context(context, client_auth)  # the producers checked the bundle parses
         labels = []
         stapled: dict[tuple[int, bytes], StapledResponse] = {}
         for certificate in certificates:
@@ -259,6 +289,29 @@ class _Build:
         if stapled:
             context.set_ocsp_server_callback(_staple, stapled)
         return context, "+".join(sorted(set(labels)))
+
+
+def _client_auth_by_host(virtual_hosts: tuple[VirtualHost, ...]) -> dict[str, ClientAuth | None]:
+    """Every named host pattern → its client auth (None: none), lower-cased like SNI lookups."""
+    return {host.host.lower(): host.client_auth for host in virtual_hosts if host.host}
+
+
+def _client_auth_for(host: str, by_host: dict[str, ClientAuth | None]) -> ClientAuth | None:
+    """The client auth of the virtual host `proxy.router` sends requests for `host` to: its own
+    pattern's, else (a precise name under a wildcard host) the wildcard's."""
+    if host in by_host:
+        return by_host[host]
+    dot = host.find(".")
+    return by_host.get("*." + host[dot + 1 :]) if dot > 0 and not host.startswith("*.") else None
+
+
+def _serving(host: str, by_host: dict[str, list[Certificate]]) -> list[Certificate] | None:
+    """The certificates SNI `host` is served with (its own, else a wildcard's); None: the default."""
+    found = by_host.get(host)
+    if found is None and not host.startswith("*."):
+        dot = host.find(".")
+        found = by_host.get("*." + host[dot + 1 :]) if dot > 0 else None
+    return found
 
 
 def _identity(certificate: crypto.X509) -> tuple[int, bytes]:

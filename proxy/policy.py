@@ -323,7 +323,7 @@ def forwarded_client(real_ip: RealIp, peer: bytes, head: RequestHead) -> tuple[b
             headers = tuple(field for field in head.headers if field[0].lower() != b"x-forwarded-for")
             head = RequestHead(
                 head.method, head.target, head.version, headers, head.host, head.keep_alive, head.upgrade, head.chunked,
-                head.content_length,
+                head.content_length, head.vouched,
             )
         return peer, head
     chain = [item.strip() for name, value in head.headers if name.lower() == b"x-forwarded-for" for item in value.split(b",")]
@@ -409,7 +409,7 @@ def upstream_head(policy: CompiledPolicy, head: RequestHead) -> tuple[RequestHea
     if target is not head.target or headers is not head.headers:  # one construction (replace() is ~3 µs)
         head = RequestHead(
             head.method, target, head.version, headers, head.host, head.keep_alive, head.upgrade, head.chunked,
-            head.content_length,
+            head.content_length, head.vouched,
         )
     return head, policy.extra_request
 
