@@ -20,7 +20,8 @@ from typing import Any
 
 from config.model import Configuration, RoutePolicy
 from ingress_watch.snapshot import Snapshot
-from ingress_watch.translate import ANNOTATION_PREFIXES, SUPPORTED_ANNOTATIONS, TranslateOptions, translate
+from ingress_watch.annotations import ANNOTATION_PREFIXES, SUPPORTED_ANNOTATIONS
+from ingress_watch.translate import TranslateOptions, translate
 
 # Keys that are honoured but not exactly as ingress-nginx does (README "Annotations" says more).
 DIFFERENCES = {
