@@ -296,6 +296,10 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "limit-rps": "requests per second per client address, per replica (429 above it)",
     "limit-burst-multiplier": "burst = limit-rps × this (default 5)",
     "limit-connections": "requests in flight per client address, per replica (503 above it)",
+    "auth-tls-secret": "namespace/name (or name) of a Secret in the Ingress's namespace whose ca.crt verifies client certificates for its hosts",
+    "auth-tls-verify-client": "on (default: a valid certificate required, else 400), optional, optional_no_ca or off",
+    "auth-tls-verify-depth": "how many CA certificates above the client's may be checked (default 1)",
+    "auth-tls-pass-certificate-to-upstream": "also send the client's certificate upstream in ssl-client-cert (URL-escaped PEM)",
     # ingress-proxy's own keys (ingress-nginx needs a configuration-snippet for these): one
     # "Name: value" per line for set/add, a comma-separated list of names for remove
     "request-set-headers": "request headers set (replacing the client's) before forwarding",

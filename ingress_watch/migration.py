@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from config.model import Configuration, RoutePolicy
+from config.model import Configuration, RoutePolicy, VirtualHost
 from ingress_watch.snapshot import Snapshot
 from ingress_watch.annotations import ANNOTATION_PREFIXES, SUPPORTED_ANNOTATIONS
 from ingress_watch.translate import TranslateOptions, translate
@@ -36,6 +36,9 @@ DIFFERENCES = {
     "whitelist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
     "allowlist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
     "denylist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
+    "auth-tls-secret": "the Secret must be in the Ingress's namespace; a bad one leaves the Ingress's paths out "
+    "(not served open); a request whose Host needs a certificate on a connection whose SNI did not get 421",
+    "auth-tls-verify-client": "as nginx; a younger Ingress disagreeing on the host's settings has its rules left out",
 }
 
 
@@ -85,6 +88,7 @@ def _routes(configuration: Configuration) -> list[dict[str, Any]]:
         {
             "host": virtual_host.host or "*",
             "redirect_to_https": virtual_host.redirect_to_https,
+            "client_certificates": _client_auth_summary(virtual_host),
             "path": rule.path,
             "type": rule.path_type.value,
             "backend": rule.backend,
@@ -93,6 +97,14 @@ def _routes(configuration: Configuration) -> list[dict[str, Any]]:
         for virtual_host in configuration.routes.virtual_hosts
         for rule in virtual_host.paths
     ]
+
+
+def _client_auth_summary(virtual_host: VirtualHost) -> str:
+    auth = virtual_host.client_auth
+    if auth is None:
+        return "not asked"
+    passed = ", certificate passed upstream" if auth.pass_certificate else ""
+    return f"verify {auth.verify.value}, depth {auth.depth}{passed}"
 
 
 def _policy_summary(policy: RoutePolicy | None) -> dict[str, str]:
@@ -126,6 +138,8 @@ def render_text(report: dict[str, Any]) -> str:
     lines.append("Resulting routes:")
     for route in report["routes"]:
         redirect = " (http → https)" if route["redirect_to_https"] else ""
+        if route["client_certificates"] != "not asked":
+            redirect += f" (client certificates: {route['client_certificates']})"
         policy = "; ".join(f"{name}={value}" for name, value in route["policy"].items())
         lines.append(
             f"  {route['host']}{route['path']} {route['type']} → {route['backend']}{redirect}" + (f"  [{policy}]" if policy else "")
