@@ -11,7 +11,7 @@ from __future__ import annotations
 from config.model import ClientAuth, ClientVerify
 
 VERIFY_MODES = {mode.value: mode for mode in ClientVerify}
-DEFAULT_DEPTH = 1  # ingress-nginx's auth-tls-verify-depth default: signed directly by a CA of the bundle
+DEFAULT_DEPTH = 1  # ingress-nginx's auth-tls-verify-depth default (OpenSSL 3: one intermediate allowed)
 MAX_DEPTH = 100  # OpenSSL's own default verify depth; a chain longer than that is not a real PKI
 
 
@@ -24,7 +24,7 @@ def parse_verify(text: str) -> ClientVerify:
 
 def check_depth(depth: int) -> int:
     if not 0 <= depth <= MAX_DEPTH:
-        raise ValueError(f"depth {depth} is out of range (0 to {MAX_DEPTH}; 1 = issued directly by a CA of the bundle)")
+        raise ValueError(f"depth {depth} is out of range (0 to {MAX_DEPTH}; the intermediates allowed below a CA of the bundle)")
     return depth
 
 

@@ -222,8 +222,10 @@ class ClientVerify(enum.Enum):
 class ClientAuth:
     """Client certificate authentication of one host: a TLS property of its SNI-selected context.
 
-    `depth`: how many certificates above the client's own may be checked (OpenSSL's verify depth;
-    1, ingress-nginx's default: issued directly by a CA of the bundle). The backend always gets
+    `depth`: OpenSSL's verify depth, passed through as nginx passes `ssl_verify_depth`: how many
+    intermediate CA certificates may stand between the client's certificate and a CA of the bundle
+    (OpenSSL 3 does not count the trust anchor): 0 = issued directly by a bundle CA; 1, ingress-nginx's
+    default, allows one intermediate. The backend always gets
     ssl-client-verify, ssl-client-subject-dn and ssl-client-issuer-dn, and with `pass_certificate`
     also ssl-client-cert (URL-escaped PEM), as ingress-nginx sends them; clients' own copies of
     those headers are always dropped, on every host. A host with

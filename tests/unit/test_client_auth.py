@@ -183,18 +183,22 @@ def test_only_a_client_auth_host_asks_and_its_verdict_is_recorded(cas, version):
 
 
 @VERSIONS
-def test_depth_counts_certificates_above_the_client_s_own(cas, version):
+def test_depth_counts_the_intermediates_between_the_client_and_a_bundle_ca(cas, version):
+    """OpenSSL 3's verify depth (nginx passes ssl_verify_depth through): the trust anchor is not
+    counted, so depth 1 (the default) allows one intermediate and depth 0 none."""
     root = trustme.CA()
     intermediate = root.create_child_ca()
     bob = intermediate.issue_cert("bob")  # chain: bob, intermediate (sent by the client), root (trusted)
-    for depth, expected in ((1, CERTIFICATE_ERROR), (2, "SUCCESS")):
+    answers = {}
+    for depth in (0, 1, 2):
         cache = ContextCache(b"k" * 80)
         cache.build(_configuration(cas, _auth(root, depth=depth)), install_pem_key)
         server, _ = _connect(cache, b"b.test", version, bob)
         verification = verification_of(server.connection)
         assert verification is not None
         answer = verification.answer(_auth(root, depth=depth))
-        assert answer == expected if isinstance(answer, client_auth.Refusal) else dict(answer)[b"ssl-client-verify"] == b"SUCCESS"
+        answers[depth] = answer if isinstance(answer, client_auth.Refusal) else dict(answer)[b"ssl-client-verify"]
+    assert answers == {0: CERTIFICATE_ERROR, 1: b"SUCCESS", 2: b"SUCCESS"}
 
 
 @VERSIONS
