@@ -40,7 +40,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -196,16 +198,30 @@ def request_certificate(connection: SSL.Connection, auth: ClientAuth) -> None:
     LIBSSL.SSL_set_verify_depth(address(connection._ssl), auth.depth)  # type: ignore[attr-defined]
 
 
-def client_hello_callback(context_for_name: object) -> object:
+class SniMapping(Protocol):
+    """What the ClientHello callback reads of the newest published contexts (proxy.contexts)."""
+
+    @property
+    def client_auth(self) -> bool:
+        """Some host asks for client certificates."""
+
+    def for_server_name(self, name: bytes | None) -> SSL.Context: ...
+
+
+def client_hello_callback(current: Callable[[], SniMapping | None]) -> object:
     """A ClientHello callback that gives a connection bound for a client-auth host that host's
-    session ID context before OpenSSL looks up the session (see the theory above).
-    `context_for_name(name) -> SSL.Context`; the caller keeps the callback alive."""
+    session ID context before OpenSSL looks up the session (see the theory above). While no host
+    of the `current()` mapping has client auth, the ClientHello is not even looked at. The caller
+    keeps the callback alive."""
 
     def on_client_hello(ssl: int, _alert: int, _arg: int) -> int:
+        mapping = current()
+        if mapping is None or not mapping.client_auth:
+            return _SSL_CLIENT_HELLO_SUCCESS
         data, length = ctypes.c_void_p(), ctypes.c_size_t()
         if LIBSSL.SSL_client_hello_get0_ext(ssl, _TLSEXT_TYPE_SERVER_NAME, ctypes.byref(data), ctypes.byref(length)):
             name = server_name(ctypes.string_at(data.value, length.value)) if data.value else None
-            auth = client_auth_of(context_for_name(name)) if name else None  # type: ignore[operator]
+            auth = client_auth_of(mapping.for_server_name(name)) if name else None
             if auth is not None:
                 sid = session_id_context(auth)
                 LIBSSL.SSL_set_session_id_context(ssl, sid, len(sid))

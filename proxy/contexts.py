@@ -117,6 +117,7 @@ class TlsContexts:
     wildcard: dict[str, SSL.Context]  # keyed by the suffix after "*."
     key_sources: dict[int, str]  # id(context) → key-source label, for handshake metrics
     problems: tuple[Problem, ...]
+    client_auth: bool = False  # some host asks for client certificates (proxy/client_auth.py)
 
     def for_server_name(self, name: bytes | None) -> SSL.Context:
         if not name:
@@ -154,7 +155,7 @@ class ContextCache:
         self._built: dict[_ContextKey, tuple[SSL.Context, str]] = {}  # → (context, key-source label)
         self._built_with: tuple[KeyInstaller, bool, TlsPolicy] | None = None  # (crypto runtime, resumption, policy)
         self.current: TlsContexts | None = None
-        self._client_hello = client_hello_callback(self._context_for_name)
+        self._client_hello = client_hello_callback(lambda: self.current)
 
     def build(self, configuration: Configuration, install_key: KeyInstaller) -> TlsContexts:
         """Contexts for `configuration`; certificates that fail are left out and reported."""
@@ -190,7 +191,8 @@ class ContextCache:
         problems = tuple(Problem(origin, f"certificate left out: {reason}") for origin, reason in sorted(build.failed.items()))
         problems += tuple(sorted(build.not_stapled, key=lambda problem: (problem.location, problem.message)))
         key_sources = {id(context): label for context, label in build.used.values()}
-        self.current = TlsContexts(default, precise, wildcard, key_sources, problems)
+        asking = any(auth is not None for auth in client_auth.values())
+        self.current = TlsContexts(default, precise, wildcard, key_sources, problems, asking)
         return self.current
 
     def _switch_by_sni(self, connection: SSL.Connection) -> None:
@@ -202,9 +204,6 @@ class ContextCache:
             if auth is not None:
                 request_certificate(connection, auth)
 
-    def _context_for_name(self, name: bytes) -> SSL.Context:
-        assert self.current is not None
-        return self.current.for_server_name(name)
 
     def new_context(self, async_mode: bool, resumption: bool, policy: TlsPolicy) -> SSL.Context:
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
