@@ -144,6 +144,7 @@ from config.tls_material import (
     NoCertificateError,
     PrivateKey,
     is_dns_name,
+    is_ip_address,
     key_matches_certificate,
     parse_certificate_chain,
     parse_host_pattern,
@@ -429,7 +430,7 @@ class _Checker:
         server_name = None
         if "server_name" in fields:
             server_name = self.text(fields["server_name"], f"{where}.server_name")
-            if server_name is not None and not (is_dns_name(server_name.lower()) or _is_ip_literal(server_name)):
+            if server_name is not None and not (is_dns_name(server_name.lower()) or is_ip_address(server_name)):
                 self.report(
                     fields["server_name"],
                     f"{where}.server_name: '{server_name}' is not a DNS name or IP address (write the name the backend's certificate carries)",
@@ -1478,13 +1479,6 @@ def _has_key(node: yaml.Node | None, key: str) -> bool:
         isinstance(key_node, yaml.ScalarNode) and key_node.value == key for key_node, _ in node.value
     )
 
-
-def _is_ip_literal(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _tag(node: yaml.Node) -> str | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import ipaddress
 from dataclasses import dataclass
 
 from config.model import Backend, BackendProtocol, ClientCertificate, Problem, UpstreamTls
@@ -16,6 +15,7 @@ from config.tls_material import (
     CertificateParseError,
     NoCertificateError,
     is_dns_name,
+    is_ip_address,
     parse_certificate_chain,
 )
 from ingress_watch.annotations import NGINX_PREFIX
@@ -117,19 +117,12 @@ def transport_annotations(ingress: dict, location: str, problems: list[Problem])
     if (given := read("proxy-ssl-name", (NGINX_PREFIX,))) is not None:
         annotation, value = given
         name = value.strip().lower()
-        if is_dns_name(name) or _is_ip(name):
+        if is_dns_name(name) or is_ip_address(name):
             found["server_name"] = name
         else:
             note(annotation, f"{value!r} is not a DNS name or IP address; write the name the backend's certificate carries")
     return TransportAnnotations(**found)  # type: ignore[arg-type]
 
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def with_transport(

@@ -142,10 +142,12 @@ SUPPORTED_CONFIGMAP_KEYS = (
 
 
 def _policy_check(check: Callable[[str], _T]) -> Callable[[str], _T]:
+    """`check` (a config.tls_policy or config.route_policy check) raising our Rejected instead."""
+
     def parse(raw: str) -> _T:
         try:
             return check(str(raw))
-        except PolicyError as error:
+        except (PolicyError, PolicyValueError) as error:
             raise Rejected(str(error)) from None
 
     return parse
@@ -216,20 +218,10 @@ def read_configmap(configmap: dict | None, problems: list[Problem]) -> GlobalSet
         alpn=policy_defaults.alpn if read("use-http2", parse_bool, True) else ("http/1.1",),  # ingress-nginx's key
     )
     ssl_redirect = read("ssl-redirect", parse_bool, False)
-    body_size = read("proxy-body-size", _policy_check_value(parse_size), None)  # default: no limit (README)
+    body_size = read("proxy-body-size", _policy_check(parse_size), None)  # default: no limit (README)
     default_policy = RoutePolicy(max_body_size=body_size) if body_size is not None else None
     real_ip = None
     if read("use-forwarded-headers", parse_bool, False):  # ingress-nginx: trusted from proxy-real-ip-cidr
-        trusted = read("proxy-real-ip-cidr", _policy_check_value(source_networks), INGRESS_NGINX_REAL_IP_CIDR)
+        trusted = read("proxy-real-ip-cidr", _policy_check(source_networks), INGRESS_NGINX_REAL_IP_CIDR)
         real_ip = RealIp(trusted)
     return GlobalSettings(crypto, timeouts, enabled_hsts, ssl_redirect, tls_policy, default_policy, real_ip)
-
-
-def _policy_check_value(check: Callable[[str], _T]) -> Callable[[str], _T]:
-    def parse(raw: str) -> _T:
-        try:
-            return check(str(raw))
-        except PolicyValueError as error:
-            raise Rejected(str(error)) from None
-
-    return parse

@@ -42,10 +42,13 @@ if TYPE_CHECKING:
     from ingress_watch.snapshot import Snapshot  # imported lazily: standalone mode never loads the Kubernetes client
 
 LOG = logging.getLogger("ingress_proxy")
+_HEADER_LOGGING_LIBRARIES = ("hpack", "h2")
 
 
 def _configure_logging(level: str, access_log: bool) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for library in _HEADER_LOGGING_LIBRARIES:  # their debug lines print every header, credentials included
+        logging.getLogger(library).setLevel(max(logging.WARNING, logging.getLogger().level))
     if access_log:
         ACCESS_LOG.enable(sys.stdout)
 

@@ -119,11 +119,21 @@ class ClientConnection(FlowControlled):
             self._write_tls_output()
             if handshaking:
                 self._after_handshake_step()
-            if tls.state is TlsState.CLOSED:
-                self.eof_received()
-            if not data:
-                return
+            if data:
+                self._feed(data)
+            if tls.state is TlsState.PEER_CLOSED:  # close_notify, after what came before it: answer that, then close
+                self._peer_closed()
+            return
         self._feed(data)
+
+    def _peer_closed(self) -> None:
+        if self.read_eof:
+            return  # said once; ciphertext after the close_notify is ignored
+        if self.http2 is not None:
+            self.read_eof = True
+            self.http2.input_ended()
+        else:
+            self.eof_received()
 
     def _feed(self, data: bytes) -> None:
         if self.http2 is not None:
@@ -277,6 +287,8 @@ class ClientConnection(FlowControlled):
         self._out.clear()
         self._out_size = 0
         if self.tls is not None:
+            if not self.tls.sendable:
+                return  # we closed (or TLS broke): nothing more can go out
             self.tls.send(data)
             data = self.tls.outgoing()
         self.transport.write(data)

@@ -490,7 +490,7 @@ class Http2Upstream(asyncio.Protocol):
             return
         self.closed = True
         if self.transport is not None:
-            if self.tls is not None and self.tls.state is TlsState.OPEN:
+            if self.tls is not None and self.tls.sendable:
                 self.tls.close()
                 self.transport.write(self.tls.outgoing())
             self.transport.close()

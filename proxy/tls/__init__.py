@@ -18,11 +18,16 @@ States and the only transitions allowed (see `_ALLOWED`):
     ASYNC_PAUSED
       ▲     │
       │     ▼
-    HANDSHAKING ──► OPEN ──► CLOSED
-         │           │
-         └─────┬─────┘
-               ▼
-            BROKEN      (a TLS error: an alert may still be waiting in outgoing())
+    HANDSHAKING ──► OPEN ──► PEER_CLOSED ──► CLOSED
+         │           │            │
+         └───────────┴─────┬──────┘
+                           ▼
+                        BROKEN      (a TLS error: an alert may still be waiting in outgoing())
+
+PEER_CLOSED is the peer's close_notify: nothing more comes in, but we may still send (TLS 1.3
+half-close; OpenSSL refuses SSL_write only after our own close_notify), so the answers to
+requests that came before it still go out; CLOSED is ours (`close()`). HANDSHAKING and OPEN
+may also go straight to CLOSED (`close()`).
 
 ASYNC_PAUSED is a handshake whose private-key operation is running in an async job (below): the
 only way out is `resume_handshake()`, back to HANDSHAKING and on from there. It cannot be closed
@@ -68,14 +73,18 @@ class TlsState(enum.Enum):
     HANDSHAKING = "handshaking"
     ASYNC_PAUSED = "async_paused"
     OPEN = "open"
+    PEER_CLOSED = "peer_closed"
     CLOSED = "closed"
     BROKEN = "broken"
 
 
+_SENDABLE = frozenset((TlsState.OPEN, TlsState.PEER_CLOSED))
+_INPUT_ENDED = frozenset((TlsState.PEER_CLOSED, TlsState.CLOSED, TlsState.BROKEN))
 _ALLOWED = {
     TlsState.HANDSHAKING: {TlsState.ASYNC_PAUSED, TlsState.OPEN, TlsState.CLOSED, TlsState.BROKEN},
     TlsState.ASYNC_PAUSED: {TlsState.HANDSHAKING},
-    TlsState.OPEN: {TlsState.CLOSED, TlsState.BROKEN},
+    TlsState.OPEN: {TlsState.PEER_CLOSED, TlsState.CLOSED, TlsState.BROKEN},
+    TlsState.PEER_CLOSED: {TlsState.CLOSED, TlsState.BROKEN},
     TlsState.CLOSED: set(),
     TlsState.BROKEN: set(),
 }
@@ -154,7 +163,7 @@ class MemoryBioTls:
             if error == lib.SSL_ERROR_WANT_READ:
                 break
             if error == lib.SSL_ERROR_ZERO_RETURN:  # the peer's close_notify
-                self._move(TlsState.CLOSED)
+                self._move(TlsState.PEER_CLOSED)
                 break
             raise self._break()
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -171,7 +180,7 @@ class MemoryBioTls:
         OpenSSL's memory BIO never shrinks (it keeps its largest size for the connection's life),
         so it stays at one record, 16 KiB + 22, instead of a whole flush (~85 KiB for 64 KiB).
         """
-        if self.state is not TlsState.OPEN:
+        if self.state not in _SENDABLE:
             raise self._refuse_send()
         total = len(plaintext)
         written = lib.SSL_write(self._ssl, plaintext, total)
@@ -198,12 +207,22 @@ class MemoryBioTls:
 
     def close(self) -> None:
         """Queue our close_notify (if the session is healthy) and keep the session resumable."""
-        if self.state is TlsState.OPEN:
+        if self.state in _SENDABLE:
             lib.ERR_clear_error()
             lib.SSL_shutdown(self._ssl)
         self.connection.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
-        if self.state in (TlsState.HANDSHAKING, TlsState.OPEN):
+        if self.state in (TlsState.HANDSHAKING, TlsState.OPEN, TlsState.PEER_CLOSED):
             self._move(TlsState.CLOSED)
+
+    @property
+    def sendable(self) -> bool:
+        """`send` may be called: open, or only the peer has closed."""
+        return self.state in _SENDABLE
+
+    @property
+    def input_ended(self) -> bool:
+        """No more plaintext will come: the peer's close_notify, our close, or a failure."""
+        return self.state in _INPUT_ENDED
 
     @property
     def version(self) -> str:
@@ -237,7 +256,7 @@ class ServerTls(MemoryBioTls):
 
     def receive(self, ciphertext: bytes) -> bytes:
         """Take bytes from the socket; return the plaintext they complete (maybe b"")."""
-        if self.state in (TlsState.CLOSED, TlsState.BROKEN):
+        if self.state in _INPUT_ENDED:
             return b""
         lib.BIO_write(self._into_ssl, ciphertext, len(ciphertext))
         if self.state is TlsState.ASYNC_PAUSED:
