@@ -9,6 +9,7 @@ A verify mode of `off` means no client auth at all: `client_auth` returns None f
 from __future__ import annotations
 
 from config.model import ClientAuth, ClientVerify
+from config.route_policy import check_redirect_location
 
 VERIFY_MODES = {mode.value: mode for mode in ClientVerify}
 DEFAULT_DEPTH = 1  # ingress-nginx's auth-tls-verify-depth default (OpenSSL 3: one intermediate allowed)
@@ -28,8 +29,15 @@ def check_depth(depth: int) -> int:
     return depth
 
 
-def client_auth(ca_pem: bytes, verify: ClientVerify, depth: int, pass_certificate: bool) -> ClientAuth | None:
+def check_error_page(location: str) -> str:
+    """An http(s) URL or a path (PolicyValueError otherwise, as for a redirect's location)."""
+    return check_redirect_location(location.strip())
+
+
+def client_auth(
+    ca_pem: bytes, verify: ClientVerify, depth: int, pass_certificate: bool, error_page: str | None = None
+) -> ClientAuth | None:
     """The host's setting; None when `verify` is off (nothing is asked for)."""
     if verify is ClientVerify.OFF:
         return None
-    return ClientAuth(ca_pem, verify, check_depth(depth), pass_certificate)
+    return ClientAuth(ca_pem, verify, check_depth(depth), pass_certificate, error_page)

@@ -225,17 +225,19 @@ class ClientAuth:
     `depth`: OpenSSL's verify depth, passed through as nginx passes `ssl_verify_depth`: how many
     intermediate CA certificates may stand between the client's certificate and a CA of the bundle
     (OpenSSL 3 does not count the trust anchor): 0 = issued directly by a bundle CA; 1, ingress-nginx's
-    default, allows one intermediate. The backend always gets
-    ssl-client-verify, ssl-client-subject-dn and ssl-client-issuer-dn, and with `pass_certificate`
-    also ssl-client-cert (URL-escaped PEM), as ingress-nginx sends them; clients' own copies of
-    those headers are always dropped, on every host. A host with
-    `verify` OFF carries no ClientAuth at all (both producers leave it None).
+    default, allows one intermediate. The backend always gets ssl-client-verify,
+    ssl-client-subject-dn and ssl-client-issuer-dn, and with `pass_certificate` also
+    ssl-client-cert (URL-escaped PEM), as ingress-nginx sends them; clients' own copies of those
+    headers are always dropped, on every host. `error_page` (ingress-nginx `auth-tls-error-page`):
+    a request refused for its certificate is redirected there (302) instead of answered 400. A
+    host with `verify` OFF carries no ClientAuth at all (both producers leave it None).
     """
 
     ca_pem: bytes = field(repr=False)
     verify: ClientVerify = ClientVerify.ON
     depth: int = 1
     pass_certificate: bool = False
+    error_page: str | None = None  # an http(s) URL or a path, checked like a redirect location
 
 
 # ---- end of client certificates ---------------------------------------------------------------

@@ -179,7 +179,7 @@ _TIMEOUT_KEYS = tuple(field.name for field in dataclasses.fields(Timeouts))
 _HSTS_KEYS = ("max_age", "include_subdomains", "preload")
 _ACCESS_LOG_KEYS = ("json",)
 _ROUTE_KEYS = ("host", "redirect_to_https", "hsts", "client_auth", "policy", "paths")
-_CLIENT_AUTH_KEYS = ("ca", "verify", "depth", "pass_certificate")
+_CLIENT_AUTH_KEYS = ("ca", "verify", "depth", "pass_certificate", "error_page")
 _POLICY_KEYS = (
     "allow_sources", "deny_sources", "redirect", "app_root", "max_body_size", "regex", "rewrite_target", "forwarded_prefix",
     "connect_timeout", "read_timeout", "send_timeout", "request_headers", "response_headers", "upstream_host", "cors",
@@ -1311,7 +1311,8 @@ class _Checker:
         return Hsts(**settings)
 
     def client_auth(self, node: yaml.Node, where: str) -> ClientAuth | None | _Refused:
-        """`client_auth: {ca: FILE, verify: on, depth: 1, pass_certificate: false}` (None: verify off)."""
+        """`client_auth: {ca: FILE, verify: on, depth: 1, pass_certificate: false, error_page: URL}`
+        (None: verify off)."""
         fields = self.mapping(node, where, _CLIENT_AUTH_KEYS, required={"ca": "ca: FILE, a PEM bundle of the CAs that issue client certificates"})
         if fields is None:
             return _REFUSED
@@ -1346,9 +1347,16 @@ class _Checker:
             flag = self.flag(fields["pass_certificate"], f"{where}.pass_certificate")
             pass_certificate = flag is True
             usable = usable and flag is not None
+        error_page = None
+        if "error_page" in fields:
+            page_node = fields["error_page"]
+            text = self.text(page_node, f"{where}.error_page")
+            if text is not None:
+                error_page = self.checked(page_node, f"{where}.error_page", client_auth_rules.check_error_page, text)
+            usable = usable and error_page is not None
         if not usable:
             return _REFUSED
-        return client_auth_rules.client_auth(ca_pem, verify, depth, pass_certificate)
+        return client_auth_rules.client_auth(ca_pem, verify, depth, pass_certificate, error_page)
 
     def access_log_json(self, node: yaml.Node) -> bool:
         fields = self.mapping(node, "access_log", _ACCESS_LOG_KEYS)

@@ -300,6 +300,7 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "auth-tls-verify-client": "on (default: a valid certificate required, else 400), optional, optional_no_ca or off",
     "auth-tls-verify-depth": "intermediates allowed between the client's certificate and a CA of the Secret (default 1, OpenSSL's verify depth)",
     "auth-tls-pass-certificate-to-upstream": "also send the client's certificate upstream in ssl-client-cert (URL-escaped PEM)",
+    "auth-tls-error-page": "redirect (302) a request refused for its client certificate here instead of answering 400",
     # ingress-proxy's own keys (ingress-nginx needs a configuration-snippet for these): one
     # "Name: value" per line for set/add, a comma-separated list of names for remove
     "request-set-headers": "request headers set (replacing the client's) before forwarding",

@@ -13,11 +13,15 @@ from dataclasses import dataclass
 
 from config import client_auth as rules
 from config.model import ClientAuth, ClientVerify
+from config.route_policy import PolicyValueError
 from ingress_watch.annotations import ANNOTATION_PREFIXES
 from ingress_watch.backend_transport import load_ca_bundle
 from ingress_watch.objects import ObjectIndex, Rejected, object_metadata, object_namespace, parse_bool
 
-AUTH_TLS_ANNOTATIONS = ("auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "auth-tls-pass-certificate-to-upstream")
+AUTH_TLS_ANNOTATIONS = (
+    "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "auth-tls-pass-certificate-to-upstream",
+    "auth-tls-error-page",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,12 @@ def _client_auth(values: dict[str, str], keys: dict[str, str], ingress: dict, in
             pass_certificate = parse_bool(values["auth-tls-pass-certificate-to-upstream"])
         except Rejected as error:
             raise Rejected(f"annotation {key('auth-tls-pass-certificate-to-upstream')}: {error}") from None
+    error_page = None
+    if "auth-tls-error-page" in values:
+        try:
+            error_page = rules.check_error_page(values["auth-tls-error-page"])
+        except PolicyValueError as error:
+            raise Rejected(f"annotation {key('auth-tls-error-page')}: {error}") from None
     if "auth-tls-secret" not in values:
         if verify is ClientVerify.OFF:
             return None
@@ -82,4 +92,4 @@ def _client_auth(values: dict[str, str], keys: dict[str, str], ingress: dict, in
     if not name:
         raise Rejected(f"annotation {key('auth-tls-secret')}: no Secret named; write namespace/name or name")
     ca_pem = load_ca_bundle(index, object_namespace(ingress), name, key("auth-tls-secret"))
-    return rules.client_auth(ca_pem, verify, depth, pass_certificate)
+    return rules.client_auth(ca_pem, verify, depth, pass_certificate, error_page)

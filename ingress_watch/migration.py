@@ -39,6 +39,7 @@ DIFFERENCES = {
     "auth-tls-secret": "the Secret must be in the Ingress's namespace; a bad one leaves the Ingress's paths out "
     "(not served open); a request whose Host needs a certificate on a connection whose SNI did not get 421",
     "auth-tls-verify-client": "as nginx; a younger Ingress disagreeing on the host's settings has its rules left out",
+    "auth-tls-error-page": "302 to it for the 400s (missing or bad certificate); a 421 (SNI and Host disagree) is not redirected",
 }
 
 

@@ -92,6 +92,7 @@ MISDIRECTED_TEXT = b"421 Misdirected Request: this host needs a connection made 
 class Refusal:
     status: int
     body: bytes
+    extra: bytes = b""  # header lines: the error page's Location
 
 
 NO_CERTIFICATE = Refusal(400, NO_CERTIFICATE_TEXT)
@@ -257,7 +258,7 @@ class ClientVerification:
         if self._headers is None:
             decided = verdict(self.auth.verify, self.leaf_pem is not None, self.error)
             if isinstance(decided, Refusal):
-                return decided
+                return to_error_page(decided, self.auth)
             self._headers = certificate_headers(decided, self.leaf_pem, self.auth.pass_certificate)
         return self._headers
 
@@ -277,4 +278,14 @@ def plaintext_answer(host_auth: ClientAuth) -> Refusal | tuple[tuple[bytes, byte
     """A request for a host with client auth on a plaintext listener: as a connection without a
     certificate."""
     decided = verdict(host_auth.verify, False, 0)
-    return decided if isinstance(decided, Refusal) else certificate_headers(decided, None, host_auth.pass_certificate)
+    if isinstance(decided, Refusal):
+        return to_error_page(decided, host_auth)
+    return certificate_headers(decided, None, host_auth.pass_certificate)
+
+
+def to_error_page(refusal: Refusal, auth: ClientAuth) -> Refusal:
+    """A 400 for the certificate becomes a 302 to the host's error page when it has one (nginx
+    `error_page 495 496 = URL`, as ingress-nginx writes auth-tls-error-page)."""
+    if auth.error_page is None:
+        return refusal
+    return Refusal(302, b"", b"Location: %s\r\n" % auth.error_page.encode())

@@ -181,7 +181,7 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
         keep = client.answer_locally(head, status, _redirect_header(head, state.https_port) + hsts)
     elif refusal is not None:
         status = refusal.status
-        keep = client.answer_locally(head, status, hsts, refusal.body)
+        keep = client.answer_locally(head, status, refusal.extra + hsts, refusal.body)
     elif backend is None:
         status = 404
         keep = _answer(client, head, status, hsts, grpc)

@@ -94,7 +94,7 @@ async def setup(ca: trustme.CA, start_backend, tmp_path: Path) -> AsyncIterator[
     ca.cert_pem.write_to_path(str(tmp_path / "server-ca.pem"))
     backend = await start_backend("app")
     h2c = await asyncio.get_running_loop().create_server(_H2cHeaders, LOOPBACK, 0)
-    names = ("on.test", "h2.test", "optional.test", "noca.test", "deep0.test", "deep1.test", "open.test")
+    names = ("on.test", "h2.test", "optional.test", "noca.test", "deep0.test", "deep1.test", "page.test", "open.test")
     certificate = write_certificate(ca, tmp_path, "site", *names)
     ports = Ports()
 
@@ -114,6 +114,7 @@ async def setup(ca: trustme.CA, start_backend, tmp_path: Path) -> AsyncIterator[
             host("noca.test", ca="clients-ca.pem", verify="optional_no_ca"),
             host("deep0.test", ca="root-ca.pem", depth=0),
             host("deep1.test", ca="root-ca.pem"),  # the default depth, 1
+            host("page.test", ca="clients-ca.pem", error_page="https://help.test/certificates"),
             host("open.test"),
         ],
         "backends": {
@@ -177,6 +178,14 @@ async def test_depth_counts_the_intermediates_between_the_client_and_the_bundle(
     assert (too_deep["status"], too_deep["body"]) == (400, b"400 Bad Request: The SSL certificate error\n")
     deep_enough = certificate_headers(seen(await curl(setup.port, setup.ca_file, "--http1.1", "deep1.test", "/", *setup.bob.options())))
     assert deep_enough["ssl-client-verify"] == ["SUCCESS"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_an_error_page_gets_the_refused_requests_instead_of_400(setup: Setup, protocol: str) -> None:
+    for options in ([], setup.mallory.options()):
+        answer = await curl(setup.port, setup.ca_file, protocol, "page.test", "/", *options)
+        assert (answer["status"], answer["headers"]["location"]) == (302, "https://help.test/certificates")
+    assert seen(await curl(setup.port, setup.ca_file, protocol, "page.test", "/", *setup.alice.options()))["backend"] == "app"
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -16,7 +16,8 @@ A plain string is used as is (e.g. text that is not base64).
 expected.yaml (every key optional; absent = empty or the model's default):
   claimed: [ns/name, ...]
   virtual_hosts: [{host: foo.example.com, redirect_to_https: true, paths: ["/api Prefix ns/svc:80", ...]}]
-      client certificates of a host: client_auth: {ca: ns/secret, verify: on, depth: 1, pass_certificate: false}
+      client certificates of a host: client_auth: {ca: ns/secret, verify: on, depth: 1, pass_certificate: false,
+      error_page: URL}
       (ca: that Secret's decoded ca.crt; verify, depth and pass_certificate as shown are the defaults)
       a path with a policy: {rule: "/api Prefix ns/svc:80", policy: {RoutePolicy fields}}, where
       allow_sources/deny_sources are lists of CIDRs, redirect is {location: URL, status: 301} and
@@ -215,6 +216,7 @@ def _client_auth(spec: dict | None, secrets: dict[str, dict]) -> ClientAuth | No
         ClientVerify(spec.get("verify", "on")),
         spec.get("depth", 1),
         spec.get("pass_certificate", False),
+        spec.get("error_page"),
     )
 
 

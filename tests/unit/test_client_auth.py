@@ -81,6 +81,17 @@ def test_certificate_headers_as_ingress_nginx_sends_them():
     assert client_auth.certificate_headers("NONE", None, pass_certificate=True) == ((b"ssl-client-verify", b"NONE"),)
 
 
+def test_an_error_page_turns_the_certificate_refusals_into_a_redirect():
+    ca_pem = trustme.CA().cert_pem.bytes()
+    paged = ClientAuth(ca_pem, ON, error_page="https://example.test/cert-help")
+    missing = client_auth.ClientVerification(paged, lib.X509_V_OK, None).answer(paged)
+    assert missing == client_auth.Refusal(302, b"", b"Location: https://example.test/cert-help\r\n")
+    assert client_auth.plaintext_answer(paged) == missing
+    plain = ClientAuth(ca_pem, ON)
+    assert client_auth.ClientVerification(plain, lib.X509_V_OK, None).answer(plain) is NO_CERTIFICATE
+    assert client_auth.ClientVerification(paged, lib.X509_V_OK, None).answer(plain) is MISDIRECTED  # never redirected
+
+
 def test_a_bundle_that_does_not_parse_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="no PEM certificate"):
         client_auth.ca_certificates(b"not a certificate")

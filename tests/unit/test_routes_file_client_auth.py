@@ -36,8 +36,8 @@ def _hosts(folder: pathlib.Path, routes: str) -> dict[str, ClientAuth | None]:
 def test_client_auth_settings_and_their_defaults(folder, client_ca):
     hosts = _hosts(folder, (
         "- {host: a.test, client_auth: {ca: clients.pem}, paths: [{path: /, backend: b}]}\n"
-        "- {host: b.test, client_auth: {ca: clients.pem, verify: optional_no_ca, depth: 3, pass_certificate: true},"
-        " paths: [{path: /, backend: b}]}\n"
+        "- {host: b.test, client_auth: {ca: clients.pem, verify: optional_no_ca, depth: 3, pass_certificate: true,"
+        " error_page: 'https://help.test/cert'}, paths: [{path: /, backend: b}]}\n"
         "- {host: c.test, client_auth: {ca: clients.pem, verify: off}, paths: [{path: /, backend: b}]}\n"
         "- {host: d.test, client_auth: {ca: clients.pem, verify: 'on'}, paths: [{path: /, backend: b}]}\n"
         "- {host: a.test, paths: [{path: /other, backend: b}]}\n"  # another entry of a.test: no opinion
@@ -45,7 +45,7 @@ def test_client_auth_settings_and_their_defaults(folder, client_ca):
     ))
     ca_pem = client_ca.cert_pem.bytes()
     assert hosts["a.test"] == ClientAuth(ca_pem, ClientVerify.ON, 1, False)
-    assert hosts["b.test"] == ClientAuth(ca_pem, ClientVerify.OPTIONAL_NO_CA, 3, True)
+    assert hosts["b.test"] == ClientAuth(ca_pem, ClientVerify.OPTIONAL_NO_CA, 3, True, "https://help.test/cert")
     assert hosts["c.test"] is None  # verify off: nothing asked
     assert hosts["d.test"] == hosts["a.test"]  # unquoted `on` (a YAML boolean) reads as written
     assert hosts["e.test"] is None
@@ -72,6 +72,10 @@ PROBLEMS = {
     "pass-not-boolean": (
         "- {host: a.test, client_auth: {ca: clients.pem, pass_certificate: »'yes'}, paths: [{path: /, backend: b}]}\n",
         "expected true or false",
+    ),
+    "error-page-not-a-url": (
+        "- {host: a.test, client_auth: {ca: clients.pem, error_page: »'ftp://help.test/'}, paths: [{path: /, backend: b}]}\n",
+        "routes[0].client_auth.error_page: redirect location 'ftp://help.test/' is neither an http(s) URL nor a path",
     ),
     "unknown-key": (
         "- {host: a.test, client_auth: {ca: clients.pem, »verify_depth: 2}, paths: [{path: /, backend: b}]}\n",
