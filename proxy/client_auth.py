@@ -71,8 +71,10 @@ LIBSSL.SSL_set_verify_depth.restype = None
 
 # -- the verdict, pure ------------------------------------------------------------------------
 
-# nginx `ngx_ssl_verify_error_optional`: the errors optional_no_ca lets through (an issuer we
-# cannot vouch for); anything else (expired, bad signature, chain too long) is refused as in optional.
+# The errors optional_no_ca lets through: an issuer we cannot vouch for (nginx's
+# `ngx_ssl_verify_error_optional` list, plus UNABLE_TO_GET_ISSUER_CERT_LOCALLY, which is what a
+# client that sends its intermediate from an unknown CA gets); anything else (expired, bad
+# signature, chain too long) is refused as in optional.
 UNKNOWN_ISSUER_ERRORS = frozenset(
     (
         lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT,
