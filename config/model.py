@@ -151,10 +151,11 @@ class Cors:
 class Canary:
     """A weighted alternative backend for a rule (ingress-nginx canary Ingresses), decided per
     request in this order: the header (`always`/`never`, or equal to `header_value`), the cookie
-    (`always`/`never`), then `weight` percent of the remaining requests."""
+    (`always`/`never`), then `weight` out of `weight_total` of the remaining requests."""
 
     backend: str  # key into Configuration.backends
-    weight: int = 0  # 0..100
+    weight: int = 0  # 0..weight_total
+    weight_total: int = 100  # ingress-nginx canary-weight-total: the denominator of weight
     header: str | None = None
     header_value: str | None = None
     cookie: str | None = None
@@ -423,10 +424,14 @@ class RealIp:
 
     The client address (for source ranges, limits and X-Real-IP) is the rightmost address of
     X-Forwarded-For + peer that is not trusted. A peer outside `trusted` is the client, and its own
-    X-Forwarded-For is dropped instead of passed on: it could say anything.
+    X-Forwarded-For is dropped instead of passed on: it could say anything. On a PROXY protocol
+    listener the peer is the header's source address: trust is judged on it, as if it had connected.
     """
 
     trusted: tuple[IpNetwork, ...]
+    # ingress-nginx compute-full-forwarded-for: a trusted peer's X-Forwarded-For goes on with the
+    # peer appended ("client, lb1, lb2"); off, X-Forwarded-For is replaced by the client address.
+    compute_full_forwarded_for: bool = False
 
 
 @dataclass(frozen=True)
@@ -451,7 +456,10 @@ class Configuration:
     access_log_json: bool = False
     session_resumption: bool = True  # session cache + tickets; off = HAProxy's no-tls-tickets + cachesize 0
     tls_policy: TlsPolicy = TlsPolicy()
-    real_ip: RealIp | None = None  # None: the TCP peer is the client; X-Forwarded-For is appended to
+    real_ip: RealIp | None = None  # None: the TCP peer is the client; a client's X-Forwarded-For is replaced
+    # Listener names ("https", "http") whose connections must start with a PROXY protocol header
+    # (proxy.proxy_protocol), whose source address is then the client's: ingress-nginx use-proxy-protocol.
+    proxy_protocol: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -23,19 +23,38 @@ from ingress_watch.snapshot import Snapshot
 from ingress_watch.annotations import ANNOTATION_PREFIXES, SUPPORTED_ANNOTATIONS
 from ingress_watch.translate import TranslateOptions, translate
 
-# Keys that are honoured but not exactly as ingress-nginx does (README "Annotations" says more).
+# README "Real client address": the one difference is use-proxy-protocol and use-forwarded-headers together.
+_CLIENT_ADDRESS = (
+    "the client address is the PROXY header's source (use-proxy-protocol), the trusted X-Forwarded-For's "
+    "(use-forwarded-headers) or the TCP peer's; with both keys, X-Forwarded-For is trusted from PROXY sources in "
+    "proxy-real-ip-cidr (ingress-nginx then ignores it)"
+)
+# Keys that are honoured but not exactly as ingress-nginx does in ordinary use (values it would
+# take that we refuse are problems, reported as such); every other supported key acts as it does
+# there. README's "Differences from ingress-nginx" table is checked against this one
+# (tests/translate/test_annotations.py), row by row.
 DIFFERENCES = {
     "ssl-redirect": "only hosts a certificate of ours covers are redirected (ConfigMap default: off)",
     "proxy-body-size": "no default limit (ingress-nginx: 1m); over a chunked body the backend sees a truncated request",
-    "use-regex": "applies to this Ingress's paths only, not to every path of the host",
+    "use-regex": (
+        "applies to this Ingress's paths only, not to every path of the host; patterns that could backtrack without "
+        "end (nested repeats, repeated alternations, backreferences, more than two open-ended repeats) are refused"
+    ),
     "enable-cors": "preflights get 200 (not 204), a disallowed origin's preflight 403, credentials echo the Origin",
     "limit-rps": "429 instead of 503; per replica and worker",
     "limit-connections": "counts requests in flight; per replica and worker",
     "canary": "the canary Ingress's other annotations are ignored (the main Ingress's policy serves both)",
+    "canary-weight": "a whole number from 0 to canary-weight-total (a fraction is refused, not truncated)",
     "affinity": "the cookie value is a digest of the endpoint; affinity-mode and the other session-cookie-* keys are not read",
-    "whitelist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
-    "allowlist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
-    "denylist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
+    "whitelist-source-range": _CLIENT_ADDRESS,
+    "allowlist-source-range": _CLIENT_ADDRESS,
+    "denylist-source-range": _CLIENT_ADDRESS,
+    "custom-headers": "the names need not be in global-allowed-response-headers; the proxy's own answers (404, 503) do not get them",
+    **{
+        f"{direction}-{verb}-headers": "ingress-proxy's own key: ingress-nginx needs a configuration-snippet for this"
+        for direction in ("request", "response")
+        for verb in ("set", "add", "remove")
+    },
     "auth-tls-secret": "the Secret must be in the Ingress's namespace; a bad one leaves the Ingress's paths out "
     "(not served open); a request whose Host needs a certificate on a connection whose SNI did not get 421",
     "auth-tls-verify-client": "as nginx; a younger Ingress disagreeing on the host's settings has its rules left out",

@@ -36,6 +36,7 @@ from proxy.decisions import http1_connection_continues, plan_http1_response
 from proxy.exchange import HttpDate, exchange, hsts_header
 from proxy.flow import ConnectionGone, Failure, FlowControlled
 from proxy.http2_session import Http2Session
+from proxy.proxy_protocol import ProxyHeaderError, ProxyHeaderReader, count_refusal
 from proxy.http1 import (
     LAST_CHUNK,
     Body,
@@ -76,6 +77,7 @@ class ClientConnection(FlowControlled):
         self.tls: ServerTls | None = None
         self.parser = RequestParser(self.events)
         self.client_ip = b"-"
+        self._proxy_header: ProxyHeaderReader | None = None  # reading the PROXY protocol header first
         self._out: list[bytes] = []
         self._out_size = 0
         self._awaiting_head = True
@@ -99,15 +101,22 @@ class ClientConnection(FlowControlled):
         self.server.connections.add(self)
         metrics.OPEN_CONNECTIONS.labels(self.listener.name).inc()
         generation = self.server.generation
+        if generation.configuration.proxy_protocol and self.listener.name in generation.configuration.proxy_protocol:
+            self._proxy_header = ProxyHeaderReader()  # the header, then TLS, within the handshake timeout
         if self.listener.tls:  # the protocol is known once ALPN has spoken: see _handshake_done
             self.tls = ServerTls(generation.tls.default)
+        else:
+            self._handler = self.loop.create_task(self._serve())
+        if self.tls is not None or self._proxy_header is not None:
             self._handshake_timer = self.loop.call_later(
                 generation.configuration.timeouts.handshake, self._handshake_expired
             )
-        else:
-            self._handler = self.loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
+        if self._proxy_header is not None:
+            data = self._read_proxy_header(data)
+            if not data:
+                return
         tls = self.tls
         if tls is not None:
             handshaking = tls.state is TlsState.HANDSHAKING
@@ -125,6 +134,26 @@ class ClientConnection(FlowControlled):
                 self._peer_closed()
             return
         self._feed(data)
+
+    def _read_proxy_header(self, data: bytes) -> bytes:
+        """Take the PROXY header off the front of the stream; return the bytes after it, if any."""
+        assert self._proxy_header is not None and self.transport is not None
+        try:
+            parsed = self._proxy_header.feed(data)
+        except ProxyHeaderError as error:
+            count_refusal(self.listener.name, self.client_ip, error.reason)
+            self._proxy_header = None
+            self.transport.abort()
+            return b""
+        if parsed is None:
+            return b""
+        header, rest = parsed
+        self._proxy_header = None
+        if header.source is not None:
+            self.client_ip = header.source
+        if self.tls is None and self._handshake_timer is not None:
+            self._handshake_timer.cancel()  # plain HTTP: the header was the whole handshake
+        return rest
 
     def _peer_closed(self) -> None:
         if self.read_eof:
@@ -243,7 +272,10 @@ class ClientConnection(FlowControlled):
             self.transport.close()
 
     def _handshake_expired(self) -> None:
-        if self.tls is not None and self.tls.state is TlsState.HANDSHAKING and self.transport is not None:
+        if self._proxy_header is not None and self.transport is not None:
+            count_refusal(self.listener.name, self.client_ip, "no complete PROXY header within the handshake timeout")
+            self.transport.abort()
+        elif self.tls is not None and self.tls.state is TlsState.HANDSHAKING and self.transport is not None:
             metrics.TLS_HANDSHAKE_FAILURES.labels("timeout").inc()
             self.transport.abort()
 

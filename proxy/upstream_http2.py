@@ -117,19 +117,32 @@ def grpc_error_head(grpc_status: int, message: str) -> ResponseHead:
 # -- heads, re-derived ------------------------------------------------------------------------------
 
 
-def request_fields(head: RequestHead, scheme: bytes, client_ip: bytes, proto: bytes, local_address: bytes) -> list[tuple[bytes, bytes]]:
-    """The HTTP/2 request header block for a backend, re-derived from the parse (see the theory)."""
+def request_fields(
+    head: RequestHead,
+    scheme: bytes,
+    client_ip: bytes,
+    proto: bytes,
+    local_address: bytes,
+    extra: Headers = (),
+    host_header: bytes = b"",
+    real_ip: bytes = b"",
+    forwarded_for: bytes = b"",
+) -> list[tuple[bytes, bytes]]:
+    """The HTTP/2 request header block for a backend, re-derived from the parse (see the theory).
+
+    The parameters mean what they mean to `proxy.http1.upstream_request_head`: `extra`, fields a
+    route policy adds (names as written: lower-cased here, as HTTP/2 requires), after ours;
+    `host_header` replaces :authority (upstream-vhost; x-forwarded-host keeps the client's);
+    `real_ip` (a trusted X-Forwarded-For's client) is sent instead of `client_ip`, and
+    `forwarded_for`, when given, as x-forwarded-for (compute-full-forwarded-for)."""
     named = connection_tokens(head.headers)
     authority = head.host or local_address
-    fields = [(b":method", head.method), (b":scheme", scheme), (b":authority", authority), (b":path", head.target)]
-    forwarded_for = b""
+    fields = [(b":method", head.method), (b":scheme", scheme), (b":authority", host_header or authority), (b":path", head.target)]
     te_trailers = False
     for name, value in head.headers:
         lower = name.lower()
         if lower in _NOT_COPIED or lower in named or lower[:1] == b":":
-            if lower == b"x-forwarded-for":
-                forwarded_for += value + b", "
-            elif lower == b"te" and b"trailers" in value.lower():
+            if lower == b"te" and b"trailers" in value.lower():
                 te_trailers = True
             continue
         fields.append((lower, value))
@@ -139,13 +152,15 @@ def request_fields(head: RequestHead, scheme: bytes, client_ip: bytes, proto: by
         fields.append((b"content-length", b"%d" % head.content_length))
     port = local_address.rpartition(b":")[2]
     fields += [
-        (b"x-forwarded-for", forwarded_for + client_ip),
-        (b"x-real-ip", client_ip),
+        (b"x-forwarded-for", forwarded_for or real_ip or client_ip),
+        (b"x-real-ip", real_ip or client_ip),
         (b"x-forwarded-proto", proto),
         (b"x-forwarded-host", authority),
         (b"x-forwarded-port", port),
         *head.vouched,
     ]
+    for name, value in extra:
+        fields.append((name.lower(), value))
     return fields
 
 

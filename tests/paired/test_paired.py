@@ -4,9 +4,10 @@ Each folder under cases/ holds `routes.yaml` (the routes file) and `input.yaml` 
 Kubernetes objects, in tests/translate/fixtures.py's format), written to name their backends the
 same way ("namespace/service:port"). `expected.yaml` says `problem: null` (both load without a
 problem and must give *equal* route tables: hosts, paths, types, policies, backends, default
-backend) or `problem: "<text>"` (both report that text: the routes file refuses itself, the
-translator leaves the younger rule out). `files: {name: ns/secret}` in expected.yaml writes that
-input Secret's decoded `ca.crt` beside a copy of routes.yaml, so both read the same generated CA.
+backend; and the same real-client-address settings: trusted proxies, PROXY protocol listeners)
+or `problem: "<text>"` (both report that text: the routes file refuses itself, the translator
+leaves the younger rule out). `files: {name: ns/secret}` in expected.yaml writes that input
+Secret's decoded `ca.crt` beside a copy of routes.yaml, so both read the same generated CA.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def test_both_producers_give_the_same_table(name: str, tmp_path: Path) -> None:
         (tmp_path / file_name).write_bytes(base64.b64decode(secrets[secret]["data"]["ca.crt"]))
     if expected_problem is None:
         assert translation.problems == ()
-        assert translation.configuration.routes == load_routes_file(routes_file).configuration.routes
+        loaded = load_routes_file(routes_file).configuration
+        assert translation.configuration.routes == loaded.routes
+        assert (translation.configuration.real_ip, translation.configuration.proxy_protocol) == (loaded.real_ip, loaded.proxy_protocol)
         return
     with pytest.raises(RoutesFileError) as refused:
         load_routes_file(routes_file)
