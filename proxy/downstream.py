@@ -31,6 +31,7 @@ import socket
 import struct
 
 from proxy import memory, metrics
+from proxy.client_auth import ClientVerification, verification_of
 from proxy.deadlines import Deadline, deadline_sweeper
 from proxy.decisions import http1_connection_continues, plan_http1_response
 from proxy.exchange import HttpDate, exchange, hsts_header
@@ -88,6 +89,7 @@ class ClientConnection(FlowControlled):
         self._parse_failed = False
         self._handler: asyncio.Task[None] | None = None
         self.http2: Http2Session | None = None  # set when ALPN chose h2
+        self.client_verification: ClientVerification | None = None  # set after the handshake (client auth hosts)
         self.upstream: UpstreamConnection | None = None  # in use by the current request
         self._rechunk = False  # the response being sent goes out chunked
         self._held_large_buffers = False  # writing paused once: its buffers reached the high-water mark
@@ -218,6 +220,7 @@ class ClientConnection(FlowControlled):
     def _handshake_done(self) -> None:
         """Start the protocol ALPN chose: HTTP/2, or HTTP/1.1 (also when the client offered none)."""
         assert self.tls is not None
+        self.client_verification = verification_of(self.tls.connection)
         if self.tls.alpn_selected == b"h2":
             self.protocol = "h2"
             self.http2 = Http2Session(self, self.server)
@@ -422,8 +425,8 @@ class ClientConnection(FlowControlled):
     def flush(self) -> None:
         self._flush()
 
-    def answer_locally(self, head: RequestHead, status: int, extra: bytes) -> bool:
-        self._send(simple_response(status, HttpDate.now(), head.has_body, extra, head_only=head.method == b"HEAD"))
+    def answer_locally(self, head: RequestHead, status: int, extra: bytes, body: bytes = b"") -> bool:
+        self._send(simple_response(status, HttpDate.now(), head.has_body, extra, head.method == b"HEAD", body))
         return not head.has_body  # an unread body would be taken for the next request: close instead
 
     def send_interim(self, head: RequestHead, response: ResponseHead) -> None:
