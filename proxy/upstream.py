@@ -30,12 +30,16 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from config.model import Address
 from proxy.decisions import FailureKind
 from proxy.flow import ConnectionGone, Failure, FlowControlled
 from proxy.http1 import PeerError, ResponseParser
 from proxy.upstream_tls import ClientTls, TlsState, UpstreamTlsFailure, UpstreamTransport
+
+if TYPE_CHECKING:
+    from proxy.fast_path import FastExchange
 
 # Where a pooled connection may be reused: its endpoint, and how it was set up (None: plain TCP).
 PoolKey = tuple[Address, UpstreamTransport | None]
@@ -60,6 +64,7 @@ class UpstreamConnection(FlowControlled):
         self.request_complete = False  # the last byte of the current request was written
         self._socket: socket.socket | None = None
         self._client_backlog: Callable[[], int] = _no_backlog  # set per request (proxy.flow)
+        self.fast: FastExchange | None = None  # the fast path's request in flight: told of every event
 
     def begin_request(self, method: bytes, client_backlog: Callable[[], int]) -> None:
         """`client_backlog`: what the client has not yet taken of earlier response bytes; reading
@@ -98,6 +103,8 @@ class UpstreamConnection(FlowControlled):
                 # again on each partial read; a response complete in one read costs nothing).
                 self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         self.queued(len(data))
+        if self.fast is not None:
+            self.fast.backend_progress()  # last: it may finish, pool us and send the next request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -120,6 +127,8 @@ class UpstreamConnection(FlowControlled):
             except PeerError as error:
                 self.events.append(Failure(error))
         super().connection_lost(exc)
+        if self.fast is not None:
+            self.fast.backend_progress()
 
     @property
     def reusable(self) -> bool:
