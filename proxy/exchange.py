@@ -199,9 +199,7 @@ def record_exchange(
 ) -> None:
     """The request's metrics and access-log line: one record for every path that answers one."""
     backend_label = backend or "-"
-    requests, durations = metrics.request_series(host_label, backend_label, status, client.protocol)
-    requests.inc()
-    durations.observe(elapsed)
+    metrics.REQUESTS.record(host_label, backend_label, status, client.protocol, elapsed)
     if ACCESS_LOG.enabled:
         ACCESS_LOG.record(
             (client.client_ip, client.listener.name, client.protocol, head.host, head.method, head.target, status,

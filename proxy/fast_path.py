@@ -52,6 +52,7 @@ import os
 import weakref
 from typing import TYPE_CHECKING
 
+from proxy import metrics
 from proxy.decisions import http1_connection_continues, plan_http1_response
 from proxy.exchange import HttpDate, hsts_header, proxy_routed, record_exchange
 from proxy.flow import ConnectionGone
@@ -68,20 +69,6 @@ ENABLED = os.environ.get("INGRESS_PROXY_FAST_PATH", "1") != "0"
 FAST_BODY_LIMIT = 16 * 1024  # a request body already buffered whole, forwarded with its head in one write
 FAST_RESPONSE_LIMIT = 64 * 1024  # a response is held whole before it is written: beyond this, streaming pays
 TICK_SECONDS = 0.05  # deadlines fire at most this late (the hostile tests allow 0.1 s below header_read)
-
-
-class Counts:
-    """Plain integers, folded into Prometheus at scrape time (`proxy.metrics`)."""
-
-    __slots__ = ("served", "handed_over", "routed_general")
-
-    def __init__(self) -> None:
-        self.served = 0  # requests answered wholly by the fast path
-        self.handed_over = 0  # sent by the fast path, answered by the general path
-        self.routed_general = 0  # routed here, sent by the general path (no idle pooled connection)
-
-
-COUNTS = Counts()
 
 
 class FastExchange:
@@ -153,7 +140,7 @@ class FastExchange:
         self.client.sweeper.in_flight.discard(self)
         if self.upstream is not None:
             self.upstream.fast = None
-        COUNTS.handed_over += 1
+        metrics.FAST_PATH.handed_over += 1
         self.client.fast_hand_over(self)
 
     def _finish(self, upstream: UpstreamConnection, response: ResponseHead) -> None:
@@ -176,7 +163,7 @@ class FastExchange:
         client.upstream = None
         state.balancer.release(upstream)
         record_exchange(client, head, self.generation, self.host_label, self.backend, response.status, client.loop.time() - self.started)
-        COUNTS.served += 1
+        metrics.FAST_PATH.served += 1
         client.fast_done(http1_connection_continues(head, plan.keep_alive, state.draining))
 
 
@@ -237,7 +224,7 @@ def start(client: ClientConnection, head: RequestHead) -> bool:
     )  # fmt: skip
     upstream = balancer.pool(candidates[0], balancer.transport(backend)).take()
     if upstream is None:
-        COUNTS.routed_general += 1
+        metrics.FAST_PATH.routed_general += 1
         client.fast_hand_over(exchange)
         return True
     for _ in range(body_events):
@@ -250,7 +237,7 @@ def start(client: ClientConnection, head: RequestHead) -> bool:
         upstream.write(request + body if body else request)
     except ConnectionGone:  # a TLS backend's close_notify raced us: the general path retries
         upstream.close()
-        COUNTS.handed_over += 1
+        metrics.FAST_PATH.handed_over += 1
         client.fast_hand_over(exchange)
         return True
     upstream.request_sent()

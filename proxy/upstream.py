@@ -58,7 +58,8 @@ class UpstreamConnection(FlowControlled):
     def __init__(self, address: Address) -> None:
         super().__init__()
         self.address = address
-        self.parser: ResponseParser | None = None
+        self.parser: ResponseParser | None = None  # the current request's; None while idle
+        self._response_parser: ResponseParser | None = None  # kept across requests (`ResponseParser.reset`)
         self.pool: EndpointPool | None = None  # set while idle in a pool
         self.response_started = False  # any byte of the current response arrived
         self.request_complete = False  # the last byte of the current request was written
@@ -69,7 +70,12 @@ class UpstreamConnection(FlowControlled):
     def begin_request(self, method: bytes, client_backlog: Callable[[], int]) -> None:
         """`client_backlog`: what the client has not yet taken of earlier response bytes; reading
         pauses while it is high, so a client that stops reading stops us reading its backend."""
-        self.parser = ResponseParser(method, self.events)
+        parser = self._response_parser
+        if parser is None:
+            parser = self._response_parser = ResponseParser(method, self.events)
+        else:
+            parser.reset(method)
+        self.parser = parser
         self.response_started = False
         self.request_complete = False
         self._client_backlog = client_backlog
@@ -153,7 +159,7 @@ class UpstreamConnection(FlowControlled):
         queue in a reference cycle (and a Failure queued at connection_lost would add one through
         its traceback), which would keep those bytes until a full garbage collection."""
         self.close()
-        self.parser = None
+        self.parser = self._response_parser = None
         self.events.clear()
     @property
     def pool_key(self) -> PoolKey:
