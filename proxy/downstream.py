@@ -332,7 +332,11 @@ class ClientConnection(FlowControlled):
         self._close()
 
     def _close(self) -> None:
-        self._flush()
+        if self.tls is None or self.tls.state is TlsState.OPEN:
+            self._flush()
+        else:  # the client's close_notify came (or TLS broke): nothing can be sent on it any more
+            self._out.clear()
+            self._out_size = 0
         if self.closed or self.transport is None:
             return
         if self.tls is not None and not self.tls.waiting_for_async:
@@ -459,12 +463,17 @@ class ClientConnection(FlowControlled):
     def fast_done(self, continues: bool) -> None:
         """The fast path wrote a whole response: flush it, then the next request (or close)."""
         self._in_flight = None
-        self._flush()
+        try:
+            self._flush()
+        except TlsFailure:  # the client closed its TLS session while we waited for the backend
+            continues = False
         if not continues:
             self._close()
-            return
-        self._fast_idle()
-        self._next_request()
+        elif self._writing_paused:  # a client that does not read: the handler drains it or drops it
+            self._start_handler(None)
+        else:
+            self._fast_idle()
+            self._next_request()
 
     def deadline_reached(self, now: float) -> None:
         """The sweeper's call for our idle or head deadline (only while fast and idle)."""

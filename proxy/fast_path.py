@@ -233,6 +233,8 @@ def start(client: ClientConnection, head: RequestHead) -> bool:
     request = upstream_request_head(head, client.client_ip, listener.name.encode(), listener.address)
     client.upstream = exchange.upstream = upstream
     upstream.begin_request(head.method, client.backlog)
+    if upstream._reading_paused:  # paused for its last client (proxy.flow): ours decides now
+        upstream.backlog_shrank()
     try:
         upstream.write(request + body if body else request)
     except ConnectionGone:  # a TLS backend's close_notify raced us: the general path retries

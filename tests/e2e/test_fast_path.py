@@ -101,3 +101,20 @@ async def test_idle_fast_connection_is_closed_after_idle(start_proxy, start_back
     writer.write(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
     await read_response(reader)
     assert await closed_by_peer(reader, timeout=10)
+
+
+async def test_pooled_connection_paused_for_its_last_client_reads_for_the_next(start_proxy, start_backend):
+    """Flow control may leave a pooled connection paused (its last client was behind when the
+    response ended); the next request on it must read again, whichever path serves it."""
+    backend = await start_backend()
+    proxy = await start_proxy(configuration(backend.address))
+    reader, writer = await open_raw(proxy.http_port)
+    writer.write(b"GET /warm HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_response(reader)
+    (pooled, _), = proxy.server.balancer.pool(backend.address)._idle
+    pooled.transport.pause_reading()
+    pooled._reading_paused = True
+    writer.write(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = await read_response(reader, timeout=10)  # the backend_response timeout is 60 s
+    assert status == 200 and b'"/next"' in body
+    writer.close()
