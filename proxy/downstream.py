@@ -2,11 +2,17 @@
 
 Theory of operation
 -------------------
-Each accepted connection is a `ClientConnection` protocol plus one handler coroutine.
-`data_received` runs TLS (`proxy.tls.ServerTls`) and the request parser (`proxy.http1`) and only
-queues events; the handler (`_serve`) takes them one request at a time and hands each head to
-`proxy.exchange.exchange`, so pipelined requests are answered strictly in order, and reading
-pauses while the queue is ahead of it (`proxy.flow`). This class is the HTTP/1.1 `ClientSide`:
+Each accepted connection is a `ClientConnection` protocol. `data_received` runs TLS
+(`proxy.tls.ServerTls`) and the request parser (`proxy.http1`) and queues events. While the
+connection is on the fast path (`_fast`, `proxy.fast_path`) there is no handler coroutine: the
+queued request is taken in the callback (`_next_request`), sent to an idle pooled backend
+connection and answered from that connection's callback (`fast_done`); idle and head deadlines
+are timestamps the loop's one sweeper checks (`deadline_reached`). Any request the fast path
+cannot take, or hands over, starts the handler (`_serve`), which takes events one request at a
+time and hands each head to `proxy.exchange.exchange`, and goes back to the fast path once the
+queue is empty. Either way pipelined requests are answered strictly in order (the next one is
+taken only after the previous response was written), and reading pauses while the queue is
+ahead of its consumer (`proxy.flow`). This class is the HTTP/1.1 `ClientSide`:
 it turns the exchange's response heads and body pieces into HTTP/1.1 framing (the plan is
 `decisions.plan_http1_response`) and owns the connection's timers and writes. When ALPN picks
 `h2`, the connection hands its plaintext to an `Http2Session` instead (`proxy.http2_session`)
@@ -19,7 +25,7 @@ body into one TLS record and one syscall per response, or per pipelined burst.
 
 Timeouts: the TLS handshake must finish within `handshake`; a request head must arrive within
 `header_read` of its first byte (slowloris); a keep-alive connection may sit `idle` between
-requests. On drain (SIGTERM) idle connections close at once and busy ones after their current
+requests (the handler's waits are timers; the fast path's the same limits as timestamps). On drain (SIGTERM) idle connections close at once and busy ones after their current
 response.
 """
 
