@@ -55,9 +55,10 @@ from typing import TYPE_CHECKING
 from proxy import metrics
 from proxy.decisions import http1_connection_continues, plan_http1_response
 from proxy.exchange import HttpDate, hsts_header, proxy_routed, record_exchange
-from proxy.flow import ConnectionGone
+from proxy.flow import ConnectionGone, Failure
 from proxy.http1 import END_OF_MESSAGE, Body, RequestHead, ResponseHead, client_response_head, upstream_request_head
 from proxy.upstream_http2 import is_grpc
+from proxy.upstream_tls import UpstreamTlsFailure
 
 if TYPE_CHECKING:
     from config.model import Address
@@ -237,7 +238,8 @@ def start(client: ClientConnection, head: RequestHead) -> bool:
         upstream.backlog_shrank()
     try:
         upstream.write(request + body if body else request)
-    except ConnectionGone:  # a TLS backend's close_notify raced us: the general path retries
+    except (ConnectionGone, UpstreamTlsFailure) as error:  # e.g. a TLS backend's close_notify raced us
+        upstream.events.append(Failure(error))  # the general path reads it as its own attempt's failure
         upstream.close()
         metrics.FAST_PATH.handed_over += 1
         client.fast_hand_over(exchange)

@@ -8,6 +8,7 @@ from prometheus_client import REGISTRY
 
 from config.model import Address, PathType, Timeouts
 from proxy import fast_path
+from proxy.flow import ConnectionGone
 from tests.conftest import simple_configuration
 from tests.e2e.helpers import closed_by_peer, open_raw, read_response
 
@@ -117,4 +118,25 @@ async def test_pooled_connection_paused_for_its_last_client_reads_for_the_next(s
     writer.write(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
     status, _, body = await read_response(reader, timeout=10)  # the backend_response timeout is 60 s
     assert status == 200 and b'"/next"' in body
+    writer.close()
+
+
+async def test_pooled_connection_that_refuses_the_write_is_retried_on_a_new_one(start_proxy, start_backend):
+    """A pooled connection whose write fails (a TLS backend's close_notify racing our request looks
+    so) is the general path's reset-on-a-reused-connection: retried once on a fresh connection."""
+    backend = await start_backend()
+    proxy = await start_proxy(configuration(backend.address))
+    reader, writer = await open_raw(proxy.http_port)
+    writer.write(b"GET /warm HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_response(reader)
+    (pooled, _), = proxy.server.balancer.pool(backend.address)._idle
+
+    def refuse(data: bytes) -> None:
+        raise ConnectionGone()
+
+    pooled.write = refuse
+    writer.write(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = await read_response(reader, timeout=10)
+    assert status == 200 and b'"/again"' in body
+    assert pooled.closed and [seen["path_qs"] for seen in backend.received] == ["/warm", "/again"]
     writer.close()
