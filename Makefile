@@ -18,9 +18,12 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh Makefile
 run: install
 	$(VENV)/bin/python examples/run_demo.py
 
+# The data-plane suites run twice: with the keep-alive fast path (the default) and with only the
+# general path (INGRESS_PROXY_FAST_PATH=0), so both keep every behaviour the tests pin down.
 test: install
 	$(VENV)/bin/python -m mypy
 	$(VENV)/bin/python -m pytest -q tests
+	INGRESS_PROXY_FAST_PATH=0 $(VENV)/bin/python -m pytest -q tests/e2e tests/hostile
 
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/python -m pytest -q tests/hostile
