@@ -13,9 +13,10 @@ path (`ClientConnection._fast`).
 
 Two places decide, each once per request, and both fall back to the general path:
 1. Before the request is sent (`start`): a complete head, no body or a buffered Content-Length
-   body of at most FAST_BODY_LIMIT bytes without `Expect`, no upgrade, no trusted X-Forwarded-For,
-   no gRPC, no redirect, a routed backend with no policy, HTTP/1.1 to its endpoints, and an idle
-   pooled connection to the first candidate. A check that fails before routing leaves the request
+   body of at most FAST_BODY_LIMIT bytes without `Expect`, no upgrade; the routing decision both
+   paths share (`decisions.route_outcome`) says HTTP1_PLAIN (no local answer, no policy, no
+   client certificate to judge, no trusted X-Forwarded-For, endpoints spoken to in HTTP/1.1); and an
+   idle pooled connection to the first candidate. A check that fails before routing leaves the request
    queued for `exchange`; one that fails after routing (no idle connection) hands the routed
    request to `exchange.proxy_routed`, so the round-robin cursor moves once per request whichever
    path serves it.
@@ -28,7 +29,7 @@ Two places decide, each once per request, and both fall back to the general path
    the request itself. Retries, failure kinds, 504s and mid-body cuts are the general path's alone.
    A hand-over happens at most once per request; afterwards this module never touches it again.
 
-Both paths share one set of decisions (`decisions.plan_http1_response`,
+Both paths share one set of decisions (`decisions.route_outcome`, `decisions.plan_http1_response`,
 `decisions.http1_connection_continues`), one head builder each way (`http1.upstream_request_head`,
 `http1.client_response_head`), one metrics/access-log record (`exchange.record_exchange`), and the
 pool's one door (`EndpointPool.give_back`, which checks `UpstreamConnection.reusable`), so they
@@ -53,7 +54,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from proxy import metrics
-from proxy.decisions import http1_connection_continues, plan_http1_response
+from proxy.decisions import RouteOutcome, http1_connection_continues, plan_http1_response, route_outcome
 from proxy.exchange import HttpDate, hsts_header, proxy_routed, record_exchange
 from proxy.flow import ConnectionGone, Failure
 from proxy.http1 import END_OF_MESSAGE, Body, RequestHead, ResponseHead, client_response_head, upstream_request_head
@@ -197,23 +198,17 @@ def start(client: ClientConnection, head: RequestHead) -> bool:
         body_events = 0
     state = client.server
     generation = state.generation
-    if generation.configuration.real_ip is not None or is_grpc(head.headers):
-        return False
     match = generation.router.route(head.host.decode("latin-1"), head.path)
-    virtual_host = match.virtual_host
-    backend = match.backend
-    if backend is None or match.policy is not None:
-        return False
-    if virtual_host is not None and (
-        (virtual_host.redirect_to_https and not client.listener.tls) or virtual_host.client_auth is not None
-    ):
-        return False  # a redirect, or a client certificate to judge (and headers to vouch for): `exchange`'s
     balancer = state.balancer
-    if balancer.protocol(backend).multiplexed:
-        return False
+    if (
+        route_outcome(match, generation.configuration, client.listener.tls, False, is_grpc(head.headers), False, balancer)
+        is not RouteOutcome.HTTP1_PLAIN
+    ):
+        return False  # anything to answer locally, judge, vouch for or shape is `exchange`'s
+    backend = match.backend
+    assert backend is not None
+    virtual_host = match.virtual_host
     candidates = balancer.candidates(backend)
-    if not candidates:
-        return False
     # Routed: from here the request is the fast path's, or the general path's from routing on
     # (which takes the head as its handler would, and leaves a body queued for `_proxy` to read).
     client.ready_event()
