@@ -37,20 +37,15 @@ cannot disagree on the bytes or on which connection may be reused. Pipelined req
 order: the connection takes the next queued request only after the previous response was written.
 
 Deadlines are timestamps, not timers: a request in flight has `FastExchange.deadline` (the
-backend's `backend_response`), a connection idle on this path its idle and head deadlines. One
-`Sweeper` per event loop checks them every TICK_SECONDS: requests in flight by a scan of the (small)
-in-flight set, idle connections through a heap of weak references whose entries are re-queued
-lazily when a connection's deadline moved later (it only moves later, except when a head starts).
+backend's `backend_response`), a connection idle on this path its idle and head deadlines; the
+loop's one `proxy.deadlines.DeadlineSweeper` (the handshake timeout's too) acts on them.
 `INGRESS_PROXY_FAST_PATH=0` turns this module off: every request takes the general path.
 """
 
 from __future__ import annotations
 
-import asyncio
-import heapq
 import itertools
 import os
-import weakref
 from typing import TYPE_CHECKING
 
 from proxy import metrics
@@ -70,7 +65,6 @@ if TYPE_CHECKING:
 ENABLED = os.environ.get("INGRESS_PROXY_FAST_PATH", "1") != "0"
 FAST_BODY_LIMIT = 16 * 1024  # a request body already buffered whole, forwarded with its head in one write
 FAST_RESPONSE_LIMIT = 64 * 1024  # a response is held whole before it is written: beyond this, streaming pays
-TICK_SECONDS = 0.05  # deadlines fire at most this late (the hostile tests allow 0.1 s below header_read)
 
 
 class FastExchange:
@@ -247,57 +241,3 @@ def start(client: ClientConnection, head: RequestHead) -> bool:
     client.fast_sent(exchange)
     client.sweeper.add_in_flight(exchange)
     return True
-
-
-class Sweeper:
-    """The one timer per event loop behind every fast-path deadline (see the module comment)."""
-
-    def __init__(self) -> None:
-        self.in_flight: set[FastExchange] = set()
-        self._idle: list[tuple[float, int, weakref.ref[ClientConnection]]] = []
-        self._order = itertools.count()  # ties in the heap never compare connections
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add_in_flight(self, exchange: FastExchange) -> None:
-        self.in_flight.add(exchange)
-        if self._timer is None:
-            self._arm()
-
-    def watch(self, connection: ClientConnection, when: float) -> None:
-        """Make sure `connection.deadline_reached` runs at or after `when` (within a tick)."""
-        queued = connection.deadline_queued
-        if queued == 0.0 or when < queued:
-            connection.deadline_queued = when
-            heapq.heappush(self._idle, (when, next(self._order), weakref.ref(connection)))
-            if self._timer is None:
-                self._arm()
-
-    def _arm(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        now = asyncio.get_running_loop().time()
-        if self.in_flight:
-            for exchange in [exchange for exchange in self.in_flight if exchange.deadline <= now]:
-                exchange.expired()
-        idle = self._idle
-        while idle and idle[0][0] <= now:
-            when, _, reference = heapq.heappop(idle)
-            connection = reference()
-            if connection is not None and connection.deadline_queued == when:
-                connection.deadline_queued = 0.0
-                connection.deadline_reached(now)
-        if self.in_flight or idle:
-            self._arm()
-
-
-_SWEEPERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Sweeper] = weakref.WeakKeyDictionary()
-
-
-def sweeper() -> Sweeper:
-    loop = asyncio.get_running_loop()
-    found = _SWEEPERS.get(loop)
-    if found is None:
-        found = _SWEEPERS[loop] = Sweeper()
-    return found
