@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh Debian machine: `make run` and `make test`.
 PYTHON := /usr/bin/python3
 VENV := .venv
-APT_PACKAGES := python3-venv python3-openssl python3-cryptography python3-yaml libssl-dev gcc curl \
+APT_PACKAGES := python3-venv python3-openssl python3-cryptography python3-yaml libssl-dev gcc python3-dev curl \
 	softhsm2 opensc libengine-pkcs11-openssl openssl iproute2 testssl.sh nghttp2-client
 # From bookworm-backports (scripts/install.sh adds that source): not in bookworm main.
 APT_BACKPORTS_PACKAGES := pkcs11-provider
@@ -10,7 +10,7 @@ BENCH_APT_PACKAGES := haproxy nginx-light wrk
 .PHONY: install run test fuzz soak bench clean
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install.sh Makefile
+$(VENV)/.installed: pyproject.toml scripts/install.sh Makefile scripts/build_compiled.py $(wildcard proxy/*.pyx proxy/*/*.pyx)
 	APT_PACKAGES="$(APT_PACKAGES)" APT_BACKPORTS_PACKAGES="$(APT_BACKPORTS_PACKAGES)" \
 		PYTHON=$(PYTHON) VENV=$(VENV) scripts/install.sh
 	touch $@
@@ -34,3 +34,4 @@ bench: install
 
 clean:
 	rm -rf $(VENV) examples/certs bench/results/*.tmp
+	find proxy -name '*.so' -delete
