@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from types import ModuleType
 
 PURE_VARIABLE = "INGRESS_PROXY_PURE"
 
@@ -24,13 +25,13 @@ def pure_forced() -> bool:
 _ABSENT: dict[str, str | None] = {}
 
 
-def load_twin(module: str, name: str) -> object | None:
-    """`name` from the compiled extension `module`, or None (pure path) with the reason kept."""
+def load_twin(module: str) -> ModuleType | None:
+    """The compiled extension `module`, or None (the pure path runs) with the reason kept."""
     if pure_forced():
         _ABSENT[module] = f"disabled by {PURE_VARIABLE}=1"
         return None
     try:
-        twin = getattr(importlib.import_module(module), name)
+        twin = importlib.import_module(module)
     except ImportError as error:
         _ABSENT[module] = f"not built ({error}); fix: make install (needs gcc, libssl-dev, python3-dev)"
         return None

@@ -14,16 +14,19 @@ from setuptools.dist import Distribution
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / ".venv" / "build-compiled"
-# Each entry: module name → its source; all link the system libssl/libcrypto (the ones Debian's
-# cryptography binding uses, so pointers from pyOpenSSL are valid in them).
-EXTENSIONS = {"proxy.tls._pump": "proxy/tls/_pump.pyx"}
+# Each entry: module name → (its source, the libraries it links). The pump links the system
+# libssl/libcrypto, the ones Debian's cryptography binding uses, so pyOpenSSL's pointers are valid in it.
+EXTENSIONS = {
+    "proxy.tls._pump": ("proxy/tls/_pump.pyx", ["ssl", "crypto"]),
+    "proxy._http1_heads": ("proxy/_http1_heads.pyx", []),
+}
 
 
 def main() -> int:
     os.chdir(ROOT)  # build_ext --inplace places each .so by its module name, from here
     extensions = [
-        Extension(name, [str(ROOT / source)], libraries=["ssl", "crypto"], extra_compile_args=["-O2"])
-        for name, source in EXTENSIONS.items()
+        Extension(name, [str(ROOT / source)], libraries=libraries, extra_compile_args=["-O2"])
+        for name, (source, libraries) in EXTENSIONS.items()
     ]
     modules = cythonize(extensions, build_dir=str(BUILD / "c"), quiet=True, compiler_directives={"language_level": 3})
     distribution = Distribution({"name": "ingress-proxy-compiled", "ext_modules": modules})

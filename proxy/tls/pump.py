@@ -123,13 +123,14 @@ def pure_pump(connection: SSL.Connection) -> Pump:
     return PurePump(connection)
 
 
-_CompiledPump = load_twin("proxy.tls._pump", "CompiledPump")
+_compiled = load_twin("proxy.tls._pump")
+_CompiledPump = None if _compiled is None else _compiled.CompiledPump
 
 
 def compiled_pump(connection: SSL.Connection) -> Pump:
     """The Cython pump on `connection`'s pointers (only when the extension is loaded)."""
     assert _CompiledPump is not None, "proxy.tls._pump is not built"
-    pump: Pump = _CompiledPump(address(connection._ssl), address(connection._into_ssl), address(connection._from_ssl))  # type: ignore[operator]
+    pump: Pump = _CompiledPump(address(connection._ssl), address(connection._into_ssl), address(connection._from_ssl))
     return pump
 
 
