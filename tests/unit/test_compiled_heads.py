@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+from types import ModuleType
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,18 @@ from proxy.http1 import HOP_BY_HOP, RequestHead, RequestParser, ResponseHead, Re
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILT = sorted(glob.glob(str(ROOT / "proxy" / "_http1_heads*.so")))
-compiled_heads = http1._compiled_heads
-needs_compiled = pytest.mark.skipif(compiled_heads is None, reason="compiled heads not loaded (not built, or INGRESS_PROXY_PURE=1)")
+needs_compiled = pytest.mark.skipif(not BUILT, reason="the compiled heads were not built in this checkout: make install")
+
+
+@pytest.fixture(scope="module")
+def compiled_heads() -> ModuleType:
+    """The extension, also when INGRESS_PROXY_PURE=1 keeps proxy.http1 on the pure builders."""
+    if http1._compiled_heads is not None:
+        return http1._compiled_heads
+    import proxy._http1_heads as heads
+
+    heads.configure(http1._DERIVED_IN_REQUEST, http1._DERIVED_IN_RESPONSE, http1.pure_upstream_request_head, http1.pure_client_response_head)
+    return heads
 
 SPECIAL_NAMES = sorted(http1._DERIVED_IN_REQUEST | http1._DERIVED_IN_RESPONSE | {b"server", b"date", b"close", b"x-custom"})
 _name = st.one_of(
@@ -88,18 +99,19 @@ def test_the_twins_are_in_use_when_built() -> None:
     if compiled.pure_forced():
         assert http1.upstream_request_head is http1.pure_upstream_request_head
     elif BUILT:
-        assert http1.upstream_request_head is compiled_heads.upstream_request_head
-        assert http1.client_response_head is compiled_heads.client_response_head
+        assert http1._compiled_heads is not None
+        assert http1.upstream_request_head is http1._compiled_heads.upstream_request_head
+        assert http1.client_response_head is http1._compiled_heads.client_response_head
     else:
         pytest.skip("the compiled heads were not built in this checkout (make install says why)")
 
 
-def _check_request(head, client_ip, proto, local_address, extra, host_header, real_ip) -> None:
+def _check_request(compiled_heads, head, client_ip, proto, local_address, extra, host_header, real_ip) -> None:
     args = (head, client_ip, proto, local_address, extra, host_header, real_ip)
     assert _outcome(compiled_heads.upstream_request_head, *args) == _outcome(http1.pure_upstream_request_head, *args)
 
 
-def _check_response(response, rechunk, keep_alive, date, extra) -> None:
+def _check_response(compiled_heads, response, rechunk, keep_alive, date, extra) -> None:
     args = (response, rechunk, keep_alive, date, extra)
     assert _outcome(compiled_heads.client_response_head, *args) == _outcome(http1.pure_client_response_head, *args)
 
@@ -107,15 +119,15 @@ def _check_response(response, rechunk, keep_alive, date, extra) -> None:
 @needs_compiled
 @settings(max_examples=500, deadline=None)
 @given(head=_request_head, client_ip=_argument, proto=_argument, local_address=_argument, extra=_argument, host_header=_argument, real_ip=_argument)
-def test_request_head_matches_pure(head, client_ip, proto, local_address, extra, host_header, real_ip) -> None:
-    _check_request(head, client_ip, proto, local_address, extra, host_header, real_ip)
+def test_request_head_matches_pure(compiled_heads, head, client_ip, proto, local_address, extra, host_header, real_ip) -> None:
+    _check_request(compiled_heads, head, client_ip, proto, local_address, extra, host_header, real_ip)
 
 
 @needs_compiled
 @settings(max_examples=500, deadline=None)
 @given(response=_response_head, rechunk=st.booleans(), keep_alive=st.booleans(), date=_argument, extra=_argument)
-def test_response_head_matches_pure(response, rechunk, keep_alive, date, extra) -> None:
-    _check_response(response, rechunk, keep_alive, date, extra)
+def test_response_head_matches_pure(compiled_heads, response, rechunk, keep_alive, date, extra) -> None:
+    _check_response(compiled_heads, response, rechunk, keep_alive, date, extra)
 
 
 _odd_header = st.tuples(st.one_of(_name, st.text(max_size=3)), st.one_of(st.binary(max_size=4), st.builds(bytearray, st.binary(max_size=4))))
@@ -127,21 +139,21 @@ _odd_header = st.tuples(st.one_of(_name, st.text(max_size=3)), st.one_of(st.bina
     head=_request_head, odd_headers=st.lists(_odd_header, max_size=3),
     client_ip=_odd_argument, proto=_odd_argument, local_address=_odd_argument, extra=_odd_argument, host_header=_odd_argument, real_ip=_odd_argument,
 )
-def test_request_head_falls_back_to_pure_on_odd_types(head, odd_headers, client_ip, proto, local_address, extra, host_header, real_ip) -> None:
+def test_request_head_falls_back_to_pure_on_odd_types(compiled_heads, head, odd_headers, client_ip, proto, local_address, extra, host_header, real_ip) -> None:
     head = dataclasses.replace(head, headers=head.headers + tuple(odd_headers))
-    _check_request(head, client_ip, proto, local_address, extra, host_header, real_ip)
+    _check_request(compiled_heads, head, client_ip, proto, local_address, extra, host_header, real_ip)
 
 
 @needs_compiled
 @settings(max_examples=200, deadline=None)
 @given(response=_response_head, odd_headers=st.lists(_odd_header, max_size=3), rechunk=st.booleans(), keep_alive=st.booleans(), date=_odd_argument, extra=_odd_argument)
-def test_response_head_falls_back_to_pure_on_odd_types(response, odd_headers, rechunk, keep_alive, date, extra) -> None:
+def test_response_head_falls_back_to_pure_on_odd_types(compiled_heads, response, odd_headers, rechunk, keep_alive, date, extra) -> None:
     response = dataclasses.replace(response, headers=response.headers + tuple(odd_headers))
-    _check_response(response, rechunk, keep_alive, date, extra)
+    _check_response(compiled_heads, response, rechunk, keep_alive, date, extra)
 
 
 @needs_compiled
-def test_parsed_heads_match_pure() -> None:
+def test_parsed_heads_match_pure(compiled_heads: ModuleType) -> None:
     """Heads as the parsers make them (what the proxy really passes), including odd cases."""
     requests = [
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Custom\r\nX-Custom: 1\r\nX-Forwarded-For: 1.1.1.1\r\n\r\n",

@@ -35,9 +35,14 @@ from proxy.upstream_tls import ClientTls, UpstreamTlsFailure
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILT = sorted(glob.glob(str(ROOT / "proxy" / "tls" / "_pump*.so")))
-needs_compiled = pytest.mark.skipif(
-    not pumps.COMPILED, reason="compiled pump not loaded (not built, or INGRESS_PROXY_PURE=1): make install"
-)
+needs_compiled = pytest.mark.skipif(not BUILT, reason="the compiled pump was not built in this checkout: make install")
+
+
+def compiled_pump(connection: SSL.Connection) -> pumps.Pump:
+    """The extension's pump, also when INGRESS_PROXY_PURE=1 keeps the proxy itself on the pure one."""
+    from proxy.tls._pump import CompiledPump
+
+    return CompiledPump(pumps.address(connection._ssl), pumps.address(connection._into_ssl), pumps.address(connection._from_ssl))
 
 # -- a deterministic libcrypto RNG, for the length of one comparison ------------------------------
 
@@ -240,7 +245,7 @@ def both_pumps(server_side: bool, version: int, steps: list[tuple], splits: list
         with pump_kind(pumps.pure_pump):
             pure = run_scenario(server_side, version, steps, splits)
         restart()
-        with pump_kind(pumps.compiled_pump):
+        with pump_kind(compiled_pump):
             compiled_run = run_scenario(server_side, version, steps, splits)
     return pure, compiled_run
 
@@ -253,8 +258,10 @@ def test_the_extension_is_loaded_when_this_checkout_built_it() -> None:
         assert not pumps.COMPILED and "disabled by INGRESS_PROXY_PURE=1" in compiled.hot_path_line()
     elif BUILT:
         assert pumps.COMPILED, compiled.hot_path_line()
-        assert compiled.compiled_modules() == ["proxy.tls._pump"]
-        assert compiled.hot_path_line() == "hot path: compiled (proxy.tls._pump)"
+        import proxy.http1  # noqa: F401  (registers its twin too)
+
+        assert compiled.compiled_modules() == ["proxy._http1_heads", "proxy.tls._pump"]
+        assert compiled.hot_path_line() == "hot path: compiled (proxy._http1_heads, proxy.tls._pump)"
     else:
         pytest.skip("the compiled pump was not built in this checkout (make install says why)")
 
@@ -375,7 +382,7 @@ def test_compiled_matches_pure_on_any_exchange(server_side: bool, version: int, 
 def test_pumps_refuse_the_same_argument_types() -> None:
     """Both take bytes only (cffi refuses bytearray/memoryview for `void *`; Cython's `bytes` too)."""
     server_context, _ = _contexts(SSL.TLS1_3_VERSION)
-    for factory in (pumps.pure_pump, pumps.compiled_pump):
+    for factory in (pumps.pure_pump, compiled_pump):
         pump = factory(SSL.Connection(server_context, None))
         for wrong in (bytearray(b"x"), memoryview(b"x")):
             with pytest.raises(TypeError):
