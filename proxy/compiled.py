@@ -39,8 +39,14 @@ def load_twin(module: str) -> ModuleType | None:
     return twin
 
 
+# The modules that pick a twin at import (each calls load_twin): imported before reporting.
+_SELECTING_MODULES = ("proxy.tls", "proxy.http1")
+
+
 def hot_path_line() -> str:
     """One line for `ingress-proxy doctor`: compiled, pure, or partly compiled, and why."""
+    for module in _SELECTING_MODULES:
+        importlib.import_module(module)
     if not _ABSENT:
         return "hot path: pure Python (no compiled twin was asked for)"
     missing = {module: why for module, why in _ABSENT.items() if why is not None}
