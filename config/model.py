@@ -385,10 +385,14 @@ class RealIp:
 
     The client address (for source ranges, limits and X-Real-IP) is the rightmost address of
     X-Forwarded-For + peer that is not trusted. A peer outside `trusted` is the client, and its own
-    X-Forwarded-For is dropped instead of passed on: it could say anything.
+    X-Forwarded-For is dropped instead of passed on: it could say anything. On a PROXY protocol
+    listener the peer is the header's source address: trust is judged on it, as if it had connected.
     """
 
     trusted: tuple[IpNetwork, ...]
+    # ingress-nginx compute-full-forwarded-for: a trusted peer's X-Forwarded-For goes on with the
+    # peer appended ("client, lb1, lb2"); off, X-Forwarded-For is replaced by the client address.
+    compute_full_forwarded_for: bool = False
 
 
 @dataclass(frozen=True)
@@ -413,7 +417,10 @@ class Configuration:
     access_log_json: bool = False
     session_resumption: bool = True  # session cache + tickets; off = HAProxy's no-tls-tickets + cachesize 0
     tls_policy: TlsPolicy = TlsPolicy()
-    real_ip: RealIp | None = None  # None: the TCP peer is the client; X-Forwarded-For is appended to
+    real_ip: RealIp | None = None  # None: the TCP peer is the client; a client's X-Forwarded-For is replaced
+    # Listener names ("https", "http") whose connections must start with a PROXY protocol header
+    # (proxy.proxy_protocol), whose source address is then the client's: ingress-nginx use-proxy-protocol.
+    proxy_protocol: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

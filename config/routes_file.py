@@ -141,6 +141,7 @@ from config.tls_material import (
     NoCertificateError,
     PrivateKey,
     is_dns_name,
+    is_ip_address,
     key_matches_certificate,
     parse_certificate_chain,
     parse_host_pattern,
@@ -157,9 +158,11 @@ _TAG_FLOAT = "tag:yaml.org,2002:float"
 
 # Known keys per section, in the order the hint lists them.
 _TOP_KEYS = (
-    "listen", "tls", "timeouts", "hsts", "access_log", "trusted_proxies", "routes", "default_backend", "backends",
+    "listen", "tls", "timeouts", "hsts", "access_log", "trusted_proxies", "compute_full_forwarded_for", "routes",
+    "default_backend", "backends",
 )
 _LISTEN_KEYS = ("https", "http", "admin")
+_LISTENER_KEYS = ("address", "proxy_protocol")  # `https: {address: ..., proxy_protocol: true}`
 _TLS_POLICY_KEYS = ("min_version", "max_version", "ciphers", "ciphersuites", "curves", "alpn")
 _TLS_KEYS = (
     "certificates", "default_certificate", "engine", "async", "providers", "propquery", "provider_path",
@@ -264,7 +267,7 @@ class _Checker:
         fields = self.mapping(root, "top level", _TOP_KEYS, required={"listen": "listen: {https: 127.0.0.1:8443}"})
         if fields is None:
             raise RoutesFileError(self.sorted_problems())
-        listeners = self.listeners(fields["listen"]) if "listen" in fields else None
+        listeners, proxy_protocol = self.listeners(fields["listen"]) if "listen" in fields else (None, ())
         backends, defined_backends = self.backends(fields.get("backends"), _has_key(fields.get("tls"), "engine"))
         virtual_hosts = self.routes(fields["routes"], defined_backends) if "routes" in fields else ()
         default_backend = None
@@ -280,8 +283,17 @@ class _Checker:
         hsts = self.hsts(fields["hsts"]) if "hsts" in fields else None
         access_log_json = self.access_log_json(fields["access_log"]) if "access_log" in fields else False
         real_ip = None
+        compute_full = "compute_full_forwarded_for" in fields and self.flag(
+            fields["compute_full_forwarded_for"], "compute_full_forwarded_for"
+        )
+        if compute_full and "trusted_proxies" not in fields:
+            self.report(
+                fields["compute_full_forwarded_for"],
+                "compute_full_forwarded_for: needs trusted_proxies (an untrusted client's X-Forwarded-For is "
+                "always replaced; add trusted_proxies: [CIDR, ...] naming the load balancers in front)",
+            )
         if "trusted_proxies" in fields and (trusted := self.networks(fields["trusted_proxies"], "trusted_proxies")):
-            real_ip = RealIp(trusted)
+            real_ip = RealIp(trusted, compute_full_forwarded_for=bool(compute_full))
         problems = self.sorted_problems()
         if problems or listeners is None:
             raise RoutesFileError(problems)
@@ -296,20 +308,26 @@ class _Checker:
             session_resumption=session_resumption,
             tls_policy=tls_policy,
             real_ip=real_ip,
+            proxy_protocol=proxy_protocol,
         )
         return LoadedRoutes(listeners=listeners, configuration=configuration)
 
     # ---- listen -------------------------------------------------------------------------------
 
-    def listeners(self, node: yaml.Node) -> Listeners | None:
+    def listeners(self, node: yaml.Node) -> tuple[Listeners | None, tuple[str, ...]]:
+        """The listeners, and the names of those that require a PROXY protocol header."""
         fields = self.mapping(node, "listen", _LISTEN_KEYS, required={"https": "https: 127.0.0.1:8443"})
         if fields is None:
-            return None
+            return None, ()
         found: dict[str, Address] = {}
+        proxy_protocol: list[str] = []
         for name in _LISTEN_KEYS:
             if name not in fields:
                 continue
-            address = self.address(fields[name], f"listen.{name}")
+            address_node: yaml.Node | None = fields[name]
+            if isinstance(address_node, yaml.MappingNode):
+                address_node = self.listener_options(address_node, name, proxy_protocol)
+            address = self.address(address_node, f"listen.{name}") if address_node is not None else None
             if address is None:
                 continue
             for other_name, other in found.items():
@@ -321,8 +339,23 @@ class _Checker:
                     )
             found[name] = address
         if "https" not in found:
+            return None, ()
+        return Listeners(https=found["https"], http=found.get("http"), admin=found.get("admin")), tuple(proxy_protocol)
+
+    def listener_options(self, node: yaml.MappingNode, name: str, proxy_protocol: list[str]) -> yaml.Node | None:
+        """`listen.<name>: {address: ..., proxy_protocol: true}`: the address node; the name joins
+        `proxy_protocol` when its connections must start with a PROXY protocol header."""
+        where = f"listen.{name}"
+        fields = self.mapping(node, where, _LISTENER_KEYS, required={"address": 'address: "127.0.0.1:8443"'})
+        if fields is None:
             return None
-        return Listeners(https=found["https"], http=found.get("http"), admin=found.get("admin"))
+        if "proxy_protocol" in fields and self.flag(fields["proxy_protocol"], f"{where}.proxy_protocol"):
+            if name == "admin":
+                self.report(fields["proxy_protocol"], f"{where}.proxy_protocol: only the https and http listeners "
+                            "read a PROXY protocol header (remove it here; metrics are scraped directly)")
+            else:
+                proxy_protocol.append(name)
+        return fields.get("address")
 
     def address(self, node: yaml.Node, where: str) -> Address | None:
         if isinstance(node, yaml.SequenceNode):  # `https: [::1]:8443` is a YAML list, then a syntax error
@@ -425,7 +458,7 @@ class _Checker:
         server_name = None
         if "server_name" in fields:
             server_name = self.text(fields["server_name"], f"{where}.server_name")
-            if server_name is not None and not (is_dns_name(server_name.lower()) or _is_ip_literal(server_name)):
+            if server_name is not None and not (is_dns_name(server_name.lower()) or is_ip_address(server_name)):
                 self.report(
                     fields["server_name"],
                     f"{where}.server_name: '{server_name}' is not a DNS name or IP address (write the name the backend's certificate carries)",
@@ -1417,13 +1450,6 @@ def _has_key(node: yaml.Node | None, key: str) -> bool:
         isinstance(key_node, yaml.ScalarNode) and key_node.value == key for key_node, _ in node.value
     )
 
-
-def _is_ip_literal(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _tag(node: yaml.Node) -> str | None:

@@ -221,6 +221,15 @@ def is_dns_name(name: str) -> bool:
     return len(name) <= _MAX_HOST_LENGTH and all(_DNS_LABEL.fullmatch(label) for label in name.split("."))
 
 
+def is_ip_address(text: str) -> bool:
+    """An IPv4 or IPv6 literal (a backend's TLS name may be one: then it is verified as an IP SAN)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_host_pattern(text: str, allow_any: bool) -> str:
     """The lower-cased host pattern ("" = any host, only if `allow_any`); HostPatternError says what is wrong."""
     host = text.lower()

@@ -20,8 +20,15 @@ from typing import Any
 
 from config.model import Configuration, RoutePolicy
 from ingress_watch.snapshot import Snapshot
-from ingress_watch.translate import ANNOTATION_PREFIXES, SUPPORTED_ANNOTATIONS, TranslateOptions, translate
+from ingress_watch.annotations import ANNOTATION_PREFIXES, SUPPORTED_ANNOTATIONS
+from ingress_watch.translate import TranslateOptions, translate
 
+# README "Real client address": the one difference is use-proxy-protocol and use-forwarded-headers together.
+_CLIENT_ADDRESS = (
+    "the client address is the PROXY header's source (use-proxy-protocol), the trusted X-Forwarded-For's "
+    "(use-forwarded-headers) or the TCP peer's; with both keys, X-Forwarded-For is trusted from PROXY sources in "
+    "proxy-real-ip-cidr (ingress-nginx then ignores it)"
+)
 # Keys that are honoured but not exactly as ingress-nginx does (README "Annotations" says more).
 DIFFERENCES = {
     "ssl-redirect": "only hosts a certificate of ours covers are redirected (ConfigMap default: off)",
@@ -32,9 +39,9 @@ DIFFERENCES = {
     "limit-connections": "counts requests in flight; per replica and worker",
     "canary": "the canary Ingress's other annotations are ignored (the main Ingress's policy serves both)",
     "affinity": "the cookie value is a digest of the endpoint; affinity-mode and the other session-cookie-* keys are not read",
-    "whitelist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
-    "allowlist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
-    "denylist-source-range": "the client address is the TCP peer's unless use-forwarded-headers (no PROXY protocol)",
+    "whitelist-source-range": _CLIENT_ADDRESS,
+    "allowlist-source-range": _CLIENT_ADDRESS,
+    "denylist-source-range": _CLIENT_ADDRESS,
 }
 
 

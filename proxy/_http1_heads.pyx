@@ -93,7 +93,7 @@ cdef set _named_by_connection(headers, Shape shape, frozenset derived):
     return tokens if tokens else None
 
 
-def upstream_request_head(head, client_ip, proto, local_address, extra=b"", host_header=b"", real_ip=b""):
+def upstream_request_head(head, client_ip, proto, local_address, extra=b"", host_header=b"", real_ip=b"", forwarded_for=b""):
     headers = head.headers
     method, target, parsed_host = head.method, head.target, head.host
     cdef Shape shape = _shape(headers)
@@ -102,19 +102,17 @@ def upstream_request_head(head, client_ip, proto, local_address, extra=b"", host
         and type(method) is bytes and type(target) is bytes and type(parsed_host) is bytes
         and type(client_ip) is bytes and type(proto) is bytes and type(local_address) is bytes
         and type(extra) is bytes and type(host_header) is bytes and type(real_ip) is bytes
+        and type(forwarded_for) is bytes
     ):
-        return _pure_request(head, client_ip, proto, local_address, extra, host_header, real_ip)
+        return _pure_request(head, client_ip, proto, local_address, extra, host_header, real_ip, forwarded_for)
     cdef set named = _named_by_connection(headers, shape, _derived_request_set)
     cdef bytes host = parsed_host or local_address
     cdef list parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host_header or host, b"\r\n"]
-    cdef bytes forwarded_for = b""
     cdef bytes upgrade = b""
     cdef bytes name, value
     for name, value in <tuple>headers:
         if _in_folded(name, _derived_request):
-            if _same_folded(name, b"x-forwarded-for", 15):
-                forwarded_for += value + b", "
-            elif _same_folded(name, b"upgrade", 7):
+            if _same_folded(name, b"upgrade", 7):
                 upgrade = value
             continue
         if named is not None and name.lower() in named:
@@ -123,7 +121,8 @@ def upstream_request_head(head, client_ip, proto, local_address, extra=b"", host
         parts.append(b": ")
         parts.append(value)
         parts.append(b"\r\n")
-    parts += (b"X-Forwarded-For: ", forwarded_for, client_ip, b"\r\nX-Real-IP: ", real_ip or client_ip)
+    client = real_ip or client_ip
+    parts += (b"X-Forwarded-For: ", forwarded_for or client, b"\r\nX-Real-IP: ", client)
     port = local_address.rpartition(b":")[2]
     parts += (b"\r\nX-Forwarded-Proto: ", proto, b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Forwarded-Port: ", port)
     if head.chunked:

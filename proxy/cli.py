@@ -42,10 +42,13 @@ if TYPE_CHECKING:
     from ingress_watch.snapshot import Snapshot  # imported lazily: standalone mode never loads the Kubernetes client
 
 LOG = logging.getLogger("ingress_proxy")
+_HEADER_LOGGING_LIBRARIES = ("hpack", "h2")
 
 
 def _configure_logging(level: str, access_log: bool) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for library in _HEADER_LOGGING_LIBRARIES:  # their debug lines print every header, credentials included
+        logging.getLogger(library).setLevel(max(logging.WARNING, logging.getLogger().level))
     if access_log:
         ACCESS_LOG.enable(sys.stdout)
 
@@ -305,12 +308,25 @@ def _add_kubernetes_arguments(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--admin-address", default="0.0.0.0:9100", help="empty to disable")
 
 
+def _worker_count(text: str) -> int:
+    """`--workers`: a whole number ≥ 1 (0 would start no process and serve nothing)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count} serves nothing; give 1 or more (one per core you want used)")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ingress-proxy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--routes", type=Path, help="routes file (YAML): standalone mode")
-    serve.add_argument("--workers", type=int, default=1, help="processes sharing the listeners (bound once, inherited)")
+    serve.add_argument(
+        "--workers", type=_worker_count, default=1, help="processes sharing the listeners (bound once, inherited)"
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True, help="one line per request on stdout")
     _add_kubernetes_arguments(serve)

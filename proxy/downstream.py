@@ -35,6 +35,7 @@ from proxy.decisions import http1_connection_continues, plan_http1_response
 from proxy.exchange import HttpDate, exchange, hsts_header
 from proxy.flow import ConnectionGone, Failure, FlowControlled
 from proxy.http2_session import Http2Session
+from proxy.proxy_protocol import ProxyHeaderError, ProxyHeaderReader, count_refusal
 from proxy.http1 import (
     LAST_CHUNK,
     Body,
@@ -75,6 +76,7 @@ class ClientConnection(FlowControlled):
         self.tls: ServerTls | None = None
         self.parser = RequestParser(self.events)
         self.client_ip = b"-"
+        self._proxy_header: ProxyHeaderReader | None = None  # reading the PROXY protocol header first
         self._out: list[bytes] = []
         self._out_size = 0
         self._awaiting_head = True
@@ -97,15 +99,22 @@ class ClientConnection(FlowControlled):
         self.server.connections.add(self)
         metrics.OPEN_CONNECTIONS.labels(self.listener.name).inc()
         generation = self.server.generation
+        if generation.configuration.proxy_protocol and self.listener.name in generation.configuration.proxy_protocol:
+            self._proxy_header = ProxyHeaderReader()  # the header, then TLS, within the handshake timeout
         if self.listener.tls:  # the protocol is known once ALPN has spoken: see _handshake_done
             self.tls = ServerTls(generation.tls.default)
+        else:
+            self._handler = self.loop.create_task(self._serve())
+        if self.tls is not None or self._proxy_header is not None:
             self._handshake_timer = self.loop.call_later(
                 generation.configuration.timeouts.handshake, self._handshake_expired
             )
-        else:
-            self._handler = self.loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
+        if self._proxy_header is not None:
+            data = self._read_proxy_header(data)
+            if not data:
+                return
         tls = self.tls
         if tls is not None:
             handshaking = tls.state is TlsState.HANDSHAKING
@@ -117,11 +126,41 @@ class ClientConnection(FlowControlled):
             self._write_tls_output()
             if handshaking:
                 self._after_handshake_step()
-            if tls.state is TlsState.CLOSED:
-                self.eof_received()
-            if not data:
-                return
+            if data:
+                self._feed(data)
+            if tls.state is TlsState.PEER_CLOSED:  # close_notify, after what came before it: answer that, then close
+                self._peer_closed()
+            return
         self._feed(data)
+
+    def _read_proxy_header(self, data: bytes) -> bytes:
+        """Take the PROXY header off the front of the stream; return the bytes after it, if any."""
+        assert self._proxy_header is not None and self.transport is not None
+        try:
+            parsed = self._proxy_header.feed(data)
+        except ProxyHeaderError as error:
+            count_refusal(self.listener.name, self.client_ip, error.reason)
+            self._proxy_header = None
+            self.transport.abort()
+            return b""
+        if parsed is None:
+            return b""
+        header, rest = parsed
+        self._proxy_header = None
+        if header.source is not None:
+            self.client_ip = header.source
+        if self.tls is None and self._handshake_timer is not None:
+            self._handshake_timer.cancel()  # plain HTTP: the header was the whole handshake
+        return rest
+
+    def _peer_closed(self) -> None:
+        if self.read_eof:
+            return  # said once; ciphertext after the close_notify is ignored
+        if self.http2 is not None:
+            self.read_eof = True
+            self.http2.input_ended()
+        else:
+            self.eof_received()
 
     def _feed(self, data: bytes) -> None:
         if self.http2 is not None:
@@ -230,7 +269,10 @@ class ClientConnection(FlowControlled):
             self.transport.close()
 
     def _handshake_expired(self) -> None:
-        if self.tls is not None and self.tls.state is TlsState.HANDSHAKING and self.transport is not None:
+        if self._proxy_header is not None and self.transport is not None:
+            count_refusal(self.listener.name, self.client_ip, "no complete PROXY header within the handshake timeout")
+            self.transport.abort()
+        elif self.tls is not None and self.tls.state is TlsState.HANDSHAKING and self.transport is not None:
             metrics.TLS_HANDSHAKE_FAILURES.labels("timeout").inc()
             self.transport.abort()
 
@@ -274,6 +316,8 @@ class ClientConnection(FlowControlled):
         self._out.clear()
         self._out_size = 0
         if self.tls is not None:
+            if not self.tls.sendable:
+                return  # we closed (or TLS broke): nothing more can go out
             self.tls.send(data)
             data = self.tls.outgoing()
         self.transport.write(data)

@@ -157,9 +157,9 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     loop = asyncio.get_running_loop()
     started = loop.time()
     generation = state.generation
-    client_ip, real_ip = client.client_ip, b""
+    client_ip, real_ip, forwarded_for = client.client_ip, b"", b""  # the peer, or a PROXY header's source
     if generation.configuration.real_ip is not None:  # trusted X-Forwarded-For (config.model.RealIp)
-        real_ip, head = route_policy.forwarded_client(generation.configuration.real_ip, client_ip, head)
+        real_ip, forwarded_for = route_policy.forwarded_client(generation.configuration.real_ip, client_ip, head)
         client_ip = real_ip
     match = generation.router.route(head.host.decode("latin-1"), head.path)
     virtual_host = match.virtual_host
@@ -180,16 +180,19 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
         if match.policy.canary is not None:  # chosen here so that metrics and the access log name it
             backend = route_policy.chosen_backend(match.policy, backend, head, random.random())
         status, keep = await _proxy_with_policy(
-            client, state, head, backend, match.policy, generation, hsts, client_ip, real_ip, grpc
+            client, state, head, backend, match.policy, generation, hsts, client_ip, real_ip, forwarded_for, grpc
         )
     elif not (candidates := state.balancer.candidates(backend)):
         status = 503
         keep = _answer(client, head, status, hsts, grpc)
     elif state.balancer.protocol(backend).multiplexed:
-        status, keep = await _proxy_http2(client, state, head, backend, candidates, generation.configuration.timeouts, hsts, grpc)
+        timeouts = generation.configuration.timeouts
+        status, keep = await _proxy_http2(client, state, head, backend, candidates, timeouts, hsts, grpc, client_ip, forwarded_for)
     else:
         timeouts = generation.configuration.timeouts
-        status, keep = await _proxy(client, state, head, backend, candidates, timeouts, hsts, real_ip=real_ip)
+        status, keep = await _proxy(
+            client, state, head, backend, candidates, timeouts, hsts, real_ip=real_ip, forwarded_for=forwarded_for
+        )
     elapsed = loop.time() - started
     backend_label = backend or "-"
     requests, durations = metrics.request_series(host_label, backend_label, status, client.protocol)
@@ -213,10 +216,12 @@ async def _proxy_with_policy(
     hsts: bytes,
     client_ip: bytes,
     real_ip: bytes,
+    forwarded_for: bytes,
     grpc: bool,
 ) -> tuple[int, bool]:
     """The policy's local answer, or the request forwarded as the policy shapes it. `client_ip`
-    is the address policies judge (the peer's, or the trusted X-Forwarded-For's `real_ip`). To an
+    is the address policies judge (the peer's or PROXY header's, or the trusted X-Forwarded-For's
+    `real_ip`; `forwarded_for`: see `http1.upstream_request_head`). To an
     HTTP/2 backend, access, limits, affinity and timeouts apply; header edits and rewrites do not
     (they are written into HTTP/1.1 heads)."""
     answer = route_policy.local_answer(policy, client_ip, head)
@@ -237,8 +242,8 @@ async def _proxy_with_policy(
             candidates, carried = policy.affinity.order(backend, candidates, head)
         timeouts = policy.route_timeouts(generation.configuration.timeouts)
         if state.balancer.protocol(backend).multiplexed:
-            return await _proxy_http2(client, state, head, backend, candidates, timeouts, hsts, grpc)
-        return await _proxy(client, state, head, backend, candidates, timeouts, hsts, policy, carried, real_ip)
+            return await _proxy_http2(client, state, head, backend, candidates, timeouts, hsts, grpc, client_ip, forwarded_for)
+        return await _proxy(client, state, head, backend, candidates, timeouts, hsts, policy, carried, real_ip, forwarded_for)
     finally:
         if concurrency is not None:
             concurrency.leave(client_ip)
@@ -300,6 +305,7 @@ async def _proxy(
     policy: route_policy.CompiledPolicy | None = None,
     affinity_token: bytes | None = None,
     real_ip: bytes = b"",
+    forwarded_for: bytes = b"",
 ) -> tuple[int, bool]:
     """Forward `head` (shaped by the route's `policy`, if any) with retries; relay the answer."""
     has_body = head.has_body
@@ -308,10 +314,12 @@ async def _proxy(
         client.invite_body(head)
     listener = client.listener
     if policy is None:
-        request = upstream_request_head(head, client.client_ip, listener.name.encode(), listener.address, real_ip=real_ip)
+        request = upstream_request_head(
+            head, client.client_ip, listener.name.encode(), listener.address, real_ip=real_ip, forwarded_for=forwarded_for
+        )
     else:
         request = route_policy.upstream_request(
-            policy, head, client.client_ip, listener.name.encode(), listener.address, real_ip
+            policy, head, client.client_ip, listener.name.encode(), listener.address, real_ip, forwarded_for
         )
     balancer = state.balancer
     transport = balancer.transport(backend)
@@ -379,15 +387,17 @@ async def _proxy_http2(
     timeouts: Timeouts,
     hsts: bytes,
     grpc: bool,
+    client_ip: bytes,
+    forwarded_for: bytes,
 ) -> tuple[int, bool]:
     """`_proxy` for an HTTP/2 backend: one stream on a pooled connection; the request body is
     pumped beside the response (gRPC bidi streams need both ways at once); a gRPC request's
-    `grpc-timeout` bounds the whole exchange."""
+    `grpc-timeout` bounds the whole exchange. `client_ip` and `forwarded_for` as for `_proxy`."""
     balancer = state.balancer
     transport = balancer.transport(backend)
     listener = client.listener
     scheme = b"https" if transport is not None else b"http"
-    fields = request_fields(head, scheme, client.client_ip, listener.name.encode(), listener.address)
+    fields = request_fields(head, scheme, client_ip, listener.name.encode(), listener.address, forwarded_for)
     replayable = is_replayable(head)
     progress = _Http2Progress()
     failure = FailureKind.NO_ENDPOINT

@@ -399,35 +399,35 @@ def upstream_request_head(
     extra: bytes = b"",
     host_header: bytes = b"",
     real_ip: bytes = b"",
+    forwarded_for: bytes = b"",
 ) -> bytes:
     """The request line and headers as sent to a backend (always HTTP/1.1).
 
     Headers are copied in order except the hop-by-hop ones, those the client's Connection header
     names, and those we derive: Host and the framing come from the parsed head, the forwarding
-    headers from us (appending to a client's X-Forwarded-For but never trusting its other
-    X-Forwarded-* values). `Expect` is dropped because the proxy answers 100-continue itself.
+    headers from us (a client's X-Forwarded-* never pass: ingress-nginx replaces them too). `Expect` is dropped because the proxy answers 100-continue itself.
     An HTTP/1.0 request without Host gets the listener's `local_address` (`ip:port`), since
     HTTP/1.1 requires one. `extra`: header lines a route policy adds ("Name: value\r\n"...),
     written after ours and never framing (`config.route_policy` refuses CR/LF in their values and
     framing names); `host_header` replaces the Host sent (nginx `upstream-vhost`), X-Forwarded-Host
-    still says what the client asked for; `real_ip` (trusted X-Forwarded-For, config.model.RealIp)
-    is sent as X-Real-IP instead of the peer `client_ip`, which X-Forwarded-For still ends with.
+    still says what the client asked for. X-Real-IP and X-Forwarded-For are `client_ip` (the peer,
+    or a PROXY header's source) unless a trusted X-Forwarded-For decided otherwise (see
+    `proxy.policy.forwarded_client`): `real_ip` is then the client, `forwarded_for`, when given,
+    the chain to send (compute-full-forwarded-for).
     """
     named_by_connection = connection_tokens(head.headers)
     host = head.host or local_address
     parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host_header or host, b"\r\n"]
-    forwarded_for = b""
     upgrade = b""
     for name, value in head.headers:
         lower = name.lower()
         if lower in _DERIVED_IN_REQUEST or lower in named_by_connection:
-            if lower == b"x-forwarded-for":
-                forwarded_for += value + b", "
-            elif lower == b"upgrade":
+            if lower == b"upgrade":
                 upgrade = value
             continue
         parts += (name, b": ", value, b"\r\n")
-    parts += (b"X-Forwarded-For: ", forwarded_for, client_ip, b"\r\nX-Real-IP: ", real_ip or client_ip)
+    client = real_ip or client_ip
+    parts += (b"X-Forwarded-For: ", forwarded_for or client, b"\r\nX-Real-IP: ", client)
     port = local_address.rpartition(b":")[2]
     parts += (b"\r\nX-Forwarded-Proto: ", proto, b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Forwarded-Port: ", port)
     if head.chunked:

@@ -104,6 +104,7 @@ class Http2Session:
         self.core = Http2Server()
         self.streams: dict[int, Http2Stream] = {}
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._input_ended = False  # the client's close_notify came: close once the streams are done
         self.core.initiate()
         self._arm_idle_timer()
 
@@ -178,7 +179,7 @@ class Http2Session:
             del self.streams[stream.stream_id]
         self.write()
         if not self.streams:
-            if self.core.draining and self.core.open_streams == 0:
+            if (self.core.draining and self.core.open_streams == 0) or self._input_ended:
                 self.connection.close_transport()
             else:
                 self._arm_idle_timer()
@@ -198,6 +199,13 @@ class Http2Session:
         """Graceful GOAWAY: streams in flight finish, then the connection closes."""
         self.core.goaway(ErrorCodes.NO_ERROR)
         self.write()
+        if not self.streams:
+            self.connection.close_transport()
+
+    def input_ended(self) -> None:
+        """The client's close_notify: no more frames will come. Streams in flight finish (we may
+        still send after the peer's close_notify), then the connection closes."""
+        self._input_ended = True
         if not self.streams:
             self.connection.close_transport()
 

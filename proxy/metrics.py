@@ -21,6 +21,9 @@ TLS_HANDSHAKES = Counter(
 )
 TLS_HANDSHAKE_FAILURES = Counter("ingress_proxy_tls_handshake_failures", "Failed TLS handshakes", ["reason"])
 TLS_ASYNC_PAUSES = Counter("ingress_proxy_tls_async_pauses", "Handshakes paused by an async engine job")
+PROXY_HEADER_REFUSALS = Counter(
+    "ingress_proxy_proxy_header_refusals", "Connections closed for a missing or bad PROXY protocol header", ["listener"]
+)
 POLICY_ANSWERS = Counter("ingress_proxy_policy_answers", "Requests a route policy answered locally", ["status"])
 UPSTREAM_ERRORS = Counter("ingress_proxy_upstream_errors", "Backend failures", ["backend", "kind"])
 CONFIG_GENERATION = Gauge("ingress_proxy_config_generation", "Generation of the configuration being served")

@@ -315,25 +315,23 @@ def _cookie(head: RequestHead, name: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=4096)  # parsing costs ~2 µs; a connection's address is asked on each request
-def forwarded_client(real_ip: RealIp, peer: bytes, head: RequestHead) -> tuple[bytes, RequestHead]:
-    """(the client's address, the head to forward) under `real_ip`: see config.model.RealIp."""
+def forwarded_client(real_ip: RealIp, peer: bytes, head: RequestHead) -> tuple[bytes, bytes]:
+    """(the client's address, the X-Forwarded-For to send or b"" for that address alone) under
+    `real_ip`: see config.model.RealIp. An untrusted peer is the client and its chain is dropped;
+    a trusted peer's chain decides the client and, with compute_full_forwarded_for, goes on with
+    the peer appended."""
     peer_address = client_address(peer)
     if peer_address is None or not any(peer_address in network for network in real_ip.trusted):
-        if any(name.lower() == b"x-forwarded-for" for name, _ in head.headers):
-            headers = tuple(field for field in head.headers if field[0].lower() != b"x-forwarded-for")
-            head = RequestHead(
-                head.method, head.target, head.version, headers, head.host, head.keep_alive, head.upgrade, head.chunked,
-                head.content_length,
-            )
-        return peer, head
+        return peer, b""
     chain = [item.strip() for name, value in head.headers if name.lower() == b"x-forwarded-for" for item in value.split(b",")]
+    forwarded_for = b", ".join([*chain, peer]) if real_ip.compute_full_forwarded_for and chain else b""
     for candidate in reversed(chain):
         address = client_address(candidate)
         if address is None:
-            return peer, head  # a hop that is not an address: stop trusting there (nginx real_ip does too)
+            return peer, forwarded_for  # a hop that is not an address: stop trusting there (nginx real_ip does too)
         if not any(address in network for network in real_ip.trusted):
-            return candidate, head
-    return (chain[0] if chain else peer), head  # every hop trusted: the leftmost one
+            return candidate, forwarded_for
+    return (chain[0] if chain else peer), forwarded_for  # every hop trusted: the leftmost one
 
 
 def client_address(client_ip: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -415,11 +413,17 @@ def upstream_head(policy: CompiledPolicy, head: RequestHead) -> tuple[RequestHea
 
 
 def upstream_request(
-    policy: CompiledPolicy, head: RequestHead, client_ip: bytes, proto: bytes, local_address: bytes, real_ip: bytes = b""
+    policy: CompiledPolicy,
+    head: RequestHead,
+    client_ip: bytes,
+    proto: bytes,
+    local_address: bytes,
+    real_ip: bytes = b"",
+    forwarded_for: bytes = b"",
 ) -> bytes:
     """The request head on the wire to the backend, as the policy shapes it (framing: http1's)."""
     shaped, extra = upstream_head(policy, head)
-    return upstream_request_head(shaped, client_ip, proto, local_address, extra, policy.upstream_host, real_ip)
+    return upstream_request_head(shaped, client_ip, proto, local_address, extra, policy.upstream_host, real_ip, forwarded_for)
 
 
 def downstream_head(

@@ -205,7 +205,7 @@ class TlsUpstreamConnection(UpstreamConnection):
             self.handshake.set_result(None)
         if plaintext:
             super().data_received(plaintext)
-        if tls.state is TlsState.CLOSED:  # close_notify: nothing more will come
+        if tls.state is TlsState.PEER_CLOSED:  # close_notify: nothing more will come
             if self.transport is not None:
                 self.transport.close()
 
@@ -219,7 +219,7 @@ class TlsUpstreamConnection(UpstreamConnection):
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        if self.tls.state is TlsState.CLOSED:
+        if self.tls.input_ended:
             raise ConnectionGone()  # the backend's close_notify raced our request: a stale keep-alive
         self.tls.send(data)
         self.transport.write(self.tls.outgoing())

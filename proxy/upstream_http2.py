@@ -115,19 +115,20 @@ def grpc_error_head(grpc_status: int, message: str) -> ResponseHead:
 # -- heads, re-derived ------------------------------------------------------------------------------
 
 
-def request_fields(head: RequestHead, scheme: bytes, client_ip: bytes, proto: bytes, local_address: bytes) -> list[tuple[bytes, bytes]]:
-    """The HTTP/2 request header block for a backend, re-derived from the parse (see the theory)."""
+def request_fields(
+    head: RequestHead, scheme: bytes, client_ip: bytes, proto: bytes, local_address: bytes, forwarded_for: bytes = b""
+) -> list[tuple[bytes, bytes]]:
+    """The HTTP/2 request header block for a backend, re-derived from the parse (see the theory).
+    `client_ip` is the client (X-Real-IP); X-Forwarded-For is `forwarded_for`, or the client when empty
+    (as `http1.upstream_request_head` writes them)."""
     named = connection_tokens(head.headers)
     authority = head.host or local_address
     fields = [(b":method", head.method), (b":scheme", scheme), (b":authority", authority), (b":path", head.target)]
-    forwarded_for = b""
     te_trailers = False
     for name, value in head.headers:
         lower = name.lower()
         if lower in _NOT_COPIED or lower in named or lower[:1] == b":":
-            if lower == b"x-forwarded-for":
-                forwarded_for += value + b", "
-            elif lower == b"te" and b"trailers" in value.lower():
+            if lower == b"te" and b"trailers" in value.lower():
                 te_trailers = True
             continue
         fields.append((lower, value))
@@ -137,7 +138,7 @@ def request_fields(head: RequestHead, scheme: bytes, client_ip: bytes, proto: by
         fields.append((b"content-length", b"%d" % head.content_length))
     port = local_address.rpartition(b":")[2]
     fields += [
-        (b"x-forwarded-for", forwarded_for + client_ip),
+        (b"x-forwarded-for", forwarded_for or client_ip),
         (b"x-real-ip", client_ip),
         (b"x-forwarded-proto", proto),
         (b"x-forwarded-host", authority),
@@ -487,7 +488,7 @@ class Http2Upstream(asyncio.Protocol):
             return
         self.closed = True
         if self.transport is not None:
-            if self.tls is not None and self.tls.state is TlsState.OPEN:
+            if self.tls is not None and self.tls.sendable:
                 self.tls.close()
                 self.transport.write(self.tls.outgoing())
             self.transport.close()

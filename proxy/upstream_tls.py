@@ -39,13 +39,12 @@ which is why the session is taken again once a connection goes idle in its pool 
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 
 from OpenSSL import SSL, crypto
 from OpenSSL._util import lib
 
 from config.model import Address, Backend, BackendProtocol, Problem, UpstreamTls
-from config.tls_material import PEM_CERTIFICATE_BLOCK
+from config.tls_material import PEM_CERTIFICATE_BLOCK, is_ip_address
 from proxy.tls import MemoryBioTls, TlsState, error_queue_reason, libssl
 from proxy.contexts import KeyInstaller
 from proxy.decisions import FailureKind, tls_failure_kind
@@ -69,13 +68,6 @@ class UpstreamTlsFailure(Exception):
         self.reason = reason
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
 
 class ClientTls(MemoryBioTls):
     """Our side of a backend's TLS: `proxy.tls.MemoryBioTls` (state table, send, receive plaintext,
@@ -86,7 +78,7 @@ class ClientTls(MemoryBioTls):
     def __init__(self, context: SSL.Context, name: str, send_sni: bool, verify: bool, session: SSL.Session | None) -> None:
         super().__init__(context, server_side=False)
         self.failure: UpstreamTlsFailure | None = None
-        is_ip = _is_ip(name)
+        is_ip = is_ip_address(name)
         if send_sni and not is_ip:
             self.connection.set_tlsext_host_name(name.encode("idna"))
         if verify:
@@ -121,7 +113,7 @@ class ClientTls(MemoryBioTls):
         """Take bytes from the socket; return the plaintext they complete (maybe b"")."""
         if self.state is TlsState.OPEN:
             return self._read_plaintext(ciphertext)  # the hot path: one pump call
-        if self.state in (TlsState.CLOSED, TlsState.BROKEN):
+        if self.input_ended:
             return b""
         lib.BIO_write(self._into_ssl, ciphertext, len(ciphertext))
         if self.state is TlsState.HANDSHAKING:

@@ -18,11 +18,16 @@ States and the only transitions allowed (see `_ALLOWED`):
     ASYNC_PAUSED
       ▲     │
       │     ▼
-    HANDSHAKING ──► OPEN ──► CLOSED
-         │           │
-         └─────┬─────┘
-               ▼
-            BROKEN      (a TLS error: an alert may still be waiting in outgoing())
+    HANDSHAKING ──► OPEN ──► PEER_CLOSED ──► CLOSED
+         │           │            │
+         └───────────┴─────┬──────┘
+                           ▼
+                        BROKEN      (a TLS error: an alert may still be waiting in outgoing())
+
+PEER_CLOSED is the peer's close_notify: nothing more comes in, but we may still send (TLS 1.3
+half-close; OpenSSL refuses SSL_write only after our own close_notify), so the answers to
+requests that came before it still go out; CLOSED is ours (`close()`). HANDSHAKING and OPEN
+may also go straight to CLOSED (`close()`).
 
 ASYNC_PAUSED is a handshake whose private-key operation is running in an async job (below): the
 only way out is `resume_handshake()`, back to HANDSHAKING and on from there. It cannot be closed
@@ -62,23 +67,25 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 
 from proxy.tls.offload import SSL_ERROR_WANT_ASYNC, SSL_MODE_ASYNC, async_wait_fds
-from proxy.tls.pump import FAILED, PEER_CLOSED, READ_CHUNK, SHARED_BUFFER, Pump, new_pump, take_ciphertext
-
-__all__ = ["READ_CHUNK", "SHARED_BUFFER", "take_ciphertext"]  # re-exported: one buffer, one drain
+from proxy.tls.pump import CLOSE_NOTIFY, FAILED, SHARED_BUFFER, Pump, new_pump
 
 
 class TlsState(enum.Enum):
     HANDSHAKING = "handshaking"
     ASYNC_PAUSED = "async_paused"
     OPEN = "open"
+    PEER_CLOSED = "peer_closed"
     CLOSED = "closed"
     BROKEN = "broken"
 
 
+_SENDABLE = frozenset((TlsState.OPEN, TlsState.PEER_CLOSED))
+_INPUT_ENDED = frozenset((TlsState.PEER_CLOSED, TlsState.CLOSED, TlsState.BROKEN))
 _ALLOWED = {
     TlsState.HANDSHAKING: {TlsState.ASYNC_PAUSED, TlsState.OPEN, TlsState.CLOSED, TlsState.BROKEN},
     TlsState.ASYNC_PAUSED: {TlsState.HANDSHAKING},
-    TlsState.OPEN: {TlsState.CLOSED, TlsState.BROKEN},
+    TlsState.OPEN: {TlsState.PEER_CLOSED, TlsState.CLOSED, TlsState.BROKEN},
+    TlsState.PEER_CLOSED: {TlsState.CLOSED, TlsState.BROKEN},
     TlsState.CLOSED: set(),
     TlsState.BROKEN: set(),
 }
@@ -134,8 +141,8 @@ class MemoryBioTls:
         plaintext, ending = self._pump.read(ciphertext)
         if ending == FAILED:
             raise self._break()
-        if ending == PEER_CLOSED:  # the peer's close_notify
-            self._move(TlsState.CLOSED)
+        if ending == CLOSE_NOTIFY:  # the peer's close_notify: we may still send
+            self._move(TlsState.PEER_CLOSED)
         return plaintext
 
     def _refuse_send(self) -> Exception:
@@ -144,7 +151,7 @@ class MemoryBioTls:
     def send(self, plaintext: bytes) -> None:
         """Encrypt `plaintext` into records for `outgoing()` (one 16 KiB record per SSL_write, in
         `proxy.tls.pump`, whose BIO stays at one record however long the plaintext)."""
-        if self.state is not TlsState.OPEN:
+        if self.state not in _SENDABLE:
             raise self._refuse_send()
         if not self._pump.write(plaintext):
             raise self._break()
@@ -155,12 +162,22 @@ class MemoryBioTls:
 
     def close(self) -> None:
         """Queue our close_notify (if the session is healthy) and keep the session resumable."""
-        if self.state is TlsState.OPEN:
+        if self.state in _SENDABLE:
             lib.ERR_clear_error()
             lib.SSL_shutdown(self._ssl)
         self.connection.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
-        if self.state in (TlsState.HANDSHAKING, TlsState.OPEN):
+        if self.state in (TlsState.HANDSHAKING, TlsState.OPEN, TlsState.PEER_CLOSED):
             self._move(TlsState.CLOSED)
+
+    @property
+    def sendable(self) -> bool:
+        """`send` may be called: open, or only the peer has closed."""
+        return self.state in _SENDABLE
+
+    @property
+    def input_ended(self) -> bool:
+        """No more plaintext will come: the peer's close_notify, our close, or a failure."""
+        return self.state in _INPUT_ENDED
 
     @property
     def version(self) -> str:
@@ -196,7 +213,7 @@ class ServerTls(MemoryBioTls):
         """Take bytes from the socket; return the plaintext they complete (maybe b"")."""
         if self.state is TlsState.OPEN:
             return self._read_plaintext(ciphertext)  # the hot path: one pump call
-        if self.state in (TlsState.CLOSED, TlsState.BROKEN):
+        if self.state in _INPUT_ENDED:
             return b""
         lib.BIO_write(self._into_ssl, ciphertext, len(ciphertext))
         if self.state is TlsState.ASYNC_PAUSED:

@@ -13,7 +13,7 @@ encrypts a whole plaintext record by record and takes each record's ciphertext o
 
 The semantics are the pure pump's, statement for statement (the differential tests in
 tests/unit/test_compiled_pump.py compare both on the same inputs byte for byte): the same
-SSL_read / SSL_get_error sequence, the same endings (READ_MORE, PEER_CLOSED, FAILED), no
+SSL_read / SSL_get_error sequence, the same endings (READ_MORE, CLOSE_NOTIFY, FAILED), no
 ERR_clear_error where the pure path has none, and the error queue left for the Python caller,
 which builds the same exception from it (`proxy.tls.error_queue_reason`). The state machine, the
 exceptions and the handshake stay in Python.
@@ -44,12 +44,13 @@ cdef extern from "openssl/ssl.h" nogil:
     int SSL_ERROR_ZERO_RETURN
 
 
-# The endings of `read`, shared with proxy.tls.pump (the pure module imports nothing from here).
-READ_MORE = 0
-PEER_CLOSED = 1
-FAILED = 2
+# The endings of `read`: the values of proxy.tls.pump's READ_MORE, CLOSE_NOTIFY and FAILED.
+cdef enum Ending:
+    READ_MORE = 0
+    CLOSE_NOTIFY = 1
+    FAILED = 2
 
-# As proxy.tls.READ_CHUNK: SSL_read returns one record (≤ 16 KiB) a call, so any size above that
+# As proxy.tls.pump.READ_CHUNK: SSL_read returns one record (≤ 16 KiB) a call, so any size above that
 # only matters for the number of calls; one event-loop thread, so one static buffer.
 DEF READ_CHUNK = 256 * 1024
 cdef char read_buffer[READ_CHUNK]
@@ -92,7 +93,7 @@ cdef class CompiledPump:
         cdef list pieces = None
         cdef bytes single = None
         cdef int count, error
-        cdef int ending = READ_MORE
+        cdef Ending ending = READ_MORE
         while True:
             count = SSL_read(self.ssl, read_buffer, READ_CHUNK)
             if count > 0:
@@ -109,7 +110,7 @@ cdef class CompiledPump:
             if error == SSL_ERROR_WANT_READ:
                 break
             if error == SSL_ERROR_ZERO_RETURN:  # the peer's close_notify
-                ending = PEER_CLOSED
+                ending = CLOSE_NOTIFY
                 break
             return b"", FAILED
         if pieces is not None:

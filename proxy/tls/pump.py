@@ -7,7 +7,7 @@ does per record goes through a pump with three calls:
 
 - `read(ciphertext)`: feed socket bytes (maybe none) into the input BIO and read every plaintext
   record they complete; returns (plaintext, ending) with ending READ_MORE (OpenSSL wants more
-  bytes, or all input was consumed), PEER_CLOSED (close_notify: the plaintext before it is
+  bytes, or all input was consumed), CLOSE_NOTIFY (the peer closed: the plaintext before it is
   returned) or FAILED (nothing returned; the OpenSSL error queue says why, for the caller).
 - `write(plaintext)`: encrypt all of it (pyOpenSSL turns on partial writes, so one SSL_write takes
   one 16 KiB record at most: loop); False when libssl refuses, the error queue again says why.
@@ -33,7 +33,7 @@ from OpenSSL._util import ffi, lib
 from proxy.compiled import load_twin
 
 READ_MORE = 0
-PEER_CLOSED = 1
+CLOSE_NOTIFY = 1
 FAILED = 2
 
 READ_CHUNK = 256 * 1024
@@ -86,7 +86,7 @@ class PurePump:
             if error == lib.SSL_ERROR_WANT_READ:
                 break
             if error == lib.SSL_ERROR_ZERO_RETURN:  # the peer's close_notify
-                ending = PEER_CLOSED
+                ending = CLOSE_NOTIFY
                 break
             return b"", FAILED
         return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), ending

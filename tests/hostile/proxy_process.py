@@ -63,8 +63,14 @@ class Ports:
     admin: int = field(default_factory=free_port)
 
 
-def listen_section(ports: Ports) -> dict[str, str]:
-    return {"https": f"{LOOPBACK}:{ports.https}", "http": f"{LOOPBACK}:{ports.http}", "admin": f"{LOOPBACK}:{ports.admin}"}
+def listen_section(ports: Ports, proxy_protocol: tuple[str, ...] = ()) -> dict[str, str | dict]:
+    """`proxy_protocol`: the listeners ("https", "http") that require a PROXY protocol header."""
+    section: dict[str, str | dict] = {
+        "https": f"{LOOPBACK}:{ports.https}", "http": f"{LOOPBACK}:{ports.http}", "admin": f"{LOOPBACK}:{ports.admin}"
+    }
+    for name in proxy_protocol:
+        section[name] = {"address": section[name], "proxy_protocol": True}
+    return section
 
 
 def routes_document(
@@ -101,7 +107,13 @@ class ProxyProcess:
     """One running `ingress-proxy serve`; `stop()` ends it (SIGTERM, then SIGKILL after a while)."""
 
     def __init__(
-        self, directory: Path, ports: Ports, document: dict, env: dict[str, str] | None = None, log_level: str = "info"
+        self,
+        directory: Path,
+        ports: Ports,
+        document: dict,
+        env: dict[str, str] | None = None,
+        log_level: str = "info",
+        proxy_protocol: tuple[str, ...] = (),
     ) -> None:
         """Start and wait for /readyz. Ports are picked free but bound later by the process: if
         another test took one meanwhile, start again on fresh ports (use `self.ports` afterwards)."""
@@ -109,6 +121,9 @@ class ProxyProcess:
         self.routes_path = directory / "routes.yaml"
         self.stdout_path = directory / "proxy.stdout"
         self.stderr_path = directory / "proxy.stderr"
+        self.proxy_protocol = proxy_protocol
+        if proxy_protocol:
+            document = {**document, "listen": listen_section(ports, proxy_protocol)}
         for attempt in range(START_ATTEMPTS):
             self.ports = ports
             try:
@@ -118,7 +133,7 @@ class ProxyProcess:
                 if attempt + 1 == START_ATTEMPTS or "Address already in use" not in self.stderr():
                     raise
             ports = Ports()
-            document = {**document, "listen": listen_section(ports)}
+            document = {**document, "listen": listen_section(ports, proxy_protocol)}
 
     def _start(self, document: dict, env: dict[str, str] | None, log_level: str) -> None:
         write_routes(self.routes_path, document)
@@ -208,7 +223,7 @@ class ProxyProcess:
     def reload(self, document: dict, hangup: bool = True) -> int:
         """Rewrite the routes file (SIGHUP: reload now; else wait for the 1 s poll); the new generation."""
         before = self.generation()
-        write_routes(self.routes_path, {**document, "listen": listen_section(self.ports)})
+        write_routes(self.routes_path, {**document, "listen": listen_section(self.ports, self.proxy_protocol)})
         if hangup:
             self.process.send_signal(signal.SIGHUP)
         self.wait_for_generation(before + 1)
@@ -218,7 +233,7 @@ class ProxyProcess:
         """Rewrite + SIGHUP a file that may be refused; the reload's result ("ok", "partial", "failed")."""
         results = ("ok", "partial", "failed")
         before = {result: self.metric("ingress_proxy_config_reloads_total", result=result) for result in results}
-        write_routes(self.routes_path, {**document, "listen": listen_section(self.ports)})
+        write_routes(self.routes_path, {**document, "listen": listen_section(self.ports, self.proxy_protocol)})
         self.process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trustme
 
-from ingress_watch import translate as translate_module
+from ingress_watch import tls_secrets as tls_secrets_module
 from ingress_watch.snapshot import Snapshot
 from ingress_watch.translate import TranslateOptions, translate
 from tests.kubernetes_e2e.objects import ingress, ingress_class, tls_secret
@@ -22,13 +22,13 @@ def _namespaced(obj: dict[str, Any], created: str = "2024-01-01T00:00:00Z") -> d
 
 def test_each_secret_content_is_parsed_once_while_in_use(monkeypatch: pytest.MonkeyPatch, ca: trustme.CA) -> None:
     parsed: list[str] = []
-    original = translate_module._parse_tls_data
+    original = tls_secrets_module._parse_tls_data
 
     def counting(certificate_base64: str, key_base64: str) -> object:
         parsed.append(certificate_base64)
         return original(certificate_base64, key_base64)
 
-    monkeypatch.setattr(translate_module, "_parse_tls_data", counting)
+    monkeypatch.setattr(tls_secrets_module, "_parse_tls_data", counting)
     hosts = [f"h{index}.example" for index in range(3)]
     secrets = {host: _namespaced(tls_secret(f"s{index}", ca.issue_cert(host))) for index, host in enumerate(hosts)}
     ingresses = tuple(_namespaced(ingress(f"i{index}", host, tls_secret=f"s{index}")) for index, host in enumerate(hosts))

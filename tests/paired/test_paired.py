@@ -4,8 +4,9 @@ Each folder under cases/ holds `routes.yaml` (the routes file) and `input.yaml` 
 Kubernetes objects, in tests/translate/fixtures.py's format), written to name their backends the
 same way ("namespace/service:port"). `expected.yaml` says `problem: null` (both load without a
 problem and must give *equal* route tables: hosts, paths, types, policies, backends, default
-backend) or `problem: "<text>"` (both report that text: the routes file refuses itself, the
-translator leaves the younger rule out).
+backend; and the same real-client-address settings: trusted proxies, PROXY protocol listeners)
+or `problem: "<text>"` (both report that text: the routes file refuses itself, the translator
+leaves the younger rule out).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def test_both_producers_give_the_same_table(name: str) -> None:
     translation = translate(load_case(name, directory).snapshot, load_case(name, directory).options)
     if expected_problem is None:
         assert translation.problems == ()
-        assert translation.configuration.routes == load_routes_file(directory / "routes.yaml").configuration.routes
+        loaded = load_routes_file(directory / "routes.yaml").configuration
+        assert translation.configuration.routes == loaded.routes
+        assert (translation.configuration.real_ip, translation.configuration.proxy_protocol) == (loaded.real_ip, loaded.proxy_protocol)
         return
     with pytest.raises(RoutesFileError) as refused:
         load_routes_file(directory / "routes.yaml")

@@ -33,6 +33,8 @@ expected.yaml (every key optional; absent = empty or the model's default):
   timeouts: {connect: 0.5, ...}
   hsts: {max_age: 60, include_subdomains: true, preload: false}
   real_ip: [CIDR, ...]   # trusted X-Forwarded-For peers
+  compute_full_forwarded_for: true   # with real_ip: the trusted chain goes on, the peer appended
+  proxy_protocol: [https, http]   # listeners that require a PROXY protocol header
   problems: [{location: "Ingress ns/name", message: "a substring of the message"}, ...]
 """
 
@@ -198,8 +200,12 @@ def expected_configuration(case: Case) -> Configuration:
         ),
         timeouts=Timeouts(**(expected.get("timeouts") or {})),
         hsts=Hsts(**expected["hsts"]) if expected.get("hsts") is not None else None,
-        real_ip=RealIp(tuple(ipaddress.ip_network(cidr) for cidr in expected["real_ip"])) if expected.get("real_ip") else None,
-    )
+        real_ip=RealIp(
+            tuple(ipaddress.ip_network(cidr) for cidr in expected["real_ip"]),
+            compute_full_forwarded_for=expected.get("compute_full_forwarded_for", False),
+        ) if expected.get("real_ip") else None,
+        proxy_protocol=tuple(expected.get("proxy_protocol") or ()),
+    )  # fmt: skip
 
 
 def _backend(name: str, spec: list | dict, secrets: dict[str, dict]) -> Backend:

@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 from ingress_watch.snapshot import Snapshot
-from ingress_watch.translate import NGINX_PREFIX, SUPPORTED_ANNOTATIONS, TranslateOptions, translate
+from ingress_watch.annotations import NGINX_PREFIX, SUPPORTED_ANNOTATIONS
+from ingress_watch.translate import TranslateOptions, translate
 
 README = Path(__file__).parents[2] / "README.md"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import inspect
 from types import ModuleType
 from pathlib import Path
 
@@ -106,8 +107,8 @@ def test_the_twins_are_in_use_when_built() -> None:
         pytest.skip("the compiled heads were not built in this checkout (make install says why)")
 
 
-def _check_request(compiled_heads, head, client_ip, proto, local_address, extra, host_header, real_ip) -> None:
-    args = (head, client_ip, proto, local_address, extra, host_header, real_ip)
+def _check_request(compiled_heads, head, client_ip, proto, local_address, extra, host_header, real_ip, forwarded_for) -> None:
+    args = (head, client_ip, proto, local_address, extra, host_header, real_ip, forwarded_for)
     assert _outcome(compiled_heads.upstream_request_head, *args) == _outcome(http1.pure_upstream_request_head, *args)
 
 
@@ -118,9 +119,9 @@ def _check_response(compiled_heads, response, rechunk, keep_alive, date, extra) 
 
 @needs_compiled
 @settings(max_examples=500, deadline=None)
-@given(head=_request_head, client_ip=_argument, proto=_argument, local_address=_argument, extra=_argument, host_header=_argument, real_ip=_argument)
-def test_request_head_matches_pure(compiled_heads, head, client_ip, proto, local_address, extra, host_header, real_ip) -> None:
-    _check_request(compiled_heads, head, client_ip, proto, local_address, extra, host_header, real_ip)
+@given(head=_request_head, client_ip=_argument, proto=_argument, local_address=_argument, extra=_argument, host_header=_argument, real_ip=_argument, forwarded_for=_argument)
+def test_request_head_matches_pure(compiled_heads, head, client_ip, proto, local_address, extra, host_header, real_ip, forwarded_for) -> None:
+    _check_request(compiled_heads, head, client_ip, proto, local_address, extra, host_header, real_ip, forwarded_for)
 
 
 @needs_compiled
@@ -138,10 +139,11 @@ _odd_header = st.tuples(st.one_of(_name, st.text(max_size=3)), st.one_of(st.bina
 @given(
     head=_request_head, odd_headers=st.lists(_odd_header, max_size=3),
     client_ip=_odd_argument, proto=_odd_argument, local_address=_odd_argument, extra=_odd_argument, host_header=_odd_argument, real_ip=_odd_argument,
+    forwarded_for=_odd_argument,
 )
-def test_request_head_falls_back_to_pure_on_odd_types(compiled_heads, head, odd_headers, client_ip, proto, local_address, extra, host_header, real_ip) -> None:
+def test_request_head_falls_back_to_pure_on_odd_types(compiled_heads, head, odd_headers, client_ip, proto, local_address, extra, host_header, real_ip, forwarded_for) -> None:
     head = dataclasses.replace(head, headers=head.headers + tuple(odd_headers))
-    _check_request(compiled_heads, head, client_ip, proto, local_address, extra, host_header, real_ip)
+    _check_request(compiled_heads, head, client_ip, proto, local_address, extra, host_header, real_ip, forwarded_for)
 
 
 @needs_compiled
@@ -182,6 +184,17 @@ def test_parsed_heads_match_pure(compiled_heads: ModuleType) -> None:
             for keep_alive in (False, True):
                 args2 = (response, rechunk, keep_alive, b"Wed, 02 Dec 2026 00:00:00 GMT", b"Strict-Transport-Security: max-age=1\r\n")
                 assert compiled_heads.client_response_head(*args2) == http1.pure_client_response_head(*args2)
+
+
+@needs_compiled
+@pytest.mark.parametrize("name", ["upstream_request_head", "client_response_head"])
+def test_the_twins_take_the_pure_builders_parameters(compiled_heads: ModuleType, name: str) -> None:
+    """A parameter added to a pure builder must be added to its twin (the call sites use keywords)."""
+
+    def shape(function: object) -> list[tuple[str, object, object]]:
+        return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]  # type: ignore[arg-type]
+
+    assert shape(getattr(compiled_heads, name)) == shape(getattr(http1, f"pure_{name}"))
 
 
 def test_the_special_names_cover_hop_by_hop() -> None:

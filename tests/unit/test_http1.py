@@ -116,7 +116,8 @@ def test_upstream_request_head_rewrites_hop_by_hop_and_forwarding_headers() -> N
     lines = written.split(b"\r\n")
     assert lines[0] == b"POST /x HTTP/1.1"
     assert b"Host: h" in lines and b"User-Agent: ua" in lines
-    assert b"X-Forwarded-For: 10.0.0.1, 127.0.0.2" in lines and b"X-Forwarded-Proto: https" in lines
+    assert b"X-Forwarded-For: 127.0.0.2" in lines and b"X-Forwarded-Proto: https" in lines  # replaced, not appended to
+    assert b"X-Real-IP: 127.0.0.2" in lines and not any(b"10.0.0.1" in line for line in lines)
     assert b"X-Forwarded-Port: 8443" in lines and b"Transfer-Encoding: chunked" in lines
     assert not any(line.lower().startswith((b"x-secret", b"keep-alive", b"connection")) for line in lines)
     assert written.endswith(b"\r\n\r\n")

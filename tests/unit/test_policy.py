@@ -3,6 +3,7 @@ regex routing (proxy.router). In memory; the end-to-end proof is tests/e2e/test_
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import time
@@ -259,20 +260,23 @@ def test_affinity_puts_the_cookies_endpoint_first_and_reissues_when_it_is_gone()
 TRUSTED = RealIp((ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32")))
 
 
-@pytest.mark.parametrize(("peer", "forwarded", "client", "kept"), [
-    (b"127.0.0.1", b"203.0.113.7", b"203.0.113.7", True),  # a trusted load balancer in front
-    (b"127.0.0.1", b"198.51.100.1, 203.0.113.7, 10.1.1.1", b"203.0.113.7", True),  # rightmost untrusted hop
-    (b"127.0.0.1", b"10.2.2.2, 10.1.1.1", b"10.2.2.2", True),  # all trusted: the leftmost
-    (b"127.0.0.1", b"junk, 203.0.113.7", b"203.0.113.7", True),
-    (b"127.0.0.1", b"203.0.113.7, junk", b"127.0.0.1", True),  # a hop that is no address: trust stops there
-    (b"127.0.0.1", None, b"127.0.0.1", True),
-    (b"192.0.2.9", b"10.9.9.9", b"192.0.2.9", False),  # an untrusted peer cannot claim an address: dropped
+@pytest.mark.parametrize(("peer", "forwarded", "client", "full_chain"), [
+    (b"127.0.0.1", b"203.0.113.7", b"203.0.113.7", b"203.0.113.7, 127.0.0.1"),  # a trusted load balancer in front
+    (b"127.0.0.1", b"198.51.100.1, 203.0.113.7, 10.1.1.1", b"203.0.113.7",  # rightmost untrusted hop
+     b"198.51.100.1, 203.0.113.7, 10.1.1.1, 127.0.0.1"),
+    (b"127.0.0.1", b"10.2.2.2, 10.1.1.1", b"10.2.2.2", b"10.2.2.2, 10.1.1.1, 127.0.0.1"),  # all trusted: the leftmost
+    (b"127.0.0.1", b"junk, 203.0.113.7", b"203.0.113.7", b"junk, 203.0.113.7, 127.0.0.1"),
+    (b"127.0.0.1", b"203.0.113.7, junk", b"127.0.0.1", b"203.0.113.7, junk, 127.0.0.1"),  # no address: trust stops
+    (b"127.0.0.1", None, b"127.0.0.1", b"127.0.0.1"),
+    (b"192.0.2.9", b"10.9.9.9", b"192.0.2.9", b"192.0.2.9"),  # an untrusted peer cannot claim an address: dropped
 ])  # fmt: skip
-def test_trusted_forwarded_for(peer: bytes, forwarded: bytes | None, client: bytes, kept: bool) -> None:
+def test_trusted_forwarded_for(peer: bytes, forwarded: bytes | None, client: bytes, full_chain: bytes) -> None:
+    """X-Real-IP is the client found; X-Forwarded-For is that client alone (ingress-nginx's default),
+    or with compute-full-forwarded-for the trusted chain plus the peer; never an untrusted chain."""
     request = head(headers=((b"X-Forwarded-For", forwarded),) if forwarded is not None else ())
-    found, forwarded_head = forwarded_client(TRUSTED, peer, request)
-    assert found == client
-    has_chain = any(name.lower() == b"x-forwarded-for" for name, _ in forwarded_head.headers)
-    assert has_chain == (kept and forwarded is not None)
-    wire = upstream_request_head(forwarded_head, peer, b"https", b"127.0.0.1:8443", real_ip=found)
-    assert b"X-Real-IP: " + found + b"\r\n" in wire and re.search(rb"X-Forwarded-For: [^\r]*" + re.escape(peer) + rb"\r\n", wire)
+    for real_ip, sent in ((TRUSTED, client), (dataclasses.replace(TRUSTED, compute_full_forwarded_for=True), full_chain)):
+        found, forwarded_for = forwarded_client(real_ip, peer, request)
+        assert found == client
+        wire = upstream_request_head(request, peer, b"https", b"127.0.0.1:8443", real_ip=found, forwarded_for=forwarded_for)
+        assert b"\r\nX-Real-IP: " + found + b"\r\n" in wire and b"\r\nX-Forwarded-For: " + sent + b"\r\n" in wire
+        assert wire.count(b"X-Forwarded-For") == 1

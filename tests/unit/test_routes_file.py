@@ -284,6 +284,22 @@ VALID_CASES: dict[str, tuple[str, Getter, object]] = {
         lambda r: r.configuration.real_ip,
         RealIp((ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))),
     ),
+    "trusted-proxies-full-chain": (
+        LISTEN + B + "trusted_proxies: [10.0.0.0/8]\ncompute_full_forwarded_for: true\nroutes: [{paths: [{path: /, backend: b}]}]\n",
+        lambda r: r.configuration.real_ip,
+        RealIp((ipaddress.ip_network("10.0.0.0/8"),), compute_full_forwarded_for=True),
+    ),
+    "proxy-protocol-listeners": (
+        "listen:\n  https: {address: '127.0.0.1:8443', proxy_protocol: true}\n  http: {address: '127.0.0.1:8080'}\n"
+        "  admin: 127.0.0.1:9100\n",
+        lambda r: (r.listeners, r.configuration.proxy_protocol),
+        (Listeners(https=Address("127.0.0.1", 8443), http=Address("127.0.0.1", 8080), admin=Address("127.0.0.1", 9100)), ("https",)),
+    ),
+    "proxy-protocol-both": (
+        "listen: {https: {address: '[::1]:8443', proxy_protocol: true}, http: {address: '[::1]:8080', proxy_protocol: true}}\n",
+        lambda r: r.configuration.proxy_protocol, ("https", "http"),
+    ),
+    "proxy-protocol-default-off": (LISTEN, lambda r: r.configuration.proxy_protocol, ()),
     "hsts-per-host": (
         LISTEN + B + "hsts: true\nroutes:\n- {host: a.com, hsts: false, paths: [{path: /, backend: b}]}\n"
         "- {host: b.com, hsts: {max_age: 60}, paths: [{path: /, backend: b}]}\n- {host: c.com, paths: [{path: /, backend: b}]}\n",
@@ -334,6 +350,20 @@ ROUTES = LISTEN + B + "routes: "
 HSM_ENTRY = LISTEN + "tls:\n" + ENGINE + "  certificates: [{cert: certs/hsm.pem, key: 'engine:pkcs11:object=k', "
 ENGINE_WITH = LISTEN + "tls: {engine: {id: e, "
 PROBLEM_CASES: dict[str, ProblemCase] = {
+    # listeners with options (PROXY protocol)
+    "listener-proxy-protocol-not-a-flag": case(
+        "listen: {https: {address: '127.0.0.1:8443', proxy_protocol: »yes please}}\n", "listen.https.proxy_protocol: expected true or false"
+    ),
+    "listener-options-without-address": case("listen: {https: »{proxy_protocol: true}}\n", "listen.https: missing required key 'address'"),
+    "listener-options-unknown-key": case(
+        "listen: {https: {address: '127.0.0.1:8443', »proxy_protocl: true}}\n", "did you mean 'proxy_protocol'?"
+    ),
+    "listener-proxy-protocol-on-admin": case(
+        LISTEN.replace("}", ", admin: {address: '127.0.0.1:9100', proxy_protocol: »true}}"),
+        "only the https and http listeners read a PROXY protocol header",
+    ),
+    "listener-options-bad-address": case("listen: {https: {address: »'127.0.0.1', proxy_protocol: true}}\n", "listen.https"),
+    "compute-full-without-trusted-proxies": case(LISTEN + "compute_full_forwarded_for: »true\n", "needs trusted_proxies"),
     # the document
     "yaml-syntax-error": case("listen: {https: 127.0.0.1:8443\nroutes»: []\n", "YAML syntax error"),
     "yaml-two-documents": case(LISTEN + "»---\n" + LISTEN, "YAML syntax error"),

@@ -77,12 +77,24 @@ def test_handshake_data_both_ways_and_close_notify(server_context, version, name
     assert server.state is TlsState.CLOSED
 
 
-def test_peer_close_notify_moves_to_closed(server_context):
-    server, client = ServerTls(server_context), new_client()
+@pytest.mark.parametrize("version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION])
+def test_peer_close_notify_ends_input_but_answers_still_go_out(server_context, version):
+    """A client may send its request and its close_notify in one flight: the request's plaintext
+    comes out, nothing after it, and the answer can still be sent before our own close_notify."""
+    server, client = ServerTls(server_context), new_client(version)
     handshake(server, client)
+    client.send(b"GET / HTTP/1.1\r\n\r\n")
     client.shutdown()
-    assert server.receive(pending(client)) == b""
-    assert server.state is TlsState.CLOSED
+    assert server.receive(pending(client)) == b"GET / HTTP/1.1\r\n\r\n"
+    assert (server.state, server.input_ended, server.sendable) == (TlsState.PEER_CLOSED, True, True)
+    assert server.receive(b"\x17\x03\x03\x00\x05more?") == b""  # nothing is read after close_notify
+    server.send(b"HTTP/1.1 200 OK\r\n\r\n")
+    server.close()
+    client.bio_write(server.outgoing())
+    assert client.recv(100) == b"HTTP/1.1 200 OK\r\n\r\n"
+    with pytest.raises(SSL.ZeroReturnError):  # then our close_notify
+        client.recv(10)
+    assert (server.state, server.sendable) == (TlsState.CLOSED, False)
     with pytest.raises(TlsFailure):
         server.send(b"too late")
 

@@ -89,11 +89,20 @@ def test_request_fields_are_re_derived_from_the_parse() -> None:
         (b"user-agent", b"grpc-python"),
         (b"te", b"trailers"),
         (b"content-length", b"5"),  # from the parse, never the client's
-        (b"x-forwarded-for", b"10.0.0.1, 192.0.2.7"),
+        (b"x-forwarded-for", b"192.0.2.7"),  # the client's own is replaced, as for HTTP/1.1
         (b"x-real-ip", b"192.0.2.7"),
         (b"x-forwarded-proto", b"https"),
         (b"x-forwarded-host", b"api.test"),
         (b"x-forwarded-port", b"8443"),
+    ]
+
+
+def test_request_fields_carry_a_trusted_chain_when_given() -> None:
+    """compute-full-forwarded-for: the exchange passes the chain; X-Real-IP stays the client."""
+    fields = request_fields(_request((b"X-Forwarded-For", b"6.6.6.6")), b"http", b"203.0.113.7", b"https", b"0.0.0.0:8443",
+                            b"203.0.113.7, 10.0.0.9")  # fmt: skip
+    assert [field for field in fields if field[0] in (b"x-forwarded-for", b"x-real-ip")] == [
+        (b"x-forwarded-for", b"203.0.113.7, 10.0.0.9"), (b"x-real-ip", b"203.0.113.7"),
     ]
 
 
