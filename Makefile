@@ -18,9 +18,12 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh Makefile scripts/build_com
 run: install
 	$(VENV)/bin/python examples/run_demo.py
 
+# The suite runs on the compiled hot path when install built it, then unit/e2e/hostile again on the
+# pure-Python reference path (what runs wherever the extension is not built).
 test: install
 	$(VENV)/bin/python -m mypy
 	$(VENV)/bin/python -m pytest -q tests
+	INGRESS_PROXY_PURE=1 $(VENV)/bin/python -m pytest -q tests/unit tests/e2e tests/hostile
 
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/python -m pytest -q tests/hostile
