@@ -151,10 +151,11 @@ class Cors:
 class Canary:
     """A weighted alternative backend for a rule (ingress-nginx canary Ingresses), decided per
     request in this order: the header (`always`/`never`, or equal to `header_value`), the cookie
-    (`always`/`never`), then `weight` percent of the remaining requests."""
+    (`always`/`never`), then `weight` out of `weight_total` of the remaining requests."""
 
     backend: str  # key into Configuration.backends
-    weight: int = 0  # 0..100
+    weight: int = 0  # 0..weight_total
+    weight_total: int = 100  # ingress-nginx canary-weight-total: the denominator of weight
     header: str | None = None
     header_value: str | None = None
     cookie: str | None = None

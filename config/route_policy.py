@@ -248,15 +248,20 @@ def check_positive(raw: str | int | float, what: str, whole: bool = False) -> fl
     return value
 
 
-def check_percent(raw: str | int | float) -> float:
+def check_weight(raw: str | int | float, total: int) -> int:
+    """A canary weight: a whole number from 0 to `total` (ingress-nginx canary-weight, an integer)."""
     text = str(raw).strip()
-    try:
-        value = float(text)
-    except ValueError:
-        raise PolicyValueError(f"{raw!r} is not a percentage", "write a number from 0 to 100") from None
-    if not 0 <= value <= 100:
-        raise PolicyValueError(f"{raw!r} is not from 0 to 100", "write a number from 0 to 100")
-    return value
+    if not text.isdigit() or int(text) > total:
+        raise PolicyValueError(f"{raw!r} is not from 0 to {total}", f"write a whole number from 0 to {total}")
+    return int(text)
+
+
+def check_weight_total(raw: str | int | float) -> int:
+    """The denominator of canary weights (ingress-nginx canary-weight-total; default 100)."""
+    text = str(raw).strip()
+    if not text.isdigit() or int(text) == 0:
+        raise PolicyValueError(f"{raw!r} is not a whole number above 0", "write e.g. 100, or 1000 for weights in tenths of a percent")
+    return int(text)
 
 
 def check_cookie_name(name: str) -> str:

@@ -115,7 +115,8 @@ from config.route_policy import (
     check_header_edit,
     check_host_value,
     check_max_age,
-    check_percent,
+    check_weight,
+    check_weight_total,
     check_positive,
     check_token_list,
     header_edits,
@@ -184,7 +185,7 @@ _POLICY_KEYS = (
     "limit_rps", "limit_burst", "limit_connections", "canary", "affinity",
 )
 _AFFINITY_KEYS = ("cookie_name", "max_age", "path")
-_CANARY_KEYS = ("backend", "weight", "header", "header_value", "cookie")
+_CANARY_KEYS = ("backend", "weight", "weight_total", "header", "header_value", "cookie")
 _CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers", "allow_credentials", "max_age")
 _HEADER_EDIT_KEYS = ("set", "add", "remove")
 _REDIRECT_KEYS = ("to", "code")
@@ -676,9 +677,12 @@ class _Checker:
         if fields is None or "backend" not in fields:
             return None
         backend = self.backend_reference(fields["backend"], f"{where}.backend", defined_backends)
-        weight: float | None = 0
-        if "weight" in fields and (number := self.number(fields["weight"], f"{where}.weight")) is not None:
-            weight = self.checked(fields["weight"], f"{where}.weight", check_percent, number)
+        total: int | None = 100
+        if "weight_total" in fields and (number := self.number(fields["weight_total"], f"{where}.weight_total")) is not None:
+            total = self.checked(fields["weight_total"], f"{where}.weight_total", check_weight_total, number)
+        weight: int | None = 0
+        if "weight" in fields and (number := self.number(fields["weight"], f"{where}.weight")) is not None and total is not None:
+            weight = self.checked(fields["weight"], f"{where}.weight", check_weight, number, total)
         header = header_value = cookie = None
         if "header" in fields and (text := self.text(fields["header"], f"{where}.header")) is not None:
             header = self.checked(fields["header"], f"{where}.header", check_header_edit, text, None, True)
@@ -686,9 +690,9 @@ class _Checker:
             header_value = self.text(fields["header_value"], f"{where}.header_value")
         if "cookie" in fields and (text := self.text(fields["cookie"], f"{where}.cookie")) is not None:
             cookie = self.checked(fields["cookie"], f"{where}.cookie", check_cookie_name, text)
-        if backend is None or weight is None:
+        if backend is None or weight is None or total is None:
             return None
-        return Canary(backend, int(weight), header, header_value, cookie)
+        return Canary(backend, weight, total, header, header_value, cookie)
 
     def affinity(self, node: yaml.Node, where: str) -> Affinity | None:
         """`affinity: true` (cookie INGRESSCOOKIE, a session cookie, Path=/) or a mapping of _AFFINITY_KEYS."""

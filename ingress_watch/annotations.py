@@ -22,7 +22,8 @@ from config.route_policy import (
     check_header_edit,
     check_host_value,
     check_max_age,
-    check_percent,
+    check_weight,
+    check_weight_total,
     check_positive,
     check_token_list,
     header_edits,
@@ -31,7 +32,8 @@ from config.route_policy import (
     parse_timeout,
     split_list,
 )
-from ingress_watch.objects import Rejected, object_metadata, parse_bool
+from ingress_watch.header_configmaps import configmap_headers, configmap_reference, merged_edits, set_edits
+from ingress_watch.objects import ObjectIndex, Rejected, object_metadata, object_namespace, parse_bool
 
 # ingress-nginx keys under `nginx.ingress.kubernetes.io/`, and the same names under
 # `ingress.kubernetes.io/` (haproxy-ingress's legacy prefix, which this controller read first).
@@ -73,7 +75,7 @@ class IngressAnnotations:
 
 
 def read_annotations(
-    ingress: dict, location: str, problems: list[Problem], default_policy: RoutePolicy | None
+    ingress: dict, location: str, problems: list[Problem], default_policy: RoutePolicy | None, index: ObjectIndex
 ) -> IngressAnnotations:
     values: dict[str, str] = {}
     keys: dict[str, str] = {}  # name → the annotation key as written, for messages
@@ -148,8 +150,17 @@ def read_annotations(
         fields["affinity"] = Affinity(name or Affinity().cookie_name, max_age, cookie_path or "/")
     if reader.read("enable-cors", parse_bool):
         fields["cors"] = reader.read_cors()
+    custom = reader.read("custom-headers", lambda raw: configmap_reference(raw, object_namespace(ingress)))
+    custom_edits = None
+    if custom is not None:
+        pairs = configmap_headers(index, custom, False, f"annotation {keys['custom-headers']}", location, problems)
+        custom_edits = set_edits(pairs)
     for direction in ("request", "response"):
-        edits = reader.read_edits(direction)
+        own = reader.read_edits(direction)
+        if direction == "response":
+            own = merged_edits(custom_edits, own)  # the Ingress's own response-*-headers win
+        base = None if default_policy is None else getattr(default_policy, f"{direction}_headers")
+        edits = merged_edits(base, own)  # ConfigMap add-headers / proxy-set-headers, under the Ingress's
         if edits is not None:
             fields[f"{direction}_headers"] = edits
     policy = RoutePolicy(**fields)  # type: ignore[arg-type]
@@ -236,10 +247,12 @@ def read_canary(ingress: dict, location: str, problems: list[Problem]) -> Canary
                 f"annotation {key} is ignored on a canary Ingress (only {', '.join(sorted(CANARY_ANNOTATIONS))} "
                 "apply; the main Ingress's policy serves both); move it to the main Ingress or remove it"
             )))
-    weight = reader.read("canary-weight", lambda raw: int(check_percent(raw)))
+    total = reader.read("canary-weight-total", check_weight_total) or 100
+    weight = reader.read("canary-weight", lambda raw: check_weight(raw, total))
     return Canary(
         backend="",
         weight=weight or 0,
+        weight_total=total,
         header=reader.read("canary-by-header", lambda raw: check_header_edit(raw.strip(), None, request=True)),
         header_value=reader.read("canary-by-header-value", lambda raw: raw),
         cookie=reader.read("canary-by-cookie", lambda raw: check_cookie_name(raw.strip())),
@@ -285,7 +298,8 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "cors-allow-credentials": "send Access-Control-Allow-Credentials: true (the Origin is then echoed, never *)",
     "cors-max-age": "Access-Control-Max-Age of preflight answers",
     "canary": "this Ingress is a weighted alternative to the main Ingress of the same host and paths",
-    "canary-weight": "percent of requests (0-100) sent to the canary",
+    "canary-weight": "requests sent to the canary, out of canary-weight-total (0-100 by default)",
+    "canary-weight-total": "the denominator of canary-weight (default 100; 1000 gives tenths of a percent)",
     "canary-by-header": "a request header: always → canary, never → main (or compared with canary-by-header-value)",
     "canary-by-header-value": "the canary-by-header value that selects the canary",
     "canary-by-cookie": "a cookie: always → canary, never → main",
@@ -296,6 +310,7 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "limit-rps": "requests per second per client address, per replica (429 above it)",
     "limit-burst-multiplier": "burst = limit-rps × this (default 5)",
     "limit-connections": "requests in flight per client address, per replica (503 above it)",
+    "custom-headers": "namespace/name of a ConfigMap whose data are response headers set on every response of the Ingress",
     # ingress-proxy's own keys (ingress-nginx needs a configuration-snippet for these): one
     # "Name: value" per line for set/add, a comma-separated list of names for remove
     "request-set-headers": "request headers set (replacing the client's) before forwarding",

@@ -26,6 +26,7 @@ class Kind(enum.Enum):
     SECRET = "Secret"
     CA_SECRET = "Secret (Opaque, ca.crt)"  # CA bundles for backend TLS, trimmed (watch.ca_bundle_only)
     CONFIGMAP = "ConfigMap"
+    NAMED_CONFIGMAP = "ConfigMap (headers)"  # the ones translation named, trimmed (watch.NamedConfigMaps)
 
 
 def object_key(obj: JsonObject) -> ObjectKey:
@@ -60,6 +61,10 @@ class ObjectCache:
         self._listed.add(kind)
         return deleted
 
+    def unlist(self, kind: Kind) -> None:
+        """`kind` must be LISTed again before anything is published (its narrowing changed)."""
+        self._listed.discard(kind)
+
     def apply(self, kind: Kind, event_type: str, obj: JsonObject) -> bool:
         """Apply one watch event (ADDED, MODIFIED, DELETED). Returns whether anything changed."""
         key, objects = object_key(obj), self._objects[kind]
@@ -90,4 +95,5 @@ class ObjectCache:
             endpoint_slices=objects(Kind.ENDPOINT_SLICE),
             secrets=objects(Kind.SECRET) + objects(Kind.CA_SECRET),
             configmap=configmaps[0] if configmaps else None,
+            named_configmaps=objects(Kind.NAMED_CONFIGMAP),
         )

@@ -15,6 +15,7 @@ from config.crypto import ALGORITHM_FLAGS
 from config.model import (
     CryptoSettings,
     EngineSettings,
+    HeaderEdits,
     Hsts,
     IpNetwork,
     Problem,
@@ -27,7 +28,8 @@ from config.model import (
 from config.route_policy import PolicyValueError, parse_size
 from config.tls_policy import PolicyError, check_ciphers, check_ciphersuites, check_curves, check_protocols
 from ingress_watch.annotations import source_networks
-from ingress_watch.objects import Rejected, object_ref, parse_bool
+from ingress_watch.header_configmaps import configmap_headers, configmap_reference, set_edits
+from ingress_watch.objects import ObjectIndex, Rejected, object_namespace, object_ref, parse_bool
 
 DURATION_MICROSECONDS = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 DURATION = re.compile(r"(\d+)(us|ms|s|m|h|d)?")
@@ -134,12 +136,13 @@ def _provider_settings(
 _T = TypeVar("_T")
 # ingress-nginx's proxy-real-ip-cidr default: with use-forwarded-headers every peer is trusted.
 INGRESS_NGINX_REAL_IP_CIDR: tuple[IpNetwork, ...] = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
-SUPPORTED_CONFIGMAP_KEYS = (
-    "compute-full-forwarded-for", "hsts", "hsts-include-subdomains", "hsts-max-age", "hsts-preload", "ssl-ciphers", "ssl-ciphersuites", "ssl-ecdh-curve",
-    "proxy-body-size", "proxy-real-ip-cidr", "ssl-engine", "ssl-mode-async", "ssl-propquery", "ssl-protocols",
+SUPPORTED_CONFIGMAP_KEYS = (  # sorted: the unknown-key message lists them
+    "add-headers", "compute-full-forwarded-for", "hsts", "hsts-include-subdomains", "hsts-max-age",
+    "hsts-preload", "proxy-body-size", "proxy-real-ip-cidr", "proxy-set-headers", "ssl-ciphers",
+    "ssl-ciphersuites", "ssl-ecdh-curve", "ssl-engine", "ssl-mode-async", "ssl-propquery", "ssl-protocols",
     "ssl-provider", "ssl-provider-optional", "ssl-provider-parameters", "ssl-provider-path", "ssl-redirect",
-    "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server", "use-forwarded-headers", "use-http2",
-    "use-proxy-protocol",
+    "timeout-client", "timeout-connect", "timeout-http-request", "timeout-server", "use-forwarded-headers",
+    "use-http2", "use-proxy-protocol",
 )
 
 
@@ -159,7 +162,8 @@ def _parse_curves(raw: str) -> str:
     return TlsPolicy().curves if str(raw).strip() == "auto" else check_curves(str(raw))  # ingress-nginx's default value
 
 
-def read_configmap(configmap: dict | None, problems: list[Problem]) -> GlobalSettings:
+def read_configmap(index: ObjectIndex, problems: list[Problem]) -> GlobalSettings:
+    configmap = index.configmap
     if configmap is None:
         return GlobalSettings()
     location = f"ConfigMap {object_ref(configmap)}"
@@ -221,7 +225,13 @@ def read_configmap(configmap: dict | None, problems: list[Problem]) -> GlobalSet
     )
     ssl_redirect = read("ssl-redirect", parse_bool, False)
     body_size = read("proxy-body-size", _policy_check(parse_size), None)  # default: no limit (README)
-    default_policy = RoutePolicy(max_body_size=body_size) if body_size is not None else None
+    header_sets: dict[bool, HeaderEdits | None] = {}  # request? → what the ConfigMap it names sets
+    for key, request in (("proxy-set-headers", True), ("add-headers", False)):  # ingress-nginx: namespace/name
+        reference = read(key, _policy_check(lambda raw: configmap_reference(raw, object_namespace(configmap))), None)
+        if reference is not None:
+            header_sets[request] = set_edits(configmap_headers(index, reference, request, key, location, problems))
+    policy = RoutePolicy(max_body_size=body_size, request_headers=header_sets.get(True), response_headers=header_sets.get(False))
+    default_policy = policy if policy != RoutePolicy() else None
     real_ip = None
     compute_full = read("compute-full-forwarded-for", parse_bool, False)
     proxy_protocol = ("https", "http") if read("use-proxy-protocol", parse_bool, False) else ()

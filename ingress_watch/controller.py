@@ -14,6 +14,10 @@ LIST. Then, for the kinds changed since the last rebuild:
   ones that differ; routes and TLS contexts are untouched;
 * anything else: `translate(snapshot)`; the Configuration is published only if it differs from
   the one the sink holds (our own status writes, for instance, change Ingresses but not routes).
+  When the translation named other header ConfigMaps than the cache keeps (`NamedConfigMaps`),
+  nothing is published: the ConfigMap watch is restarted with the new names (a fresh LIST, and
+  no publishing until it completes), and the rebuild it triggers sees them — a table without
+  them, or a "not found" Event for a ConfigMap that exists, never goes out.
 
 Problems (from translation and from the sink's build) are logged once when they appear, and each
 one located on an Ingress becomes a Kubernetes Event (type Warning) on that Ingress; a problem
@@ -29,6 +33,7 @@ import datetime
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import aiohttp
@@ -42,7 +47,7 @@ from ingress_watch.leader import LeaderElector, LeaderSettings
 from ingress_watch.snapshot import Snapshot
 from ingress_watch.status import PublishSettings, StatusWriter
 from ingress_watch.translate import TranslateOptions, resolve_endpoints, translate
-from ingress_watch.watch import KindWatcher, WatchSettings, WatchTarget, watch_targets
+from ingress_watch.watch import KindWatcher, NamedConfigMaps, WatchSettings, WatchTarget, watch_targets
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +98,7 @@ class KubernetesSource:
     def __init__(self, configuration: client.Configuration, settings: ControllerSettings = ControllerSettings()) -> None:
         self._client_configuration = configuration
         self.settings = settings
+        self.named_configmaps = NamedConfigMaps()
         kinds = tuple(target.kind for target in self._targets())
         self.cache = ObjectCache(kinds)
         self.generation = 0
@@ -106,9 +112,11 @@ class KubernetesSource:
         self._reported_with: tuple[tuple[Problem, ...], Snapshot] | None = None  # last translation problems + snapshot
         self._reported: set[Problem] = set()
         self._event_queue: asyncio.Queue[tuple[JsonObject, str]] = asyncio.Queue()
+        self._watches: dict[Kind, asyncio.Task[None]] = {}
+        self._start_watch: Callable[[WatchTarget], None] | None = None  # set while `run` runs
 
     def _targets(self) -> tuple[WatchTarget, ...]:
-        return watch_targets(self.settings.translate.watch_namespace, self.settings.configmap)
+        return watch_targets(self.settings.translate.watch_namespace, self.settings.configmap, self.named_configmaps)
 
     @property
     def is_leader(self) -> bool:
@@ -122,9 +130,14 @@ class KubernetesSource:
     async def run(self, sink: ConfigurationSink) -> None:
         async with client.ApiClient(self._client_configuration) as api_client:
             async with asyncio.TaskGroup() as tasks:
-                for target in self._targets():
+
+                def start_watch(target: WatchTarget) -> None:
                     watcher = KindWatcher(api_client, target, self.cache, self._changed, self.settings.watch)
-                    tasks.create_task(watcher.run(), name=f"watch {target.describe()}")
+                    self._watches[target.kind] = tasks.create_task(watcher.run(), name=f"watch {target.describe()}")
+
+                self._start_watch = start_watch
+                for target in self._targets():
+                    start_watch(target)
                 tasks.create_task(self._rebuild_loop(sink), name="rebuild")
                 tasks.create_task(self._post_events(api_client), name="events")
                 if self.settings.publish is not None:
@@ -157,15 +170,17 @@ class KubernetesSource:
                 continue
             self._first_change_at = None
             try:
-                await self._rebuild(sink, first_change)
+                if not await self._rebuild(sink, first_change):
+                    continue  # deferred until the relist it started completes: not a finished pass
             except Exception:  # a translator bug must not stop the watches: keep serving the last configuration
                 logger.exception("rebuilding the configuration failed; still serving the previous one")
             self.generation += 1
             self._generation_advanced.set()
             self._generation_advanced = asyncio.Event()
 
-    async def _rebuild(self, sink: ConfigurationSink, first_change: float) -> None:
+    async def _rebuild(self, sink: ConfigurationSink, first_change: float) -> bool:
         """Translate off the event loop (it is pure and takes ~60 µs per Ingress), publish on it.
+        False: deferred (the header ConfigMaps named changed; see the theory).
 
         With thousands of Ingresses a translation takes a few hundred milliseconds; in a worker
         thread the loop keeps serving meanwhile (the GIL is handed back every few milliseconds).
@@ -174,7 +189,7 @@ class KubernetesSource:
         for kind in self.cache.kinds:
             WATCHED_OBJECTS.labels(kind.value).set(self.cache.count(kind))
         if not changed:
-            return
+            return True
         snapshot = self.cache.snapshot()
         started = time.perf_counter()
         if self._published is not None and changed == {Kind.ENDPOINT_SLICE}:
@@ -182,6 +197,9 @@ class KubernetesSource:
             REBUILD_SECONDS.labels("endpoints").observe(time.perf_counter() - started)
         else:
             translation = await asyncio.to_thread(translate, snapshot, self.settings.translate)
+            if translation.named_configmaps != self.named_configmaps.wanted:
+                self._relist_named_configmaps(translation.named_configmaps)
+                return False
             served = translation.configuration != self._published
             if served:
                 self._build_problems = sink.publish(translation.configuration)
@@ -193,6 +211,16 @@ class KubernetesSource:
                 self.status_writer.update(snapshot, frozenset(translation.claimed_ingresses))
         if served:
             EVENT_TO_SERVED_SECONDS.observe(time.monotonic() - first_change)
+        return True
+
+    def _relist_named_configmaps(self, wanted: frozenset[tuple[str, str]]) -> None:
+        """Keep `wanted` from now on: restart the ConfigMap watch, whose LIST replaces what the cache
+        holds of that kind (a task cancelled mid-LIST never applies it: `replace` runs between awaits)."""
+        self.named_configmaps.wanted = wanted
+        self.cache.unlist(Kind.NAMED_CONFIGMAP)
+        self._watches.pop(Kind.NAMED_CONFIGMAP).cancel()
+        assert self._start_watch is not None  # rebuilds run inside `run`
+        self._start_watch(next(target for target in self._targets() if target.kind is Kind.NAMED_CONFIGMAP))
 
     async def _update_endpoints(self, sink: ConfigurationSink, snapshot: Snapshot, published: Configuration) -> bool:
         old_backends = published.routes.backends

@@ -29,19 +29,32 @@ _CLIENT_ADDRESS = (
     "(use-forwarded-headers) or the TCP peer's; with both keys, X-Forwarded-For is trusted from PROXY sources in "
     "proxy-real-ip-cidr (ingress-nginx then ignores it)"
 )
-# Keys that are honoured but not exactly as ingress-nginx does (README "Annotations" says more).
+# Keys that are honoured but not exactly as ingress-nginx does in ordinary use (values it would
+# take that we refuse are problems, reported as such); every other supported key acts as it does
+# there. README's "Differences from ingress-nginx" table is checked against this one
+# (tests/translate/test_annotations.py), row by row.
 DIFFERENCES = {
     "ssl-redirect": "only hosts a certificate of ours covers are redirected (ConfigMap default: off)",
     "proxy-body-size": "no default limit (ingress-nginx: 1m); over a chunked body the backend sees a truncated request",
-    "use-regex": "applies to this Ingress's paths only, not to every path of the host",
+    "use-regex": (
+        "applies to this Ingress's paths only, not to every path of the host; patterns that could backtrack without "
+        "end (nested repeats, repeated alternations, backreferences, more than two open-ended repeats) are refused"
+    ),
     "enable-cors": "preflights get 200 (not 204), a disallowed origin's preflight 403, credentials echo the Origin",
     "limit-rps": "429 instead of 503; per replica and worker",
     "limit-connections": "counts requests in flight; per replica and worker",
     "canary": "the canary Ingress's other annotations are ignored (the main Ingress's policy serves both)",
+    "canary-weight": "a whole number from 0 to canary-weight-total (a fraction is refused, not truncated)",
     "affinity": "the cookie value is a digest of the endpoint; affinity-mode and the other session-cookie-* keys are not read",
     "whitelist-source-range": _CLIENT_ADDRESS,
     "allowlist-source-range": _CLIENT_ADDRESS,
     "denylist-source-range": _CLIENT_ADDRESS,
+    "custom-headers": "the names need not be in global-allowed-response-headers; the proxy's own answers (404, 503) do not get them",
+    **{
+        f"{direction}-{verb}-headers": "ingress-proxy's own key: ingress-nginx needs a configuration-snippet for this"
+        for direction in ("request", "response")
+        for verb in ("set", "add", "remove")
+    },
 }
 
 

@@ -83,7 +83,14 @@ class ObjectIndex:
             if service and is_live(endpoint_slice):
                 self.slices[(object_namespace(endpoint_slice), service)].append(endpoint_slice)
         self.configmap = snapshot.configmap if snapshot.configmap is not None and is_live(snapshot.configmap) else None
+        self._named_configmaps = {(object_namespace(c), object_name(c)): c for c in snapshot.named_configmaps if is_live(c)}
+        self.named_configmaps: set[tuple[str, str]] = set()  # every ConfigMap of headers looked up, found or not
         self._endpoints: dict[ServiceReference, tuple[Address, ...] | str] = {}  # str: why not; few Services, many paths
+
+    def named_configmap(self, reference: tuple[str, str]) -> dict | None:
+        """A ConfigMap of headers (ingress_watch.header_configmaps); the lookup is remembered."""
+        self.named_configmaps.add(reference)
+        return self._named_configmaps.get(reference)
 
     def resolve_backend(self, namespace: str, backend_spec: dict) -> Backend:
         if backend_spec.get("resource") is not None:

@@ -19,3 +19,6 @@ class Snapshot:
     endpoint_slices: tuple[dict, ...] = ()
     secrets: tuple[dict, ...] = ()  # type kubernetes.io/tls, and Opaque ones holding a ca.crt (trimmed to it)
     configmap: dict | None = None
+    # ConfigMaps of headers (custom-headers, add-headers, proxy-set-headers): the watch keeps only
+    # those the last translation named (ingress_watch.header_configmaps), trimmed to metadata and data
+    named_configmaps: tuple[dict, ...] = ()

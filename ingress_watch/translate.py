@@ -168,13 +168,15 @@ class Translation:
     configuration: Configuration
     problems: tuple[Problem, ...]  # location: "Ingress ns/name", "Secret ns/name", "ConfigMap ns/name"
     claimed_ingresses: tuple[tuple[str, str], ...]  # (namespace, name) of Ingresses of our class, sorted
+    # (namespace, name) of every ConfigMap of headers looked up, found or not: what the watch keeps
+    named_configmaps: frozenset[tuple[str, str]] = frozenset()
 
 
 def translate(snapshot: Snapshot, options: TranslateOptions) -> Translation:
     PARSED_SECRETS.start_translation()
     index = ObjectIndex(snapshot)
     problems: list[Problem] = []
-    settings = read_configmap(index.configmap, problems)
+    settings = read_configmap(index, problems)
     ingresses = _claimed_ingresses(snapshot, options)
     routes = _RouteCollector(index, problems, settings.default_policy)
     certificates = CertificateCollector(index, problems)
@@ -204,6 +206,7 @@ def translate(snapshot: Snapshot, options: TranslateOptions) -> Translation:
         configuration=configuration,
         problems=tuple(sorted(set(problems), key=lambda problem: (problem.location, problem.message))),
         claimed_ingresses=tuple(sorted((object_namespace(ingress), object_name(ingress)) for ingress in ingresses)),
+        named_configmaps=frozenset(index.named_configmaps),
     )
 
 
@@ -292,7 +295,7 @@ class _RouteCollector:
             return
         if spec.get("defaultBackend") is not None:
             self._add_default_backend(ingress, spec["defaultBackend"], location)
-        annotations = read_annotations(ingress, location, self._problems, self._default_policy)
+        annotations = read_annotations(ingress, location, self._problems, self._default_policy, self._index)
         self._transport = transport_annotations(ingress, location, self._problems)
         self._ingress_ref = object_ref(ingress)
         for rule_number, rule in enumerate(spec.get("rules") or ()):

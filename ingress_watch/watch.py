@@ -9,7 +9,9 @@ remembering the newest resourceVersion it saw, BOOKMARKs included. Objects stay 
 (`raw_object`; the Watch is given return_type "object" so no model classes are built). A target
 may narrow its objects before they reach the cache (`WatchTarget.narrow`): Opaque Secrets are
 watched for backend CA bundles only, so everything else in them is dropped on arrival, and one
-that stops holding a ca.crt leaves the cache as if deleted.
+that stops holding a ca.crt leaves the cache as if deleted. ConfigMaps are watched for the
+header ConfigMaps the Ingresses and the controller's ConfigMap name (`NamedConfigMaps`): only
+those reach the cache; when the set of names changes the controller relists that kind.
 
 kubernetes-asyncio's `Watch` quirks (NOTES §3) shape the rest:
 
@@ -43,7 +45,7 @@ from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.rest import RESTResponse
 from prometheus_client import Counter
 
-from ingress_watch.cache import JsonObject, Kind, ObjectCache
+from ingress_watch.cache import JsonObject, Kind, ObjectCache, ObjectKey, object_key
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +103,31 @@ def ca_bundle_only(secret: JsonObject) -> JsonObject | None:
     }
 
 
-def watch_targets(namespace: str | None, configmap: tuple[str, str] | None) -> tuple[WatchTarget, ...]:
+class NamedConfigMaps:
+    """The header ConfigMaps the last translation named (`Translation.named_configmaps`): the
+    only ConfigMaps besides the controller's own that the cache keeps, trimmed to their data.
+
+    Memory stays bounded by what Ingresses name, not by the cluster's ConfigMaps (application
+    configuration, often large). The price: every ConfigMap event crosses the wire and is dropped
+    here, and a change of the names relists ConfigMaps (the controller restarts that watch)."""
+
+    def __init__(self) -> None:
+        self.wanted: frozenset[ObjectKey] = frozenset()
+
+    def narrow(self, configmap: JsonObject) -> JsonObject | None:
+        if object_key(configmap) not in self.wanted:
+            return None
+        metadata = configmap.get("metadata") or {}
+        return {"metadata": {key: metadata[key] for key in _KEPT_METADATA if key in metadata}, "data": configmap.get("data") or {}}
+
+
+def watch_targets(
+    namespace: str | None, configmap: tuple[str, str] | None, named_configmaps: NamedConfigMaps | None = None
+) -> tuple[WatchTarget, ...]:
     """What the controller watches: everything in `namespace` (None = all namespaces), TLS Secrets,
-    Opaque Secrets narrowed to their CA bundle, and the one ConfigMap `configmap` = (namespace,
-    name) if given."""
+    Opaque Secrets narrowed to their CA bundle, ConfigMaps narrowed to `named_configmaps` (None:
+    all of them, for a one-time LIST), and the one ConfigMap `configmap` = (namespace, name) if
+    given."""
 
     def namespaced(
         kind: Kind,
@@ -124,6 +147,7 @@ def watch_targets(namespace: str | None, configmap: tuple[str, str] | None) -> t
         namespaced(Kind.ENDPOINT_SLICE, client.DiscoveryV1Api, "endpoint_slice"),
         namespaced(Kind.SECRET, client.CoreV1Api, "secret", "type=kubernetes.io/tls"),
         namespaced(Kind.CA_SECRET, client.CoreV1Api, "secret", "type=Opaque", ca_bundle_only),
+        namespaced(Kind.NAMED_CONFIGMAP, client.CoreV1Api, "config_map", None, None if named_configmaps is None else named_configmaps.narrow),
     ]
     if configmap is not None:
         targets.append(

@@ -27,7 +27,8 @@ Timeouts: each wait for the client's body is bounded by `idle`, each wait for th
 
 Per-route policy (`proxy.policy`) runs after routing and before an endpoint is chosen, only when
 the matched rule has one (`match.policy is not None`): it may answer locally (403, a redirect,
-413), rewrite the head that goes upstream and bound a body of unknown length while it streams.
+413), rewrite the head that goes upstream and bound a body of unknown length while it streams —
+for HTTP/1.1 and HTTP/2 backends alike (one shaping step, written as either kind of head).
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
         keep = _answer(client, head, status, hsts, grpc)
     elif state.balancer.protocol(backend).multiplexed:
         timeouts = generation.configuration.timeouts
-        status, keep = await _proxy_http2(client, state, head, backend, candidates, timeouts, hsts, grpc, client_ip, forwarded_for)
+        status, keep = await _proxy_http2(
+            client, state, head, backend, candidates, timeouts, hsts, grpc, real_ip=real_ip, forwarded_for=forwarded_for
+        )
     else:
         timeouts = generation.configuration.timeouts
         status, keep = await _proxy(
@@ -219,11 +222,10 @@ async def _proxy_with_policy(
     forwarded_for: bytes,
     grpc: bool,
 ) -> tuple[int, bool]:
-    """The policy's local answer, or the request forwarded as the policy shapes it. `client_ip`
-    is the address policies judge (the peer's or PROXY header's, or the trusted X-Forwarded-For's
-    `real_ip`; `forwarded_for`: see `http1.upstream_request_head`). To an
-    HTTP/2 backend, access, limits, affinity and timeouts apply; header edits and rewrites do not
-    (they are written into HTTP/1.1 heads)."""
+    """The policy's local answer, or the request forwarded as the policy shapes it, to either kind
+    of backend (the shaping is `proxy.policy`'s, one step for both). `client_ip` is the address
+    policies judge (the peer's or PROXY header's, or the trusted X-Forwarded-For's `real_ip`;
+    `forwarded_for`: see `http1.upstream_request_head`)."""
     answer = route_policy.local_answer(policy, client_ip, head)
     if answer is None and policy.rate is not None and not policy.rate.admit(client_ip, time.monotonic()):
         answer = route_policy.TOO_MANY
@@ -242,7 +244,9 @@ async def _proxy_with_policy(
             candidates, carried = policy.affinity.order(backend, candidates, head)
         timeouts = policy.route_timeouts(generation.configuration.timeouts)
         if state.balancer.protocol(backend).multiplexed:
-            return await _proxy_http2(client, state, head, backend, candidates, timeouts, hsts, grpc, client_ip, forwarded_for)
+            return await _proxy_http2(
+                client, state, head, backend, candidates, timeouts, hsts, grpc, policy, carried, real_ip, forwarded_for
+            )
         return await _proxy(client, state, head, backend, candidates, timeouts, hsts, policy, carried, real_ip, forwarded_for)
     finally:
         if concurrency is not None:
@@ -351,10 +355,7 @@ async def _proxy(
         else:
             extra = hsts
             if policy is not None:
-                if policy.edits_response:
-                    response, extra = route_policy.downstream_head(policy, head, response, hsts)
-                if policy.affinity is not None:
-                    extra = policy.affinity.set_cookie(backend, address, affinity_token) + extra
+                response, extra = route_policy.shaped_response(policy, head, response, backend, address, affinity_token, hsts)
             return response.status, await _relay_response(client, state, head, upstream, response, backend, timeouts, extra)
         if upstream is not None:
             upstream.close()
@@ -371,11 +372,12 @@ async def _proxy(
 class _Http2Progress:
     """How far an HTTP/2 exchange got: what decides whether a failed attempt may be retried."""
 
-    __slots__ = ("response_started", "body_read")
+    __slots__ = ("response_started", "body_read", "body_too_large")
 
     def __init__(self) -> None:
         self.response_started = False  # the response head went to the client
         self.body_read = False  # the client's body is being consumed: the request cannot be replayed
+        self.body_too_large = False  # a body without a length passed the route's limit: 413
 
 
 async def _proxy_http2(
@@ -387,17 +389,29 @@ async def _proxy_http2(
     timeouts: Timeouts,
     hsts: bytes,
     grpc: bool,
-    client_ip: bytes,
-    forwarded_for: bytes,
+    policy: route_policy.CompiledPolicy | None = None,
+    affinity_token: bytes | None = None,
+    real_ip: bytes = b"",
+    forwarded_for: bytes = b"",
 ) -> tuple[int, bool]:
     """`_proxy` for an HTTP/2 backend: one stream on a pooled connection; the request body is
     pumped beside the response (gRPC bidi streams need both ways at once); a gRPC request's
-    `grpc-timeout` bounds the whole exchange. `client_ip` and `forwarded_for` as for `_proxy`."""
+    `grpc-timeout` bounds the whole exchange. The route's `policy` shapes the head and the
+    response as for HTTP/1.1 backends, and bounds a body of unknown length while it is pumped;
+    `real_ip` and `forwarded_for` as for `_proxy`."""
     balancer = state.balancer
     transport = balancer.transport(backend)
     listener = client.listener
     scheme = b"https" if transport is not None else b"http"
-    fields = request_fields(head, scheme, client_ip, listener.name.encode(), listener.address, forwarded_for)
+    proto, local_address = listener.name.encode(), listener.address
+    if policy is None:
+        fields = request_fields(
+            head, scheme, client.client_ip, proto, local_address, real_ip=real_ip, forwarded_for=forwarded_for
+        )
+    else:
+        fields = route_policy.upstream_fields(
+            policy, head, scheme, client.client_ip, proto, local_address, real_ip, forwarded_for
+        )
     replayable = is_replayable(head)
     progress = _Http2Progress()
     failure = FailureKind.NO_ENDPOINT
@@ -414,10 +428,15 @@ async def _proxy_http2(
                         raise BackendFailed(FailureKind.CONNECT_TIMEOUT) from None
                     except (OSError, ConnectionGone):
                         raise BackendFailed(FailureKind.CONNECT_FAILED) from None
-                    return await _exchange_http2(client, head, stream, fields, hsts, timeouts, backend, progress)
+                    return await _exchange_http2(
+                        client, head, stream, fields, hsts, timeouts, backend, progress, policy, affinity_token
+                    )
                 except ClientFailed as failed:
                     raise failed.cause from None
                 except (BackendFailed, ConnectionGone, PeerError, UpstreamTlsFailure, h2_exceptions.H2Error) as error:
+                    if progress.body_too_large:  # the pump cut the stream: a policy limit, answered as such
+                        metrics.POLICY_ANSWERS.labels("413").inc()
+                        return 413, _answer(client, head, 413, hsts, grpc)
                     failure = _attempt_failure(error, backend, address)
                 finally:
                     if stream is not None:
@@ -448,9 +467,11 @@ async def _exchange_http2(
     timeouts: Timeouts,
     backend: str,
     progress: _Http2Progress,
+    policy: route_policy.CompiledPolicy | None,
+    affinity_token: bytes | None,
 ) -> tuple[int, bool]:
     stream.send_head(fields, end_stream=not head.has_body)
-    pump = asyncio.create_task(_pump_request_body(client, stream, timeouts, progress)) if head.has_body else None
+    pump = asyncio.create_task(_pump_request_body(client, head, stream, timeouts, progress, policy)) if head.has_body else None
     try:
         while True:
             if not stream.events:
@@ -467,7 +488,12 @@ async def _exchange_http2(
             raise PeerError(502, "backend sent an interim response")  # h2 reports 1xx apart; never here
         if response.has_body and stream.events and type(stream.events[0]) is EndOfMessage:
             response = dataclasses.replace(response, has_body=False)  # trailers-only (gRPC errors): one HEADERS frame
-        _, keep = client.start_response(head, response, hsts)
+        extra = hsts
+        if policy is not None:
+            response, extra = route_policy.shaped_response(
+                policy, head, response, backend, stream.connection.address, affinity_token, hsts
+            )
+        _, keep = client.start_response(head, response, extra)
         progress.response_started = True
         await _relay_http2(client, stream, response, timeouts, backend)
         return response.status, keep and not client.closed
@@ -511,20 +537,40 @@ async def _relay_http2(client: ClientSide, stream: UpstreamStream, response: Res
         client.abort_response()
 
 
-async def _pump_request_body(client: ClientSide, stream: UpstreamStream, timeouts: Timeouts, progress: _Http2Progress) -> None:
-    """Forward the request body to the backend stream while the response flows back."""
+async def _pump_request_body(
+    client: ClientSide,
+    head: RequestHead,
+    stream: UpstreamStream,
+    timeouts: Timeouts,
+    progress: _Http2Progress,
+    policy: route_policy.CompiledPolicy | None,
+) -> None:
+    """Forward the request body to the backend stream while the response flows back. The route's
+    `send_timeout` bounds each wait for the backend's window, and its `max_body_size` (a declared
+    length was checked before) a body of unknown length: past it the stream is cut, as for
+    HTTP/1.1 backends (`_forward_request_body`)."""
+    remaining = send_timeout = None
+    if policy is not None:
+        send_timeout = policy.send_timeout
+        if head.content_length is None:
+            remaining = policy.max_body_size
     try:
         while True:
             event = await client.next_body_event(timeouts.idle)
             progress.body_read = True
-            if type(event) is Body:
-                await stream.send_data(event.data, timeouts.backend_response)
-            else:
+            if type(event) is not Body:
                 stream.end_request(client.request_trailers)
                 return
+            if remaining is not None:
+                remaining -= len(event.data)
+                if remaining < 0:
+                    progress.body_too_large = True
+                    break
+            await stream.send_data(event.data, send_timeout or timeouts.backend_response)
     except (PeerError, ConnectionGone, TimeoutError, h2_exceptions.H2Error):
-        stream.cancel()  # the client failed or left, or the backend reset the stream
-        stream.push(ConnectionGone())
+        pass  # the client failed or left, or the backend reset the stream
+    stream.cancel()
+    stream.push(ConnectionGone())
 
 
 async def _connect(backend: str, address: Address, transport: UpstreamTransport | None, timeouts: Timeouts) -> UpstreamConnection:

@@ -13,13 +13,16 @@ With a policy the exchange asks, in this order:
    "/" → 302; a Content-Length over the body limit → 413. All of this happens before the body is
    invited, so a client sending `Expect: 100-continue` gets the refusal instead of a 100 and never
    sends the body.
-2. `upstream_request(policy, head, ...)`: the head as it goes upstream: the path rewritten
+2. `shaped_head(policy, head)`: the head as it goes upstream, whatever the backend speaks: the path rewritten
    (`$1`..`$9` from the rule's regex, the query kept), request header edits (remove, set = remove
    then add, add; X-Forwarded-Prefix is a set, so a client's own copy is dropped) and the Host
-   (upstream-vhost). The framing stays `proxy.http1`'s to derive; names that frame or that we
-   derive cannot be edited (`config.route_policy.check_header_name`).
-   `downstream_head(policy, head, response, extra)` does the same for the response's headers and
-   adds CORS headers for the request's Origin. A CORS preflight (OPTIONS with an Origin and
+   (upstream-vhost). `upstream_request` writes it as an HTTP/1.1 head, `upstream_fields` as an
+   HTTP/2 header block (h2c / gRPC backends), both from that one shaped head and one compiled list
+   of added fields, so the two kinds of backend cannot see different requests. The framing stays
+   `proxy.http1`'s (or `proxy.upstream_http2`'s) to derive; names that frame or that we derive
+   cannot be edited (`config.route_policy.check_header_edit`).
+   `shaped_response` does the same for the response's headers (`downstream_head`: edits, CORS
+   headers for the request's Origin) and adds the affinity cookie, for either kind of backend. A CORS preflight (OPTIONS with an Origin and
    Access-Control-Request-Method) is answered in step 1 and never reaches the backend.
 3. A body without a length (chunked, or HTTP/2 without content-length) is counted while it is
    forwarded: once it passes the limit the backend connection is closed (it has only seen a
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 from config.model import Address, Affinity, Cors, HeaderEdits, IpNetwork, PathRule, RealIp, Timeouts
 from config.route_policy import MAX_REGEX_SUBJECT
 from proxy.http1 import RequestHead, ResponseHead, upstream_request_head
+from proxy.upstream_http2 import request_fields
 
 _GROUP_REFERENCE = re.compile(r"\$(\d)")
 
@@ -58,7 +62,7 @@ class CompiledPolicy:
 
     __slots__ = (
         "allow", "deny", "redirect", "app_root", "max_body_size", "path_pattern", "rewrite_target", "extra_request",
-        "drop_request", "timeouts", "_timeouts_for", "send_timeout", "upstream_host", "edits_response", "drop_response",
+        "extra_request_fields", "drop_request", "timeouts", "_timeouts_for", "send_timeout", "upstream_host", "edits_response", "drop_response",
         "extra_response", "cors", "rate", "concurrency", "canary", "affinity",
     )
 
@@ -85,9 +89,11 @@ class CompiledPolicy:
         if policy.forwarded_prefix is not None:
             request = HeaderEdits(set=(*request.set, ("X-Forwarded-Prefix", policy.forwarded_prefix)), add=request.add,
                                   remove=request.remove)  # fmt: skip
-        self.drop_request, self.extra_request = _compile_edits(request)
+        self.drop_request, self.extra_request_fields = _compile_edits(request)
+        self.extra_request = _lines(self.extra_request_fields)
         self.upstream_host = policy.upstream_host.encode() if policy.upstream_host is not None else b""
-        self.drop_response, self.extra_response = _compile_edits(policy.response_headers or HeaderEdits())
+        self.drop_response, response_fields = _compile_edits(policy.response_headers or HeaderEdits())
+        self.extra_response = _lines(response_fields)
         self.cors = CompiledCors(policy.cors) if policy.cors is not None else None
         self.rate: RateLimiter | None = None
         if policy.limit_rps is not None:
@@ -230,11 +236,16 @@ def _header(head: RequestHead, name: bytes) -> bytes:
     return b""
 
 
-def _compile_edits(edits: HeaderEdits) -> tuple[frozenset[bytes], bytes]:
-    """(names to drop from the message, header lines to add to it)."""
+def _compile_edits(edits: HeaderEdits) -> tuple[frozenset[bytes], tuple[tuple[bytes, bytes], ...]]:
+    """(names to drop from the message, fields to add to it: names as written, in order)."""
     drop = frozenset(name.lower().encode() for name in (*edits.remove, *(name for name, _ in edits.set)))
-    lines = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in (*edits.set, *edits.add))
-    return drop, lines
+    fields = tuple((name.encode(), value.encode()) for name, value in (*edits.set, *edits.add))
+    return drop, fields
+
+
+def _lines(fields: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """Fields as HTTP/1.1 header lines ("Name: value\r\n"...), serialised once per generation."""
+    return b"".join(b"%s: %s\r\n" % field for field in fields)
 
 
 class CompiledAffinity:
@@ -300,7 +311,7 @@ def chosen_backend(policy: CompiledPolicy, backend: str, head: RequestHead, draw
             return canary.backend
         if cookie == "never":
             return backend
-    return canary.backend if draw * 100 < canary.weight else backend
+    return canary.backend if draw * canary.weight_total < canary.weight else backend
 
 
 def _cookie(head: RequestHead, name: str) -> str | None:
@@ -396,9 +407,11 @@ def _group(groups: tuple[str | None, ...], number: int) -> str:
     return groups[number - 1] or ""
 
 
-def upstream_head(policy: CompiledPolicy, head: RequestHead) -> tuple[RequestHead, bytes]:
-    """The head as forwarded (rewritten target, headers the policy replaces dropped) and the
-    extra header lines to add to it."""
+def shaped_head(policy: CompiledPolicy, head: RequestHead) -> RequestHead:
+    """The one request-shaping step both backend kinds use: the head as forwarded (target
+    rewritten, the headers the policy removes or replaces dropped). What the policy adds
+    (`extra_request` / `extra_request_fields`, compiled from one list) and the Host it sends
+    (`upstream_host`) are written by `upstream_request` (HTTP/1.1) and `upstream_fields` (HTTP/2)."""
     target = rewritten_target(policy, head) if policy.rewrite_target is not None else head.target
     headers = head.headers
     if policy.drop_request:
@@ -409,7 +422,7 @@ def upstream_head(policy: CompiledPolicy, head: RequestHead) -> tuple[RequestHea
             head.method, target, head.version, headers, head.host, head.keep_alive, head.upgrade, head.chunked,
             head.content_length,
         )
-    return head, policy.extra_request
+    return head
 
 
 def upstream_request(
@@ -421,9 +434,23 @@ def upstream_request(
     real_ip: bytes = b"",
     forwarded_for: bytes = b"",
 ) -> bytes:
-    """The request head on the wire to the backend, as the policy shapes it (framing: http1's)."""
-    shaped, extra = upstream_head(policy, head)
-    return upstream_request_head(shaped, client_ip, proto, local_address, extra, policy.upstream_host, real_ip, forwarded_for)
+    """The HTTP/1.1 request head on the wire to the backend, as the policy shapes it (framing: http1's)."""
+    return upstream_request_head(
+        shaped_head(policy, head), client_ip, proto, local_address, policy.extra_request, policy.upstream_host, real_ip,
+        forwarded_for,
+    )
+
+
+def upstream_fields(
+    policy: CompiledPolicy, head: RequestHead, scheme: bytes, client_ip: bytes, proto: bytes, local_address: bytes,
+    real_ip: bytes = b"", forwarded_for: bytes = b"",
+) -> list[tuple[bytes, bytes]]:
+    """The HTTP/2 request header block for the backend, as the policy shapes it: the same shaped
+    head and the same added fields as `upstream_request` (tests/unit/test_policy.py compares the two)."""
+    return request_fields(
+        shaped_head(policy, head), scheme, client_ip, proto, local_address, policy.extra_request_fields,
+        policy.upstream_host, real_ip, forwarded_for,
+    )
 
 
 def downstream_head(
@@ -440,6 +467,19 @@ def downstream_head(
         headers = tuple(field for field in response.headers if field[0].lower() not in drop)
         response = dataclasses.replace(response, headers=headers)
     return response, lines + extra
+
+
+def shaped_response(
+    policy: CompiledPolicy, head: RequestHead, response: ResponseHead, backend: str, address: Address,
+    affinity_token: bytes | None, extra: bytes,
+) -> tuple[ResponseHead, bytes]:
+    """The response as the policy shapes it for the client, whichever kind of backend sent it:
+    `downstream_head`'s edits and CORS, then the affinity cookie naming the endpoint that served it."""
+    if policy.edits_response:
+        response, extra = downstream_head(policy, head, response, extra)
+    if policy.affinity is not None:
+        extra = policy.affinity.set_cookie(backend, address, affinity_token) + extra
+    return response, extra
 
 
 _CORS_RESPONSE_HEADERS = frozenset({

@@ -116,14 +116,26 @@ def grpc_error_head(grpc_status: int, message: str) -> ResponseHead:
 
 
 def request_fields(
-    head: RequestHead, scheme: bytes, client_ip: bytes, proto: bytes, local_address: bytes, forwarded_for: bytes = b""
+    head: RequestHead,
+    scheme: bytes,
+    client_ip: bytes,
+    proto: bytes,
+    local_address: bytes,
+    extra: Headers = (),
+    host_header: bytes = b"",
+    real_ip: bytes = b"",
+    forwarded_for: bytes = b"",
 ) -> list[tuple[bytes, bytes]]:
     """The HTTP/2 request header block for a backend, re-derived from the parse (see the theory).
-    `client_ip` is the client (X-Real-IP); X-Forwarded-For is `forwarded_for`, or the client when empty
-    (as `http1.upstream_request_head` writes them)."""
+
+    The parameters mean what they mean to `proxy.http1.upstream_request_head`: `extra`, fields a
+    route policy adds (names as written: lower-cased here, as HTTP/2 requires), after ours;
+    `host_header` replaces :authority (upstream-vhost; x-forwarded-host keeps the client's);
+    `real_ip` (a trusted X-Forwarded-For's client) is sent instead of `client_ip`, and
+    `forwarded_for`, when given, as x-forwarded-for (compute-full-forwarded-for)."""
     named = connection_tokens(head.headers)
     authority = head.host or local_address
-    fields = [(b":method", head.method), (b":scheme", scheme), (b":authority", authority), (b":path", head.target)]
+    fields = [(b":method", head.method), (b":scheme", scheme), (b":authority", host_header or authority), (b":path", head.target)]
     te_trailers = False
     for name, value in head.headers:
         lower = name.lower()
@@ -138,12 +150,14 @@ def request_fields(
         fields.append((b"content-length", b"%d" % head.content_length))
     port = local_address.rpartition(b":")[2]
     fields += [
-        (b"x-forwarded-for", forwarded_for or client_ip),
-        (b"x-real-ip", client_ip),
+        (b"x-forwarded-for", forwarded_for or real_ip or client_ip),
+        (b"x-real-ip", real_ip or client_ip),
         (b"x-forwarded-proto", proto),
         (b"x-forwarded-host", authority),
         (b"x-forwarded-port", port),
     ]
+    for name, value in extra:
+        fields.append((name.lower(), value))
     return fields
 
 

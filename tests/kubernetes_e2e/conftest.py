@@ -120,14 +120,16 @@ class Backend:
     received: list[str] = field(default_factory=list)
 
 
-async def _serve_backend(backend: Backend) -> web.AppRunner:
+async def serve_backend(backend: Backend) -> web.AppRunner:
     async def slow(request: web.Request) -> web.Response:
+        backend.received.append(request.path_qs)  # on arrival: a test can wait for it to be in flight
         await asyncio.sleep(float(request.match_info["seconds"]))
         return web.json_response({"backend": backend.name, "slow": True})
 
     async def echo(request: web.Request) -> web.Response:
         backend.received.append(request.path_qs)
-        return web.json_response({"backend": backend.name, "host": request.host, "path": request.path_qs})
+        headers = {name.lower(): value for name, value in request.headers.items()}  # one value per name (the last)
+        return web.json_response({"backend": backend.name, "host": request.host, "path": request.path_qs, "headers": headers})
 
     app = web.Application()
     app.router.add_get("/slow/{seconds}", slow)
@@ -141,27 +143,32 @@ async def _serve_backend(backend: Backend) -> web.AppRunner:
 StartBackends = Callable[..., Awaitable[list[Backend]]]
 
 
+async def start_backend_group(names: list[str], runners: list[web.AppRunner], first_host: int = 2) -> list[Backend]:
+    """One backend per name on 127.0.0.<first_host+i>, all on one port (an EndpointSlice has one
+    port list for all its endpoints); their runners are appended to `runners` for the caller to clean up."""
+    for _ in range(20):
+        port = free_port(f"127.0.0.{first_host}")
+        backends = [Backend(name, f"127.0.0.{first_host + index}", port) for index, name in enumerate(names)]
+        started: list[web.AppRunner] = []
+        try:
+            for backend in backends:
+                started.append(await serve_backend(backend))
+        except OSError:  # the port was taken on one of the addresses meanwhile: try another
+            for runner in started:
+                await runner.cleanup()
+            continue
+        runners.extend(started)
+        return backends
+    raise RuntimeError("no port free on every backend address")
+
+
 @pytest.fixture
 async def start_backends() -> AsyncIterator[StartBackends]:
-    """`await start_backends(names, first_host=2)`: one backend per name on 127.0.0.<first_host+i>,
-    all on one port (an EndpointSlice has one port list for all its endpoints)."""
+    """`await start_backends(names, first_host=2)`: `start_backend_group`, cleaned up at teardown."""
     runners: list[web.AppRunner] = []
 
     async def start(names: list[str], first_host: int = 2) -> list[Backend]:
-        for _ in range(20):
-            port = free_port(f"127.0.0.{first_host}")
-            backends = [Backend(name, f"127.0.0.{first_host + index}", port) for index, name in enumerate(names)]
-            started: list[web.AppRunner] = []
-            try:
-                for backend in backends:
-                    started.append(await _serve_backend(backend))
-            except OSError:  # the port was taken on one of the addresses meanwhile: try another
-                for runner in started:
-                    await runner.cleanup()
-                continue
-            runners.extend(started)
-            return backends
-        raise RuntimeError("no port free on every backend address")
+        return await start_backend_group(names, runners, first_host)
 
     yield start
     for runner in runners:
@@ -217,29 +224,41 @@ class ControllerProcess:
 StartController = Callable[..., Awaitable[ControllerProcess]]
 
 
+async def launch_controller(
+    cluster: Cluster, log_path: Path, *flags: str, wait_ready: bool = True, namespace: str = "default"
+) -> ControllerProcess:
+    """`ingress-proxy serve --kubernetes` on free loopback ports with the cluster's kubeconfig;
+    waits for /readyz unless told not to. The caller stops it."""
+    https_port, http_port, admin_port = free_port(), free_port(), free_port()
+    arguments = [
+        "serve", "--kubernetes", "--kubeconfig", str(cluster.kubeconfig),
+        "--https-address", f"127.0.0.1:{https_port}", "--http-address", f"127.0.0.1:{http_port}",
+        "--admin-address", f"127.0.0.1:{admin_port}", *flags,
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            str(CLI), *arguments, stdout=log, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "POD_NAMESPACE": namespace}, cwd=log_path.parent,
+        )  # fmt: skip
+    controller = ControllerProcess(process, https_port, http_port, admin_port, log_path)
+    if wait_ready:
+        try:
+            await eventually(controller.readyz, lambda status: status == 200, START_TIMEOUT, f"controller ready\n{controller.log()}")
+        except BaseException:
+            await controller.stop()
+            raise
+    return controller
+
+
 @pytest.fixture
 async def start_controller(tmp_path: Path) -> AsyncIterator[StartController]:
-    """`await start_controller(cluster, *flags, wait_ready=True)`: `ingress-proxy serve --kubernetes`
-    on free loopback ports with the cluster's kubeconfig; waits for /readyz unless told not to."""
+    """`await start_controller(cluster, *flags, wait_ready=True)`: `launch_controller`, stopped at teardown."""
     started: list[ControllerProcess] = []
 
     async def start(cluster: Cluster, *flags: str, wait_ready: bool = True, namespace: str = "default") -> ControllerProcess:
-        https_port, http_port, admin_port = free_port(), free_port(), free_port()
         log_path = tmp_path / f"controller-{len(started)}.log"
-        arguments = [
-            "serve", "--kubernetes", "--kubeconfig", str(cluster.kubeconfig),
-            "--https-address", f"127.0.0.1:{https_port}", "--http-address", f"127.0.0.1:{http_port}",
-            "--admin-address", f"127.0.0.1:{admin_port}", *flags,
-        ]  # fmt: skip
-        with log_path.open("wb") as log:
-            process = await asyncio.create_subprocess_exec(
-                str(CLI), *arguments, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, "POD_NAMESPACE": namespace}, cwd=tmp_path,
-            )  # fmt: skip
-        controller = ControllerProcess(process, https_port, http_port, admin_port, log_path)
+        controller = await launch_controller(cluster, log_path, *flags, wait_ready=wait_ready, namespace=namespace)
         started.append(controller)
-        if wait_ready:
-            await eventually(controller.readyz, lambda status: status == 200, START_TIMEOUT, f"controller ready\n{controller.log()}")
         return controller
 
     yield start

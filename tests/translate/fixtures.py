@@ -2,7 +2,9 @@
 
 input.yaml is a multi-document stream of Kubernetes objects as `kubectl get -o yaml` prints them
 (`metadata.namespace` defaults to "default" for namespaced kinds). An optional document of
-`kind: TranslateOptions` holds the options (field names of `TranslateOptions`).
+`kind: TranslateOptions` holds the options (field names of `TranslateOptions`). The ConfigMap
+named `ingress-proxy` is the controller's settings; any other ConfigMap is one of headers
+(`Snapshot.named_configmaps`: custom-headers, add-headers, proxy-set-headers).
 
 Secret data values may be placeholders the loader replaces with base64 text, so no key material
 is checked in:
@@ -35,6 +37,7 @@ expected.yaml (every key optional; absent = empty or the model's default):
   real_ip: [CIDR, ...]   # trusted X-Forwarded-For peers
   compute_full_forwarded_for: true   # with real_ip: the trusted chain goes on, the peer appended
   proxy_protocol: [https, http]   # listeners that require a PROXY protocol header
+  named_configmaps: [ns/name, ...]   # header ConfigMaps the translation looked up (found or not)
   problems: [{location: "Ingress ns/name", message: "a substring of the message"}, ...]
 """
 
@@ -119,6 +122,7 @@ def load_case(name: str, directory: Path | None = None) -> Case:
     options = TranslateOptions()
     fields: dict[str, list[dict]] = {field: [] for field in SNAPSHOT_FIELDS.values()}
     configmap = None
+    named_configmaps: list[dict] = []
     for document in documents:
         kind = document.get("kind")
         if kind == "TranslateOptions":
@@ -132,14 +136,18 @@ def load_case(name: str, directory: Path | None = None) -> Case:
             document.setdefault("metadata", {}).setdefault("namespace", "default")
         if kind == "Secret":
             document["data"] = {key: _secret_value(key, value) for key, value in (document.get("data") or {}).items()}
-        if kind == "ConfigMap":
-            assert configmap is None, f"{name}: one ConfigMap per case"
+        if kind == "ConfigMap" and document["metadata"]["name"] == "ingress-proxy":
+            assert configmap is None, f"{name}: one settings ConfigMap per case"
             configmap = document
+        elif kind == "ConfigMap":
+            named_configmaps.append(document)
         elif kind in SNAPSHOT_FIELDS:
             fields[SNAPSHOT_FIELDS[kind]].append(document)
         else:
             raise AssertionError(f"{name}/input.yaml: unknown kind {kind!r}")
-    snapshot = Snapshot(**{field: tuple(objects) for field, objects in fields.items()}, configmap=configmap)
+    snapshot = Snapshot(
+        **{field: tuple(objects) for field, objects in fields.items()}, configmap=configmap, named_configmaps=tuple(named_configmaps)
+    )
     return Case(name, options, snapshot, expected)
 
 

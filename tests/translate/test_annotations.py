@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ingress_watch.snapshot import Snapshot
 from ingress_watch.annotations import NGINX_PREFIX, SUPPORTED_ANNOTATIONS
+from ingress_watch.migration import DIFFERENCES
 from ingress_watch.translate import TranslateOptions, translate
 
 README = Path(__file__).parents[2] / "README.md"
@@ -20,6 +21,17 @@ def _readme_table_keys() -> set[str]:
 
 def test_readme_lists_exactly_the_supported_annotations() -> None:
     assert _readme_table_keys() == set(SUPPORTED_ANNOTATIONS)
+
+
+def test_readme_differences_table_is_the_migration_reports_row_by_row() -> None:
+    """README "Differences from ingress-nginx": one row per supported key, in the table's order,
+    saying what `migrate` says (DIFFERENCES), or that it acts as in ingress-nginx."""
+    section = README.read_text().split("### Differences from ingress-nginx", 1)[1].split("\n#", 1)[0]
+    rows = [line.strip("|").split(" | ") for line in section.splitlines() if line.startswith("| `")]
+    assert [(key.strip(" `"), text.strip()) for key, text in rows] == [
+        (key, DIFFERENCES.get(key, "as ingress-nginx")) for key in SUPPORTED_ANNOTATIONS
+    ]
+    assert set(DIFFERENCES) <= set(SUPPORTED_ANNOTATIONS)  # no difference for a key we do not read
 
 
 def _ingress(annotations: dict[str, str]) -> Snapshot:

@@ -18,7 +18,7 @@ from ingress_watch.translate import TranslateOptions, resolve_endpoints, transla
 from tests.translate.fixtures import case_names, expected_claimed, expected_configuration, load_case
 
 CASES = case_names()
-SHUFFLED_FIELDS = ("ingresses", "ingress_classes", "services", "endpoint_slices", "secrets")
+SHUFFLED_FIELDS = ("ingresses", "ingress_classes", "services", "endpoint_slices", "secrets", "named_configmaps")
 
 
 def assert_problems(actual: tuple[Problem, ...], expected: list[dict]) -> None:
@@ -44,6 +44,8 @@ def test_translation(name: str) -> None:
     assert translation.claimed_ingresses == expected_claimed(case)
     assert_problems(translation.problems, case.expected.get("problems") or [])
     assert translation.configuration == expected_configuration(case)
+    named = {tuple(reference.split("/")) for reference in case.expected.get("named_configmaps") or []}
+    assert translation.named_configmaps == named  # what the watch will keep (watch.NamedConfigMaps)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from config.model import Address, Affinity, HeaderEdits, RealIp, PathRule, PathType, Redirect, RouteTable, RoutePolicy, VirtualHost
+from config.model import Address, Affinity, Canary, HeaderEdits, RealIp, PathRule, PathType, Redirect, RouteTable, RoutePolicy, VirtualHost
 from config.route_policy import (
     MAX_REGEX_LENGTH,
     MAX_REGEX_SUBJECT,
@@ -22,7 +22,7 @@ from config.route_policy import (
     parse_size,
 )
 from proxy.http1 import RequestHead, upstream_request_head
-from proxy.policy import MAX_TRACKED_CLIENTS, forwarded_client, CompiledPolicy, ConcurrencyLimiter, RateLimiter, local_answer, source_allowed, upstream_head, upstream_request
+from proxy.policy import MAX_TRACKED_CLIENTS, chosen_backend, forwarded_client, CompiledPolicy, ConcurrencyLimiter, RateLimiter, local_answer, shaped_head, source_allowed, upstream_fields, upstream_request
 from proxy.router import Router
 
 P, E, I = PathType.PREFIX, PathType.EXACT, PathType.IMPLEMENTATION_SPECIFIC
@@ -150,15 +150,14 @@ def test_local_answers(fields: dict, request_head: RequestHead, answer: tuple | 
 ])  # fmt: skip
 def test_rewrites(path: str, regex: bool, target: str, request_target: bytes, upstream_target: bytes) -> None:
     policy = compiled(path, I, regex=regex, rewrite_target=target)
-    forwarded, extra = upstream_head(policy, head(request_target))
-    assert forwarded.target == upstream_target and extra == b""
+    forwarded = shaped_head(policy, head(request_target))
+    assert forwarded.target == upstream_target and policy.extra_request == b""
 
 
 def test_forwarded_prefix_replaces_the_clients_and_framing_stays_ours() -> None:
     policy = compiled("/api", P, forwarded_prefix="/api", rewrite_target="/")
     forged = head(b"/api/x", headers=((b"X-Forwarded-Prefix", b"/evil"), (b"content-length", b"999")))
-    forwarded, extra = upstream_head(policy, forged)
-    wire = upstream_request_head(forwarded, b"192.0.2.1", b"https", b"127.0.0.1:8443", extra)
+    wire = upstream_request_head(shaped_head(policy, forged), b"192.0.2.1", b"https", b"127.0.0.1:8443", policy.extra_request)
     assert wire.startswith(b"GET / HTTP/1.1\r\n")
     assert re.findall(rb"(?i)x-forwarded-prefix: ([^\r]*)", wire) == [b"/api"]
     assert b"999" not in wire and wire.endswith(b"X-Forwarded-Prefix: /api\r\n\r\n")
@@ -196,6 +195,65 @@ def test_header_edits_on_the_wire_keep_our_framing() -> None:
     assert wire.startswith(b"GET / HTTP/1.1\r\nHost: internal.test\r\n")
     assert b"X-Forwarded-Host: a.test\r\n" in wire and b"a=1" not in wire and b"dev" not in wire
     assert re.findall(rb"X-Trace: ([^\r]*)", wire) == [b"client", b"on"] and b"X-Env: prod\r\n" in wire
+
+
+# One shaping step, two kinds of backend: the HTTP/1.1 head and the HTTP/2 header block built for
+# the same request under the same policy must say the same thing, field for field (framing aside:
+# each protocol frames its own way; names are compared without case, as both protocols do).
+SHAPING_POLICIES = {
+    "none-of-the-shaping-keys": {"max_body_size": 10},
+    "rewrite-and-prefix": {"regex": True, "rewrite_target": "/$2", "forwarded_prefix": "/api", "path": "/api(/|$)(.*)"},
+    "edits-and-vhost": {
+        "upstream_host": "internal.test",
+        "request_headers": HeaderEdits(set=(("X-Env", "prod"),), add=(("X-Trace", "on"), ("X-Trace", "twice")), remove=("Cookie",)),
+    },
+    "everything": {
+        "regex": True, "rewrite_target": "/v2/$1", "forwarded_prefix": "/old", "path": "/old/(.*)", "upstream_host": "b.internal:8080",
+        "request_headers": HeaderEdits(set=(("Authorization", "Bearer x"),), remove=("X-Remove-Me",)),
+    },
+}  # fmt: skip
+_FRAMING = {b"transfer-encoding", b"content-length", b"te", b"connection", b"upgrade"}
+
+
+def _http1_as_fields(wire: bytes) -> tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]]]:
+    """(method, target, Host, other fields lower-cased in order) of an HTTP/1.1 request head."""
+    request_line, *lines = wire.removesuffix(b"\r\n\r\n").split(b"\r\n")
+    method, target, _ = request_line.split(b" ")
+    fields = [(name.lower(), value) for name, _, value in (line.partition(b": ") for line in lines)]
+    host = [value for name, value in fields if name == b"host"]
+    assert len(host) == 1
+    return method, target, host[0], [field for field in fields if field[0] != b"host" and field[0] not in _FRAMING]
+
+
+@pytest.mark.parametrize("name", SHAPING_POLICIES)
+@pytest.mark.parametrize("real_ip", [b"", b"203.0.113.9"])
+def test_http1_and_http2_backends_get_the_same_shaped_request(name: str, real_ip: bytes) -> None:
+    fields = dict(SHAPING_POLICIES[name])
+    path = str(fields.pop("path", "/"))
+    policy = compiled(path, I if fields.get("regex") else P, **fields)
+    request = head(b"/old/x?q=1", content_length=4, headers=(
+        (b"Cookie", b"a=1"), (b"X-Env", b"dev"), (b"X-Trace", b"client"), (b"X-Remove-Me", b"1"),
+        (b"X-Forwarded-Prefix", b"/forged"), (b"X-Forwarded-For", b"198.51.100.1"), (b"Accept", b"*/*"),
+    ))  # fmt: skip
+    wire = upstream_request(policy, request, b"192.0.2.1", b"https", b"127.0.0.1:8443", real_ip)
+    block = upstream_fields(policy, request, b"http", b"192.0.2.1", b"https", b"127.0.0.1:8443", real_ip)
+    method, target, host, http1_fields = _http1_as_fields(wire)
+    pseudo = dict(field for field in block if field[0].startswith(b":"))
+    assert (pseudo[b":method"], pseudo[b":path"], pseudo[b":authority"]) == (method, target, host)
+    assert [field for field in block if not field[0].startswith(b":") and field[0] not in _FRAMING] == http1_fields
+    assert any(name == b"x-real-ip" and value == (real_ip or b"192.0.2.1") for name, value in block)
+
+
+def test_shaping_changes_what_each_policy_key_says() -> None:
+    """The table above would pass if neither writer shaped anything: this pins what shaping does."""
+    policy = compiled("/old/(.*)", I, **{key: value for key, value in SHAPING_POLICIES["everything"].items() if key != "path"})
+    request = head(b"/old/x?q=1", headers=((b"X-Remove-Me", b"1"), (b"X-Forwarded-Prefix", b"/forged")))
+    block = upstream_fields(policy, request, b"http", b"192.0.2.1", b"https", b"127.0.0.1:8443")
+    assert block[:4] == [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"b.internal:8080"), (b":path", b"/v2/x?q=1")]
+    rest = block[4:]
+    assert (b"x-forwarded-host", b"a.test") in rest and (b"x-forwarded-prefix", b"/old") in rest
+    assert (b"authorization", b"Bearer x") in rest
+    assert not any(name in (b"x-remove-me",) or value == b"/forged" for name, value in rest)
 
 
 @pytest.mark.parametrize(("name", "request_side", "refused"), [
@@ -280,3 +338,21 @@ def test_trusted_forwarded_for(peer: bytes, forwarded: bytes | None, client: byt
         wire = upstream_request_head(request, peer, b"https", b"127.0.0.1:8443", real_ip=found, forwarded_for=forwarded_for)
         assert b"\r\nX-Real-IP: " + found + b"\r\n" in wire and b"\r\nX-Forwarded-For: " + sent + b"\r\n" in wire
         assert wire.count(b"X-Forwarded-For") == 1
+
+
+@pytest.mark.parametrize(("canary", "headers", "draw", "chosen"), [
+    (Canary("c", weight=10), (), 0.0999, "c"),
+    (Canary("c", weight=10), (), 0.1, "main"),
+    (Canary("c", weight=5, weight_total=1000), (), 0.00499, "c"),  # canary-weight-total: 5 in 1000
+    (Canary("c", weight=5, weight_total=1000), (), 0.005, "main"),
+    (Canary("c", weight=1, weight_total=1), (), 0.99999, "c"),
+    (Canary("c", weight=0), (), 0.0, "main"),
+    (Canary("c", weight=100, header="X-Canary"), ((b"x-canary", b"never"),), 0.0, "main"),  # header first
+    (Canary("c", weight=0, header="X-Canary"), ((b"X-Canary", b"always"),), 0.5, "c"),
+    (Canary("c", weight=0, header="X-Group", header_value="beta"), ((b"x-group", b"beta"),), 0.5, "c"),
+    (Canary("c", weight=100, header="X-Group", header_value="beta"), ((b"x-group", b"alpha"),), 0.5, "c"),  # no match: weight
+    (Canary("c", weight=0, cookie="canary"), ((b"cookie", b"a=1; canary=always"),), 0.5, "c"),
+    (Canary("c", weight=100, cookie="canary"), ((b"cookie", b"canary=never"),), 0.0, "main"),
+])  # fmt: skip
+def test_canary_choice(canary: Canary, headers: tuple, draw: float, chosen: str) -> None:
+    assert chosen_backend(compiled(canary=canary), "main", head(headers=headers), draw) == chosen

@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from config.model import (
     Address,
     Backend,
+    Canary,
     Certificate,
     Configuration,
     CryptoSettings,
@@ -311,6 +312,18 @@ VALID_CASES: dict[str, tuple[str, Getter, object]] = {
         LISTEN + B + "routes: [{paths: [{path: /a, backend: b}, {path: /a/, backend: b}, {path: /a, backend: b}]}]\n",
         lambda r: r.configuration.routes.virtual_hosts, (vhost("", ("/a", P, "b")),),
     ),
+    "canary-weight-total": (
+        LISTEN + "backends: {b: {endpoints: ['127.0.0.1:1']}, c: {endpoints: ['127.0.0.1:2']}}\n"
+        "routes: [{policy: {canary: {backend: c, weight: 5, weight_total: 1000}}, paths: [{path: /, backend: b}]}]\n",
+        lambda r: r.configuration.routes.virtual_hosts[0].paths[0].policy.canary,  # type: ignore[union-attr]
+        Canary("c", weight=5, weight_total=1000),
+    ),
+    "canary-weight-total-default": (
+        LISTEN + "backends: {b: {endpoints: ['127.0.0.1:1']}, c: {endpoints: ['127.0.0.1:2']}}\n"
+        "routes: [{policy: {canary: {backend: c, weight: 5}}, paths: [{path: /, backend: b}]}]\n",
+        lambda r: r.configuration.routes.virtual_hosts[0].paths[0].policy.canary,  # type: ignore[union-attr]
+        Canary("c", weight=5, weight_total=100),
+    ),
     "engine-defaults": (LISTEN + "tls: {engine: {id: qatengine}}", lambda r: r.configuration.crypto,
                         CryptoSettings(engine=EngineSettings(id="qatengine", algorithms=("ALL",), required=False))),
     "session-resumption-off": (LISTEN + "tls: {session_resumption: false}", lambda r: r.configuration.session_resumption, False),
@@ -468,6 +481,18 @@ PROBLEM_CASES: dict[str, ProblemCase] = {
     "policy-canary-weight": case(
         ROUTES + "[{policy: {canary: {backend: b, weight: »101}}, paths: [{path: /, backend: b}]}]\n",
         "routes[0].policy.canary.weight: 101 is not from 0 to 100",
+    ),
+    "policy-canary-weight-over-its-total": case(
+        ROUTES + "[{policy: {canary: {backend: b, weight: »1001, weight_total: 1000}}, paths: [{path: /, backend: b}]}]\n",
+        "routes[0].policy.canary.weight: 1001 is not from 0 to 1000 (write a whole number from 0 to 1000)",
+    ),
+    "policy-canary-weight-not-whole": case(
+        ROUTES + "[{policy: {canary: {backend: b, weight: »2.5}}, paths: [{path: /, backend: b}]}]\n",
+        "routes[0].policy.canary.weight: 2.5 is not from 0 to 100",
+    ),
+    "policy-canary-weight-total-zero": case(
+        ROUTES + "[{policy: {canary: {backend: b, weight: 0, weight_total: »0}}, paths: [{path: /, backend: b}]}]\n",
+        "routes[0].policy.canary.weight_total: 0 is not a whole number above 0",
     ),
     "policy-conflict-same-backend-other-policy": case(
         ROUTES + "\n- {host: a.com, paths: [{path: /admin, backend: b}]}\n"

@@ -100,7 +100,7 @@ def test_request_fields_are_re_derived_from_the_parse() -> None:
 def test_request_fields_carry_a_trusted_chain_when_given() -> None:
     """compute-full-forwarded-for: the exchange passes the chain; X-Real-IP stays the client."""
     fields = request_fields(_request((b"X-Forwarded-For", b"6.6.6.6")), b"http", b"203.0.113.7", b"https", b"0.0.0.0:8443",
-                            b"203.0.113.7, 10.0.0.9")  # fmt: skip
+                            forwarded_for=b"203.0.113.7, 10.0.0.9")  # fmt: skip
     assert [field for field in fields if field[0] in (b"x-forwarded-for", b"x-real-ip")] == [
         (b"x-forwarded-for", b"203.0.113.7, 10.0.0.9"), (b"x-real-ip", b"203.0.113.7"),
     ]
