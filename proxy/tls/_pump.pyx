@@ -77,13 +77,13 @@ cdef class CompiledPump:
     cdef SSL *ssl
     cdef BIO *into_ssl
     cdef BIO *from_ssl
-    cdef list encrypted  # ciphertext `write` took out of the BIO, for drain()
+    cdef list encrypted  # ciphertext `write` took out of the BIO, for drain(); made on first use
 
     def __cinit__(self, uintptr_t ssl, uintptr_t into_ssl, uintptr_t from_ssl):
         self.ssl = <SSL *>ssl
         self.into_ssl = <BIO *>into_ssl
         self.from_ssl = <BIO *>from_ssl
-        self.encrypted = []
+        self.encrypted = None  # most connections never write more than one record at a time
 
     def read(self, bytes ciphertext not None = b""):
         """Feed `ciphertext`, then read every plaintext record: (plaintext, ending)."""
@@ -127,6 +127,8 @@ cdef class CompiledPump:
         cdef int written = SSL_write(self.ssl, data, <int>total)
         if written == total:
             return True
+        if self.encrypted is None:
+            self.encrypted = []
         while written > 0:
             offset += written
             self.encrypted.append(take_ciphertext(self.from_ssl))
