@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import idle, loadgen, slow_readers
 from bench.certs import SERVER_NAME, CertSet
-from bench.machine import GENERATOR_CPUS, CpuWindow, thread_cpu_seconds, tree_rss_bytes
+from bench.machine import GENERATOR_CPUS, PROXY_CPUS, CpuWindow, thread_cpu_seconds, tree_cpu_seconds, tree_rss_bytes
 from bench.servers import (
     GRPC_MESSAGE,
     GRPC_PATH,
@@ -236,40 +237,78 @@ def measure_async_engine_handshakes(
         measurement.flags.append("the engine never paused a handshake: async offload not in effect")
 
 
-# Handshakes per proxy-core CPU-second of this run's software offload rows, by key type: the
-# engine and provider rows (which run after them) report their gain against it.
-_offload_software_baseline: dict[str, float] = {}
+# Event-loop µs per handshake of this run's software offload rows, by key type: the engine and
+# provider rows (which run after them) report their gain, ceiling and bookkeeping against it.
+_offload_software_microseconds: dict[str, float] = {}
+_sign_microseconds: dict[str, float | None] = {}
+# `openssl speed -mr` lines: "+F2:<n>:<bits>:<signs/s>:<verifies/s>" (RSA), "+F4:..." (ECDSA).
+_SPEED_ALGORITHMS = {"rsa": ("rsa2048", "+F2:"), "rsa4096": ("rsa4096", "+F2:"), "ecdsa": ("ecdsap256", "+F4:")}
+
+
+def sign_microseconds(key_type: str) -> float | None:
+    """What one private-key signature of `key_type` costs core 0 in software (`openssl speed`, 1 s,
+    pinned where the proxy runs), measured once per run: the most an offload can take off the core."""
+    if key_type not in _sign_microseconds:
+        algorithm, prefix = _SPEED_ALGORITHMS[key_type]
+        try:
+            output = subprocess.run(
+                ["taskset", "-c", PROXY_CPUS, "openssl", "speed", "-seconds", "1", "-mr", algorithm],
+                capture_output=True, text=True, timeout=60, check=False,
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            output = ""
+        rates = [float(line.split(":")[3]) for line in output.splitlines() if line.startswith(prefix)]
+        _sign_microseconds[key_type] = 1e6 / rates[0] if rates and rates[0] > 0 else None
+    return _sign_microseconds[key_type]
 
 
 def measure_offload_handshakes(run: RowRun, proxy: RunningProxy, measurement: Measurement) -> None:
     """Full handshakes; the figure is what they cost the proxy's event-loop thread (its main
     thread, on core 0): the private-key work of the engine or provider runs on its worker threads,
     pinned to core 1 like an accelerator beside the CPU, and what stays on core 0 is the proxy's
-    share, async bookkeeping included."""
+    share, async bookkeeping included.
+
+    What bounds the gain: offloading takes one signature (`sign_microseconds`, software, core 0)
+    off the core and adds the async bookkeeping, so gain = software / (software − sign +
+    bookkeeping), at most `gain_ceiling` = software / (software − sign) with no bookkeeping at all.
+    The engine and provider rows report the bookkeeping that this leaves: their µs − (software µs −
+    sign µs). Their worker threads' CPU per handshake shows the signature did move."""
     assert proxy.admin_port is not None
     pauses_before = scrape_metric(proxy.admin_port, ASYNC_PAUSES_METRIC) or 0.0
     loop_cpu_before = thread_cpu_seconds(proxy.pid, proxy.pid)
+    process_cpu_before = tree_cpu_seconds(proxy.pid)
     _measure_handshakes(run, proxy, measurement, "new")
     loop_cpu = thread_cpu_seconds(proxy.pid, proxy.pid) - loop_cpu_before
+    other_threads_cpu = tree_cpu_seconds(proxy.pid) - process_cpu_before - loop_cpu
     pauses = (scrape_metric(proxy.admin_port, ASYNC_PAUSES_METRIC) or 0.0) - pauses_before
     handshakes = measurement.values.pop("handshakes_per_second") * (measurement.seconds or 0)
     measurement.per_cpu.pop("handshakes_per_second", None)
     if not handshakes or not loop_cpu:
         measurement.flags.append("no handshakes or no event-loop CPU measured")
         return
-    per_core_second = handshakes / loop_cpu
-    measurement.values["handshakes_per_proxy_core_second"] = per_core_second
-    measurement.values["proxy_core_microseconds_per_handshake"] = loop_cpu / handshakes * 1e6
+    microseconds = loop_cpu / handshakes * 1e6
+    measurement.values["handshakes_per_proxy_core_second"] = handshakes / loop_cpu
+    measurement.values["proxy_core_microseconds_per_handshake"] = microseconds
+    measurement.values["other_threads_microseconds_per_handshake"] = max(other_threads_cpu, 0.0) / handshakes * 1e6
+    key_type = run.settings.key_type
+    sign = sign_microseconds(key_type)
+    if sign is not None:
+        measurement.values["sign_microseconds"] = sign
     offload = run.settings.offload
     measurement.notes.append(f"{handshakes:.0f} handshakes, {loop_cpu:.2f} s of event-loop CPU, {pauses:.0f} async pauses")
     if offload is None:
-        _offload_software_baseline[run.settings.key_type] = per_core_second
+        _offload_software_microseconds[key_type] = microseconds
+        if sign is not None and sign < microseconds:
+            measurement.values["gain_ceiling"] = microseconds / (microseconds - sign)
         return
     if pauses == 0:
         measurement.flags.append(f"the {offload} never paused a handshake: async offload not in effect")
-    baseline = _offload_software_baseline.get(run.settings.key_type)
-    if baseline:
-        measurement.values["gain_over_software"] = per_core_second / baseline
+    software = _offload_software_microseconds.get(key_type)
+    if software:
+        measurement.values["gain_over_software"] = software / microseconds
+        if sign is not None and sign < software:
+            measurement.values["gain_ceiling"] = software / (software - sign)
+            measurement.values["bookkeeping_microseconds"] = microseconds - (software - sign)
 
 
 def measure_resumed_handshakes(run: RowRun, proxy: RunningProxy, measurement: Measurement) -> None:
@@ -365,6 +404,10 @@ _OFFLOAD_METRICS = (
     Metric("handshakes_per_proxy_core_second", "hs/proxy-core-s", "handshakes per event-loop CPU-second"),
     Metric("proxy_core_microseconds_per_handshake", "µs/hs", "µs of event-loop CPU per handshake", higher_is_better=False),
     Metric("gain_over_software", "× software", "× the software row of this run"),
+    Metric("gain_ceiling", "ceiling ×", "× software if the async path cost nothing: software µs / (software µs − sign µs)"),
+    Metric("sign_microseconds", "sign µs", "one software signature on core 0 (openssl speed)", higher_is_better=False),
+    Metric("bookkeeping_microseconds", "async µs/hs", "event-loop µs left by offloading: µs − (software µs − sign µs)", higher_is_better=False),
+    Metric("other_threads_microseconds_per_handshake", "µs/hs other threads", "CPU of the proxy's other threads (the workers, core 1)", higher_is_better=False),
 )
 _OFFLOAD_NOT_APPLICABLE = (
     ("haproxy", "measures ingress-proxy's offload paths against each other (Debian's HAProxy has no engine support)"),
@@ -494,7 +537,9 @@ ROWS: tuple[Row, ...] = (
             measure_offload_handshakes,
             not_applicable=_OFFLOAD_NOT_APPLICABLE,
         )
-        for key_type, key_label, title in (("rsa", "rsa", "RSA-2048"), ("ecdsa", "ecdsa", "ECDSA P-256"))
+        for key_type, key_label, title in (
+            ("rsa", "rsa", "RSA-2048"), ("ecdsa", "ecdsa", "ECDSA P-256"), ("rsa4096", "rsa4096", "RSA-4096"),
+        )
         for offload, offload_title, offload_how in (
             (None, "software", "with the key in software"),
             ("engine", "async fixture engine", "with `tls.engine` = tests/engine/async_engine and `tls.async: true`"),

@@ -213,7 +213,7 @@ def served_key_type(port: int) -> str:
     assert der is not None
     public_key = x509.load_der_x509_certificate(der).public_key()
     if isinstance(public_key, rsa.RSAPublicKey):
-        return "rsa"
+        return "rsa4096" if public_key.key_size == 4096 else "rsa"
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return "ecdsa"
     return type(public_key).__name__

@@ -207,6 +207,43 @@ class RoutePolicy:
 # ---- end of per-route policy ------------------------------------------------------------------
 
 
+# ---- client certificates per host (issue 13, ingress-nginx auth-tls-*) --------------------------
+
+
+class ClientVerify(enum.Enum):
+    """ingress-nginx `auth-tls-verify-client` (nginx `ssl_verify_client`)."""
+
+    ON = "on"  # a certificate from `ca_pem` is required: none or a bad one → 400
+    OPTIONAL = "optional"  # asked for; none passes (ssl-client-verify: NONE), a bad one → 400
+    OPTIONAL_NO_CA = "optional_no_ca"  # asked for; an unverifiable issuer passes (FAILED:reason), other errors → 400
+    OFF = "off"  # not asked for at all
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """Client certificate authentication of one host: a TLS property of its SNI-selected context.
+
+    `depth`: OpenSSL's verify depth, passed through as nginx passes `ssl_verify_depth`: how many
+    intermediate CA certificates may stand between the client's certificate and a CA of the bundle
+    (OpenSSL 3 does not count the trust anchor): 0 = issued directly by a bundle CA; 1, ingress-nginx's
+    default, allows one intermediate. The backend always gets ssl-client-verify,
+    ssl-client-subject-dn and ssl-client-issuer-dn, and with `pass_certificate` also
+    ssl-client-cert (URL-escaped PEM), as ingress-nginx sends them; clients' own copies of those
+    headers are always dropped, on every host. `error_page` (ingress-nginx `auth-tls-error-page`):
+    a request refused for its certificate is redirected there (302) instead of answered 400. A
+    host with `verify` OFF carries no ClientAuth at all (both producers leave it None).
+    """
+
+    ca_pem: bytes = field(repr=False)
+    verify: ClientVerify = ClientVerify.ON
+    depth: int = 1
+    pass_certificate: bool = False
+    error_page: str | None = None  # an http(s) URL or a path, checked like a redirect location
+
+
+# ---- end of client certificates ---------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class PathRule:
     path: str
@@ -223,6 +260,7 @@ class VirtualHost:
     paths: tuple[PathRule, ...]
     redirect_to_https: bool = False
     hsts: Hsts | Literal[False] | None = None  # None: Configuration.hsts; False: none for this host; Hsts: its own
+    client_auth: ClientAuth | None = None  # None: no client certificates asked for (today's contexts)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from config.model import Hsts, PathRule, PathType, VirtualHost
+from config.model import ClientAuth, Hsts, PathRule, PathType, VirtualHost
 
 PATH_TYPES = {path_type.value: path_type for path_type in PathType}
 
@@ -123,13 +123,20 @@ class HostTable:
         return tuple(sorted((rule for rule, _ in self._rules.get(host, {}).values()), key=_rule_order))
 
     def virtual_hosts(
-        self, redirect_to_https: dict[str, bool], hsts: dict[str, Hsts | Literal[False]] | None = None
+        self,
+        redirect_to_https: dict[str, bool],
+        hsts: dict[str, Hsts | Literal[False]] | None = None,
+        client_auth: dict[str, ClientAuth | None] | None = None,
     ) -> tuple[VirtualHost, ...]:
-        """Hosts with at least one rule, sorted, each with its redirect flag (absent: False) and
-        its own HSTS (absent: the configuration's)."""
+        """Hosts with at least one rule, sorted, each with its redirect flag (absent: False), its
+        own HSTS (absent: the configuration's) and its client certificate auth (absent: none)."""
         own = hsts or {}
+        auth = client_auth or {}
         return tuple(
-            VirtualHost(host, rules, redirect_to_https=redirect_to_https.get(host, False), hsts=own.get(host))
+            VirtualHost(
+                host, rules, redirect_to_https=redirect_to_https.get(host, False), hsts=own.get(host),
+                client_auth=auth.get(host),
+            )
             for host in self.hosts()
             if (rules := self.rules(host))
         )

@@ -67,6 +67,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from config import client_auth as client_auth_rules
 from config.crypto import ALGORITHM_FLAGS, ENGINE_KEY_PREFIX, split_pin
 from config.model import (
     Address,
@@ -75,7 +76,9 @@ from config.model import (
     BackendProtocol,
     Canary,
     Certificate,
+    ClientAuth,
     ClientCertificate,
+    ClientVerify,
     Configuration,
     Cors,
     CryptoSettings,
@@ -178,7 +181,8 @@ _ENGINE_KEYS = ("id", "so_path", "ctrl", "algorithms", "required")
 _TIMEOUT_KEYS = tuple(field.name for field in dataclasses.fields(Timeouts))
 _HSTS_KEYS = ("max_age", "include_subdomains", "preload")
 _ACCESS_LOG_KEYS = ("json",)
-_ROUTE_KEYS = ("host", "redirect_to_https", "hsts", "policy", "paths")
+_ROUTE_KEYS = ("host", "redirect_to_https", "hsts", "client_auth", "policy", "paths")
+_CLIENT_AUTH_KEYS = ("ca", "verify", "depth", "pass_certificate", "error_page")
 _POLICY_KEYS = (
     "allow_sources", "deny_sources", "redirect", "app_root", "max_body_size", "regex", "rewrite_target", "forwarded_prefix",
     "connect_timeout", "read_timeout", "send_timeout", "request_headers", "response_headers", "upstream_host", "cors",
@@ -525,6 +529,7 @@ class _Checker:
         table = HostTable()  # which rules are one rule, and who wins: shared with the translator
         redirect_by_host: dict[str, tuple[bool, str]] = {}  # host → (value, where it was set)
         hsts_by_host: dict[str, tuple[Hsts | Literal[False], str]] = {}  # host → (its own HSTS or False for none, where)
+        auth_by_host: dict[str, tuple[ClientAuth | None, str]] = {}  # host → (its client auth, where)
         for index, item in enumerate(items):
             where = f"routes[{index}]"
             fields = self.mapping(item, where, _ROUTE_KEYS, required={"paths": "paths: [{path: /, backend: NAME}]"})
@@ -555,11 +560,27 @@ class _Checker:
                             "(use one value for all entries of a host)"
                         ))
                     hsts_by_host.setdefault(host, (own, self.location(fields["hsts"])))
+            if "client_auth" in fields:
+                auth_node = fields["client_auth"]
+                checked = self.client_auth(auth_node, f"{where}.client_auth")
+                if host == "":
+                    self.report(auth_node, (
+                        f"{where}.client_auth: needs a host (client certificates are asked for by the name a client "
+                        "sends as SNI; add host: NAME)"
+                    ))
+                elif host is not None and not isinstance(checked, _Refused):
+                    if host in auth_by_host and auth_by_host[host][0] != checked:
+                        self.report(auth_node, (
+                            f"{where}.client_auth: {_host_label(host)} already has another client_auth at "
+                            f"{auth_by_host[host][1]} (use one value for all entries of a host)"
+                        ))
+                    auth_by_host.setdefault(host, (checked, self.location(auth_node)))
             if "paths" in fields:  # checked even without a usable host, but then filed nowhere
                 self.path_rules(fields["paths"], f"{where}.paths", host, defined_backends, policy, table)
         return table.virtual_hosts(
             {host: value for host, (value, _) in redirect_by_host.items()},
             {host: value for host, (value, _) in hsts_by_host.items()},
+            {host: value for host, (value, _) in auth_by_host.items()},
         )
 
     def path_rules(
@@ -1324,6 +1345,54 @@ class _Checker:
             if name in fields:
                 settings[name] = self.flag(fields[name], f"{where}.{name}") is True
         return Hsts(**settings)
+
+    def client_auth(self, node: yaml.Node, where: str) -> ClientAuth | None | _Refused:
+        """`client_auth: {ca: FILE, verify: on, depth: 1, pass_certificate: false, error_page: URL}`
+        (None: verify off)."""
+        fields = self.mapping(node, where, _CLIENT_AUTH_KEYS, required={"ca": "ca: FILE, a PEM bundle of the CAs that issue client certificates"})
+        if fields is None:
+            return _REFUSED
+        usable = True
+        ca_pem = b""
+        if "ca" in fields:
+            chain = self.certificate_chain(fields["ca"], f"{where}.ca")
+            usable = chain is not None
+            ca_pem = chain.pem if chain is not None else b""
+        verify = ClientVerify.ON
+        if "verify" in fields:
+            text = self.text(fields["verify"], f"{where}.verify")  # `on`/`off` unquoted are YAML booleans: as written
+            try:
+                verify = client_auth_rules.parse_verify(text) if text is not None else verify
+            except ValueError as error:
+                self.report(fields["verify"], f"{where}.verify: {error}")
+                usable = False
+            usable = usable and text is not None
+        depth = client_auth_rules.DEFAULT_DEPTH
+        if "depth" in fields:
+            number = self.number(fields["depth"], f"{where}.depth")
+            try:
+                if number is not None and not isinstance(number, int):
+                    raise ValueError(f"{number} is not a whole number (write 1, 2, ...)")
+                depth = client_auth_rules.check_depth(number) if number is not None else depth
+            except ValueError as error:
+                self.report(fields["depth"], f"{where}.depth: {error}")
+                usable = False
+            usable = usable and number is not None
+        pass_certificate = False
+        if "pass_certificate" in fields:
+            flag = self.flag(fields["pass_certificate"], f"{where}.pass_certificate")
+            pass_certificate = flag is True
+            usable = usable and flag is not None
+        error_page = None
+        if "error_page" in fields:
+            page_node = fields["error_page"]
+            text = self.text(page_node, f"{where}.error_page")
+            if text is not None:
+                error_page = self.checked(page_node, f"{where}.error_page", client_auth_rules.check_error_page, text)
+            usable = usable and error_page is not None
+        if not usable:
+            return _REFUSED
+        return client_auth_rules.client_auth(ca_pem, verify, depth, pass_certificate, error_page)
 
     def access_log_json(self, node: yaml.Node) -> bool:
         fields = self.mapping(node, "access_log", _ACCESS_LOG_KEYS)

@@ -310,6 +310,11 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "limit-rps": "requests per second per client address, per replica (429 above it)",
     "limit-burst-multiplier": "burst = limit-rps × this (default 5)",
     "limit-connections": "requests in flight per client address, per replica (503 above it)",
+    "auth-tls-secret": "namespace/name (or name) of a Secret in the Ingress's namespace whose ca.crt verifies client certificates for its hosts",
+    "auth-tls-verify-client": "on (default: a valid certificate required, else 400), optional, optional_no_ca or off",
+    "auth-tls-verify-depth": "intermediates allowed between the client's certificate and a CA of the Secret (default 1, OpenSSL's verify depth)",
+    "auth-tls-pass-certificate-to-upstream": "also send the client's certificate upstream in ssl-client-cert (URL-escaped PEM)",
+    "auth-tls-error-page": "redirect (302) a request refused for its client certificate here instead of answering 400",
     "custom-headers": "namespace/name of a ConfigMap whose data are response headers set on every response of the Ingress",
     # ingress-proxy's own keys (ingress-nginx needs a configuration-snippet for these): one
     # "Name: value" per line for set/add, a comma-separated list of names for remove

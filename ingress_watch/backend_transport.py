@@ -151,10 +151,9 @@ def with_transport(
     return dataclasses.replace(backend, protocol=protocol, tls=tls)
 
 
-def _load_ca_secret(
-    index: ObjectIndex, namespace: str, name: str, annotation: str
-) -> tuple[bytes, ClientCertificate | None]:
-    """A proxy-ssl Secret's CA bundle, and its client certificate when it holds tls.crt + tls.key."""
+def load_ca_bundle(index: ObjectIndex, namespace: str, name: str, annotation: str) -> bytes:
+    """The PEM CA bundle under `ca.crt` of a Secret of any type (ingress-nginx users keep them in
+    Opaque Secrets, shared/NOTES.md §6), for proxy-ssl-secret and auth-tls-secret alike."""
     secret_ref = f"{namespace}/{name}"
     secret = index.secrets.get((namespace, name))
     if secret is None:
@@ -163,11 +162,20 @@ def _load_ca_secret(
     if not isinstance(data.get("ca.crt"), str):
         raise Rejected(f"Secret {secret_ref} (annotation {annotation}) has no ca.crt; store the PEM CA bundle there")
     try:
-        ca_pem = parse_certificate_chain(base64.b64decode(data["ca.crt"], validate=True)).pem
+        return parse_certificate_chain(base64.b64decode(data["ca.crt"], validate=True)).pem
     except (binascii.Error, ValueError):
         raise Rejected(f"Secret {secret_ref}: ca.crt is not valid base64; store it base64-encoded under data") from None
     except (CertificateParseError, NoCertificateError):
         raise Rejected(f"Secret {secret_ref}: ca.crt holds no usable PEM certificate; store the CA bundle as PEM") from None
+
+
+def _load_ca_secret(
+    index: ObjectIndex, namespace: str, name: str, annotation: str
+) -> tuple[bytes, ClientCertificate | None]:
+    """A proxy-ssl Secret's CA bundle, and its client certificate when it holds tls.crt + tls.key."""
+    secret_ref = f"{namespace}/{name}"
+    ca_pem = load_ca_bundle(index, namespace, name, annotation)
+    data = index.secrets[(namespace, name)].get("data") or {}
     if not (isinstance(data.get("tls.crt"), str) and isinstance(data.get("tls.key"), str)):
         return ca_pem, None
     material = PARSED_SECRETS.parse(data["tls.crt"], data["tls.key"])

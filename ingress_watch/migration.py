@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from config.model import Configuration, RoutePolicy
+from config.model import Configuration, RoutePolicy, VirtualHost
 from ingress_watch.snapshot import Snapshot
 from ingress_watch.annotations import ANNOTATION_PREFIXES, SUPPORTED_ANNOTATIONS
 from ingress_watch.translate import TranslateOptions, translate
@@ -55,6 +55,10 @@ DIFFERENCES = {
         for direction in ("request", "response")
         for verb in ("set", "add", "remove")
     },
+    "auth-tls-secret": "the Secret must be in the Ingress's namespace; a bad one leaves the Ingress's paths out "
+    "(not served open); a request whose Host needs a certificate on a connection whose SNI did not get 421",
+    "auth-tls-verify-client": "as nginx; a younger Ingress disagreeing on the host's settings has its rules left out",
+    "auth-tls-error-page": "302 to it for the 400s (missing or bad certificate); a 421 (SNI and Host disagree) is not redirected",
 }
 
 
@@ -104,6 +108,7 @@ def _routes(configuration: Configuration) -> list[dict[str, Any]]:
         {
             "host": virtual_host.host or "*",
             "redirect_to_https": virtual_host.redirect_to_https,
+            "client_certificates": _client_auth_summary(virtual_host),
             "path": rule.path,
             "type": rule.path_type.value,
             "backend": rule.backend,
@@ -112,6 +117,14 @@ def _routes(configuration: Configuration) -> list[dict[str, Any]]:
         for virtual_host in configuration.routes.virtual_hosts
         for rule in virtual_host.paths
     ]
+
+
+def _client_auth_summary(virtual_host: VirtualHost) -> str:
+    auth = virtual_host.client_auth
+    if auth is None:
+        return "not asked"
+    passed = ", certificate passed upstream" if auth.pass_certificate else ""
+    return f"verify {auth.verify.value}, depth {auth.depth}{passed}"
 
 
 def _policy_summary(policy: RoutePolicy | None) -> dict[str, str]:
@@ -145,6 +158,8 @@ def render_text(report: dict[str, Any]) -> str:
     lines.append("Resulting routes:")
     for route in report["routes"]:
         redirect = " (http → https)" if route["redirect_to_https"] else ""
+        if route["client_certificates"] != "not asked":
+            redirect += f" (client certificates: {route['client_certificates']})"
         policy = "; ".join(f"{name}={value}" for name, value in route["policy"].items())
         lines.append(
             f"  {route['host']}{route['path']} {route['type']} → {route['backend']}{redirect}" + (f"  [{policy}]" if policy else "")

@@ -112,6 +112,7 @@ from config.model import (
     Backend,
     Canary,
     Certificate,
+    ClientAuth,
     Configuration,
     PathRule,
     Problem,
@@ -128,6 +129,7 @@ from ingress_watch.backend_transport import (
     transport_annotations,
     with_transport,
 )
+from ingress_watch.client_auth import ClientAuthAnnotations, read_client_auth
 from ingress_watch.configmap import read_configmap
 from ingress_watch.objects import (
     MALFORMED,
@@ -279,6 +281,7 @@ class _RouteCollector:
         self._backends: dict[str, Backend] = {}
         self._table = HostTable()
         self._redirects: dict[str, _HostRedirect] = {}
+        self._client_auth: dict[str, tuple[ClientAuth | None, str]] = {}  # host → (its client auth, the Ingress that set it)
         self._default_backend: str | None = None
         self._default_backend_owner = ""
         self._transport = TransportAnnotations()  # of the Ingress being added
@@ -298,6 +301,10 @@ class _RouteCollector:
         annotations = read_annotations(ingress, location, self._problems, self._default_policy, self._index)
         self._transport = transport_annotations(ingress, location, self._problems)
         self._ingress_ref = object_ref(ingress)
+        client_auth = read_client_auth(ingress, self._index)
+        if client_auth.refusal is not None:
+            self._problems.append(Problem(location, client_auth.refusal))
+            return
         for rule_number, rule in enumerate(spec.get("rules") or ()):
             where = f"spec.rules[{rule_number}]"
             written_host = rule.get("host") or ""
@@ -308,6 +315,8 @@ class _RouteCollector:
                 continue
             http = rule.get("http")
             if not http:
+                continue
+            if not self._note_client_auth(client_auth, host, where, location):
                 continue
             redirect = self._redirects.setdefault(host, _HostRedirect())
             redirect.note(annotations, object_ref(ingress), host, location, self._problems)
@@ -324,6 +333,26 @@ class _RouteCollector:
                         f"{path_where}: {conflict.describe(host)}, which wins (older or listed first); "
                         "change the path or remove one"
                     )))
+
+    def _note_client_auth(self, said: ClientAuthAnnotations, host: str, where: str, location: str) -> bool:
+        """File the Ingress's client auth for `host` (the oldest Ingress that says anything sets
+        it); False when it disagrees with the older one, whose setting stays: the rule is skipped."""
+        if not said.said:
+            return True
+        if not host:
+            self._problems.append(Problem(location, (
+                f"{where}: auth-tls-* needs a host (client certificates are asked for by the name a client sends "
+                "as SNI); rule skipped, give the rule a host"
+            )))
+            return False
+        owned = self._client_auth.setdefault(host, (said.client_auth, self._ingress_ref))
+        if owned[0] != said.client_auth:
+            self._problems.append(Problem(location, (
+                f"{where}: host {host!r} already has other auth-tls-* settings from the older Ingress {owned[1]}, "
+                "which win; rule skipped (make the annotations agree)"
+            )))
+            return False
+        return True
 
     def _attach_canaries(self) -> None:
         """Each canary Ingress's paths become the alternative of the main rule they match."""
@@ -378,7 +407,8 @@ class _RouteCollector:
                 )))
             redirect = routes.redirect if routes.redirect is not None else ssl_redirect
             redirects[host] = bool(redirect and (covered or routes.forced))
-        virtual_hosts = self._table.virtual_hosts(redirects)
+        client_auth = {host: auth for host, (auth, _) in self._client_auth.items()}
+        virtual_hosts = self._table.virtual_hosts(redirects, None, client_auth)
         used = {rule.backend for virtual_host in virtual_hosts for rule in virtual_host.paths}
         used |= {  # a canary's backend is served too
             rule.policy.canary.backend

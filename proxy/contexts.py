@@ -20,6 +20,12 @@ fatal no_application_protocol alert, which OpenSSL sends when the callback retur
 SSL_TLSEXT_ERR_ALERT_FATAL. A client that sends no ALPN extension never reaches the callback and
 is served. A changed policy rebuilds every context (it is part of what the cache is keyed on).
 
+A host with client certificate authentication (`VirtualHost.client_auth`) gets a context of its
+own, built from the certificates that would serve its name (its own, a wildcard's, or the
+default) plus its CA bundle, keyed by both; proxy/client_auth.py explains the verify settings the
+SNI callback adds and the ClientHello callback that keeps sessions from crossing into such hosts.
+Contexts of other hosts are built exactly as before.
+
 OCSP responses (proxy/stapling.py) are checked when a context is built and stapled per handshake
 for the certificate OpenSSL chose, so an RSA + ECDSA context staples each one's own response.
 """
@@ -27,15 +33,23 @@ for the certificate OpenSSL chose, so an RSA + ECDSA context staples each one's 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi, lib
 
-from config.model import Certificate, Configuration, KeySource, PemKey, Problem, TlsPolicy
+from config.model import Certificate, ClientAuth, Configuration, KeySource, PemKey, Problem, TlsPolicy, VirtualHost
 from config.tls_material import PEM_CERTIFICATE_BLOCK, self_signed_certificate
 from config.tls_policy import apply_policy
+from proxy.client_auth import (
+    client_auth_of,
+    client_hello_callback,
+    configure_context,
+    install_client_hello_callback,
+    request_certificate,
+)
 from proxy.stapling import OcspMismatch, StapledResponse
 from proxy.tls import libssl
 
@@ -44,6 +58,10 @@ KeyInstaller = Callable[[SSL.Context, KeySource], str]
 
 _SESSION_CACHE_SECONDS = 300
 _ALPN_CALLBACK = "int(*)(SSL *, unsigned char **, unsigned char *, unsigned char *, unsigned int, void *)"
+_SERVERNAME_CALLBACK = "int (*)(SSL *, int *, void *)"
+_SERVERNAME_OK = 0  # SSL_TLSEXT_ERR_OK: go on with the handshake (also if a bug raised in the callback)
+_STATUS_CALLBACK = "int (*)(SSL *, void *)"
+_STATUS_NO_STAPLE = 3  # SSL_TLSEXT_ERR_NOACK: no status_request answer, the handshake goes on
 
 
 @functools.cache
@@ -104,6 +122,7 @@ class TlsContexts:
     wildcard: dict[str, SSL.Context]  # keyed by the suffix after "*."
     key_sources: dict[int, str]  # id(context) → key-source label, for handshake metrics
     problems: tuple[Problem, ...]
+    client_auth: bool = False  # some host asks for client certificates (proxy/client_auth.py)
 
     def for_server_name(self, name: bytes | None) -> SSL.Context:
         if not name:
@@ -119,8 +138,9 @@ class TlsContexts:
         return self.key_sources.get(id(context), "file")
 
 
-# What a context is built from: each certificate's chain, key and OCSP response, in SNI-group order.
-_ContextKey = tuple[tuple[bytes, KeySource, bytes | None], ...]
+# What a context is built from: each certificate's chain, key and OCSP response, in SNI-group
+# order, and the client auth of the host it serves (None for most).
+_ContextKey = tuple[tuple[tuple[bytes, KeySource, bytes | None], ...], ClientAuth | None]
 
 
 class ContextCache:
@@ -140,6 +160,7 @@ class ContextCache:
         self._built: dict[_ContextKey, tuple[SSL.Context, str]] = {}  # → (context, key-source label)
         self._built_with: tuple[KeyInstaller, bool, TlsPolicy] | None = None  # (crypto runtime, resumption, policy)
         self.current: TlsContexts | None = None
+        self._client_hello = client_hello_callback(lambda: self.current)
 
     def build(self, configuration: Configuration, install_key: KeyInstaller) -> TlsContexts:
         """Contexts for `configuration`; certificates that fail are left out and reported."""
@@ -153,32 +174,55 @@ class ContextCache:
                 by_host.setdefault(host.lower(), []).append(certificate)
         precise: dict[str, SSL.Context] = {}
         wildcard: dict[str, SSL.Context] = {}
-        for host, certificates in by_host.items():
-            context = build.context_for(certificates)
+        default = None
+        if configuration.default_certificate is not None:
+            default_certificates = [configuration.default_certificate]
+            default = build.context_for(default_certificates)
+        if default is None:
+            default_certificates = [self_signed_default()]
+            default = build.context_for(default_certificates)
+        assert default is not None, "the generated default certificate always loads"
+        client_auth = _client_auth_by_host(configuration.routes.virtual_hosts)
+        for host in by_host.keys() | {host for host, auth in client_auth.items() if auth is not None}:
+            certificates = _serving(host, by_host) or default_certificates
+            context = build.context_for(certificates, _client_auth_for(host, client_auth))
             if context is None:
                 continue
             if host.startswith("*."):
                 wildcard[host[2:]] = context
             else:
                 precise[host] = context
-        default = None
-        if configuration.default_certificate is not None:
-            default = build.context_for([configuration.default_certificate])
-        if default is None:
-            default = build.context_for([self_signed_default()])
-        assert default is not None, "the generated default certificate always loads"
         self._built = build.used
         problems = tuple(Problem(origin, f"certificate left out: {reason}") for origin, reason in sorted(build.failed.items()))
         problems += tuple(sorted(build.not_stapled, key=lambda problem: (problem.location, problem.message)))
         key_sources = {id(context): label for context, label in build.used.values()}
-        self.current = TlsContexts(default, precise, wildcard, key_sources, problems)
+        asking = any(auth is not None for auth in client_auth.values())
+        self.current = TlsContexts(default, precise, wildcard, key_sources, problems, asking)
         return self.current
 
-    def _switch_by_sni(self, connection: SSL.Connection) -> None:
-        assert self.current is not None
-        chosen = self.current.for_server_name(connection.get_servername())
-        if chosen is not connection.get_context():
-            connection.set_context(chosen)
+    def _sni_switch(self, context: SSL.Context) -> object:
+        """`context`'s servername callback (our own cffi one, like the ALPN selector): OpenSSL calls it
+        for every ClientHello, with or without SNI. pyOpenSSL's wrapper looked up the Connection
+        object and decoded the name on each call; here the common case, a connection already on
+        the context its name maps to (no SNI → the default), is one libssl call and one dict
+        lookup, and only a switch looks up the Connection. The callback holds its context weakly
+        (the context holds the callback), and reads `current`, so it switches by the newest mapping."""
+        own = weakref.ref(context)
+
+        @ffi.callback(_SERVERNAME_CALLBACK, error=_SERVERNAME_OK)
+        def switch(ssl: object, _alert: object, _arg: object) -> int:
+            assert self.current is not None
+            name = lib.SSL_get_servername(ssl, lib.TLSEXT_NAMETYPE_host_name)
+            chosen = self.current.for_server_name(ffi.string(name) if name else None)
+            if chosen is not own():  # the connection is still on the context it was made with
+                connection = SSL.Connection._reverse_mapping[ssl]
+                connection.set_context(chosen)
+                auth = client_auth_of(chosen)
+                if auth is not None:  # SSL_set_SSL_CTX does not carry the verify mode over
+                    request_certificate(connection, auth)
+            return _SERVERNAME_OK
+
+        return switch
 
     def new_context(self, async_mode: bool, resumption: bool, policy: TlsPolicy) -> SSL.Context:
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
@@ -197,7 +241,9 @@ class ContextCache:
         context.set_mode(SSL.MODE_RELEASE_BUFFERS)
         context._ingress_alpn = _alpn_selector(policy.alpn)  # type: ignore[attr-defined]  # lives as long as the context
         lib.SSL_CTX_set_alpn_select_cb(context._context, context._ingress_alpn, ffi.NULL)  # type: ignore[attr-defined]
-        context.set_tlsext_servername_callback(self._switch_by_sni)
+        context._ingress_sni = self._sni_switch(context)  # type: ignore[attr-defined]  # lives as long as the context
+        lib.SSL_CTX_set_tlsext_servername_callback(context._context, context._ingress_sni)  # type: ignore[attr-defined]
+        install_client_hello_callback(context, self._client_hello)
         libssl.set_ticket_keys(context, self._ticket_keys)
         if async_mode:
             from proxy.tls.offload import enable_async_mode
@@ -219,23 +265,26 @@ class _Build:
         self.not_stapled: set[Problem] = set()  # OCSP responses refused while building new contexts
         self.used: dict[_ContextKey, tuple[SSL.Context, str]] = {}
 
-    def context_for(self, certificates: list[Certificate]) -> SSL.Context | None:
+    def context_for(self, certificates: list[Certificate], client_auth: ClientAuth | None = None) -> SSL.Context | None:
         certificates = [certificate for certificate in certificates if certificate.origin not in self.failed]
         if not certificates:
             return None
-        key = tuple((certificate.chain_pem, certificate.key, certificate.ocsp_response) for certificate in certificates)
+        served = tuple((certificate.chain_pem, certificate.key, certificate.ocsp_response) for certificate in certificates)
+        key = (served, client_auth)
         entry = self.used.get(key) or self._cache._built.get(key)
         if entry is None:
-            entry = self._build(certificates)
+            entry = self._build(certificates, client_auth)
             if entry is None:  # one of them failed: try again without it
-                return self.context_for(certificates)
+                return self.context_for(certificates, client_auth)
         self.used[key] = entry
         return entry[0]
 
-    def _build(self, certificates: list[Certificate]) -> tuple[SSL.Context, str] | None:
+    def _build(self, certificates: list[Certificate], client_auth: ClientAuth | None) -> tuple[SSL.Context, str] | None:
         context = self._cache.new_context(self._async_mode, self._resumption, self._policy)
+        if client_auth is not None:
+            configure_context(context, client_auth)  # the producers checked the bundle parses
         labels = []
-        stapled: dict[tuple[int, bytes], StapledResponse] = {}
+        stapled: dict[int, StapledResponse] = {}  # the leaf's X509 address → its response
         for certificate in certificates:
             try:
                 chain = _load_chain(certificate.chain_pem)
@@ -255,19 +304,53 @@ class _Build:
                 except OcspMismatch as mismatch:
                     self.not_stapled.add(Problem(certificate.origin, f"OCSP response not stapled: {mismatch}"))
                 else:
-                    stapled[_identity(chain[0])] = response
+                    stapled[libssl.address(chain[0]._x509)] = response
         if stapled:
-            context.set_ocsp_server_callback(_staple, stapled)
+            context._ingress_staple = _stapler(stapled)  # type: ignore[attr-defined]  # lives as long as the context
+            lib.SSL_CTX_set_tlsext_status_cb(context._context, context._ingress_staple)  # type: ignore[attr-defined]
         return context, "+".join(sorted(set(labels)))
 
 
-def _identity(certificate: crypto.X509) -> tuple[int, bytes]:
-    """Which of a context's certificates a handshake uses: serial number and issuer name."""
-    return certificate.get_serial_number(), certificate.get_issuer().der()
+def _client_auth_by_host(virtual_hosts: tuple[VirtualHost, ...]) -> dict[str, ClientAuth | None]:
+    """Every named host pattern → its client auth (None: none), lower-cased like SNI lookups."""
+    return {host.host.lower(): host.client_auth for host in virtual_hosts if host.host}
 
 
-def _staple(connection: SSL.Connection, stapled: dict[tuple[int, bytes], StapledResponse]) -> bytes:
-    """OpenSSL asks only when the client sent status_request; b"" = staple nothing."""
-    chosen = connection.get_certificate()
-    response = stapled.get(_identity(chosen)) if chosen is not None else None
-    return response.for_handshake() if response is not None else b""
+def _client_auth_for(host: str, by_host: dict[str, ClientAuth | None]) -> ClientAuth | None:
+    """The client auth of the virtual host `proxy.router` sends requests for `host` to: its own
+    pattern's, else (a precise name under a wildcard host) the wildcard's."""
+    if host in by_host:
+        return by_host[host]
+    dot = host.find(".")
+    return by_host.get("*." + host[dot + 1 :]) if dot > 0 and not host.startswith("*.") else None
+
+
+def _serving(host: str, by_host: dict[str, list[Certificate]]) -> list[Certificate] | None:
+    """The certificates SNI `host` is served with (its own, else a wildcard's); None: the default."""
+    found = by_host.get(host)
+    if found is None and not host.startswith("*."):
+        dot = host.find(".")
+        found = by_host.get("*." + host[dot + 1 :]) if dot > 0 else None
+    return found
+
+
+def _stapler(stapled: dict[int, StapledResponse]) -> object:
+    """A context's OCSP status callback, in cffi like the ALPN selector. OpenSSL calls it only when
+    the client sent status_request, after it chose the certificate. A context and every connection
+    made from it (or switched to it by SNI) hold the very X509 objects the context was given
+    (SSL_CTX_use_certificate and SSL_new take references, not copies), so `SSL_get_certificate`'s
+    address says which certificate was chosen: no X509 wrapper, serial number or issuer DER per
+    handshake, as pyOpenSSL's callback and the earlier serial+issuer key needed."""
+
+    @ffi.callback(_STATUS_CALLBACK, error=_STATUS_NO_STAPLE)  # a bug here staples nothing
+    def staple(ssl: object, _arg: object) -> int:
+        response = stapled.get(libssl.address(lib.SSL_get_certificate(ssl)))
+        der = response.for_handshake() if response is not None else b""
+        if not der:
+            return _STATUS_NO_STAPLE
+        copy = lib.OPENSSL_malloc(len(der))  # OpenSSL frees the response with the connection
+        ffi.memmove(copy, der, len(der))
+        lib.SSL_set_tlsext_status_ocsp_resp(ssl, copy, len(der))
+        return int(lib.SSL_TLSEXT_ERR_OK)
+
+    return staple

@@ -31,6 +31,8 @@ import socket
 import struct
 
 from proxy import memory, metrics
+from proxy.client_auth import ClientVerification, verification_of
+from proxy.deadlines import Deadline, deadline_sweeper
 from proxy.decisions import http1_connection_continues, plan_http1_response
 from proxy.exchange import HttpDate, exchange, hsts_header
 from proxy.flow import ConnectionGone, Failure, FlowControlled
@@ -52,6 +54,7 @@ from proxy.http1 import (
 )
 from proxy.serving import Listener, ServingState
 from proxy.tls import ServerTls, TlsFailure, TlsState
+from proxy.tls.offload import async_job_watcher
 from proxy.upstream import UpstreamConnection
 
 LOG = logging.getLogger("ingress_proxy")
@@ -81,11 +84,12 @@ class ClientConnection(FlowControlled):
         self._out_size = 0
         self._awaiting_head = True
         self._head_timer: asyncio.TimerHandle | None = None
-        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._handshake_timer: Deadline | None = None  # one sweeper's entry, not a loop timer each
         self._async_fds: list[int] = []
         self._parse_failed = False
         self._handler: asyncio.Task[None] | None = None
         self.http2: Http2Session | None = None  # set when ALPN chose h2
+        self.client_verification: ClientVerification | None = None  # set after the handshake (client auth hosts)
         self.upstream: UpstreamConnection | None = None  # in use by the current request
         self._rechunk = False  # the response being sent goes out chunked
         self._held_large_buffers = False  # writing paused once: its buffers reached the high-water mark
@@ -97,7 +101,7 @@ class ClientConnection(FlowControlled):
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b"-"
         self.server.connections.add(self)
-        metrics.OPEN_CONNECTIONS.labels(self.listener.name).inc()
+        metrics.open_connections(self.listener.name).inc()
         generation = self.server.generation
         if generation.configuration.proxy_protocol and self.listener.name in generation.configuration.proxy_protocol:
             self._proxy_header = ProxyHeaderReader()  # the header, then TLS, within the handshake timeout
@@ -106,7 +110,7 @@ class ClientConnection(FlowControlled):
         else:
             self._handler = self.loop.create_task(self._serve())
         if self.tls is not None or self._proxy_header is not None:
-            self._handshake_timer = self.loop.call_later(
+            self._handshake_timer = deadline_sweeper(self.loop).call_later(
                 generation.configuration.timeouts.handshake, self._handshake_expired
             )
 
@@ -182,7 +186,7 @@ class ClientConnection(FlowControlled):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.server.connections.discard(self)
-        metrics.OPEN_CONNECTIONS.labels(self.listener.name).dec()
+        metrics.open_connections(self.listener.name).dec()
         for timer in (self._head_timer, self._handshake_timer):
             if timer is not None:
                 timer.cancel()
@@ -216,7 +220,8 @@ class ClientConnection(FlowControlled):
     def _handshake_done(self) -> None:
         """Start the protocol ALPN chose: HTTP/2, or HTTP/1.1 (also when the client offered none)."""
         assert self.tls is not None
-        if self.tls.connection.get_alpn_proto_negotiated() == b"h2":
+        self.client_verification = verification_of(self.tls.connection)
+        if self.tls.alpn_selected == b"h2":
             self.protocol = "h2"
             self.http2 = Http2Session(self, self.server)
             self.http2.write()
@@ -224,8 +229,6 @@ class ClientConnection(FlowControlled):
             self._handler = self.loop.create_task(self._serve())
 
     def _watch_async_job(self) -> None:
-        from proxy.tls.offload import async_job_watcher
-
         assert self.tls is not None
         metrics.TLS_ASYNC_PAUSES.inc()
         _PAUSED_IN_ASYNC_JOB.add(self)
@@ -233,8 +236,6 @@ class ClientConnection(FlowControlled):
         async_job_watcher(self.loop).watch(self._async_fds, self._async_job_ready)
 
     def _async_job_ready(self) -> None:
-        from proxy.tls.offload import async_job_watcher
-
         assert self.tls is not None
         async_job_watcher(self.loop).forget(self._async_fds)
         _PAUSED_IN_ASYNC_JOB.discard(self)
@@ -424,8 +425,8 @@ class ClientConnection(FlowControlled):
     def flush(self) -> None:
         self._flush()
 
-    def answer_locally(self, head: RequestHead, status: int, extra: bytes) -> bool:
-        self._send(simple_response(status, HttpDate.now(), head.has_body, extra, head_only=head.method == b"HEAD"))
+    def answer_locally(self, head: RequestHead, status: int, extra: bytes, body: bytes = b"") -> bool:
+        self._send(simple_response(status, HttpDate.now(), head.has_body, extra, head.method == b"HEAD", body))
         return not head.has_body  # an unread body would be taken for the next request: close instead
 
     def send_interim(self, head: RequestHead, response: ResponseHead) -> None:

@@ -44,9 +44,10 @@ from typing import Protocol
 from h2 import exceptions as h2_exceptions
 from h2.errors import ErrorCodes
 
-from config.model import Address, Hsts, Timeouts, VirtualHost
-from proxy import metrics, policy as route_policy
+from config.model import Address, ClientAuth, Hsts, Timeouts, VirtualHost
+from proxy import client_auth, metrics, policy as route_policy
 from proxy.access_log import ACCESS_LOG
+from proxy.client_auth import ClientVerification
 from proxy.decisions import FailureKind, Retry, is_replayable, retry_after
 from proxy.flow import ConnectionGone
 from proxy.http1 import LAST_CHUNK, Body, EndOfMessage, Headers, PeerError, RequestHead, ResponseHead, encode_chunk
@@ -108,6 +109,7 @@ class ClientSide(Protocol):
     protocol: str  # "http/1.1" or "h2": metrics label and access log
     closed: bool  # the client is gone: stop relaying
     upstream: UpstreamConnection | None  # the backend connection in use, closed if the client goes
+    client_verification: ClientVerification | None  # the handshake's client certificate (client auth hosts)
     request_trailers: Headers  # trailers that ended the request body (HTTP/2), else ()
 
     async def next_body_event(self, timeout: float) -> Body | EndOfMessage:
@@ -129,8 +131,9 @@ class ClientSide(Protocol):
     async def writable(self) -> None:
         """Wait until the client takes bytes again (bounded by `idle`; ConnectionGone after)."""
 
-    def answer_locally(self, head: RequestHead, status: int, extra: bytes) -> bool:
-        """A response the proxy makes (`extra`: header lines); True if the connection may go on."""
+    def answer_locally(self, head: RequestHead, status: int, extra: bytes, body: bytes = b"") -> bool:
+        """A response the proxy makes (`extra`: header lines, `body`: a text other than the
+        status's); True if the connection may go on."""
 
     def send_interim(self, head: RequestHead, response: ResponseHead) -> None: ...
 
@@ -168,12 +171,18 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     backend = match.backend
     hsts = hsts_header(client.listener, generation, virtual_host)
     grpc = is_grpc(head.headers)
+    refusal = None
+    if virtual_host is not None and virtual_host.client_auth is not None:
+        refusal, head = _client_certificate(client, virtual_host.client_auth, head)
     if grpc and client.protocol != "h2":
         status = 426
         keep = client.answer_locally(head, status, _GRPC_OVER_HTTP1 + hsts)
     elif not client.listener.tls and virtual_host is not None and virtual_host.redirect_to_https:
         status = 308
         keep = client.answer_locally(head, status, _redirect_header(head, state.https_port) + hsts)
+    elif refusal is not None:
+        status = refusal.status
+        keep = client.answer_locally(head, status, refusal.extra + hsts, refusal.body)
     elif backend is None:
         status = 404
         keep = _answer(client, head, status, hsts, grpc)
@@ -251,6 +260,23 @@ async def _proxy_with_policy(
     finally:
         if concurrency is not None:
             concurrency.leave(client_ip)
+
+
+def _client_certificate(
+    client: ClientSide, host_auth: ClientAuth, head: RequestHead
+) -> tuple[client_auth.Refusal | None, RequestHead]:
+    """A host with client auth: the refusal (400 per its verify mode, 421 on a connection not
+    made for it), or the head carrying the certificate's headers (proxy/client_auth.py)."""
+    verification = client.client_verification
+    if verification is not None:
+        answer = verification.answer(host_auth)
+    elif client.listener.tls:
+        answer = client_auth.MISDIRECTED  # the connection's SNI chose a context without client auth
+    else:
+        answer = client_auth.plaintext_answer(host_auth)
+    if isinstance(answer, client_auth.Refusal):
+        return answer, head
+    return None, dataclasses.replace(head, vouched=answer)
 
 
 def hsts_header(listener: Listener, generation: Generation, virtual_host: VirtualHost | None = None) -> bytes:

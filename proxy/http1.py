@@ -77,6 +77,9 @@ class RequestHead:
     upgrade: bool  # the client asks to switch protocols (e.g. WebSocket)
     chunked: bool
     content_length: int | None
+    # Headers the proxy vouches for, sent upstream after the ones it derives: the client
+    # certificate's (proxy/client_auth.py). Clients' own copies of those names are never copied.
+    vouched: Headers = ()
 
     @property
     def has_body(self) -> bool:
@@ -357,9 +360,14 @@ class ResponseParser(_ParserBase):
 # -- serialisation for the next hop -------------------------------------------------------------
 
 LAST_CHUNK = b"0\r\n\r\n"
+# The client certificate's headers (ingress-nginx names): only the proxy may send them, from what
+# the TLS handshake verified (RequestHead.vouched); a client's own copies would claim an identity.
+CLIENT_CERTIFICATE_HEADERS = frozenset(
+    (b"ssl-client-verify", b"ssl-client-subject-dn", b"ssl-client-issuer-dn", b"ssl-client-cert")
+)
 _FORWARDED_BY_US = frozenset(
     (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip", b"expect")
-)
+) | CLIENT_CERTIFICATE_HEADERS
 # Never copied from the peer's head: written from the parsed message (see the theory above), so no
 # Connection token and no duplicate can change what the next hop frames or routes by.
 _DERIVED_IN_REQUEST = HOP_BY_HOP | _FORWARDED_BY_US | {b"content-length", b"host"}
@@ -436,6 +444,8 @@ def upstream_request_head(
         parts.append(b"\r\nContent-Length: %d" % head.content_length)
     if head.upgrade and upgrade:
         parts += (b"\r\nConnection: upgrade\r\nUpgrade: ", upgrade)
+    for name, value in head.vouched:
+        parts += (b"\r\n", name, b": ", value)
     parts += (b"\r\n", extra, b"\r\n")
     return b"".join(parts)
 
@@ -486,10 +496,13 @@ def simple_body(status: int) -> bytes:
     return b"%d %s\n" % (status, REASONS.get(status, b"Error"))
 
 
-def simple_response(status: int, date: bytes, close: bool, extra: bytes = b"", head_only: bool = False) -> bytes:
+def simple_response(
+    status: int, date: bytes, close: bool, extra: bytes = b"", head_only: bool = False, body: bytes = b""
+) -> bytes:
     """A short plain-text response the proxy answers by itself (errors, redirects). `head_only`:
-    the answer to a HEAD request, whose Content-Length describes a body that is not sent."""
-    body = simple_body(status)
+    the answer to a HEAD request, whose Content-Length describes a body that is not sent; `body`:
+    a text of its own instead of the status line's (the client certificate refusals)."""
+    body = body or simple_body(status)
     return b"".join(
         (
             b"HTTP/1.1 %d %s\r\nServer: ingress-proxy\r\nDate: %s\r\n" % (status, REASONS.get(status, b"Error"), date),

@@ -229,6 +229,7 @@ class Http2Stream:
         connection = session.connection
         self.listener = connection.listener
         self.client_ip = connection.client_ip
+        self.client_verification = connection.client_verification
         self.upstream: UpstreamConnection | None = None
         self.request_trailers: Headers = ()
         self.closed = False
@@ -329,8 +330,8 @@ class Http2Stream:
                 raise ConnectionGone() from None
             session.write()
 
-    def answer_locally(self, head: RequestHead, status: int, extra: bytes) -> bool:
-        body = simple_body(status)
+    def answer_locally(self, head: RequestHead, status: int, extra: bytes, body: bytes = b"") -> bool:
+        body = body or simple_body(status)
         core = self.session.core
         head_only = head.method == b"HEAD"  # its content-length describes the body not sent
         core.send_head(self.stream_id, status, (*plain_text_fields(len(body)), *extra_fields(extra)), head_only)

@@ -36,6 +36,12 @@ def request_series(host: str, backend: str, status: int, protocol: str) -> tuple
     return REQUESTS.labels(host, backend, str(status), protocol), REQUEST_SECONDS.labels(backend)
 
 
+@functools.lru_cache(maxsize=64)
+def open_connections(listener: str) -> Gauge:
+    """The open-connections child of one listener: looked up once, not twice per connection."""
+    return OPEN_CONNECTIONS.labels(listener)
+
+
 @functools.lru_cache(maxsize=256)
 def handshake_series(version: str, key_source: str, resumed: bool) -> Counter:
     return TLS_HANDSHAKES.labels(version, key_source, "yes" if resumed else "no")

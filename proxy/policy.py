@@ -420,7 +420,7 @@ def shaped_head(policy: CompiledPolicy, head: RequestHead) -> RequestHead:
     if target is not head.target or headers is not head.headers:  # one construction (replace() is ~3 µs)
         head = RequestHead(
             head.method, target, head.version, headers, head.host, head.keep_alive, head.upgrade, head.chunked,
-            head.content_length,
+            head.content_length, head.vouched,
         )
     return head
 

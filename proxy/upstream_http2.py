@@ -52,7 +52,7 @@ from config.model import Address
 from proxy.decisions import FailureKind
 from proxy.flow import ConnectionGone
 from proxy.http1 import END_OF_MESSAGE, HOP_BY_HOP, Body, EndOfMessage, Headers, PeerError, RequestHead, ResponseHead
-from proxy.http1 import connection_tokens
+from proxy.http1 import CLIENT_CERTIFICATE_HEADERS, connection_tokens
 from proxy.upstream_tls import ClientTls, TlsState, UpstreamTlsFailure, UpstreamTransport
 
 IDLE_SECONDS = 30.0  # as proxy.upstream: below common backend idle timeouts
@@ -60,7 +60,9 @@ STREAM_WINDOW = 256 * 1024  # what one response stream may have in flight before
 CONNECTION_WINDOW = 4 * 1024 * 1024  # all streams of one backend connection together
 MAX_CONNECTIONS_PER_ENDPOINT = 64  # a backend allowing 1 stream each still gets 64 requests at once
 
-_FORWARDED_BY_US = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip"))
+_FORWARDED_BY_US = frozenset(
+    (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip")
+) | CLIENT_CERTIFICATE_HEADERS
 _NOT_COPIED = HOP_BY_HOP | _FORWARDED_BY_US | {b"host", b"content-length", b"expect", b"http2-settings"}
 
 
@@ -155,6 +157,7 @@ def request_fields(
         (b"x-forwarded-proto", proto),
         (b"x-forwarded-host", authority),
         (b"x-forwarded-port", port),
+        *head.vouched,
     ]
     for name, value in extra:
         fields.append((name.lower(), value))

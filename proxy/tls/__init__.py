@@ -70,6 +70,11 @@ from proxy.tls.offload import SSL_ERROR_WANT_ASYNC, SSL_MODE_ASYNC, async_wait_f
 from proxy.tls.pump import CLOSE_NOTIFY, FAILED, SHARED_BUFFER, Pump, new_pump
 
 
+_VERSION_NAMES = {lib.TLS1_3_VERSION: "TLSv1.3", lib.TLS1_2_VERSION: "TLSv1.2"}  # what we allow: config/tls_policy.py
+_ALPN_DATA = ffi.new("unsigned char **")  # SSL_get0_alpn_selected's out-parameters, reused (one thread)
+_ALPN_LENGTH = ffi.new("unsigned int *")
+
+
 class TlsState(enum.Enum):
     HANDSHAKING = "handshaking"
     ASYNC_PAUSED = "async_paused"
@@ -181,7 +186,16 @@ class MemoryBioTls:
 
     @property
     def version(self) -> str:
-        return self.connection.get_protocol_version_name()
+        """"TLSv1.3", "TLSv1.2": from the version number (pyOpenSSL decodes libssl's string each time)."""
+        name = _VERSION_NAMES.get(lib.SSL_version(self._ssl))
+        return name if name is not None else self.connection.get_protocol_version_name()
+
+    @property
+    def alpn_selected(self) -> bytes:
+        """The protocol ALPN chose (b"" if none), read into reused out-parameters."""
+        lib.SSL_get0_alpn_selected(self._ssl, _ALPN_DATA, _ALPN_LENGTH)
+        length = _ALPN_LENGTH[0]
+        return ffi.buffer(_ALPN_DATA[0], length)[:] if length else b""
 
     @property
     def resumed(self) -> bool:

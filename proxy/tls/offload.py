@@ -90,10 +90,10 @@ class AsyncJobWatcher:
     def watch(self, fds: list[int], ready: Callable[[], None]) -> None:
         for fd in fds:
             self._waiting[fd] = ready
-            try:
-                self._epoll.modify(fd, _ONE_READ)
-            except FileNotFoundError:
+            try:  # register first: most pauses are a connection's first, on a wait fd new to the set
                 self._epoll.register(fd, _ONE_READ)
+            except FileExistsError:  # paused before: its fd is still in the set, disarmed
+                self._epoll.modify(fd, _ONE_READ)
 
     def forget(self, fds: list[int]) -> None:
         """The job resumed: a sibling fd that fires later must not call it again."""

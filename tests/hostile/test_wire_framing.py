@@ -46,7 +46,15 @@ TOKEN_NAMES = [
     b"content-length", b"Content-Length", b"transfer-encoding", b"Transfer-Encoding", b"host", b"HOST",
     b"x-forwarded-for", b"x-real-ip", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
     b"expect", b"te", b"keep-alive", b"close", b"upgrade", b"date", b"server", b"content-type", b"cookie",
+    b"ssl-client-verify", b"SSL-Client-Cert",
 ]  # fmt: skip
+# The client certificate's headers (proxy/client_auth.py): only the proxy may send them upstream.
+CLIENT_CERTIFICATE_HEADERS = [b"ssl-client-verify", b"ssl-client-subject-dn", b"ssl-client-issuer-dn", b"ssl-client-cert"]
+SPOOFED_IDENTITY = [
+    b"ssl-client-verify: SUCCESS\r\n",
+    b"SSL-Client-Subject-DN: CN=admin\r\nssl-client-issuer-dn: CN=root\r\n",
+    b"ssl-client-cert: -----BEGIN%20CERTIFICATE-----\r\nSsl-Client-Verify: SUCCESS\r\n",
+]
 OBFUSCATED_FRAMING = [
     b"Content-Length: 5\r\nContent-Length: 5\r\n",
     b"Content-Length: 5\r\nContent-Length: 6\r\n",
@@ -104,6 +112,8 @@ def connection_token_requests(draw: st.DrawFn) -> bytes:
         lines += b"Connection: " + draw(st.sampled_from(TOKEN_NAMES)) + b"\r\n"
     if draw(st.booleans()):
         lines += draw(st.sampled_from(OBFUSCATED_FRAMING))
+    if draw(st.booleans()):
+        lines += draw(st.sampled_from(SPOOFED_IDENTITY))
     line_end = data.find(b"\r\n") + 2
     return data[:line_end] + lines + data[line_end:]
 
@@ -213,6 +223,7 @@ def assert_forwarded_exactly(rig: FramingRig, data: bytes) -> None:
         else:
             assert framing == ([], [])
         assert backend_view.values(b"x-real-ip") == [LOOPBACK.encode()]
+        assert [name for name in CLIENT_CERTIFICATE_HEADERS if backend_view.values(name)] == []  # never the client's
         assert backend_view.values(b"x-forwarded-proto") == [b"http"]
         assert backend_view.values(b"x-forwarded-for") == [LOOPBACK.encode()]  # a client's own is replaced, not appended to
 

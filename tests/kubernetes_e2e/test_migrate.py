@@ -55,7 +55,7 @@ async def test_migrate_reports_each_annotation_and_the_routes_without_writing(cl
         "limit-rps": "ignored",
     }
     assert report["routes"] == [{
-        "host": "shop.example.com", "redirect_to_https": False, "path": "/", "type": "Prefix", "backend": "default/web:80",
+        "host": "shop.example.com", "redirect_to_https": False, "client_certificates": "not asked", "path": "/", "type": "Prefix", "backend": "default/web:80",
         "policy": {"allow_sources": "10.0.0.0/8", "max_body_size": str(2 * 1024 * 1024), "rewrite_target": "/"},
     }]  # fmt: skip
     assert "Ingress default/web: served by ingress-proxy" in text

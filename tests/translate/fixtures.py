@@ -18,6 +18,9 @@ A plain string is used as is (e.g. text that is not base64).
 expected.yaml (every key optional; absent = empty or the model's default):
   claimed: [ns/name, ...]
   virtual_hosts: [{host: foo.example.com, redirect_to_https: true, paths: ["/api Prefix ns/svc:80", ...]}]
+      client certificates of a host: client_auth: {ca: ns/secret, verify: on, depth: 1, pass_certificate: false,
+      error_page: URL}
+      (ca: that Secret's decoded ca.crt; verify, depth and pass_certificate as shown are the defaults)
       a path with a policy: {rule: "/api Prefix ns/svc:80", policy: {RoutePolicy fields}}, where
       allow_sources/deny_sources are lists of CIDRs, redirect is {location: URL, status: 301} and
       request_headers/response_headers are {set: [[name, value]], add: [[name, value]], remove: [name]}
@@ -63,6 +66,8 @@ from config.model import (
     Backend,
     BackendProtocol,
     Canary,
+    ClientAuth,
+    ClientVerify,
     Certificate,
     ClientCertificate,
     Configuration,
@@ -176,6 +181,7 @@ def expected_configuration(case: Case) -> Configuration:
                     host=host["host"],
                     paths=tuple(_path_rule(text) for text in host["paths"]),
                     redirect_to_https=host.get("redirect_to_https", False),
+                    client_auth=_client_auth(host.get("client_auth"), secrets),
                 )
                 for host in expected.get("virtual_hosts") or ()
             ),
@@ -214,6 +220,18 @@ def expected_configuration(case: Case) -> Configuration:
         ) if expected.get("real_ip") else None,
         proxy_protocol=tuple(expected.get("proxy_protocol") or ()),
     )  # fmt: skip
+
+
+def _client_auth(spec: dict | None, secrets: dict[str, dict]) -> ClientAuth | None:
+    if spec is None:
+        return None
+    return ClientAuth(
+        base64.b64decode(secrets[spec["ca"]]["data"]["ca.crt"]),
+        ClientVerify(spec.get("verify", "on")),
+        spec.get("depth", 1),
+        spec.get("pass_certificate", False),
+        spec.get("error_page"),
+    )
 
 
 def _backend(name: str, spec: list | dict, secrets: dict[str, dict]) -> Backend:

@@ -70,5 +70,5 @@ def test_every_supported_key_is_read_and_an_unknown_one_is_reported() -> None:
         if key not in FREE_TEXT:
             assert [problem for problem in problems if NGINX_PREFIX + key in problem.message], key
         assert not any("not supported" in problem.message for problem in problems), key
-    problems = translate(_ingress({NGINX_PREFIX + "auth-tls-secret": "default/ca"}), options).problems
-    assert [problem.message for problem in problems if "auth-tls-secret is not supported" in problem.message]
+    problems = translate(_ingress({NGINX_PREFIX + "auth-url": "https://auth.example.com"}), options).problems
+    assert [problem.message for problem in problems if "auth-url is not supported" in problem.message]

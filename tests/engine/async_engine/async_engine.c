@@ -10,8 +10,8 @@
  *     non-blocking eventfd for its whole life (created on first use, closed by the wait-ctx cleanup
  *     when the SSL object is freed); a worker marks the work done BEFORE writing the eventfd, so a
  *     resumed job never finds the fd readable with nothing done. A spurious resume (the caller
- *     retried early) simply pauses again. The job drains the fd before returning, so no stale
- *     readiness is left behind.
+ *     retried early) simply pauses again. The job takes the fd's signal before returning (one read), so
+ *     no stale readiness is left behind.
  *   - Outside a job (no async mode) the operation runs synchronously on the calling thread.
  *   - Errors raised on a worker land on the worker's error queue: they are cleared there and a
  *     generic error is raised on the caller's queue instead.
@@ -222,11 +222,14 @@ static int wait_fd_for(ASYNC_JOB *job)
     return fd;
 }
 
-static void drain(int fd)
+/* One read takes an eventfd's whole count (and EAGAIN when there is none): whether it took a signal. */
+static int take_signal(int fd)
 {
     uint64_t value;
-    while (read(fd, &value, sizeof value) > 0)
+    ssize_t got;
+    while ((got = read(fd, &value, sizeof value)) < 0 && errno == EINTR)
         ;
+    return got > 0;
 }
 
 static void note_in_flight(long long delta)
@@ -253,17 +256,23 @@ static int run(struct work *w, int error_library)
     atomic_fetch_add(&counters[C_OFFLOADED], 1);
     note_in_flight(1);
     enqueue(w);
+    /* This wait fd has one writer: our work's worker, once. A read that took a signal after a
+     * pause took that write, so the fd is quiet again and nothing is left to drain; a job that
+     * found the work done without reading (done before the first pause, or an early resume)
+     * takes the signal once it is written. One read per pause, not three. */
+    int taken = 0;
     while (!atomic_load(&w->done)) {
         atomic_fetch_add(&counters[C_PAUSES], 1);
         if (!ASYNC_pause_job()) { /* cannot pause: block on the fd instead */
             struct pollfd readable = {.fd = fd, .events = POLLIN};
             poll(&readable, 1, 100);
         }
-        drain(fd);
+        taken = take_signal(fd);
     }
     while (!atomic_load(&w->signalled))
-        sched_yield(); /* the worker is between "done" and its write: microseconds */
-    drain(fd);
+        sched_yield(); /* the worker is between "done" and its write (w lives on our stack): microseconds */
+    if (!taken)
+        take_signal(fd);
     note_in_flight(-1);
     if (!succeeded(w))
         ERR_raise(error_library, ERR_R_INTERNAL_ERROR);

@@ -19,7 +19,7 @@
  *     ASYNC_pause_job until the work is done; the job's ASYNC_WAIT_CTX owns one non-blocking
  *     eventfd (closed by its cleanup when the SSL object is freed); a worker marks the work done
  *     BEFORE writing the eventfd, so a resumed job never finds the fd readable with nothing done;
- *     a spurious resume pauses again; the fd is drained before returning. Outside a job the
+ *     a spurious resume pauses again; the fd's signal is taken (one read) before returning. Outside a job the
  *     signature runs synchronously on the caller's thread.
  *   - Errors raised on a worker land on the worker's error queue: cleared there; the caller gets
  *     a generic error on its own queue.
@@ -218,11 +218,14 @@ static int wait_fd_for(ASYNC_JOB *job)
     return fd;
 }
 
-static void drain(int fd)
+/* One read takes an eventfd's whole count (and EAGAIN when there is none): whether it took a signal. */
+static int take_signal(int fd)
 {
     uint64_t value;
-    while (read(fd, &value, sizeof value) > 0)
+    ssize_t got;
+    while ((got = read(fd, &value, sizeof value)) < 0 && errno == EINTR)
         ;
+    return got > 0;
 }
 
 static void note_in_flight(long long delta)
@@ -248,17 +251,23 @@ static int run(struct work *w)
     atomic_fetch_add(&counters[C_OFFLOADED], 1);
     note_in_flight(1);
     enqueue(w);
+    /* This wait fd has one writer: our work's worker, once. A read that took a signal after a
+     * pause took that write, so the fd is quiet again and nothing is left to drain; a job that
+     * found the work done without reading (done before the first pause, or an early resume)
+     * takes the signal once it is written. One read per pause, not three. */
+    int taken = 0;
     while (!atomic_load(&w->done)) {
         atomic_fetch_add(&counters[C_PAUSES], 1);
         if (!ASYNC_pause_job()) { /* cannot pause: block on the fd instead */
             struct pollfd readable = {.fd = fd, .events = POLLIN};
             poll(&readable, 1, 100);
         }
-        drain(fd);
+        taken = take_signal(fd);
     }
     while (!atomic_load(&w->signalled))
-        sched_yield(); /* the worker is between "done" and its write: microseconds */
-    drain(fd);
+        sched_yield(); /* the worker is between "done" and its write (w lives on our stack): microseconds */
+    if (!taken)
+        take_signal(fd);
     note_in_flight(-1);
     if (w->result != 1)
         ERR_raise(ERR_LIB_PROV, ERR_R_INTERNAL_ERROR);

@@ -1,0 +1,293 @@
+"""Client certificates per host (ingress-nginx auth-tls-*): TLS set-up, the verdict, the headers.
+
+Theory of operation
+-------------------
+A host with `config.model.ClientAuth` gets SNI-selected contexts of its own (proxy/contexts.py):
+their certificate store holds the host's CA bundle and their client CA list names it in the
+CertificateRequest. The SNI callback that switches a connection to such a context also sets the
+connection's verify mode and depth (OpenSSL's `SSL_set_SSL_CTX` copies neither), with a verify
+callback that accepts every chain: the handshake never fails for a bad client certificate.
+OpenSSL keeps the verification result (`SSL_get_verify_result`, the last error found) and the
+peer certificate, and the exchange answers like nginx does after the handshake (`verdict`):
+
+    verify          no certificate                   a certificate that fails
+    on              400 No required SSL certificate  400 The SSL certificate error
+    optional        passes, ssl-client-verify: NONE  400 The SSL certificate error
+    optional_no_ca  passes, NONE                     an unknown issuer passes (FAILED:reason); else 400
+
+nginx logs these as its internal codes 496 and 495 and sends 400 with those texts; so do we.
+
+Session resumption keeps working on these hosts, safely. OpenSSL stores the peer certificate and
+the verification result in the session, so a resumed connection carries the identity verified by
+its full handshake. What must not happen is a session from one host resumed on another whose rules
+differ (a session from a host without client auth has no certificate, one from another CA's host
+a certificate that CA vouched for). OpenSSL refuses to resume a session whose *session ID
+context* differs from the connection's, but it looks the session up before the SNI callback runs,
+with the initial context's value. So a ClientHello callback, which runs before the lookup, reads
+the SNI and sets the connection's session ID context to a digest of the host's client-auth
+settings (`session_id_context`): sessions resume only on hosts with the same CA, mode and depth,
+and a changed CA bundle starts afresh. Hosts without client auth keep the shared "ingress-proxy"
+context and behave exactly as before.
+
+The SNI that chose the context may differ from the Host a request names (one connection, many
+hosts: HTTP/2 coalescing, or a client that lies). A request for a host with client auth on a
+connection not verified by that host's settings is answered 421 Misdirected Request, as nginx
+does; on a plaintext listener it is judged as a connection without a certificate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi, lib
+
+from config.model import ClientAuth, ClientVerify
+from config.tls_material import PEM_CERTIFICATE_BLOCK
+from proxy.tls.libssl import LIBSSL, address
+
+_SID_CTX_LENGTH = 32  # SSL_MAX_SID_CTX_LENGTH
+_TLSEXT_TYPE_SERVER_NAME = 0
+_SSL_CLIENT_HELLO_SUCCESS = 1
+CLIENT_HELLO_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+
+LIBSSL.SSL_CTX_set_client_hello_cb.argtypes = (ctypes.c_void_p, CLIENT_HELLO_CALLBACK, ctypes.c_void_p)
+LIBSSL.SSL_CTX_set_client_hello_cb.restype = None
+LIBSSL.SSL_client_hello_get0_ext.argtypes = (
+    ctypes.c_void_p, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)
+)
+LIBSSL.SSL_client_hello_get0_ext.restype = ctypes.c_int
+LIBSSL.SSL_set_session_id_context.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint)
+LIBSSL.SSL_set_session_id_context.restype = ctypes.c_int
+LIBSSL.SSL_set_verify_depth.argtypes = (ctypes.c_void_p, ctypes.c_int)
+LIBSSL.SSL_set_verify_depth.restype = None
+
+
+# -- the verdict, pure ------------------------------------------------------------------------
+
+# The errors optional_no_ca lets through: an issuer we cannot vouch for (nginx's
+# `ngx_ssl_verify_error_optional` list, plus UNABLE_TO_GET_ISSUER_CERT_LOCALLY, which is what a
+# client that sends its intermediate from an unknown CA gets); anything else (expired, bad
+# signature, chain too long) is refused as in optional.
+UNKNOWN_ISSUER_ERRORS = frozenset(
+    (
+        lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT,
+        lib.X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN,
+        lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT,
+        lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
+        lib.X509_V_ERR_CERT_UNTRUSTED,
+        lib.X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE,
+    )
+)
+NO_CERTIFICATE_TEXT = b"400 Bad Request: No required SSL certificate was sent\n"  # nginx 496
+CERTIFICATE_ERROR_TEXT = b"400 Bad Request: The SSL certificate error\n"  # nginx 495
+MISDIRECTED_TEXT = b"421 Misdirected Request: this host needs a connection made for it (send its name as SNI)\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: int
+    body: bytes
+    extra: bytes = b""  # header lines: the error page's Location
+
+
+NO_CERTIFICATE = Refusal(400, NO_CERTIFICATE_TEXT)
+CERTIFICATE_ERROR = Refusal(400, CERTIFICATE_ERROR_TEXT)
+MISDIRECTED = Refusal(421, MISDIRECTED_TEXT)
+
+
+def verdict(verify: ClientVerify, has_certificate: bool, error: int) -> Refusal | str:
+    """The answer for a request on a host with client auth: a Refusal, or the ssl-client-verify
+    value it goes upstream with (SUCCESS, NONE, FAILED:<reason>). `error`: OpenSSL's verification
+    result (0 = X509_V_OK); without a certificate it is 0."""
+    if not has_certificate:
+        return NO_CERTIFICATE if verify is ClientVerify.ON else "NONE"
+    if error == lib.X509_V_OK:
+        return "SUCCESS"
+    if verify is ClientVerify.OPTIONAL_NO_CA and error in UNKNOWN_ISSUER_ERRORS:
+        return "FAILED:" + verify_error_text(error)
+    return CERTIFICATE_ERROR
+
+
+def verify_error_text(error: int) -> str:
+    return ffi.string(lib.X509_verify_cert_error_string(error)).decode("ascii", "replace")
+
+
+def certificate_headers(verify_value: str, leaf_pem: bytes | None, pass_certificate: bool) -> tuple[tuple[bytes, bytes], ...]:
+    """The headers a backend gets (ingress-nginx's names and values): ssl-client-verify always;
+    the DNs (RFC 4514, as nginx's $ssl_client_s_dn) when there is a certificate; the URL-escaped
+    PEM ($ssl_client_escaped_cert) with `pass_certificate`."""
+    headers = [(b"ssl-client-verify", verify_value.encode("ascii"))]
+    if leaf_pem is not None:
+        leaf = x509.load_pem_x509_certificate(leaf_pem)
+        headers.append((b"ssl-client-subject-dn", leaf.subject.rfc4514_string().encode()))
+        headers.append((b"ssl-client-issuer-dn", leaf.issuer.rfc4514_string().encode()))
+        if pass_certificate:
+            headers.append((b"ssl-client-cert", urllib.parse.quote(leaf_pem, safe="").encode("ascii")))
+    return tuple(headers)
+
+
+def server_name(extension: bytes) -> bytes | None:
+    """The host name in a ClientHello server_name extension body (RFC 6066 §3), None if absent or
+    malformed (OpenSSL refuses the malformed ones itself, after this callback)."""
+    if len(extension) < 5 or int.from_bytes(extension[:2], "big") != len(extension) - 2:
+        return None
+    position = 2
+    while position + 3 <= len(extension):
+        kind, length = extension[position], int.from_bytes(extension[position + 1 : position + 3], "big")
+        name = extension[position + 3 : position + 3 + length]
+        if len(name) != length:
+            return None
+        if kind == 0:  # host_name
+            return name
+        position += 3 + length
+    return None
+
+
+def session_id_context(auth: ClientAuth) -> bytes:
+    """Sessions resume only where this digest matches: same CA bundle, mode and depth."""
+    digest = hashlib.sha256(b"%s\0%s\0%d" % (auth.ca_pem, auth.verify.value.encode(), auth.depth)).digest()
+    return digest[:_SID_CTX_LENGTH]
+
+
+# -- TLS set-up -------------------------------------------------------------------------------
+
+
+def ca_certificates(ca_pem: bytes) -> list[crypto.X509]:
+    """The certificates of a CA bundle; ValueError (with the reason) when there are none or one
+    does not parse. The producers check bundles with this, the contexts load them with it."""
+    blocks = PEM_CERTIFICATE_BLOCK.findall(ca_pem)
+    if not blocks:
+        raise ValueError("no PEM certificate found (a CA bundle is one or more '-----BEGIN CERTIFICATE-----' blocks)")
+    try:
+        return [crypto.load_certificate(crypto.FILETYPE_PEM, block) for block in blocks]
+    except crypto.Error as error:
+        raise ValueError(f"a certificate does not parse: {error}") from None
+
+
+def configure_context(context: SSL.Context, auth: ClientAuth) -> None:
+    """A context of a host with client auth: its CA bundle as the store and as the names the
+    CertificateRequest lists, its own session ID context, and the settings kept on the context for
+    the SNI callback and for `verification_of`."""
+    certificates = ca_certificates(auth.ca_pem)
+    store = context.get_cert_store()
+    assert store is not None
+    for certificate in certificates:
+        store.add_cert(certificate)
+    context.set_client_ca_list([certificate.get_subject() for certificate in certificates])
+    context.set_session_id(session_id_context(auth))
+    context._ingress_client_auth = auth  # type: ignore[attr-defined]
+
+
+def client_auth_of(context: SSL.Context) -> ClientAuth | None:
+    return getattr(context, "_ingress_client_auth", None)
+
+
+@ffi.callback("int(int, X509_STORE_CTX *)")
+def _accept_every_chain(_ok: int, _store: object) -> int:
+    return 1  # the handshake goes on; OpenSSL keeps the result for SSL_get_verify_result
+
+
+def request_certificate(connection: SSL.Connection, auth: ClientAuth) -> None:
+    """Called from the SNI callback after switching to a client-auth context. Every mode asks
+    (VERIFY_PEER) and none requires (no FAIL_IF_NO_PEER_CERT): a missing one is answered in HTTP."""
+    lib.SSL_set_verify(connection._ssl, SSL.VERIFY_PEER, _accept_every_chain)  # type: ignore[attr-defined]
+    LIBSSL.SSL_set_verify_depth(address(connection._ssl), auth.depth)  # type: ignore[attr-defined]
+
+
+class SniMapping(Protocol):
+    """What the ClientHello callback reads of the newest published contexts (proxy.contexts)."""
+
+    @property
+    def client_auth(self) -> bool:
+        """Some host asks for client certificates."""
+
+    def for_server_name(self, name: bytes | None) -> SSL.Context: ...
+
+
+def client_hello_callback(current: Callable[[], SniMapping | None]) -> object:
+    """A ClientHello callback that gives a connection bound for a client-auth host that host's
+    session ID context before OpenSSL looks up the session (see the theory above). While no host
+    of the `current()` mapping has client auth, the ClientHello is not even looked at. The caller
+    keeps the callback alive."""
+
+    def on_client_hello(ssl: int, _alert: int, _arg: int) -> int:
+        mapping = current()
+        if mapping is None or not mapping.client_auth:
+            return _SSL_CLIENT_HELLO_SUCCESS
+        data, length = ctypes.c_void_p(), ctypes.c_size_t()
+        if LIBSSL.SSL_client_hello_get0_ext(ssl, _TLSEXT_TYPE_SERVER_NAME, ctypes.byref(data), ctypes.byref(length)):
+            name = server_name(ctypes.string_at(data.value, length.value)) if data.value else None
+            auth = client_auth_of(mapping.for_server_name(name)) if name else None
+            if auth is not None:
+                sid = session_id_context(auth)
+                LIBSSL.SSL_set_session_id_context(ssl, sid, len(sid))
+        return _SSL_CLIENT_HELLO_SUCCESS
+
+    return CLIENT_HELLO_CALLBACK(on_client_hello)
+
+
+def install_client_hello_callback(context: SSL.Context, callback: object) -> None:
+    context._ingress_client_hello = callback  # type: ignore[attr-defined]  # lives as long as the context
+    LIBSSL.SSL_CTX_set_client_hello_cb(address(context._context), callback, None)  # type: ignore[attr-defined]
+
+
+# -- after the handshake ----------------------------------------------------------------------
+
+
+class ClientVerification:
+    """What the handshake of one connection established, set once on the connection (ClientSide
+    `client_verification`) when its context belongs to a host with client auth."""
+
+    __slots__ = ("auth", "error", "leaf_pem", "_headers")
+
+    def __init__(self, auth: ClientAuth, error: int, leaf_pem: bytes | None) -> None:
+        self.auth = auth
+        self.error = error
+        self.leaf_pem = leaf_pem
+        self._headers: tuple[tuple[bytes, bytes], ...] | None = None
+
+    def answer(self, host_auth: ClientAuth) -> Refusal | tuple[tuple[bytes, bytes], ...]:
+        """A Refusal, or the headers for the backend, for a request to a host with `host_auth`."""
+        if host_auth != self.auth:
+            return MISDIRECTED
+        if self._headers is None:
+            decided = verdict(self.auth.verify, self.leaf_pem is not None, self.error)
+            if isinstance(decided, Refusal):
+                return to_error_page(decided, self.auth)
+            self._headers = certificate_headers(decided, self.leaf_pem, self.auth.pass_certificate)
+        return self._headers
+
+
+def verification_of(connection: SSL.Connection) -> ClientVerification | None:
+    """After the handshake (full or resumed): None when the connection's context asks for no
+    client certificate, else what OpenSSL verified (kept in the session when resumed)."""
+    auth = client_auth_of(connection.get_context())
+    if auth is None:
+        return None
+    peer = connection.get_peer_certificate()
+    leaf_pem = crypto.dump_certificate(crypto.FILETYPE_PEM, peer) if peer is not None else None
+    return ClientVerification(auth, int(lib.SSL_get_verify_result(connection._ssl)), leaf_pem)  # type: ignore[attr-defined]
+
+
+def plaintext_answer(host_auth: ClientAuth) -> Refusal | tuple[tuple[bytes, bytes], ...]:
+    """A request for a host with client auth on a plaintext listener: as a connection without a
+    certificate."""
+    decided = verdict(host_auth.verify, False, 0)
+    if isinstance(decided, Refusal):
+        return to_error_page(decided, host_auth)
+    return certificate_headers(decided, None, host_auth.pass_certificate)
+
+
+def to_error_page(refusal: Refusal, auth: ClientAuth) -> Refusal:
+    """A 400 for the certificate becomes a 302 to the host's error page when it has one (nginx
+    `error_page 495 496 = URL`, as ingress-nginx writes auth-tls-error-page)."""
+    if auth.error_page is None:
+        return refusal
+    return Refusal(302, b"", b"Location: %s\r\n" % auth.error_page.encode())
