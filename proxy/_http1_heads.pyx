@@ -94,11 +94,12 @@ cdef set _named_by_connection(headers, Shape shape, frozenset derived):
 
 
 def upstream_request_head(head, client_ip, proto, local_address, extra=b"", host_header=b"", real_ip=b"", forwarded_for=b""):
-    headers = head.headers
+    headers, vouched = head.headers, head.vouched
     method, target, parsed_host = head.method, head.target, head.host
     cdef Shape shape = _shape(headers)
     if not (
         shape != UNUSUAL
+        and _shape(vouched) != UNUSUAL
         and type(method) is bytes and type(target) is bytes and type(parsed_host) is bytes
         and type(client_ip) is bytes and type(proto) is bytes and type(local_address) is bytes
         and type(extra) is bytes and type(host_header) is bytes and type(real_ip) is bytes
@@ -131,6 +132,8 @@ def upstream_request_head(head, client_ip, proto, local_address, extra=b"", host
         parts.append(b"\r\nContent-Length: %d" % head.content_length)
     if head.upgrade and upgrade:
         parts += (b"\r\nConnection: upgrade\r\nUpgrade: ", upgrade)
+    for name, value in <tuple>vouched:
+        parts += (b"\r\n", name, b": ", value)
     parts += (b"\r\n", extra, b"\r\n")
     return b"".join(parts)
 

@@ -58,8 +58,7 @@ def _recase(name: bytes, flips: list[bool]) -> bytes:
     return bytes(c - 32 if flip and 97 <= c <= 122 else c for c, flip in zip(name, flips))
 
 
-_request_head = st.builds(
-    RequestHead,
+_REQUEST_FIELDS = dict(
     method=st.sampled_from([b"GET", b"POST", b"HEAD"]),
     target=st.binary(min_size=1, max_size=20),
     version=st.sampled_from(["1.0", "1.1"]),
@@ -69,9 +68,10 @@ _request_head = st.builds(
     upgrade=st.booleans(),
     chunked=st.booleans(),
     content_length=_length,
+    vouched=st.lists(st.tuples(st.sampled_from([b"ssl-client-verify", b"ssl-client-cert"]), st.binary(max_size=12)), max_size=2).map(tuple),
 )
-_response_head = st.builds(
-    ResponseHead,
+_request_head = st.builds(RequestHead, **_REQUEST_FIELDS)
+_RESPONSE_FIELDS = dict(
     status=st.sampled_from([100, 101, 200, 204, 206, 304, 404, 502]),
     reason=st.binary(max_size=12),
     version=st.sampled_from(["1.0", "1.1"]),
@@ -81,6 +81,7 @@ _response_head = st.builds(
     content_length=_length,
     has_body=st.booleans(),
 )
+_response_head = st.builds(ResponseHead, **_RESPONSE_FIELDS)
 _argument = st.binary(max_size=16)
 # Types the twins hand back to the pure builder (which may raise): for the fall-back tests.
 _odd_argument = st.one_of(st.binary(max_size=16), st.text(max_size=4), st.builds(bytearray, st.binary(max_size=4)))
@@ -195,6 +196,12 @@ def test_the_twins_take_the_pure_builders_parameters(compiled_heads: ModuleType,
         return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]  # type: ignore[arg-type]
 
     assert shape(getattr(compiled_heads, name)) == shape(getattr(http1, f"pure_{name}"))
+
+
+@pytest.mark.parametrize("head_type, drawn", [(RequestHead, _REQUEST_FIELDS), (ResponseHead, _RESPONSE_FIELDS)], ids=["request", "response"])
+def test_the_strategies_fill_every_field_of_the_heads(head_type: type, drawn: dict) -> None:
+    """A field added to a head (with a default) must be drawn here too, or the twins never see it."""
+    assert set(drawn) == {field.name for field in dataclasses.fields(head_type)}
 
 
 def test_the_special_names_cover_hop_by_hop() -> None:
