@@ -18,11 +18,15 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh Makefile scripts/build_com
 run: install
 	$(VENV)/bin/python examples/run_demo.py
 
-# The suite runs on the compiled hot path when install built it, then unit/e2e/hostile again on the
-# pure-Python reference path (what runs wherever the extension is not built).
+# The data-plane suites run three ways: the whole suite as installed (the keep-alive fast path,
+# on the compiled hot path when install built it); e2e + hostile with only the general path
+# (INGRESS_PROXY_FAST_PATH=0); unit/e2e/hostile on the pure-Python reference path
+# (INGRESS_PROXY_PURE=1, what runs wherever the extension is not built). Each keeps every
+# behaviour the tests pin down.
 test: install
 	$(VENV)/bin/python -m mypy
 	$(VENV)/bin/python -m pytest -q tests
+	INGRESS_PROXY_FAST_PATH=0 $(VENV)/bin/python -m pytest -q tests/e2e tests/hostile
 	INGRESS_PROXY_PURE=1 $(VENV)/bin/python -m pytest -q tests/unit tests/e2e tests/hostile
 
 fuzz: install

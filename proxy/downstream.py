@@ -2,11 +2,17 @@
 
 Theory of operation
 -------------------
-Each accepted connection is a `ClientConnection` protocol plus one handler coroutine.
-`data_received` runs TLS (`proxy.tls.ServerTls`) and the request parser (`proxy.http1`) and only
-queues events; the handler (`_serve`) takes them one request at a time and hands each head to
-`proxy.exchange.exchange`, so pipelined requests are answered strictly in order, and reading
-pauses while the queue is ahead of it (`proxy.flow`). This class is the HTTP/1.1 `ClientSide`:
+Each accepted connection is a `ClientConnection` protocol. `data_received` runs TLS
+(`proxy.tls.ServerTls`) and the request parser (`proxy.http1`) and queues events. While the
+connection is on the fast path (`_fast`, `proxy.fast_path`) there is no handler coroutine: the
+queued request is taken in the callback (`_next_request`), sent to an idle pooled backend
+connection and answered from that connection's callback (`fast_done`); idle and head deadlines
+are timestamps the loop's one sweeper checks (`deadline_reached`). Any request the fast path
+cannot take, or hands over, starts the handler (`_serve`), which takes events one request at a
+time and hands each head to `proxy.exchange.exchange`, and goes back to the fast path once the
+queue is empty. Either way pipelined requests are answered strictly in order (the next one is
+taken only after the previous response was written), and reading pauses while the queue is
+ahead of its consumer (`proxy.flow`). This class is the HTTP/1.1 `ClientSide`:
 it turns the exchange's response heads and body pieces into HTTP/1.1 framing (the plan is
 `decisions.plan_http1_response`) and owns the connection's timers and writes. When ALPN picks
 `h2`, the connection hands its plaintext to an `Http2Session` instead (`proxy.http2_session`)
@@ -19,7 +25,7 @@ body into one TLS record and one syscall per response, or per pipelined burst.
 
 Timeouts: the TLS handshake must finish within `handshake`; a request head must arrive within
 `header_read` of its first byte (slowloris); a keep-alive connection may sit `idle` between
-requests. On drain (SIGTERM) idle connections close at once and busy ones after their current
+requests (the handler's waits are timers; the fast path's the same limits as timestamps). On drain (SIGTERM) idle connections close at once and busy ones after their current
 response.
 """
 
@@ -30,7 +36,7 @@ import logging
 import socket
 import struct
 
-from proxy import memory, metrics
+from proxy import fast_path, memory, metrics
 from proxy.client_auth import ClientVerification, verification_of
 from proxy.deadlines import Deadline, deadline_sweeper
 from proxy.decisions import http1_connection_continues, plan_http1_response
@@ -69,15 +75,23 @@ _PAUSED_IN_ASYNC_JOB: set[ClientConnection] = set()
 
 
 class ClientConnection(FlowControlled):
-    protocol = "http/1.1"
+    # Slots, and the parser made at the first request byte: idle TLS connections are most of the
+    # open ones (bench row idle-rss). Attributes added elsewhere still work (FlowControlled's __dict__).
+    __slots__ = (
+        "protocol", "server", "listener", "tls", "parser", "client_ip", "_out", "_out_size", "_awaiting_head",
+        "_head_timer", "_handshake_timer", "_async_fds", "_parse_failed", "_handler", "http2", "upstream",
+        "_rechunk", "_held_large_buffers", "_fast", "_in_flight", "_idle_deadline", "_head_deadline",
+        "deadline_queued", "sweeper", "_proxy_header", "client_verification",
+    )  # fmt: skip
     request_trailers: Headers = ()  # HTTP/1.1 chunked trailers are not relayed
 
     def __init__(self, server: ServingState, listener: Listener) -> None:
         super().__init__()
+        self.protocol = "http/1.1"  # "h2" once ALPN chose it
         self.server = server
         self.listener = listener
         self.tls: ServerTls | None = None
-        self.parser = RequestParser(self.events)
+        self.parser: RequestParser | None = None  # made when the first request byte arrives
         self.client_ip = b"-"
         self._proxy_header: ProxyHeaderReader | None = None  # reading the PROXY protocol header first
         self._out: list[bytes] = []
@@ -93,6 +107,13 @@ class ClientConnection(FlowControlled):
         self.upstream: UpstreamConnection | None = None  # in use by the current request
         self._rechunk = False  # the response being sent goes out chunked
         self._held_large_buffers = False  # writing paused once: its buffers reached the high-water mark
+        # The fast path (proxy.fast_path): serving with no handler coroutine, deadlines as timestamps.
+        self._fast = False  # HTTP/1.1 requests are taken by the fast path; no handler runs
+        self._in_flight: fast_path.FastExchange | None = None  # the fast path's request, sent to its backend
+        self._idle_deadline = 0.0  # fast and idle: close at this loop time...
+        self._head_deadline = 0.0  # ...or answer 408 at this one, once a head has begun (0: none)
+        self.deadline_queued = 0.0  # the sweeper's entry for us (0: none)
+        self.sweeper = fast_path.sweeper()
 
     # -- protocol side ------------------------------------------------------------------------
 
@@ -108,7 +129,7 @@ class ClientConnection(FlowControlled):
         if self.listener.tls:  # the protocol is known once ALPN has spoken: see _handshake_done
             self.tls = ServerTls(generation.tls.default)
         else:
-            self._handler = self.loop.create_task(self._serve())
+            self._serve_http1()
         if self.tls is not None or self._proxy_header is not None:
             self._handshake_timer = deadline_sweeper(self.loop).call_later(
                 generation.configuration.timeouts.handshake, self._handshake_expired
@@ -172,11 +193,24 @@ class ClientConnection(FlowControlled):
             return
         if self._parse_failed:
             return
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = RequestParser(self.events)
         try:
-            self.parser.feed(data)
+            parser.feed(data)
         except PeerError as error:
             self._parse_failed = True
             self.events.append(Failure(error))
+        if self._fast:  # the fast path: no handler is waiting for these events
+            self.queued(len(data))
+            if self._in_flight is not None:
+                return  # pipelined: taken once the response in flight was written
+            if self.events:
+                self._next_request()
+            elif self._head_deadline == 0.0:  # the first bytes of a head: header_read runs from now
+                self._head_deadline = self.loop.time() + self.server.generation.configuration.timeouts.header_read
+                self.sweeper.watch(self, self._head_deadline)
+            return
         if self._awaiting_head and self._head_timer is None:
             self._head_timer = self.loop.call_later(
                 self.server.generation.configuration.timeouts.header_read, self._head_too_slow
@@ -192,6 +226,9 @@ class ClientConnection(FlowControlled):
                 timer.cancel()
         if self._handler is not None and not self._handler.done():
             self._handler.cancel()  # nobody to answer: stop waiting for the backend too
+        if self._in_flight is not None:
+            self._in_flight.abandon()
+            self._in_flight = None
         if self.http2 is not None:
             self.http2.connection_lost()
         if self._held_large_buffers:
@@ -226,7 +263,7 @@ class ClientConnection(FlowControlled):
             self.http2 = Http2Session(self, self.server)
             self.http2.write()
         else:
-            self._handler = self.loop.create_task(self._serve())
+            self._serve_http1()
 
     def _watch_async_job(self) -> None:
         assert self.tls is not None
@@ -283,6 +320,8 @@ class ClientConnection(FlowControlled):
             self._parse_failed = True
             self.events.append(Failure(PeerError(408, "request head not received in time")))
             self._wake()
+            if self._fast and self._in_flight is None:  # armed by a handler that went back to the fast path
+                self._start_handler(None)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -355,7 +394,11 @@ class ClientConnection(FlowControlled):
         self._close()
 
     def _close(self) -> None:
-        self._flush()
+        if self.tls is None or self.tls.state is TlsState.OPEN:
+            self._flush()
+        else:  # the client's close_notify came (or TLS broke): nothing can be sent on it any more
+            self._out.clear()
+            self._out_size = 0
         if self.closed or self.transport is None:
             return
         if self.tls is not None and not self.tls.waiting_for_async:
@@ -369,20 +412,41 @@ class ClientConnection(FlowControlled):
         (HTTP/2: a graceful GOAWAY, then close once the streams in flight have finished)."""
         if self.http2 is not None:
             self.http2.drain()
-        elif self._awaiting_head and not self.events and self._head_timer is None:
+        elif self._awaiting_head and not self.events and self._head_timer is None and self._head_deadline == 0.0:
             self._close()
 
     # -- the handler --------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
+    def _serve_http1(self) -> None:
+        """HTTP/1.1 from here on: by the fast path while it can take the requests, else the handler."""
+        if fast_path.ENABLED:
+            self.sweeper = fast_path.sweeper()
+            self._fast_idle()
+        else:
+            self._start_handler(None)
+
+    def _start_handler(self, resume: fast_path.FastExchange | None) -> None:
+        self._fast = False
+        self._handler = self.loop.create_task(self._serve(resume))
+
+    async def _serve(self, resume: fast_path.FastExchange | None = None) -> None:
+        """The general path: one request at a time through `exchange`; `resume` is a request the
+        fast path routed (and maybe sent) and handed over. Returns to the fast path once the
+        queue is empty and the connection fit for it."""
         state = self.server
+        back_to_fast = False
         try:
+            if resume is not None and not http1_connection_continues(resume.head, await resume.resume(), state.draining):
+                return
             while not state.draining or self.events:
                 self._awaiting_head = True
                 if not self.events:
                     self._flush()
                     if self._writing_paused:  # the last response must reach a reader, not a staller
                         await self._drain_client()
+                    if fast_path.ENABLED and not self.events and self._fit_for_fast_path():
+                        back_to_fast = True
+                        return
                 head = self.ready_event() or await self.next_event(state.generation.configuration.timeouts.idle)
                 self._awaiting_head = False
                 if self._head_timer is not None:
@@ -401,12 +465,97 @@ class ClientConnection(FlowControlled):
         except Exception:  # a bug must cost one connection, never the process
             LOG.exception("connection handler failed")
         finally:
-            if self.upstream is not None:
-                self.upstream.abandon()
-            self._close()
             # The task keeps its CancelledError, whose traceback holds our frames: without this
             # cycle breaker every buffer of a dropped client waits for a full garbage collection.
             self._handler = None
+            if back_to_fast:
+                self._fast_idle()
+            else:
+                if self.upstream is not None:
+                    self.upstream.abandon()
+                self._close()
+
+    def _fit_for_fast_path(self) -> bool:
+        return not (
+            self.closed or self.read_eof or self._parse_failed or (self.parser is not None and self.parser.tunnel) or self.server.draining
+        )
+
+    # -- the fast path (proxy.fast_path) ------------------------------------------------------
+
+    def _fast_idle(self) -> None:
+        """Between requests on the fast path: the idle deadline runs from now."""
+        self._fast = True
+        self._awaiting_head = True
+        self._idle_deadline = self.loop.time() + self.server.generation.configuration.timeouts.idle
+        self.sweeper.watch(self, self._idle_deadline)
+
+    def _next_request(self) -> None:
+        """Fast and idle: take the first queued request by the fast path, or start the handler."""
+        if self.closed:
+            return
+        events = self.events
+        if not events:
+            if self.read_eof:
+                self._close()  # as the handler would on ConnectionGone
+            return
+        head = events[0]
+        if self._writing_paused or self.server.draining or type(head) is not RequestHead or not fast_path.start(self, head):
+            self._start_handler(None)
+
+    def took_head(self) -> None:
+        """The fast path took the head at the front of the queue (its events are consumed)."""
+        self._awaiting_head = False
+        self._head_deadline = 0.0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def fast_sent(self, exchange_: fast_path.FastExchange) -> None:
+        self._in_flight = exchange_
+
+    def fast_hand_over(self, exchange_: fast_path.FastExchange) -> None:
+        self._in_flight = None
+        self._start_handler(exchange_)
+
+    def fast_response(self, head: bytes, body: list[bytes]) -> None:
+        self._send(head)
+        for piece in body:
+            self._send(piece)
+
+    def fast_done(self, continues: bool) -> None:
+        """The fast path wrote a whole response: flush it, then the next request (or close)."""
+        self._in_flight = None
+        try:
+            self._flush()
+        except TlsFailure:  # the client closed its TLS session while we waited for the backend
+            continues = False
+        if not continues:
+            self._close()
+        elif self._writing_paused:  # a client that does not read: the handler drains it or drops it
+            self._start_handler(None)
+        else:
+            self._fast_idle()
+            self._next_request()
+
+    def deadline_reached(self, now: float) -> None:
+        """The sweeper's call for our idle or head deadline (only while fast and idle)."""
+        if self.closed or not self._fast or self._in_flight is not None:
+            return
+        if self._head_deadline and self._head_deadline <= now:
+            self._head_deadline = 0.0
+            self._parse_failed = True
+            self.events.append(Failure(PeerError(408, "request head not received in time")))
+            self._start_handler(None)
+        elif self._idle_deadline <= now:
+            self._close()  # as the handler's idle wait would
+        else:
+            self.sweeper.watch(self, min(self._idle_deadline, self._head_deadline or self._idle_deadline))
+
+    def eof_received(self) -> bool | None:
+        keep_open = super().eof_received()
+        if self._fast and self._in_flight is None:
+            self.loop.call_soon(self._next_request)  # after any plaintext that came with the close
+        return keep_open
 
     # -- ClientSide (proxy.exchange) ----------------------------------------------------------
 

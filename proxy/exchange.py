@@ -205,16 +205,45 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
         status, keep = await _proxy(
             client, state, head, backend, candidates, timeouts, hsts, real_ip=real_ip, forwarded_for=forwarded_for
         )
-    elapsed = loop.time() - started
+    record_exchange(client, head, generation, host_label, backend, status, loop.time() - started)
+    return keep
+
+
+def record_exchange(
+    client: ClientSide, head: RequestHead, generation: Generation, host_label: str, backend: str | None, status: int, elapsed: float
+) -> None:
+    """The request's metrics and access-log line: one record for every path that answers one."""
     backend_label = backend or "-"
-    requests, durations = metrics.request_series(host_label, backend_label, status, client.protocol)
-    requests.inc()
-    durations.observe(elapsed)
+    metrics.REQUESTS.record(host_label, backend_label, status, client.protocol, elapsed)
     if ACCESS_LOG.enabled:
         ACCESS_LOG.record(
             (client.client_ip, client.listener.name, client.protocol, head.host, head.method, head.target, status,
              backend_label, elapsed, generation.configuration.access_log_json)
         )  # fmt: skip
+
+
+async def proxy_routed(
+    client: ClientSide,
+    state: ServingState,
+    head: RequestHead,
+    generation: Generation,
+    backend: str,
+    host_label: str,
+    candidates: list[Address],
+    hsts: bytes,
+    started: float,
+    in_flight: UpstreamConnection | None,
+    in_flight_timeout: float,
+) -> bool:
+    """The rest of `exchange` for a request the fast path (`proxy.fast_path`) routed to a plain
+    HTTP/1.1 backend with no policy: `in_flight` is the connection it already sent the request on
+    to `candidates[0]` (its events still queued), to wait at most `in_flight_timeout` s more for
+    the response head; None if it found no idle one, so the request is still to be sent."""
+    timeouts = generation.configuration.timeouts
+    status, keep = await _proxy(
+        client, state, head, backend, candidates, timeouts, hsts, in_flight=in_flight, in_flight_timeout=in_flight_timeout
+    )
+    record_exchange(client, head, generation, host_label, backend, status, asyncio.get_running_loop().time() - started)
     return keep
 
 
@@ -336,8 +365,13 @@ async def _proxy(
     affinity_token: bytes | None = None,
     real_ip: bytes = b"",
     forwarded_for: bytes = b"",
+    in_flight: UpstreamConnection | None = None,
+    in_flight_timeout: float = 0.0,
 ) -> tuple[int, bool]:
-    """Forward `head` (shaped by the route's `policy`, if any) with retries; relay the answer."""
+    """Forward `head` (shaped by the route's `policy`, if any) with retries; relay the answer.
+
+    `in_flight`: the first attempt was already sent on this connection to `candidates[0]` (by the
+    fast path, which hands it over once); only its response is read, within `in_flight_timeout`."""
     has_body = head.has_body
     replayable = is_replayable(head)
     if has_body:
@@ -357,17 +391,25 @@ async def _proxy(
     attempts = list(candidates)
     while attempts:
         address = attempts.pop(0)
-        upstream = client.upstream = balancer.pool(address, transport).take()
+        upstream: UpstreamConnection | None
+        sent, response_timeout = in_flight is not None, timeouts.backend_response
+        if in_flight is not None:  # a pooled connection (reused), like any first attempt of the fast path's
+            upstream = client.upstream = in_flight
+            in_flight, response_timeout = None, in_flight_timeout
+        else:
+            upstream = client.upstream = balancer.pool(address, transport).take()
         reused = upstream is not None
         try:
-            if upstream is None:
-                upstream = client.upstream = await _connect(backend, address, transport, timeouts)
-            upstream.begin_request(head.method, client.backlog)
-            upstream.write(request)
-            if has_body:  # never on a retry: only body-less requests are retried
-                await _forward_request_body(client, head, upstream, timeouts, policy)
-            upstream.request_sent()
-            response = await _response_head(client, upstream, head, timeouts.backend_response)
+            if not sent:
+                if upstream is None:
+                    upstream = client.upstream = await _connect(backend, address, transport, timeouts)
+                upstream.begin_request(head.method, client.backlog)
+                upstream.write(request)
+                if has_body:  # never on a retry: only body-less requests are retried
+                    await _forward_request_body(client, head, upstream, timeouts, policy)
+                upstream.request_sent()
+            assert upstream is not None
+            response = await _response_head(client, upstream, head, response_timeout)
         except ClientFailed as failed:
             if upstream is not None:
                 upstream.close()

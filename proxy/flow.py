@@ -72,6 +72,13 @@ class Failure:
 
 
 class FlowControlled(asyncio.BufferedProtocol):
+    # Slots: an idle connection holds these and nothing else. `__dict__` stays (created only when a
+    # subclass sets an attribute of its own that is not a slot), `__weakref__` for the fast path's sweeper.
+    __slots__ = (
+        "loop", "transport", "events", "closed", "read_eof", "_unconsumed_bytes", "_reading_paused", "_waiter",
+        "_writing_paused", "_drain_waiter", "__dict__", "__weakref__",
+    )  # fmt: skip
+
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None

@@ -265,16 +265,33 @@ class RequestParser(_ParserBase):
 
 
 class ResponseParser(_ParserBase):
-    """Parses one backend response (plus any 1xx before it) to a request with `request_method`."""
+    """Parses one backend response (plus any 1xx before it) to a request with `request_method`.
+
+    `reset` makes it parse the next response on the same connection: the C parser is kept when
+    llhttp itself ended the last message (it then waits at a message boundary), and replaced
+    otherwise (a HEAD response llhttp would still wait for a body of, a tunnel, an error)."""
 
     def __init__(self, request_method: bytes, events: deque[Event] | None = None) -> None:
         super().__init__(events)
         self._parser = httptools.HttpResponseParser(self)
+        self._at_boundary = True  # llhttp is between messages: it may parse the next response
+        self._start(request_method)
+
+    def _start(self, request_method: bytes) -> None:
         self._head_only = request_method == b"HEAD"
         self._reason = b""
         self._close_delimited = False  # a final response with neither length nor chunking
         self.complete = False  # the final response has ended; nothing more is expected
         self.keep_alive = False  # the final response lets the connection be reused
+
+    def reset(self, request_method: bytes) -> None:
+        """Parse the response to the next request on this connection (into the same events)."""
+        if not self._at_boundary or self.tunnel or self._error is not None:
+            self._parser = httptools.HttpResponseParser(self)
+            self._at_boundary = True
+            self.tunnel = False
+            self._error = None
+        self._start(request_method)
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -287,6 +304,7 @@ class ResponseParser(_ParserBase):
     def on_message_begin(self) -> None:
         if self.complete:  # a second response in the same read: nothing asked for it
             self._fail(PeerError(502, "backend sent bytes after its response"))
+        self._at_boundary = False
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
@@ -323,6 +341,7 @@ class ResponseParser(_ParserBase):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._at_boundary = True
         if self.complete:
             return
         if self._parser.get_status_code() >= 200:

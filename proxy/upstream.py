@@ -30,12 +30,16 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from config.model import Address
 from proxy.decisions import FailureKind
 from proxy.flow import ConnectionGone, Failure, FlowControlled
 from proxy.http1 import PeerError, ResponseParser
 from proxy.upstream_tls import ClientTls, TlsState, UpstreamTlsFailure, UpstreamTransport
+
+if TYPE_CHECKING:
+    from proxy.fast_path import FastExchange
 
 # Where a pooled connection may be reused: its endpoint, and how it was set up (None: plain TCP).
 PoolKey = tuple[Address, UpstreamTransport | None]
@@ -54,17 +58,24 @@ class UpstreamConnection(FlowControlled):
     def __init__(self, address: Address) -> None:
         super().__init__()
         self.address = address
-        self.parser: ResponseParser | None = None
+        self.parser: ResponseParser | None = None  # the current request's; None while idle
+        self._response_parser: ResponseParser | None = None  # kept across requests (`ResponseParser.reset`)
         self.pool: EndpointPool | None = None  # set while idle in a pool
         self.response_started = False  # any byte of the current response arrived
         self.request_complete = False  # the last byte of the current request was written
         self._socket: socket.socket | None = None
         self._client_backlog: Callable[[], int] = _no_backlog  # set per request (proxy.flow)
+        self.fast: FastExchange | None = None  # the fast path's request in flight: told of every event
 
     def begin_request(self, method: bytes, client_backlog: Callable[[], int]) -> None:
         """`client_backlog`: what the client has not yet taken of earlier response bytes; reading
         pauses while it is high, so a client that stops reading stops us reading its backend."""
-        self.parser = ResponseParser(method, self.events)
+        parser = self._response_parser
+        if parser is None:
+            parser = self._response_parser = ResponseParser(method, self.events)
+        else:
+            parser.reset(method)
+        self.parser = parser
         self.response_started = False
         self.request_complete = False
         self._client_backlog = client_backlog
@@ -98,6 +109,8 @@ class UpstreamConnection(FlowControlled):
                 # again on each partial read; a response complete in one read costs nothing).
                 self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         self.queued(len(data))
+        if self.fast is not None:
+            self.fast.backend_progress()  # last: it may finish, pool us and send the next request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -120,6 +133,8 @@ class UpstreamConnection(FlowControlled):
             except PeerError as error:
                 self.events.append(Failure(error))
         super().connection_lost(exc)
+        if self.fast is not None:
+            self.fast.backend_progress()
 
     @property
     def reusable(self) -> bool:
@@ -144,7 +159,7 @@ class UpstreamConnection(FlowControlled):
         queue in a reference cycle (and a Failure queued at connection_lost would add one through
         its traceback), which would keep those bytes until a full garbage collection."""
         self.close()
-        self.parser = None
+        self.parser = self._response_parser = None
         self.events.clear()
     @property
     def pool_key(self) -> PoolKey:

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from proxy import fast_path
 from proxy.http1 import Body, EndOfMessage, PeerError, RequestHead, RequestParser, ResponseHead, ResponseParser
 from proxy.router import normalize_host
 from tests.hostile.backends import BackendZoo
@@ -360,3 +361,17 @@ def test_client_parses_exactly_the_responses_the_backend_framed(rig: FramingRig,
     received = send_and_half_close(rig.port, requests)
     answers = split_for(received, [b"GET", b"GET"])
     assert answers == [expected, (200, b"second")], (received, time.monotonic() - started)
+
+
+def test_the_rig_runs_through_the_path_the_switch_chose(rig: FramingRig) -> None:
+    """The differential tests above prove the fast path only if it served them (and the general
+    path only if it alone did, under INGRESS_PROXY_FAST_PATH=0): the proxy's own counter says."""
+    request = b"GET /counted HTTP/1.1\r\nHost: %s\r\n\r\n" % RECORDED_HOST.encode()
+    assert send_and_half_close(rig.port, request).count(b"HTTP/1.1 200 ") == 1  # leaves an idle backend connection
+    served_before = rig.proxy.metric("ingress_proxy_fast_path_requests_total", outcome="served")
+    assert send_and_half_close(rig.port, request * 3).count(b"HTTP/1.1 200 ") == 3
+    served = rig.proxy.metric("ingress_proxy_fast_path_requests_total", outcome="served")
+    if fast_path.ENABLED:
+        assert served - served_before == 3
+    else:
+        assert served == 0

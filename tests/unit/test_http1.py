@@ -107,6 +107,43 @@ def test_switching_protocols_then_tunnel() -> None:
     assert events[-1] == TunnelData(b"raw") and parser.tunnel
 
 
+# (first request's method, first response, whether llhttp's parser is kept for the next one)
+REUSE_AFTER = {
+    "content-length": (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+    "chunked": (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", True),
+    "no-content": (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n", True),
+    "interim-then-final": (b"GET", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", True),
+    # llhttp does not know the request was HEAD: it would take the next response as this body.
+    "head-with-length": (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", False),
+}
+
+
+@pytest.mark.parametrize("method, first, kept", REUSE_AFTER.values(), ids=REUSE_AFTER.keys())
+def test_reset_parser_reads_the_next_response_on_the_connection(method: bytes, first: bytes, kept: bool) -> None:
+    parser = ResponseParser(method)
+    parser.feed(first)
+    assert parser.complete
+    c_parser = parser._parser
+    parser.events.clear()
+    parser.reset(b"GET")
+    assert not parser.complete and (parser._parser is c_parser) == kept
+    parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Second: yes\r\n\r\nsecon")
+    assert not parser.complete
+    parser.feed(b"d")
+    events = list(parser.events)
+    assert shape(events) == ["ResponseHead", "Body", "Body", "EndOfMessage"] and parser.complete and parser.keep_alive
+    assert events[0].headers == ((b"Content-Length", b"6"), (b"X-Second", b"yes")) and events[0].has_body
+
+
+def test_reset_after_a_head_response_expects_no_body_only_for_head() -> None:
+    parser = ResponseParser(b"GET")
+    parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    parser.reset(b"HEAD")
+    parser.events.clear()
+    parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+    assert shape(list(parser.events)) == ["ResponseHead", "EndOfMessage"] and parser.complete
+
+
 def test_upstream_request_head_rewrites_hop_by_hop_and_forwarding_headers() -> None:
     head = request_events(
         b"POST /x HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n"
