@@ -30,6 +30,7 @@ from config.crypto import (
     shown_parameters,
 )
 from config.model import CryptoSettings, EngineKey, KeySource, PemKey, StoreKey
+from proxy.compiled import hot_path_line
 from proxy.tls.offload import async_jobs_supported
 
 _TEST_MESSAGE = b"ingress-proxy doctor test signature"
@@ -39,7 +40,7 @@ _QAT_PROVIDER_MODULE = "qatprovider.so"  # Intel's QAT provider, as its installe
 
 def run_doctor(settings: CryptoSettings | None, keys: list[KeySource]) -> tuple[list[str], bool]:
     settings = settings or CryptoSettings()
-    lines = [_library_line()]
+    lines = [_library_line(), hot_path_line()]
     ok = True
 
     engine_api_needed = settings.engine is not None or bool(settings.providers) or settings.async_mode or bool(settings.propquery)

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import httptools
 
+from proxy.compiled import load_twin
+
 # Limits, in line with nginx's and HAProxy's defaults.
 MAX_TARGET_BYTES = 8 * 1024  # nginx large_client_header_buffers: a longer request line gets 414
 MAX_HEADER_BYTES = 32 * 1024  # all header names + values; beyond it 431 (HAProxy tune.bufsize 16k–32k)
@@ -530,3 +532,13 @@ def simple_response(
             b"" if head_only else body,
         )
     )
+
+
+# The compiled twins of the two head builders (proxy/_http1_heads.pyx; proxy.compiled says when):
+# the same output byte for byte, the pure functions above stay the reference and its fallback.
+pure_upstream_request_head, pure_client_response_head = upstream_request_head, client_response_head
+_compiled_heads = load_twin("proxy._http1_heads")
+if _compiled_heads is not None:
+    _compiled_heads.configure(_DERIVED_IN_REQUEST, _DERIVED_IN_RESPONSE, upstream_request_head, client_response_head)
+    upstream_request_head = _compiled_heads.upstream_request_head
+    client_response_head = _compiled_heads.client_response_head

@@ -53,3 +53,14 @@ print(f"cryptography=={cryptography.__version__}")
 PY
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -e '.[test]'
 "$VENV/bin/python" -c "import OpenSSL._util as u; assert u.lib.Cryptography_HAS_ENGINE, 'pyOpenSSL has no ENGINE API'"
+
+# The optional compiled hot path (README "Compiled hot path"): Cython 3 from PyPI, gcc, Python.h
+# (python3-dev) and libssl-dev from Debian. A failed build is one line and not an error: the
+# pure-Python path is the reference and runs whenever the extension is absent.
+build_log="$VENV/compiled-build.log"
+if "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -e '.[compiled]' >"$build_log" 2>&1 \
+    && "$VENV/bin/python" scripts/build_compiled.py >>"$build_log" 2>&1; then
+    echo "compiled hot path: built"
+else
+    echo "compiled hot path: NOT built, the pure-Python path will run (why: $build_log)"
+fi

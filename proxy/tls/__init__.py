@@ -33,9 +33,12 @@ ASYNC_PAUSED is a handshake whose private-key operation is running in an async j
 only way out is `resume_handshake()`, back to HANDSHAKING and on from there. It cannot be closed
 or broken from outside, because OpenSSL owns the paused job's stack until the job finishes.
 
-The hot path calls OpenSSL through pyOpenSSL's cffi `lib` directly (SSL_read/SSL_write/BIO_*)
-into one reused buffer: pyOpenSSL's `recv`/`bio_read` allocate a fresh buffer per call and raise
-exceptions for the ordinary "want more bytes" case, which costs several microseconds per record.
+The per-record work (plaintext in and out, ciphertext out) goes through a pump
+(`proxy.tls.pump`): the pure one calls OpenSSL through pyOpenSSL's cffi `lib` directly into one
+reused buffer (pyOpenSSL's `recv`/`bio_read` allocate per call and raise for the ordinary "want
+more bytes" case, several microseconds per record); its Cython twin (`proxy/tls/_pump.pyx`, used
+when built, unless INGRESS_PROXY_PURE=1) does the same in one C call per direction. The pump only
+reports how a read or write ended; the state moves and the exceptions are made here, once.
 
 Async offload (`SSL_MODE_ASYNC`, HAProxy's `ssl-mode-async`): an engine or provider may pause the
 private-key operation of a handshake; `SSL_do_handshake` then fails with SSL_ERROR_WANT_ASYNC (9),
@@ -64,9 +67,7 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 
 from proxy.tls.offload import SSL_ERROR_WANT_ASYNC, SSL_MODE_ASYNC, async_wait_fds
-
-READ_CHUNK = 256 * 1024
-SHARED_BUFFER = ffi.new("char[]", READ_CHUNK)  # one event-loop thread: safe to reuse
+from proxy.tls.pump import CLOSE_NOTIFY, FAILED, SHARED_BUFFER, Pump, new_pump
 
 
 _VERSION_NAMES = {lib.TLS1_3_VERSION: "TLSv1.3", lib.TLS1_2_VERSION: "TLSv1.2"}  # what we allow: config/tls_policy.py
@@ -103,21 +104,6 @@ class TlsFailure(Exception):
         self.reason = reason
 
 
-def take_ciphertext(bio: object) -> bytes:
-    """Everything waiting in a memory BIO, read through the shared buffer (ours and backends' TLS)."""
-    pending = lib.BIO_ctrl_pending(bio)
-    if not pending:
-        return b""
-    pieces = []
-    while pending > 0:
-        count = lib.BIO_read(bio, SHARED_BUFFER, min(pending, READ_CHUNK))
-        if count <= 0:
-            break
-        pieces.append(ffi.buffer(SHARED_BUFFER, count)[:])
-        pending -= count
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-
 def error_queue_reason() -> str:
     reasons = []
     while code := lib.ERR_get_error():
@@ -132,7 +118,7 @@ class MemoryBioTls:
     the state table, plaintext out of and into OpenSSL, ciphertext out, the quiet close. A subclass
     says what a failure is (`_break`) and how its handshake goes."""
 
-    __slots__ = ("connection", "state", "_ssl", "_into_ssl", "_from_ssl", "_encrypted")
+    __slots__ = ("connection", "state", "_ssl", "_into_ssl", "_from_ssl", "_pump")
 
     def __init__(self, context: SSL.Context, server_side: bool) -> None:
         self.connection = SSL.Connection(context, None)
@@ -144,7 +130,7 @@ class MemoryBioTls:
         self._ssl = self.connection._ssl
         self._into_ssl = self.connection._into_ssl
         self._from_ssl = self.connection._from_ssl
-        self._encrypted: list[bytes] = []  # ciphertext `send` took out of the BIO, for outgoing()
+        self._pump: Pump = new_pump(self.connection)  # module global: tests swap pure/compiled
 
     def _move(self, new_state: TlsState) -> None:
         if new_state not in _ALLOWED[self.state]:
@@ -155,60 +141,29 @@ class MemoryBioTls:
         """Move to BROKEN and return the exception to raise (the OpenSSL error queue says why)."""
         raise NotImplementedError
 
-    def _read_plaintext(self) -> bytes:
-        pieces = []
-        while True:
-            count = lib.SSL_read(self._ssl, SHARED_BUFFER, READ_CHUNK)
-            if count > 0:
-                pieces.append(ffi.buffer(SHARED_BUFFER, count)[:])
-                if not lib.BIO_ctrl_pending(self._into_ssl) and not lib.SSL_pending(self._ssl):
-                    break  # all consumed: skip the SSL_read + SSL_get_error that would say so
-                continue
-            error = lib.SSL_get_error(self._ssl, count)
-            if error == lib.SSL_ERROR_WANT_READ:
-                break
-            if error == lib.SSL_ERROR_ZERO_RETURN:  # the peer's close_notify
-                self._move(TlsState.PEER_CLOSED)
-                break
+    def _read_plaintext(self, ciphertext: bytes = b"") -> bytes:
+        """Feed `ciphertext` (an OPEN connection's socket bytes) and return all plaintext it completes."""
+        plaintext, ending = self._pump.read(ciphertext)
+        if ending == FAILED:
             raise self._break()
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if ending == CLOSE_NOTIFY:  # the peer's close_notify: we may still send
+            self._move(TlsState.PEER_CLOSED)
+        return plaintext
 
     def _refuse_send(self) -> Exception:
         return TlsFailure(f"cannot send in state {self.state.value}")
 
     def send(self, plaintext: bytes) -> None:
-        """Encrypt `plaintext` into the outgoing BIO.
-
-        pyOpenSSL turns on SSL_MODE_ENABLE_PARTIAL_WRITE, so one SSL_write takes one record
-        (16 KiB) at most: loop. The memory BIO grows as needed, so every call makes progress.
-        After each record of a longer plaintext its ciphertext leaves the BIO for `_encrypted`:
-        OpenSSL's memory BIO never shrinks (it keeps its largest size for the connection's life),
-        so it stays at one record, 16 KiB + 22, instead of a whole flush (~85 KiB for 64 KiB).
-        """
+        """Encrypt `plaintext` into records for `outgoing()` (one 16 KiB record per SSL_write, in
+        `proxy.tls.pump`, whose BIO stays at one record however long the plaintext)."""
         if self.state not in _SENDABLE:
             raise self._refuse_send()
-        total = len(plaintext)
-        written = lib.SSL_write(self._ssl, plaintext, total)
-        if written == total:
-            return
-        buffer = ffi.from_buffer(plaintext)
-        offset = 0
-        while written > 0:
-            offset += written
-            self._encrypted.append(take_ciphertext(self._from_ssl))
-            if offset == total:
-                return
-            written = lib.SSL_write(self._ssl, buffer + offset, total - offset)
-        raise self._break()
+        if not self._pump.write(plaintext):
+            raise self._break()
 
     def outgoing(self) -> bytes:
         """Ciphertext waiting to go to the socket (handshake records, alerts, application data)."""
-        if not self._encrypted:
-            return take_ciphertext(self._from_ssl)
-        self._encrypted.append(take_ciphertext(self._from_ssl))
-        ciphertext = b"".join(self._encrypted)
-        self._encrypted.clear()
-        return ciphertext
+        return self._pump.drain()
 
     def close(self) -> None:
         """Queue our close_notify (if the session is healthy) and keep the session resumable."""
@@ -270,6 +225,8 @@ class ServerTls(MemoryBioTls):
 
     def receive(self, ciphertext: bytes) -> bytes:
         """Take bytes from the socket; return the plaintext they complete (maybe b"")."""
+        if self.state is TlsState.OPEN:
+            return self._read_plaintext(ciphertext)  # the hot path: one pump call
         if self.state in _INPUT_ENDED:
             return b""
         lib.BIO_write(self._into_ssl, ciphertext, len(ciphertext))
