@@ -47,6 +47,10 @@ class Balancer:
         self._endpoints = {**self._endpoints, backend: endpoints}
         self._close_unused_pools()
 
+    def has_endpoints(self, backend: str) -> bool:
+        """Whether `candidates` would name any (without moving the round-robin cursor)."""
+        return bool(self._endpoints.get(backend))
+
     def candidates(self, backend: str) -> list[Address]:
         """All endpoints, starting at the next one in round-robin order (retries walk on)."""
         endpoints = self._endpoints.get(backend, ())

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.http1 import RequestHead, ResponseHead
+
+if TYPE_CHECKING:
+    from config.model import Address, BackendProtocol, Configuration
+    from proxy.router import RouteMatch
 
 IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
@@ -129,3 +134,67 @@ def plan_http1_response(request: RequestHead, response: ResponseHead, draining: 
 def http1_connection_continues(request: RequestHead, exchange_keeps: bool, draining: bool) -> bool:
     """After answering `request`: may the HTTP/1.1 connection read the next one?"""
     return exchange_keeps and request.keep_alive and request.version == "1.1" and not draining
+
+
+class RouteOutcome(enum.Enum):
+    """What a routed request becomes: a local answer (by kind), or a forward (by kind of backend).
+
+    The one routing decision of both request paths (`route_outcome`): the general path
+    (`exchange.exchange`) dispatches on it, the fast path (`proxy.fast_path`) takes HTTP1_PLAIN
+    alone, so a kind of request added here is the general path's until someone makes it plain."""
+
+    GRPC_OVER_HTTP1 = "grpc over http/1.1"  # 426: gRPC needs HTTP/2 end to end
+    REDIRECT_TO_HTTPS = "redirect to https"  # 308 on a plaintext listener
+    CERTIFICATE_REFUSED = "client certificate refused"  # the host's client-auth answer (400/421/302)
+    NOT_FOUND = "not found"  # 404: no host or path matched and no default backend
+    POLICY = "policy"  # the route's policy answers or shapes the forward (its own 503 when empty)
+    NO_ENDPOINTS = "no endpoints"  # 503
+    HTTP2_BACKEND = "http/2 backend"  # multiplexed: h2 or gRPC endpoints
+    HTTP1_BACKEND = "http/1.1 backend"  # with headers to vouch for: a trusted X-Forwarded-For's or a client certificate's
+    HTTP1_PLAIN = "plain http/1.1 backend"  # nothing to judge or vouch for: the fast path's
+
+
+class Backends(Protocol):
+    """What `route_outcome` reads of the balancer (proxy.balancer.Balancer), without moving its cursor."""
+
+    def protocol(self, backend: str) -> BackendProtocol: ...
+
+    def has_endpoints(self, backend: str) -> bool: ...
+
+
+def route_outcome(
+    match: RouteMatch,
+    configuration: Configuration,
+    tls_listener: bool,
+    http2_client: bool,
+    grpc: bool,
+    certificate_refused: bool,
+    backends: Backends,
+) -> RouteOutcome:
+    """The outcome of one request. Reads only: the caller takes the endpoints of a forward
+    (`Balancer.candidates`, which moves the round-robin cursor) once it serves it, so a path that
+    declines (the fast path, for any outcome but HTTP1_PLAIN) leaves the cursor where it was.
+
+    `certificate_refused`: the client-certificate answer of a host with client auth was a refusal
+    (`exchange._client_certificate`). The fast path never judges certificates and passes False: a
+    client-auth host is HTTP1_BACKEND at best, never HTTP1_PLAIN. The order is the precedence: a
+    gRPC request over HTTP/1.1 is refused before a redirect, a redirect before a certificate."""
+    virtual_host = match.virtual_host
+    if grpc and not http2_client:
+        return RouteOutcome.GRPC_OVER_HTTP1
+    if virtual_host is not None and virtual_host.redirect_to_https and not tls_listener:
+        return RouteOutcome.REDIRECT_TO_HTTPS
+    if certificate_refused:
+        return RouteOutcome.CERTIFICATE_REFUSED
+    backend = match.backend
+    if backend is None:
+        return RouteOutcome.NOT_FOUND
+    if match.policy is not None:
+        return RouteOutcome.POLICY
+    if not backends.has_endpoints(backend):
+        return RouteOutcome.NO_ENDPOINTS
+    if backends.protocol(backend).multiplexed:
+        return RouteOutcome.HTTP2_BACKEND
+    if configuration.real_ip is not None or (virtual_host is not None and virtual_host.client_auth is not None):
+        return RouteOutcome.HTTP1_BACKEND
+    return RouteOutcome.HTTP1_PLAIN

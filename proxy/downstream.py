@@ -38,7 +38,7 @@ import struct
 
 from proxy import fast_path, memory, metrics
 from proxy.client_auth import ClientVerification, verification_of
-from proxy.deadlines import Deadline, deadline_sweeper
+from proxy.deadlines import Deadline, DeadlineSweeper, deadline_sweeper
 from proxy.decisions import http1_connection_continues, plan_http1_response
 from proxy.exchange import HttpDate, exchange, hsts_header
 from proxy.flow import ConnectionGone, Failure, FlowControlled
@@ -113,7 +113,7 @@ class ClientConnection(FlowControlled):
         self._idle_deadline = 0.0  # fast and idle: close at this loop time...
         self._head_deadline = 0.0  # ...or answer 408 at this one, once a head has begun (0: none)
         self.deadline_queued = 0.0  # the sweeper's entry for us (0: none)
-        self.sweeper = fast_path.sweeper()
+        self.sweeper: DeadlineSweeper = deadline_sweeper(self.loop)  # the loop's one: handshake, idle, head, in flight
 
     # -- protocol side ------------------------------------------------------------------------
 
@@ -131,7 +131,7 @@ class ClientConnection(FlowControlled):
         else:
             self._serve_http1()
         if self.tls is not None or self._proxy_header is not None:
-            self._handshake_timer = deadline_sweeper(self.loop).call_later(
+            self._handshake_timer = self.sweeper.call_later(
                 generation.configuration.timeouts.handshake, self._handshake_expired
             )
 
@@ -420,7 +420,6 @@ class ClientConnection(FlowControlled):
     def _serve_http1(self) -> None:
         """HTTP/1.1 from here on: by the fast path while it can take the requests, else the handler."""
         if fast_path.ENABLED:
-            self.sweeper = fast_path.sweeper()
             self._fast_idle()
         else:
             self._start_handler(None)

@@ -48,7 +48,7 @@ from config.model import Address, ClientAuth, Hsts, Timeouts, VirtualHost
 from proxy import client_auth, metrics, policy as route_policy
 from proxy.access_log import ACCESS_LOG
 from proxy.client_auth import ClientVerification
-from proxy.decisions import FailureKind, Retry, is_replayable, retry_after
+from proxy.decisions import FailureKind, Retry, RouteOutcome, is_replayable, retry_after, route_outcome
 from proxy.flow import ConnectionGone
 from proxy.http1 import LAST_CHUNK, Body, EndOfMessage, Headers, PeerError, RequestHead, ResponseHead, encode_chunk
 from proxy.http1 import upstream_request_head
@@ -174,37 +174,41 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     refusal = None
     if virtual_host is not None and virtual_host.client_auth is not None:
         refusal, head = _client_certificate(client, virtual_host.client_auth, head)
-    if grpc and client.protocol != "h2":
-        status = 426
-        keep = client.answer_locally(head, status, _GRPC_OVER_HTTP1 + hsts)
-    elif not client.listener.tls and virtual_host is not None and virtual_host.redirect_to_https:
-        status = 308
-        keep = client.answer_locally(head, status, _redirect_header(head, state.https_port) + hsts)
-    elif refusal is not None:
-        status = refusal.status
-        keep = client.answer_locally(head, status, refusal.extra + hsts, refusal.body)
-    elif backend is None:
-        status = 404
-        keep = _answer(client, head, status, hsts, grpc)
-    elif match.policy is not None:
+    outcome = route_outcome(
+        match, generation.configuration, client.listener.tls, client.protocol == "h2", grpc, refusal is not None, state.balancer
+    )
+    if outcome is RouteOutcome.HTTP1_PLAIN or outcome is RouteOutcome.HTTP1_BACKEND:
+        assert backend is not None
+        status, keep = await _proxy(
+            client, state, head, backend, state.balancer.candidates(backend), generation.configuration.timeouts, hsts,
+            real_ip=real_ip, forwarded_for=forwarded_for,
+        )  # fmt: skip
+    elif outcome is RouteOutcome.HTTP2_BACKEND:
+        assert backend is not None
+        status, keep = await _proxy_http2(
+            client, state, head, backend, state.balancer.candidates(backend), generation.configuration.timeouts, hsts, grpc,
+            real_ip=real_ip, forwarded_for=forwarded_for,
+        )  # fmt: skip
+    elif outcome is RouteOutcome.POLICY:
+        assert backend is not None and match.policy is not None
         if match.policy.canary is not None:  # chosen here so that metrics and the access log name it
             backend = route_policy.chosen_backend(match.policy, backend, head, random.random())
         status, keep = await _proxy_with_policy(
             client, state, head, backend, match.policy, generation, hsts, client_ip, real_ip, forwarded_for, grpc
         )
-    elif not (candidates := state.balancer.candidates(backend)):
-        status = 503
-        keep = _answer(client, head, status, hsts, grpc)
-    elif state.balancer.protocol(backend).multiplexed:
-        timeouts = generation.configuration.timeouts
-        status, keep = await _proxy_http2(
-            client, state, head, backend, candidates, timeouts, hsts, grpc, real_ip=real_ip, forwarded_for=forwarded_for
-        )
+    elif outcome is RouteOutcome.GRPC_OVER_HTTP1:
+        status = 426
+        keep = client.answer_locally(head, status, _GRPC_OVER_HTTP1 + hsts)
+    elif outcome is RouteOutcome.REDIRECT_TO_HTTPS:
+        status = 308
+        keep = client.answer_locally(head, status, _redirect_header(head, state.https_port) + hsts)
+    elif outcome is RouteOutcome.CERTIFICATE_REFUSED:
+        assert refusal is not None
+        status = refusal.status
+        keep = client.answer_locally(head, status, refusal.extra + hsts, refusal.body)
     else:
-        timeouts = generation.configuration.timeouts
-        status, keep = await _proxy(
-            client, state, head, backend, candidates, timeouts, hsts, real_ip=real_ip, forwarded_for=forwarded_for
-        )
+        status = 404 if outcome is RouteOutcome.NOT_FOUND else 503  # NO_ENDPOINTS
+        keep = _answer(client, head, status, hsts, grpc)
     record_exchange(client, head, generation, host_label, backend, status, loop.time() - started)
     return keep
 

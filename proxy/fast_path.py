@@ -13,9 +13,10 @@ path (`ClientConnection._fast`).
 
 Two places decide, each once per request, and both fall back to the general path:
 1. Before the request is sent (`start`): a complete head, no body or a buffered Content-Length
-   body of at most FAST_BODY_LIMIT bytes without `Expect`, no upgrade, no trusted X-Forwarded-For,
-   no gRPC, no redirect, a routed backend with no policy, HTTP/1.1 to its endpoints, and an idle
-   pooled connection to the first candidate. A check that fails before routing leaves the request
+   body of at most FAST_BODY_LIMIT bytes without `Expect`, no upgrade; the routing decision both
+   paths share (`decisions.route_outcome`) says HTTP1_PLAIN (no local answer, no policy, no
+   client certificate to judge, no trusted X-Forwarded-For, endpoints spoken to in HTTP/1.1); and an
+   idle pooled connection to the first candidate. A check that fails before routing leaves the request
    queued for `exchange`; one that fails after routing (no idle connection) hands the routed
    request to `exchange.proxy_routed`, so the round-robin cursor moves once per request whichever
    path serves it.
@@ -28,7 +29,7 @@ Two places decide, each once per request, and both fall back to the general path
    the request itself. Retries, failure kinds, 504s and mid-body cuts are the general path's alone.
    A hand-over happens at most once per request; afterwards this module never touches it again.
 
-Both paths share one set of decisions (`decisions.plan_http1_response`,
+Both paths share one set of decisions (`decisions.route_outcome`, `decisions.plan_http1_response`,
 `decisions.http1_connection_continues`), one head builder each way (`http1.upstream_request_head`,
 `http1.client_response_head`), one metrics/access-log record (`exchange.record_exchange`), and the
 pool's one door (`EndpointPool.give_back`, which checks `UpstreamConnection.reusable`), so they
@@ -36,24 +37,19 @@ cannot disagree on the bytes or on which connection may be reused. Pipelined req
 order: the connection takes the next queued request only after the previous response was written.
 
 Deadlines are timestamps, not timers: a request in flight has `FastExchange.deadline` (the
-backend's `backend_response`), a connection idle on this path its idle and head deadlines. One
-`Sweeper` per event loop checks them every TICK_SECONDS: requests in flight by a scan of the (small)
-in-flight set, idle connections through a heap of weak references whose entries are re-queued
-lazily when a connection's deadline moved later (it only moves later, except when a head starts).
+backend's `backend_response`), a connection idle on this path its idle and head deadlines; the
+loop's one `proxy.deadlines.DeadlineSweeper` (the handshake timeout's too) acts on them.
 `INGRESS_PROXY_FAST_PATH=0` turns this module off: every request takes the general path.
 """
 
 from __future__ import annotations
 
-import asyncio
-import heapq
 import itertools
 import os
-import weakref
 from typing import TYPE_CHECKING
 
 from proxy import metrics
-from proxy.decisions import http1_connection_continues, plan_http1_response
+from proxy.decisions import RouteOutcome, http1_connection_continues, plan_http1_response, route_outcome
 from proxy.exchange import HttpDate, hsts_header, proxy_routed, record_exchange
 from proxy.flow import ConnectionGone, Failure
 from proxy.http1 import END_OF_MESSAGE, Body, RequestHead, ResponseHead, client_response_head, upstream_request_head
@@ -69,7 +65,6 @@ if TYPE_CHECKING:
 ENABLED = os.environ.get("INGRESS_PROXY_FAST_PATH", "1") != "0"
 FAST_BODY_LIMIT = 16 * 1024  # a request body already buffered whole, forwarded with its head in one write
 FAST_RESPONSE_LIMIT = 64 * 1024  # a response is held whole before it is written: beyond this, streaming pays
-TICK_SECONDS = 0.05  # deadlines fire at most this late (the hostile tests allow 0.1 s below header_read)
 
 
 class FastExchange:
@@ -197,23 +192,17 @@ def start(client: ClientConnection, head: RequestHead) -> bool:
         body_events = 0
     state = client.server
     generation = state.generation
-    if generation.configuration.real_ip is not None or is_grpc(head.headers):
-        return False
     match = generation.router.route(head.host.decode("latin-1"), head.path)
-    virtual_host = match.virtual_host
-    backend = match.backend
-    if backend is None or match.policy is not None:
-        return False
-    if virtual_host is not None and (
-        (virtual_host.redirect_to_https and not client.listener.tls) or virtual_host.client_auth is not None
-    ):
-        return False  # a redirect, or a client certificate to judge (and headers to vouch for): `exchange`'s
     balancer = state.balancer
-    if balancer.protocol(backend).multiplexed:
-        return False
+    if (
+        route_outcome(match, generation.configuration, client.listener.tls, False, is_grpc(head.headers), False, balancer)
+        is not RouteOutcome.HTTP1_PLAIN
+    ):
+        return False  # anything to answer locally, judge, vouch for or shape is `exchange`'s
+    backend = match.backend
+    assert backend is not None
+    virtual_host = match.virtual_host
     candidates = balancer.candidates(backend)
-    if not candidates:
-        return False
     # Routed: from here the request is the fast path's, or the general path's from routing on
     # (which takes the head as its handler would, and leaves a body queued for `_proxy` to read).
     client.ready_event()
@@ -252,57 +241,3 @@ def start(client: ClientConnection, head: RequestHead) -> bool:
     client.fast_sent(exchange)
     client.sweeper.add_in_flight(exchange)
     return True
-
-
-class Sweeper:
-    """The one timer per event loop behind every fast-path deadline (see the module comment)."""
-
-    def __init__(self) -> None:
-        self.in_flight: set[FastExchange] = set()
-        self._idle: list[tuple[float, int, weakref.ref[ClientConnection]]] = []
-        self._order = itertools.count()  # ties in the heap never compare connections
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add_in_flight(self, exchange: FastExchange) -> None:
-        self.in_flight.add(exchange)
-        if self._timer is None:
-            self._arm()
-
-    def watch(self, connection: ClientConnection, when: float) -> None:
-        """Make sure `connection.deadline_reached` runs at or after `when` (within a tick)."""
-        queued = connection.deadline_queued
-        if queued == 0.0 or when < queued:
-            connection.deadline_queued = when
-            heapq.heappush(self._idle, (when, next(self._order), weakref.ref(connection)))
-            if self._timer is None:
-                self._arm()
-
-    def _arm(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        now = asyncio.get_running_loop().time()
-        if self.in_flight:
-            for exchange in [exchange for exchange in self.in_flight if exchange.deadline <= now]:
-                exchange.expired()
-        idle = self._idle
-        while idle and idle[0][0] <= now:
-            when, _, reference = heapq.heappop(idle)
-            connection = reference()
-            if connection is not None and connection.deadline_queued == when:
-                connection.deadline_queued = 0.0
-                connection.deadline_reached(now)
-        if self.in_flight or idle:
-            self._arm()
-
-
-_SWEEPERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Sweeper] = weakref.WeakKeyDictionary()
-
-
-def sweeper() -> Sweeper:
-    loop = asyncio.get_running_loop()
-    found = _SWEEPERS.get(loop)
-    if found is None:
-        found = _SWEEPERS[loop] = Sweeper()
-    return found

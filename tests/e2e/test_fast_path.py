@@ -4,9 +4,25 @@ answer, and pipelined requests through both paths come back in order."""
 
 from __future__ import annotations
 
+import ipaddress
+
+import trustme
 from prometheus_client import REGISTRY
 
-from config.model import Address, PathType, Timeouts
+from config.model import (
+    Address,
+    Backend,
+    ClientAuth,
+    ClientVerify,
+    Configuration,
+    PathRule,
+    PathType,
+    RealIp,
+    RoutePolicy,
+    RouteTable,
+    Timeouts,
+    VirtualHost,
+)
 from proxy import fast_path
 from proxy.flow import ConnectionGone
 from tests.conftest import simple_configuration
@@ -140,3 +156,46 @@ async def test_pooled_connection_that_refuses_the_write_is_retried_on_a_new_one(
     assert status == 200 and b'"/again"' in body
     assert pooled.closed and [seen["path_qs"] for seen in backend.received] == ["/warm", "/again"]
     writer.close()
+
+
+async def test_requests_with_anything_to_judge_or_vouch_for_never_take_the_fast_path(start_proxy, start_backend):
+    """The routing decision both paths share (decisions.route_outcome): only a plain HTTP/1.1
+    forward is the fast path's, even with an idle pooled connection waiting for it."""
+    backend = await start_backend()
+    rule = ("/", PathType.PREFIX, "app")
+    hosts = (
+        VirtualHost("plain.test", (PathRule(*rule),)),
+        VirtualHost("cert.test", (PathRule(*rule),), client_auth=ClientAuth(trustme.CA().cert_pem.bytes(), ClientVerify.OPTIONAL)),
+        VirtualHost("policy.test", (PathRule(*rule, RoutePolicy(forwarded_prefix="/p")),)),
+        VirtualHost("redirect.test", (PathRule(*rule),), redirect_to_https=True),
+    )
+    routes = RouteTable(hosts, (Backend("app", (backend.address,)),))
+    proxy = await start_proxy(Configuration(routes, timeouts=Timeouts(drain=2.0)))
+    trusting = await start_proxy(
+        configuration(backend.address, real_ip=RealIp((ipaddress.ip_network("127.0.0.0/8"),)))
+    )
+    reader, writer = await open_raw(proxy.http_port)
+    trusting_reader, trusting_writer = await open_raw(trusting.http_port)
+    for warm_reader, warm_writer, host in ((reader, writer, b"plain.test"), (trusting_reader, trusting_writer, b"x")):
+        warm_writer.write(b"GET /warm HTTP/1.1\r\nHost: %s\r\n\r\n" % host)  # leaves an idle pooled connection
+        assert (await read_response(warm_reader))[0] == 200
+    before = counts()
+    for request, status in (
+        (b"GET /c HTTP/1.1\r\nHost: cert.test\r\n\r\n", 200),  # forwarded with ssl-client-verify: NONE
+        (b"GET /p HTTP/1.1\r\nHost: policy.test\r\n\r\n", 200),
+        (b"GET /g HTTP/1.1\r\nHost: plain.test\r\nContent-Type: application/grpc\r\n\r\n", 426),
+        (b"GET /r HTTP/1.1\r\nHost: redirect.test\r\n\r\n", 308),
+    ):
+        writer.write(request)
+        assert (await read_response(reader))[0] == status
+    trusting_writer.write(b"GET /xff HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n")
+    assert (await read_response(trusting_reader))[0] == 200
+    assert counts() == before, "none of these may be served, sent or routed by the fast path"
+    seen = {entry["path_qs"]: {name.lower(): value for name, value in entry["headers"].items()} for entry in backend.received}
+    assert seen["/c"].get("ssl-client-verify") == "NONE" and seen["/p"].get("x-forwarded-prefix") == "/p"
+    assert seen["/xff"].get("x-real-ip") == "192.0.2.7"
+    writer.write(b"GET /plain HTTP/1.1\r\nHost: plain.test\r\n\r\n")  # the control: this one is the fast path's
+    assert (await read_response(reader))[0] == 200
+    assert counts()[0] - before[0] == (1 if fast_path.ENABLED else 0)
+    writer.close()
+    trusting_writer.close()

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
+from config.model import (
+    Address,
+    Backend,
+    BackendProtocol,
+    ClientAuth,
+    Configuration,
+    PathRule,
+    PathType,
+    RealIp,
+    RouteTable,
+    RoutePolicy,
+    VirtualHost,
+)
+from proxy.balancer import Balancer
 from proxy.decisions import (
     FailureKind,
     Retry,
+    RouteOutcome,
     http1_connection_continues,
     is_replayable,
     plan_http1_response,
     retry_after,
+    route_outcome,
     tls_failure_kind,
 )
 from proxy.http1 import RequestHead, ResponseHead
+from proxy.policy import CompiledPolicy
+from proxy.router import RouteMatch
 
 
 def request(method: bytes = b"GET", version: str = "1.1", body: bool = False, upgrade: bool = False, keep: bool = True) -> RequestHead:
@@ -109,3 +129,60 @@ def test_http1_connection_continues(head: RequestHead, keeps: bool, draining: bo
 def test_tls_failure_kind(verify_result: int, expected: FailureKind) -> None:
     assert tls_failure_kind(verify_result) is expected
     assert expected.status == 502
+
+
+_RULE = PathRule("/", PathType.PREFIX, "app")
+_PLAIN_HOST = VirtualHost("a.test", (_RULE,))
+_REDIRECTING_HOST = VirtualHost("r.test", (_RULE,), redirect_to_https=True)
+_CLIENT_AUTH_HOST = VirtualHost("c.test", (_RULE,), client_auth=ClientAuth(b"(a CA bundle)"))
+_POLICY = CompiledPolicy(PathRule("/", PathType.PREFIX, "app", RoutePolicy(rewrite_target="/x")))
+_PLAIN = Configuration(RouteTable((), ()))
+_TRUSTED_XFF = Configuration(RouteTable((), ()), real_ip=RealIp((ipaddress.ip_network("10.0.0.0/8"),)))
+
+
+def _backends() -> Balancer:
+    balancer = Balancer()
+    endpoint = (Address("127.0.0.1", 8080),)
+    balancer.set_backends(
+        (Backend("app", endpoint), Backend("empty", ()), Backend("grpc", endpoint, BackendProtocol.H2C))
+    )
+    return balancer
+
+
+_ROUTE_OUTCOMES = [  # (match, configuration, TLS listener, HTTP/2 client, gRPC, certificate refused) → outcome
+    (RouteMatch(_PLAIN_HOST, "app"), _PLAIN, True, False, False, False, RouteOutcome.HTTP1_PLAIN),
+    (RouteMatch(None, "app"), _PLAIN, False, False, False, False, RouteOutcome.HTTP1_PLAIN),  # the default backend
+    (RouteMatch(_PLAIN_HOST, "app"), _PLAIN, True, True, False, False, RouteOutcome.HTTP1_PLAIN),  # an h2 client too
+    (RouteMatch(_PLAIN_HOST, "app"), _TRUSTED_XFF, True, False, False, False, RouteOutcome.HTTP1_BACKEND),
+    (RouteMatch(_CLIENT_AUTH_HOST, "app"), _PLAIN, True, False, False, False, RouteOutcome.HTTP1_BACKEND),
+    (RouteMatch(_CLIENT_AUTH_HOST, "app"), _PLAIN, True, False, False, True, RouteOutcome.CERTIFICATE_REFUSED),
+    (RouteMatch(_CLIENT_AUTH_HOST, None), _PLAIN, True, False, False, True, RouteOutcome.CERTIFICATE_REFUSED),  # before 404
+    (RouteMatch(_PLAIN_HOST, "app"), _PLAIN, True, False, True, False, RouteOutcome.GRPC_OVER_HTTP1),
+    (RouteMatch(_REDIRECTING_HOST, None), _PLAIN, False, False, True, True, RouteOutcome.GRPC_OVER_HTTP1),  # first of all
+    (RouteMatch(_PLAIN_HOST, "grpc"), _PLAIN, True, True, True, False, RouteOutcome.HTTP2_BACKEND),
+    (RouteMatch(_PLAIN_HOST, "grpc"), _TRUSTED_XFF, True, False, False, False, RouteOutcome.HTTP2_BACKEND),
+    (RouteMatch(_REDIRECTING_HOST, "app"), _PLAIN, False, False, False, False, RouteOutcome.REDIRECT_TO_HTTPS),
+    (RouteMatch(_REDIRECTING_HOST, "app"), _PLAIN, False, False, False, True, RouteOutcome.REDIRECT_TO_HTTPS),
+    (RouteMatch(_REDIRECTING_HOST, "app"), _PLAIN, True, False, False, False, RouteOutcome.HTTP1_PLAIN),  # already HTTPS
+    (RouteMatch(_PLAIN_HOST, None), _PLAIN, True, False, False, False, RouteOutcome.NOT_FOUND),
+    (RouteMatch(None, None), _TRUSTED_XFF, True, False, False, False, RouteOutcome.NOT_FOUND),
+    (RouteMatch(_PLAIN_HOST, "app", _POLICY), _PLAIN, True, False, False, False, RouteOutcome.POLICY),
+    (RouteMatch(_PLAIN_HOST, "empty", _POLICY), _PLAIN, True, False, False, False, RouteOutcome.POLICY),  # its own 503
+    (RouteMatch(_PLAIN_HOST, "empty"), _PLAIN, True, False, False, False, RouteOutcome.NO_ENDPOINTS),
+    (RouteMatch(_PLAIN_HOST, "unknown"), _PLAIN, True, False, False, False, RouteOutcome.NO_ENDPOINTS),
+    (RouteMatch(_CLIENT_AUTH_HOST, "empty"), _PLAIN, True, False, False, False, RouteOutcome.NO_ENDPOINTS),
+]
+
+
+@pytest.mark.parametrize(("match", "configuration", "tls", "http2_client", "grpc", "refused", "outcome"), _ROUTE_OUTCOMES)
+def test_route_outcome(
+    match: RouteMatch, configuration: Configuration, tls: bool, http2_client: bool, grpc: bool, refused: bool,
+    outcome: RouteOutcome,
+) -> None:  # fmt: skip
+    backends = _backends()
+    assert route_outcome(match, configuration, tls, http2_client, grpc, refused, backends) is outcome
+    assert backends._cursor == {}, "deciding must not move the round-robin cursor: the path that serves it does"
+
+
+def test_every_outcome_has_a_row() -> None:
+    assert {row[-1] for row in _ROUTE_OUTCOMES} == set(RouteOutcome)
