@@ -17,6 +17,7 @@ from proxy.client_auth import CERTIFICATE_ERROR, MISDIRECTED, NO_CERTIFICATE, ve
 from proxy.contexts import ContextCache
 from proxy.tls import ServerTls, TlsState
 from tests.conftest import certificate_for
+from tests.memory_tls import handshake, pending
 from tests.unit.test_contexts import install_pem_key
 
 ON, OPTIONAL, NO_CA = ClientVerify.ON, ClientVerify.OPTIONAL, ClientVerify.OPTIONAL_NO_CA
@@ -139,30 +140,11 @@ def _client(name: bytes, version: int, issued: trustme.LeafCert | None, session:
     return client
 
 
-def _pending(connection: SSL.Connection) -> bytes:
-    try:
-        return connection.bio_read(1 << 20)
-    except SSL.WantReadError:
-        return b""
-
-
 def _connect(cache: ContextCache, name: bytes, version: int, issued=None, session=None) -> tuple[ServerTls, SSL.Connection]:
     """A full exchange: handshake, then one byte each way (so a TLS 1.3 client has its tickets)."""
     assert cache.current is not None
     server, client = ServerTls(cache.current.default), _client(name, version, issued, session)
-    for _ in range(10):
-        try:
-            client.do_handshake()
-        except SSL.WantReadError:
-            pass
-        to_server = _pending(client)
-        if to_server:
-            server.receive(to_server)
-        to_client = server.outgoing()
-        if to_client:
-            client.bio_write(to_client)
-        if server.state is TlsState.OPEN and not to_server and not to_client:
-            break
+    handshake(server, client)
     assert server.state is TlsState.OPEN
     server.send(b"x")
     client.bio_write(server.outgoing())

@@ -32,6 +32,7 @@ from proxy import compiled
 from proxy.tls import MemoryBioTls, ServerTls, TlsFailure, TlsState, libssl
 from proxy.tls import pump as pumps
 from proxy.upstream_tls import ClientTls, UpstreamTlsFailure
+from tests.memory_tls import pending
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILT = sorted(glob.glob(str(ROOT / "proxy" / "tls" / "_pump*.so")))
@@ -122,13 +123,6 @@ def _contexts(version: int) -> tuple[SSL.Context, SSL.Context]:
     return server, client
 
 
-def _pending(connection: SSL.Connection) -> bytes:
-    try:
-        return connection.bio_read(1 << 22)
-    except SSL.WantReadError:
-        return b""
-
-
 def _peer_recv(peer: SSL.Connection) -> tuple:
     received = b""
     try:
@@ -181,7 +175,7 @@ def run_scenario(server_side: bool, version: int, steps: list[tuple], splits: li
         except SSL.WantReadError:
             pass
         flush_ours()
-        incoming = _pending(peer)
+        incoming = pending(peer)
         log.append(("wire-in", incoming))
         if incoming:
             deliver(incoming)
@@ -196,7 +190,7 @@ def run_scenario(server_side: bool, version: int, steps: list[tuple], splits: li
                     peer.send(message)
                 except SSL.Error as error:  # the peer is closed or broken: part of what is compared
                     log.append(("peer-send-error", repr(error)))
-            incoming = _pending(peer)
+            incoming = pending(peer)
             log.append(("wire-in", incoming))
             deliver(incoming)
             flush_ours()
@@ -209,7 +203,7 @@ def run_scenario(server_side: bool, version: int, steps: list[tuple], splits: li
                 peer.shutdown()
             except SSL.Error as error:
                 log.append(("peer-shutdown-error", str(error)))
-            deliver(_pending(peer))
+            deliver(pending(peer))
             flush_ours()
         elif kind == "we_close":
             if ours.state is not TlsState.ASYNC_PAUSED:
@@ -222,7 +216,7 @@ def run_scenario(server_side: bool, version: int, steps: list[tuple], splits: li
         elif kind == "peer_alerts":  # the peer chokes on a forged record and answers with an alert
             peer.bio_write(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
             log.append(_peer_recv(peer))
-            deliver(_pending(peer))
+            deliver(pending(peer))
             flush_ours()
         elif kind == "renegotiate":  # TLS 1.2 only: the peer asks, OP_NO_RENEGOTIATION refuses
             try:
@@ -232,7 +226,7 @@ def run_scenario(server_side: bool, version: int, steps: list[tuple], splits: li
                 pass
             except SSL.Error as error:
                 log.append(("peer-renegotiate-error", str(error)))
-            deliver(_pending(peer))
+            deliver(pending(peer))
             flush_ours()
             log.append(_peer_recv(peer))
         log.append(("state", ours.state))

@@ -7,6 +7,7 @@ import trustme
 from OpenSSL import SSL, crypto
 
 from proxy.tls import ServerTls, TlsFailure, TlsState
+from tests.memory_tls import handshake, pending
 
 
 @pytest.fixture(scope="module")
@@ -28,30 +29,6 @@ def new_client(version: int = SSL.TLS1_3_VERSION, session: SSL.Session | None = 
     if session is not None:
         client.set_session(session)
     return client
-
-
-def pending(connection: SSL.Connection) -> bytes:
-    try:
-        return connection.bio_read(1 << 20)
-    except SSL.WantReadError:
-        return b""
-
-
-def handshake(server: ServerTls, client: SSL.Connection) -> None:
-    for _ in range(10):
-        try:
-            client.do_handshake()
-        except SSL.WantReadError:
-            pass
-        to_server = pending(client)
-        if to_server:
-            server.receive(to_server)
-        to_client = server.outgoing()
-        if to_client:
-            client.bio_write(to_client)
-        if server.state is TlsState.OPEN and not to_server and not to_client:
-            return
-    raise AssertionError(f"handshake did not finish: {server.state}")
 
 
 @pytest.mark.parametrize("version, name", [(SSL.TLS1_2_VERSION, "TLSv1.2"), (SSL.TLS1_3_VERSION, "TLSv1.3")])

@@ -33,6 +33,7 @@ from proxy.contexts import ContextCache, choose_protocol, offered_protocols
 from proxy.stapling import OcspMismatch, StapledResponse
 from proxy.tls import ServerTls, TlsFailure, TlsState
 from tests.conftest import certificate_for
+from tests.memory_tls import pending
 from tests.unit.test_contexts import install_pem_key
 
 # ---- the checks, as tables ----------------------------------------------------------------------
@@ -219,13 +220,6 @@ def test_configmap_bad_values_are_problems_and_keep_the_defaults():
 
 
 # ---- handshakes against the built contexts ------------------------------------------------------
-
-
-def pending(connection: SSL.Connection) -> bytes:
-    try:
-        return connection.bio_read(1 << 20)
-    except SSL.WantReadError:
-        return b""
 
 
 def new_client(
