@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 from dataclasses import dataclass
 
 from OpenSSL import SSL, crypto
@@ -58,6 +59,7 @@ KeyInstaller = Callable[[SSL.Context, KeySource], str]
 
 _SESSION_CACHE_SECONDS = 300
 _ALPN_CALLBACK = "int(*)(SSL *, unsigned char **, unsigned char *, unsigned char *, unsigned int, void *)"
+_Entry = TypeVar("_Entry")
 _SERVERNAME_CALLBACK = "int (*)(SSL *, int *, void *)"
 _SERVERNAME_OK = 0  # SSL_TLSEXT_ERR_OK: go on with the handshake (also if a bug raised in the callback)
 _STATUS_CALLBACK = "int (*)(SSL *, void *)"
@@ -184,8 +186,8 @@ class ContextCache:
         assert default is not None, "the generated default certificate always loads"
         client_auth = _client_auth_by_host(configuration.routes.virtual_hosts)
         for host in by_host.keys() | {host for host, auth in client_auth.items() if auth is not None}:
-            certificates = _serving(host, by_host) or default_certificates
-            context = build.context_for(certificates, _client_auth_for(host, client_auth))
+            certificates = _own_or_wildcard(host, by_host) or default_certificates
+            context = build.context_for(certificates, _own_or_wildcard(host, client_auth))
             if context is None:
                 continue
             if host.startswith("*."):
@@ -316,22 +318,14 @@ def _client_auth_by_host(virtual_hosts: tuple[VirtualHost, ...]) -> dict[str, Cl
     return {host.host.lower(): host.client_auth for host in virtual_hosts if host.host}
 
 
-def _client_auth_for(host: str, by_host: dict[str, ClientAuth | None]) -> ClientAuth | None:
-    """The client auth of the virtual host `proxy.router` sends requests for `host` to: its own
-    pattern's, else (a precise name under a wildcard host) the wildcard's."""
-    if host in by_host:
-        return by_host[host]
+def _own_or_wildcard(host: str, table: Mapping[str, _Entry]) -> _Entry | None:
+    """`table`'s entry for the host pattern `host`, else (a precise name) the entry of the wildcard
+    one label up: how SNI picks a certificate and `proxy.router` a virtual host. A host listed
+    with its own entry never inherits the wildcard's, even when its entry is None."""
+    if host in table:
+        return table[host]
     dot = host.find(".")
-    return by_host.get("*." + host[dot + 1 :]) if dot > 0 and not host.startswith("*.") else None
-
-
-def _serving(host: str, by_host: dict[str, list[Certificate]]) -> list[Certificate] | None:
-    """The certificates SNI `host` is served with (its own, else a wildcard's); None: the default."""
-    found = by_host.get(host)
-    if found is None and not host.startswith("*."):
-        dot = host.find(".")
-        found = by_host.get("*." + host[dot + 1 :]) if dot > 0 else None
-    return found
+    return table.get("*." + host[dot + 1 :]) if dot > 0 and not host.startswith("*.") else None
 
 
 def _stapler(stapled: dict[int, StapledResponse]) -> object:
