@@ -394,11 +394,7 @@ class ClientConnection(FlowControlled):
         self._close()
 
     def _close(self) -> None:
-        if self.tls is None or self.tls.state is TlsState.OPEN:
-            self._flush()
-        else:  # the client's close_notify came (or TLS broke): nothing can be sent on it any more
-            self._out.clear()
-            self._out_size = 0
+        self._flush()  # after the client's close_notify too (PEER_CLOSED); dropped if TLS cannot send
         if self.closed or self.transport is None:
             return
         if self.tls is not None and not self.tls.waiting_for_async:
