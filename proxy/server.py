@@ -15,7 +15,8 @@ address fails at start with one line naming the address (`ListenerError`, exit s
 of silently taking half the traffic. SO_REUSEADDR stays on so a restart is not refused while old
 connections sit in TIME_WAIT; Linux still refuses a bind next to a listening socket. `--workers`
 shares listeners by inheritance instead (proxy/workers.py): the master binds, workers get the
-sockets as `inherited`.
+sockets as `inherited`, and a lock (`key_loading`) under which they publish in turn, so that no
+two workers log in to one HSM token at once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import signal
 import socket
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 from config.crypto import CryptoRuntime, CryptoSetupError
 from config.model import Address, Configuration, Listeners, Problem
@@ -51,10 +53,15 @@ class ListenerError(Exception):
 
 class ProxyServer:
     def __init__(
-        self, listeners: Listeners, ticket_keys: bytes | None = None, inherited: Mapping[str, socket.socket] | None = None
+        self,
+        listeners: Listeners,
+        ticket_keys: bytes | None = None,
+        inherited: Mapping[str, socket.socket] | None = None,
+        key_loading: AbstractContextManager[None] | None = None,
     ) -> None:
         self.listeners = listeners
         self._inherited = dict(inherited or {})  # listener name → socket bound by the --workers master
+        self._key_loading = key_loading or nullcontext()  # held while publishing (proxy/workers.py)
         self.https_port = listeners.https.port
         self.ticket_keys = ticket_keys or os.urandom(TICKET_KEYS_LENGTH)
         self.balancer = Balancer()
@@ -83,6 +90,10 @@ class ProxyServer:
         return self._generation is not None and not self.draining and len(self._servers) == listener_count
 
     def publish(self, configuration: Configuration) -> tuple[Problem, ...]:
+        with self._key_loading:  # crypto start-up and key loads: one --workers worker at a time
+            return self._publish(configuration)
+
+    def _publish(self, configuration: Configuration) -> tuple[Problem, ...]:
         problems: list[Problem] = []
         crypto = self._crypto
         if crypto is None or crypto.settings != configuration.crypto:
@@ -227,11 +238,12 @@ async def run_proxy(
     ticket_keys: bytes | None = None,
     with_admin: bool = True,
     inherited: Mapping[str, socket.socket] | None = None,
+    key_loading: AbstractContextManager[None] | None = None,
 ) -> int:
     """A process's main coroutine: admin listener, route source, data plane, drain on SIGTERM."""
     from proxy.admin import start_admin
 
-    server = ProxyServer(listeners, ticket_keys, inherited)
+    server = ProxyServer(listeners, ticket_keys, inherited, key_loading)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
