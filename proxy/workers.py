@@ -23,7 +23,8 @@ each C_Login rewrites the token file, and a process reading it meanwhile finds n
 "not initialised" (4 concurrent `pkcs11-tool --login` runs: 36 of 160 failed; in turn: none). A
 worker that lost that race left the key's certificate out and served the default certificate for
 its hosts. Signing with keys already loaded is unaffected (150 handshakes during a loop of foreign
-logins: all signed), so only publishing — crypto start-up and key loads — holds the lock.
+logins: all signed), so only the crypto part of a publish holds the lock — the runtime's start
+and the key loads, and only when an engine or a provider is configured (proxy/server.py).
 
 In Kubernetes mode the master also supervises one *watcher* child (`run_watcher`): the only
 process that talks to the API server; it feeds every worker over proxy/generation_feed.py. A
@@ -73,7 +74,7 @@ class WorkerStart:
 
     index: int
     ticket_keys: bytes  # shared, so a session ticket from one worker resumes in any other
-    key_loading: KeyLoadingLock  # held while publishing: workers load keys in turn
+    key_loading: KeyLoadingLock  # held while a publish loads keys: workers load them in turn
 
 
 def run_workers(count: int, run_worker: Callable[[WorkerStart], int], run_watcher: Callable[[], int] | None = None) -> int:
