@@ -367,6 +367,49 @@ def test_a_header_must_arrive_within_the_handshake_timeout(behind_l4: ProxyProce
     assert behind_l4.metric("ingress_proxy_proxy_header_refusals_total", listener=listener) == before + 1
 
 
+PATIENT_HANDSHAKE = 60.0  # far above SOON: a close within SOON cannot be this deadline's
+SOON = 10.0  # generous for a loaded two-core machine, yet a sixth of the deadline
+
+
+@pytest.fixture(scope="module")
+def patient(zoo: BackendZoo, certificate: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """Both listeners require the header and wait long for it."""
+    timeouts = {**TIMEOUTS, "handshake": PATIENT_HANDSHAKE}
+    yield from running(tmp_path_factory.mktemp("patient"), zoo, certificate, ("https", "http"), timeouts=timeouts)
+
+
+def half_closed(port: int, sent: bytes) -> socket.socket:
+    """A client that sends `sent` and then its FIN (it reads on): a balancer or client gone mid-header."""
+    sock = connect(port, sent)
+    sock.settimeout(SOON)
+    sock.shutdown(socket.SHUT_WR)
+    return sock
+
+
+@pytest.mark.parametrize("listener", ["https", "http"])
+@pytest.mark.parametrize("sent", [
+    pytest.param(v1("203.0.113.7")[:20], id="v1"),
+    pytest.param(v2("203.0.113.7")[:20], id="v2"),
+    pytest.param(b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 443\r", id="v1-all-but-lf"),
+])  # fmt: skip
+def test_input_ending_inside_the_header_closes_at_once(patient: ProxyProcess, listener: str, sent: bytes) -> None:
+    """A FIN inside the header is refused (and counted) then and there: the socket is closed
+    long before the 60 s handshake deadline (a wait for it would raise socket.timeout here)."""
+    before = patient.metric("ingress_proxy_proxy_header_refusals_total", listener=listener)
+    with half_closed(getattr(patient.ports, listener), sent) as sock:
+        assert closed_without_answer(sock)
+    assert patient.metric("ingress_proxy_proxy_header_refusals_total", listener=listener) == before + 1
+
+
+@pytest.mark.parametrize("listener", ["https", "http"])
+def test_a_connect_and_close_is_closed_at_once_uncounted(patient: ProxyProcess, listener: str) -> None:
+    """A TCP health check (connect, FIN, nothing sent) is no refusal: closed at once, not counted."""
+    before = patient.metric("ingress_proxy_proxy_header_refusals_total", listener=listener)
+    with half_closed(getattr(patient.ports, listener), b"") as sock:
+        assert closed_without_answer(sock)
+    assert patient.metric("ingress_proxy_proxy_header_refusals_total", listener=listener) == before
+
+
 @pytest.mark.parametrize("header", [pytest.param(v1("203.0.113.7"), id="v1"), pytest.param(v2("203.0.113.7"), id="v2")])
 def test_a_listener_without_it_treats_a_header_as_a_bad_client_hello(
     ca: trustme.CA, exposed: ProxyProcess, header: bytes
