@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -232,6 +233,10 @@ class ClientAuth:
     headers are always dropped, on every host. `error_page` (ingress-nginx `auth-tls-error-page`):
     a request refused for its certificate is redirected there (302) instead of answered 400. A
     host with `verify` OFF carries no ClientAuth at all (both producers leave it None).
+    `match_subject` (ingress-nginx `auth-tls-match-cn`): a regex searched, case-sensitive and
+    unanchored, in the certificate's subject DN in the form of the ssl-client-subject-dn header
+    (OpenSSL's RFC 2253, nginx's `$ssl_client_s_dn`; "" without a certificate); no match → 403.
+    Compiled once by the producer after `config.route_policy.check_regex` accepted it.
     """
 
     ca_pem: bytes = field(repr=False)
@@ -239,6 +244,7 @@ class ClientAuth:
     depth: int = 1
     pass_certificate: bool = False
     error_page: str | None = None  # an http(s) URL or a path, checked like a redirect location
+    match_subject: re.Pattern[str] | None = None  # None: any certificate the verify mode lets through
 
 
 # ---- end of client certificates ---------------------------------------------------------------

@@ -182,7 +182,7 @@ _TIMEOUT_KEYS = tuple(field.name for field in dataclasses.fields(Timeouts))
 _HSTS_KEYS = ("max_age", "include_subdomains", "preload")
 _ACCESS_LOG_KEYS = ("json",)
 _ROUTE_KEYS = ("host", "redirect_to_https", "hsts", "client_auth", "policy", "paths")
-_CLIENT_AUTH_KEYS = ("ca", "verify", "depth", "pass_certificate", "error_page")
+_CLIENT_AUTH_KEYS = ("ca", "verify", "depth", "pass_certificate", "error_page", "match_subject")
 _POLICY_KEYS = (
     "allow_sources", "deny_sources", "redirect", "app_root", "max_body_size", "regex", "rewrite_target", "forwarded_prefix",
     "connect_timeout", "read_timeout", "send_timeout", "request_headers", "response_headers", "upstream_host", "cors",
@@ -1347,8 +1347,8 @@ class _Checker:
         return Hsts(**settings)
 
     def client_auth(self, node: yaml.Node, where: str) -> ClientAuth | None | _Refused:
-        """`client_auth: {ca: FILE, verify: on, depth: 1, pass_certificate: false, error_page: URL}`
-        (None: verify off)."""
+        """`client_auth: {ca: FILE, verify: on, depth: 1, pass_certificate: false, error_page: URL,
+        match_subject: REGEX}` (None: verify off)."""
         fields = self.mapping(node, where, _CLIENT_AUTH_KEYS, required={"ca": "ca: FILE, a PEM bundle of the CAs that issue client certificates"})
         if fields is None:
             return _REFUSED
@@ -1390,9 +1390,22 @@ class _Checker:
             if text is not None:
                 error_page = self.checked(page_node, f"{where}.error_page", client_auth_rules.check_error_page, text)
             usable = usable and error_page is not None
+        match_subject = None
+        if "match_subject" in fields:
+            pattern_node = fields["match_subject"]
+            text = self.text(pattern_node, f"{where}.match_subject")
+            if text is not None:
+                match_subject = self.checked(pattern_node, f"{where}.match_subject", client_auth_rules.compile_match_subject, text)
+            if match_subject is not None:
+                try:
+                    client_auth_rules.check_match_subject_with(verify)
+                except ValueError as error:
+                    self.report(pattern_node, f"{where}.match_subject: {error}")
+                    usable = False
+            usable = usable and match_subject is not None
         if not usable:
             return _REFUSED
-        return client_auth_rules.client_auth(ca_pem, verify, depth, pass_certificate, error_page)
+        return client_auth_rules.client_auth(ca_pem, verify, depth, pass_certificate, error_page, match_subject)
 
     def access_log_json(self, node: yaml.Node) -> bool:
         fields = self.mapping(node, "access_log", _ACCESS_LOG_KEYS)

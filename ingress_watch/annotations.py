@@ -315,6 +315,7 @@ SUPPORTED_ANNOTATIONS = {  # name → what we do with it (README's table is writ
     "auth-tls-verify-depth": "intermediates allowed between the client's certificate and a CA of the Secret (default 1, OpenSSL's verify depth)",
     "auth-tls-pass-certificate-to-upstream": "also send the client's certificate upstream in ssl-client-cert (URL-escaped PEM)",
     "auth-tls-error-page": "redirect (302) a request refused for its client certificate here instead of answering 400",
+    "auth-tls-match-cn": "a regex searched in the client certificate's subject DN (RFC 2253, as ssl-client-subject-dn); no match → 403",
     "custom-headers": "namespace/name of a ConfigMap whose data are response headers set on every response of the Ingress",
     # ingress-proxy's own keys (ingress-nginx needs a configuration-snippet for these): one
     # "Name: value" per line for set/add, a comma-separated list of names for remove

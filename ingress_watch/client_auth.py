@@ -3,8 +3,10 @@
 Part of `ingress_watch.translate` (its theory of operation states the rules); pure, no I/O.
 The values are checked by `config.client_auth`, as the routes file's `client_auth:` is. Any
 refused value (a Secret that is missing, in another namespace or without a usable ca.crt, an
-unknown verify mode, a bad depth) leaves the Ingress's paths out: serving them without the client
-certificate check would open what the user meant to close.
+unknown verify mode, a bad depth, an `auth-tls-match-cn` regex that does not compile or could
+backtrack without end) leaves the Ingress's paths out: serving them without the client
+certificate check would open what the user meant to close. (ingress-nginx drops a match-cn value
+without "CN=" in it and serves without the check; we use any regex `check_regex` accepts.)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ingress_watch.objects import ObjectIndex, Rejected, object_metadata, object
 
 AUTH_TLS_ANNOTATIONS = (
     "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "auth-tls-pass-certificate-to-upstream",
-    "auth-tls-error-page",
+    "auth-tls-error-page", "auth-tls-match-cn",
 )  # fmt: skip
 
 
@@ -79,6 +81,13 @@ def _client_auth(values: dict[str, str], keys: dict[str, str], ingress: dict, in
             error_page = rules.check_error_page(values["auth-tls-error-page"])
         except PolicyValueError as error:
             raise Rejected(f"annotation {key('auth-tls-error-page')}: {error}") from None
+    match_subject = None
+    if "auth-tls-match-cn" in values:
+        try:
+            match_subject = rules.compile_match_subject(values["auth-tls-match-cn"])
+            rules.check_match_subject_with(verify)
+        except ValueError as error:
+            raise Rejected(f"annotation {key('auth-tls-match-cn')}: {error}") from None
     if "auth-tls-secret" not in values:
         if verify is ClientVerify.OFF:
             return None
@@ -92,4 +101,4 @@ def _client_auth(values: dict[str, str], keys: dict[str, str], ingress: dict, in
     if not name:
         raise Rejected(f"annotation {key('auth-tls-secret')}: no Secret named; write namespace/name or name")
     ca_pem = load_ca_bundle(index, object_namespace(ingress), name, key("auth-tls-secret"))
-    return rules.client_auth(ca_pem, verify, depth, pass_certificate, error_page)
+    return rules.client_auth(ca_pem, verify, depth, pass_certificate, error_page, match_subject)

@@ -59,6 +59,8 @@ DIFFERENCES = {
     "(not served open); a request whose Host needs a certificate on a connection whose SNI did not get 421",
     "auth-tls-verify-client": "as nginx; a younger Ingress disagreeing on the host's settings has its rules left out",
     "auth-tls-error-page": "302 to it for the 400s (missing or bad certificate); a 421 (SNI and Host disagree) is not redirected",
+    "auth-tls-match-cn": "any regex is applied (ingress-nginx ignores a value without CN=); one that does not compile or "
+    "could backtrack without end (as use-regex), or one with verify off, leaves the Ingress's paths out",
 }
 
 
@@ -124,7 +126,8 @@ def _client_auth_summary(virtual_host: VirtualHost) -> str:
     if auth is None:
         return "not asked"
     passed = ", certificate passed upstream" if auth.pass_certificate else ""
-    return f"verify {auth.verify.value}, depth {auth.depth}{passed}"
+    subject = f", subject DN must match {auth.match_subject.pattern!r}" if auth.match_subject is not None else ""
+    return f"verify {auth.verify.value}, depth {auth.depth}{passed}{subject}"
 
 
 def _policy_summary(policy: RoutePolicy | None) -> dict[str, str]:

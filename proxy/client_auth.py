@@ -17,6 +17,17 @@ peer certificate, and the exchange answers like nginx does after the handshake (
 
 nginx logs these as its internal codes 496 and 495 and sends 400 with those texts; so do we.
 
+A host with a subject pattern (`ClientAuth.match_subject`, ingress-nginx `auth-tls-match-cn`)
+then searches it in the certificate's subject DN, as ingress-nginx's server-level
+`if ($ssl_client_s_dn !~ PATTERN) { return 403 "client certificate unauthorized"; }` does: after
+the verdict (a 400 stays a 400), on whatever certificate the verdict let through (optional_no_ca's
+unknown issuer too), and on "" when there is none (optional, optional_no_ca, plaintext), which a
+pattern like `CN=alice` does not match: 403. The 403 is not sent to the error page (nginx's
+`error_page` covers 495/496 only). The DN is OpenSSL's RFC 2253 print (proxy.tls.libssl), the
+same bytes as the ssl-client-subject-dn header and as nginx's variable; one longer than
+`MAX_REGEX_SUBJECT` matches no pattern (the bound `check_regex` assumes). Decided once per
+connection, as the headers are.
+
 Session resumption keeps working on these hosts, safely. OpenSSL stores the peer certificate and
 the verification result in the session, so a resumed connection carries the identity verified by
 its full handshake. What must not happen is a session from one host resumed on another whose rules
@@ -39,18 +50,19 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from cryptography import x509
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi, lib
 
 from config.model import ClientAuth, ClientVerify
+from config.route_policy import MAX_REGEX_SUBJECT
 from config.tls_material import PEM_CERTIFICATE_BLOCK
-from proxy.tls.libssl import LIBSSL, address
+from proxy.tls.libssl import LIBSSL, address, name_rfc2253
 
 _SID_CTX_LENGTH = 32  # SSL_MAX_SID_CTX_LENGTH
 _TLSEXT_TYPE_SERVER_NAME = 0
@@ -88,6 +100,7 @@ UNKNOWN_ISSUER_ERRORS = frozenset(
 NO_CERTIFICATE_TEXT = b"400 Bad Request: No required SSL certificate was sent\n"  # nginx 496
 CERTIFICATE_ERROR_TEXT = b"400 Bad Request: The SSL certificate error\n"  # nginx 495
 MISDIRECTED_TEXT = b"421 Misdirected Request: this host needs a connection made for it (send its name as SNI)\n"
+SUBJECT_MISMATCH_TEXT = b"client certificate unauthorized"  # ingress-nginx's `return 403` text, as it sends it
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +113,7 @@ class Refusal:
 NO_CERTIFICATE = Refusal(400, NO_CERTIFICATE_TEXT)
 CERTIFICATE_ERROR = Refusal(400, CERTIFICATE_ERROR_TEXT)
 MISDIRECTED = Refusal(421, MISDIRECTED_TEXT)
+SUBJECT_MISMATCH = Refusal(403, SUBJECT_MISMATCH_TEXT)
 
 
 def verdict(verify: ClientVerify, has_certificate: bool, error: int) -> Refusal | str:
@@ -119,18 +133,53 @@ def verify_error_text(error: int) -> str:
     return ffi.string(lib.X509_verify_cert_error_string(error)).decode("ascii", "replace")
 
 
-def certificate_headers(verify_value: str, leaf_pem: bytes | None, pass_certificate: bool) -> tuple[tuple[bytes, bytes], ...]:
+@dataclass(frozen=True, slots=True)
+class PresentedCertificate:
+    """The client's leaf certificate as the answer uses it: its PEM and its DNs printed as nginx's
+    `$ssl_client_s_dn` / `$ssl_client_i_dn` (OpenSSL's RFC 2253 form)."""
+
+    pem: bytes
+    subject_dn: bytes
+    issuer_dn: bytes
+
+
+def presented(leaf_pem: bytes) -> PresentedCertificate:
+    leaf = crypto.load_certificate(crypto.FILETYPE_PEM, leaf_pem)
+    return PresentedCertificate(leaf_pem, name_rfc2253(leaf), name_rfc2253(leaf, issuer=True))
+
+
+def subject_matches(pattern: re.Pattern[str], subject_dn: bytes) -> bool:
+    """nginx `$ssl_client_s_dn ~ PATTERN`: searched, not anchored; b"" without a certificate. The
+    printed DN is ASCII (OpenSSL escapes other bytes), so latin-1 decodes it losslessly."""
+    return len(subject_dn) <= MAX_REGEX_SUBJECT and pattern.search(subject_dn.decode("latin-1")) is not None
+
+
+def certificate_headers(
+    verify_value: str, leaf: PresentedCertificate | None, pass_certificate: bool
+) -> tuple[tuple[bytes, bytes], ...]:
     """The headers a backend gets (ingress-nginx's names and values): ssl-client-verify always;
-    the DNs (RFC 4514, as nginx's $ssl_client_s_dn) when there is a certificate; the URL-escaped
-    PEM ($ssl_client_escaped_cert) with `pass_certificate`."""
+    the DNs (as nginx's $ssl_client_s_dn and $ssl_client_i_dn) when there is a certificate; the
+    URL-escaped PEM ($ssl_client_escaped_cert) with `pass_certificate`."""
     headers = [(b"ssl-client-verify", verify_value.encode("ascii"))]
-    if leaf_pem is not None:
-        leaf = x509.load_pem_x509_certificate(leaf_pem)
-        headers.append((b"ssl-client-subject-dn", leaf.subject.rfc4514_string().encode()))
-        headers.append((b"ssl-client-issuer-dn", leaf.issuer.rfc4514_string().encode()))
+    if leaf is not None:
+        headers.append((b"ssl-client-subject-dn", leaf.subject_dn))
+        headers.append((b"ssl-client-issuer-dn", leaf.issuer_dn))
         if pass_certificate:
-            headers.append((b"ssl-client-cert", urllib.parse.quote(leaf_pem, safe="").encode("ascii")))
+            headers.append((b"ssl-client-cert", urllib.parse.quote(leaf.pem, safe="").encode("ascii")))
     return tuple(headers)
+
+
+def answer_for(
+    auth: ClientAuth, error: int, leaf: PresentedCertificate | None
+) -> Refusal | tuple[tuple[bytes, bytes], ...]:
+    """A connection's answer for its own host: the verdict's refusal (to the error page if the host
+    has one), the subject pattern's 403, or the headers for the backend."""
+    decided = verdict(auth.verify, leaf is not None, error)
+    if isinstance(decided, Refusal):
+        return to_error_page(decided, auth)
+    if auth.match_subject is not None and not subject_matches(auth.match_subject, leaf.subject_dn if leaf else b""):
+        return SUBJECT_MISMATCH
+    return certificate_headers(decided, leaf, auth.pass_certificate)
 
 
 def server_name(extension: bytes) -> bytes | None:
@@ -245,24 +294,23 @@ class ClientVerification:
     """What the handshake of one connection established, set once on the connection (ClientSide
     `client_verification`) when its context belongs to a host with client auth."""
 
-    __slots__ = ("auth", "error", "leaf_pem", "_headers")
+    __slots__ = ("auth", "error", "leaf_pem", "_answer")
 
     def __init__(self, auth: ClientAuth, error: int, leaf_pem: bytes | None) -> None:
         self.auth = auth
         self.error = error
         self.leaf_pem = leaf_pem
-        self._headers: tuple[tuple[bytes, bytes], ...] | None = None
+        self._answer: Refusal | tuple[tuple[bytes, bytes], ...] | None = None
 
     def answer(self, host_auth: ClientAuth) -> Refusal | tuple[tuple[bytes, bytes], ...]:
-        """A Refusal, or the headers for the backend, for a request to a host with `host_auth`."""
+        """A Refusal, or the headers for the backend, for a request to a host with `host_auth`
+        (decided on the first request: the certificate and the host's settings do not change)."""
         if host_auth != self.auth:
             return MISDIRECTED
-        if self._headers is None:
-            decided = verdict(self.auth.verify, self.leaf_pem is not None, self.error)
-            if isinstance(decided, Refusal):
-                return to_error_page(decided, self.auth)
-            self._headers = certificate_headers(decided, self.leaf_pem, self.auth.pass_certificate)
-        return self._headers
+        if self._answer is None:
+            leaf = presented(self.leaf_pem) if self.leaf_pem is not None else None
+            self._answer = answer_for(self.auth, self.error, leaf)
+        return self._answer
 
 
 def verification_of(connection: SSL.Connection) -> ClientVerification | None:
@@ -279,10 +327,7 @@ def verification_of(connection: SSL.Connection) -> ClientVerification | None:
 def plaintext_answer(host_auth: ClientAuth) -> Refusal | tuple[tuple[bytes, bytes], ...]:
     """A request for a host with client auth on a plaintext listener: as a connection without a
     certificate."""
-    decided = verdict(host_auth.verify, False, 0)
-    if isinstance(decided, Refusal):
-        return to_error_page(decided, host_auth)
-    return certificate_headers(decided, None, host_auth.pass_certificate)
+    return answer_for(host_auth, lib.X509_V_OK, None)
 
 
 def to_error_page(refusal: Refusal, auth: ClientAuth) -> Refusal:

@@ -1,5 +1,5 @@
-"""ctypes access to the few libssl functions pyOpenSSL 23 does not bind (the async-job ones are in
-proxy/tls/offload.py, through the same `LIBSSL` handle).
+"""ctypes access to the few libssl/libcrypto functions pyOpenSSL 23 does not bind (the async-job
+ones are in proxy/tls/offload.py, through the same `LIBSSL` handle).
 
 pyOpenSSL's cffi module and ctypes open the same shared libssl.so.3 (Debian's build), so an
 `SSL_CTX*` taken from `context._context` is valid here too (shared/NOTES.md §1).
@@ -11,13 +11,51 @@ import ctypes
 import ctypes.util
 
 from OpenSSL import SSL, crypto
-from OpenSSL._util import ffi
+from OpenSSL._util import ffi, lib
 
 LIBSSL = ctypes.CDLL(ctypes.util.find_library("ssl") or "libssl.so.3")
+LIBCRYPTO = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
+LIBCRYPTO.BIO_s_mem.restype = ctypes.c_void_p
+LIBCRYPTO.BIO_new.argtypes = (ctypes.c_void_p,)
+LIBCRYPTO.BIO_new.restype = ctypes.c_void_p
+LIBCRYPTO.BIO_read.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+LIBCRYPTO.BIO_read.restype = ctypes.c_int
+LIBCRYPTO.BIO_free.argtypes = (ctypes.c_void_p,)
+LIBCRYPTO.BIO_free.restype = ctypes.c_int
+LIBCRYPTO.X509_NAME_print_ex.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_ulong)
+LIBCRYPTO.X509_NAME_print_ex.restype = ctypes.c_int
 LIBSSL.SSL_CTX_ctrl.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p)
 LIBSSL.SSL_CTX_ctrl.restype = ctypes.c_long
 LIBSSL.SSL_CTX_set_num_tickets.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 LIBSSL.SSL_CTX_set_num_tickets.restype = ctypes.c_int
+
+# XN_FLAG_RFC2253 (openssl/x509.h): ASN1_STRFLGS_RFC2253 (0x317: RFC 2253 escapes, control and
+# non-ASCII bytes escaped after UTF-8 conversion, unknown types dumped as DER) | SEP_COMMA_PLUS
+# (1 << 16) | DN_REV (1 << 20) | FN_SN (0) | DUMP_UNKNOWN_FIELDS (1 << 24). nginx prints
+# $ssl_client_s_dn / $ssl_client_i_dn with exactly these flags (since 1.11.6).
+_XN_FLAG_RFC2253 = 0x1110317
+_MAX_NAME_TEXT = 65536  # a printed DN longer than this is not a real certificate's: refused, not truncated
+
+
+def name_rfc2253(certificate: crypto.X509, issuer: bool = False) -> bytes:
+    """The certificate's subject (or issuer) DN printed as nginx's `$ssl_client_s_dn`
+    (`$ssl_client_i_dn`): OpenSSL's RFC 2253 form, most specific RDN first, short names
+    (`emailAddress=`, where RFC 4514 printers write the OID)."""
+    x509 = certificate._x509  # type: ignore[attr-defined]
+    name = lib.X509_get_issuer_name(x509) if issuer else lib.X509_get_subject_name(x509)
+    bio = LIBCRYPTO.BIO_new(LIBCRYPTO.BIO_s_mem())
+    if not bio:
+        raise MemoryError("BIO_new failed")
+    try:
+        length = LIBCRYPTO.X509_NAME_print_ex(bio, address(name), 0, _XN_FLAG_RFC2253)
+        if not 0 <= length <= _MAX_NAME_TEXT:
+            raise ValueError("the certificate's name cannot be printed")
+        buffer = ctypes.create_string_buffer(length or 1)
+        read = LIBCRYPTO.BIO_read(bio, buffer, length) if length else 0
+        return buffer.raw[: max(read, 0)]
+    finally:
+        LIBCRYPTO.BIO_free(bio)
+
 
 _SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 _SSL_CTRL_CHAIN_CERT = 89

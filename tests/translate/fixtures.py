@@ -19,8 +19,8 @@ expected.yaml (every key optional; absent = empty or the model's default):
   claimed: [ns/name, ...]
   virtual_hosts: [{host: foo.example.com, redirect_to_https: true, paths: ["/api Prefix ns/svc:80", ...]}]
       client certificates of a host: client_auth: {ca: ns/secret, verify: on, depth: 1, pass_certificate: false,
-      error_page: URL}
-      (ca: that Secret's decoded ca.crt; verify, depth and pass_certificate as shown are the defaults)
+      error_page: URL, match_subject: REGEX}
+      (ca: that Secret's decoded ca.crt; match_subject compiled as the producers compile it; verify, depth and pass_certificate as shown are the defaults)
       a path with a policy: {rule: "/api Prefix ns/svc:80", policy: {RoutePolicy fields}}, where
       allow_sources/deny_sources are lists of CIDRs, redirect is {location: URL, status: 301} and
       request_headers/response_headers are {set: [[name, value]], add: [[name, value]], remove: [name]}
@@ -47,6 +47,7 @@ expected.yaml (every key optional; absent = empty or the model's default):
 from __future__ import annotations
 
 import base64
+import re
 import datetime
 import functools
 import ipaddress
@@ -231,6 +232,7 @@ def _client_auth(spec: dict | None, secrets: dict[str, dict]) -> ClientAuth | No
         spec.get("depth", 1),
         spec.get("pass_certificate", False),
         spec.get("error_page"),
+        re.compile(spec["match_subject"]) if "match_subject" in spec else None,
     )
 
 

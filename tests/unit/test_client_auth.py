@@ -4,6 +4,7 @@ and that sessions never cross between hosts with different client auth)."""
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 
 import pytest
@@ -13,7 +14,15 @@ from OpenSSL._util import lib
 
 from config.model import ClientAuth, ClientVerify, Configuration, PathRule, PathType, RouteTable, VirtualHost
 from proxy import client_auth
-from proxy.client_auth import CERTIFICATE_ERROR, MISDIRECTED, NO_CERTIFICATE, verdict, verification_of
+from proxy.client_auth import (
+    CERTIFICATE_ERROR,
+    MISDIRECTED,
+    NO_CERTIFICATE,
+    SUBJECT_MISMATCH,
+    subject_matches,
+    verdict,
+    verification_of,
+)
 from proxy.contexts import ContextCache
 from proxy.tls import ServerTls, TlsState
 from tests.conftest import certificate_for
@@ -71,15 +80,91 @@ def test_server_name_from_the_client_hello(extension, expected):
 def test_certificate_headers_as_ingress_nginx_sends_them():
     ca = trustme.CA(organization_name="Test CA")
     leaf_pem = ca.issue_cert("alice@example.test", common_name="alice").cert_chain_pems[0].bytes()
-    headers = dict(client_auth.certificate_headers("SUCCESS", leaf_pem, pass_certificate=True))
+    leaf = client_auth.presented(leaf_pem)
+    headers = dict(client_auth.certificate_headers("SUCCESS", leaf, pass_certificate=True))
     assert headers[b"ssl-client-verify"] == b"SUCCESS"
     assert headers[b"ssl-client-subject-dn"].startswith(b"CN=alice")
     assert b"O=Test CA" in headers[b"ssl-client-issuer-dn"]
     assert urllib.parse.unquote(headers[b"ssl-client-cert"].decode()).encode() == leaf_pem
     assert b"\n" not in headers[b"ssl-client-cert"] and b" " not in headers[b"ssl-client-cert"]
-    without = dict(client_auth.certificate_headers("SUCCESS", leaf_pem, pass_certificate=False))
+    without = dict(client_auth.certificate_headers("SUCCESS", leaf, pass_certificate=False))
     assert b"ssl-client-cert" not in without and b"ssl-client-subject-dn" in without
     assert client_auth.certificate_headers("NONE", None, pass_certificate=True) == ((b"ssl-client-verify", b"NONE"),)
+
+
+def _leaf_with_subject(subject: str) -> bytes:
+    """A self-signed certificate whose subject is `openssl req -subj` text (e.g. /CN=a/O=b)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name.from_rfc4514_string(subject)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize(
+    ("rfc4514", "nginx_form"),
+    [
+        ("CN=alice,O=Acme\\, Inc.,C=DE", b"CN=alice,O=Acme\\, Inc.,C=DE"),  # most specific first, "," escaped
+        # short names where RFC 4514 printers (cryptography's) write the OID: the case that differed
+        ("1.2.840.113549.1.9.1=a@example.test,CN=alice", b"emailAddress=a@example.test,CN=alice"),
+        ("CN=b+UID=7,O=x", b"UID=7+CN=b,O=x"),  # a multi-valued RDN joined with "+", in OpenSSL's order
+        ("CN=J\u00fcrgen", b"CN=J\\C3\\BCrgen"),  # non-ASCII: UTF-8 bytes escaped, as nginx sends them
+    ],
+)
+def test_the_subject_dn_is_printed_as_nginx_prints_ssl_client_s_dn(rfc4514, nginx_form):
+    """OpenSSL's XN_FLAG_RFC2253 print, the one nginx uses for $ssl_client_s_dn (and `openssl x509
+    -nameopt RFC2253`): the header value and the text the subject pattern is searched in."""
+    leaf = client_auth.presented(_leaf_with_subject(rfc4514))
+    assert leaf.subject_dn == nginx_form and leaf.issuer_dn == nginx_form  # self-signed
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject_dn", "matches"),
+    [
+        ("CN=(alice|bob)\\.example", b"CN=bob.example,O=Acme", True),
+        ("CN=(alice|bob)\\.example", b"CN=carol.example,O=Acme", False),
+        ("CN=alice", b"OU=x,CN=alice2,O=y", True),  # searched, not anchored (nginx ~)
+        ("^CN=alice,", b"OU=x,CN=alice,O=y", False),  # anchors are the user's
+        ("CN=alice", b"CN=ALICE", False),  # case-sensitive (nginx ~, not ~*)
+        ("(?i)CN=alice", b"CN=ALICE", True),
+        ("CN=alice", b"", False),  # no certificate: the empty DN
+        ("^$|CN=alice", b"", True),  # a pattern may let "no certificate" through, as in nginx
+        ("CN=a", b"CN=a," + b"O=x," * 600, False),  # over MAX_REGEX_SUBJECT: matches no pattern
+    ],
+)
+def test_subject_pattern_table(pattern, subject_dn, matches):
+    assert subject_matches(re.compile(pattern), subject_dn) is matches
+
+
+def test_a_subject_pattern_is_judged_after_the_verdict_and_never_redirected():
+    ca = trustme.CA()
+    ca_pem = ca.cert_pem.bytes()
+    alice = ca.issue_cert("alice.test", common_name="alice").cert_chain_pems[0].bytes()
+    only_bob = ClientAuth(ca_pem, ON, match_subject=re.compile("CN=bob"), error_page="https://example.test/help")
+    only_alice = ClientAuth(ca_pem, OPTIONAL, match_subject=re.compile("CN=alice"))
+    assert client_auth.ClientVerification(only_bob, OK, alice).answer(only_bob) is SUBJECT_MISMATCH  # 403, no 302
+    assert SUBJECT_MISMATCH.status == 403 and SUBJECT_MISMATCH.body == b"client certificate unauthorized"
+    # the verdict first: a missing or bad certificate keeps its 400 (here the error page's 302)
+    assert client_auth.ClientVerification(only_bob, OK, None).answer(only_bob).status == 302
+    assert client_auth.ClientVerification(only_bob, EXPIRED, alice).answer(only_bob).status == 302
+    headers = dict(client_auth.ClientVerification(only_alice, OK, alice).answer(only_alice))
+    assert headers[b"ssl-client-verify"] == b"SUCCESS" and headers[b"ssl-client-subject-dn"].startswith(b"CN=alice")
+    # optional without a certificate: the empty DN does not match, so 403 (nginx's server-level if)
+    assert client_auth.ClientVerification(only_alice, OK, None).answer(only_alice) is SUBJECT_MISMATCH
+    assert client_auth.plaintext_answer(only_alice) is SUBJECT_MISMATCH
+    # optional_no_ca lets an unknown issuer through: its (unverified) subject is what is matched
+    no_ca = ClientAuth(ca_pem, NO_CA, match_subject=re.compile("CN=alice"))
+    unknown = dict(client_auth.ClientVerification(no_ca, UNKNOWN_ISSUER, alice).answer(no_ca))
+    assert unknown[b"ssl-client-verify"].startswith(b"FAILED:")
 
 
 def test_an_error_page_turns_the_certificate_refusals_into_a_redirect():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 import pytest
 import trustme
@@ -51,6 +52,17 @@ def test_client_auth_settings_and_their_defaults(folder, client_ca):
     assert hosts["e.test"] is None
 
 
+def test_a_subject_pattern_is_compiled_once_at_load(folder, client_ca):
+    hosts = _hosts(folder, (
+        "- {host: a.test, client_auth: {ca: clients.pem, match_subject: 'CN=(alice|bob)\\.example'}, paths: [{path: /, backend: b}]}\n"
+        "- {host: b.test, client_auth: {ca: clients.pem, verify: optional, match_subject: '^CN=ops,'}, paths: [{path: /, backend: b}]}\n"
+    ))
+    ca_pem = client_ca.cert_pem.bytes()
+    assert hosts["a.test"] == ClientAuth(ca_pem, ClientVerify.ON, match_subject=re.compile(r"CN=(alice|bob)\.example"))
+    assert hosts["b.test"] == ClientAuth(ca_pem, ClientVerify.OPTIONAL, match_subject=re.compile("^CN=ops,"))
+    assert hosts["a.test"].match_subject.search("CN=bob.example,O=Acme")  # a compiled pattern, searched
+
+
 PROBLEMS = {
     "ca-missing": ("- {host: a.test, client_auth: »{verify: on}, paths: [{path: /, backend: b}]}\n", "missing required key 'ca' (add ca: FILE"),
     "ca-not-pem": ("- {host: a.test, client_auth: {ca: »text.pem}, paths: [{path: /, backend: b}]}\n", "holds no PEM certificate"),
@@ -80,6 +92,36 @@ PROBLEMS = {
     "unknown-key": (
         "- {host: a.test, client_auth: {ca: clients.pem, »verify_depth: 2}, paths: [{path: /, backend: b}]}\n",
         "unknown key 'verify_depth'",
+    ),
+    "match-subject-backtracks": (
+        "- {host: a.test, client_auth: {ca: clients.pem, match_subject: »'CN=(a+)+$'}, paths: [{path: /, backend: b}]}\n",
+        "routes[0].client_auth.match_subject: 'CN=(a+)+$' nests a repeat inside a repeat (like (a+)+), which can backtrack "
+        "without end (flatten it",
+    ),
+    "match-subject-does-not-compile": (
+        "- {host: a.test, client_auth: {ca: clients.pem, match_subject: »'CN=(alice'}, paths: [{path: /, backend: b}]}\n",
+        "'CN=(alice' is not a valid regex",
+    ),
+    "match-subject-empty": (
+        "- {host: a.test, client_auth: {ca: clients.pem, match_subject: »''}, paths: [{path: /, backend: b}]}\n",
+        "the pattern is empty (write a regex",
+    ),
+    "match-subject-not-text": (
+        "- {host: a.test, client_auth: {ca: clients.pem, match_subject: »[CN=a]}, paths: [{path: /, backend: b}]}\n",
+        "expected a string",
+    ),
+    "match-subject-with-verify-off": (
+        "- {host: a.test, client_auth: {ca: clients.pem, verify: off, match_subject: »CN=a}, paths: [{path: /, backend: b}]}\n",
+        "a subject pattern needs verify on, optional or optional_no_ca (off asks for no certificate)",
+    ),
+    "match-subject-and-other-mistakes-at-once": (
+        "- {host: a.test, client_auth: {ca: clients.pem, depth: »-1, match_subject: »'(x*)*'}, paths: [{path: /, backend: b}]}\n",
+        "out of range",
+    ),
+    "hosts-disagree-on-the-subject": (
+        "- {host: a.test, client_auth: {ca: clients.pem, match_subject: CN=a}, paths: [{path: /, backend: b}]}\n"
+        "- {host: a.test, client_auth: »{ca: clients.pem, match_subject: CN=b}, paths: [{path: /x, backend: b}]}\n",
+        "routes[1].client_auth: host 'a.test' already has another client_auth at",
     ),
     "needs-a-host": ("- {client_auth: »{ca: clients.pem}, paths: [{path: /, backend: b}]}\n", "needs a host"),
     "hosts-disagree": (
