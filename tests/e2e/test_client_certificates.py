@@ -149,7 +149,7 @@ async def test_a_valid_certificate_reaches_the_backend_as_ingress_nginx_headers(
     got = seen(await curl(setup.port, setup.ca_file, protocol, "on.test", "/", *setup.alice.options(), *SPOOFED))
     headers = certificate_headers(got)
     assert headers["ssl-client-verify"] == ["SUCCESS"]
-    assert headers["ssl-client-subject-dn"][0].startswith("CN=alice,")  # RFC 4514: most specific first
+    assert headers["ssl-client-subject-dn"][0].startswith("CN=alice,")  # nginx's $ssl_client_s_dn (RFC 2253): most specific first
     assert headers["ssl-client-issuer-dn"][0].endswith(",O=Clients CA")
     assert [urllib.parse.unquote(value).encode() for value in headers["ssl-client-cert"]] == [setup.alice.leaf_pem]
 
