@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 
+import trustme
+
 from ingress_watch.snapshot import Snapshot
 from ingress_watch.annotations import NGINX_PREFIX, SUPPORTED_ANNOTATIONS
-from ingress_watch.migration import DIFFERENCES
+from ingress_watch.migration import DIFFERENCES, migration_report
 from ingress_watch.translate import TranslateOptions, translate
 
 README = Path(__file__).parents[2] / "README.md"
+OPTIONS = TranslateOptions(watch_ingress_without_class=True)
 
 
 def _readme_table_keys() -> set[str]:
@@ -72,3 +76,23 @@ def test_every_supported_key_is_read_and_an_unknown_one_is_reported() -> None:
         assert not any("not supported" in problem.message for problem in problems), key
     problems = translate(_ingress({NGINX_PREFIX + "auth-url": "https://auth.example.com"}), options).problems
     assert [problem.message for problem in problems if "auth-url is not supported" in problem.message]
+
+
+def test_migrate_reports_auth_tls_match_cn_and_the_pattern_a_host_gets() -> None:
+    """A good pattern is `honoured differently` (any regex applies) and named in the host's client
+    certificate summary; a refused one is `ignored` with the translation's reason."""
+    secret = {
+        "metadata": {"namespace": "default", "name": "clients"}, "type": "Opaque",
+        "data": {"ca.crt": base64.b64encode(trustme.CA().cert_pem.bytes()).decode()},
+    }  # fmt: skip
+    snapshot = _ingress({NGINX_PREFIX + "auth-tls-secret": "clients", NGINX_PREFIX + "auth-tls-match-cn": r"CN=(alice|bob)\."})
+    report = migration_report(Snapshot(ingresses=snapshot.ingresses, services=snapshot.services, secrets=(secret,)), OPTIONS)
+    (entry,) = [row for row in report["ingresses"][0]["annotations"] if row["key"].endswith("auth-tls-match-cn")]
+    assert (entry["status"], entry["note"]) == ("honoured differently", DIFFERENCES["auth-tls-match-cn"])
+    assert report["routes"][0]["client_certificates"] == r"verify on, depth 1, subject DN must match 'CN=(alice|bob)\\.'"
+
+    snapshot = _ingress({NGINX_PREFIX + "auth-tls-secret": "clients", NGINX_PREFIX + "auth-tls-match-cn": "CN=(a|ab)*x"})
+    report = migration_report(Snapshot(ingresses=snapshot.ingresses, services=snapshot.services, secrets=(secret,)), OPTIONS)
+    (entry,) = [row for row in report["ingresses"][0]["annotations"] if row["key"].endswith("auth-tls-match-cn")]
+    assert entry["status"] == "ignored" and "repeats an alternation" in entry["note"]
+    assert report["routes"] == []  # the Ingress's paths are left out, not served without the check
