@@ -60,7 +60,8 @@ DIFFERENCES = {
     "auth-tls-verify-client": "as nginx; a younger Ingress disagreeing on the host's settings has its rules left out",
     "auth-tls-error-page": "302 to it for the 400s (missing or bad certificate); a 421 (SNI and Host disagree) is not redirected",
     "auth-tls-match-cn": "any regex is applied (ingress-nginx ignores a value without CN=); one that does not compile or "
-    "could backtrack without end (as use-regex), or one with verify off, leaves the Ingress's paths out",
+    "could backtrack without end (as use-regex), or one with verify off, leaves the Ingress's paths out; only an exact "
+    "/.well-known/acme-challenge/TOKEN path skips the check",
 }
 
 

@@ -26,7 +26,11 @@ pattern like `CN=alice` does not match: 403. The 403 is not sent to the error pa
 `error_page` covers 495/496 only). The DN is OpenSSL's RFC 2253 print (proxy.tls.libssl), the
 same bytes as the ssl-client-subject-dn header and as nginx's variable; one longer than
 `MAX_REGEX_SUBJECT` matches no pattern (the bound `check_regex` assumes). Decided once per
-connection, as the headers are.
+connection, as the headers are. One exemption, ingress-nginx's since 1.10.1 (its PR 11062): an ACME
+HTTP-01 answer (`/.well-known/acme-challenge/TOKEN`) is not judged by the pattern, so cert-manager
+can renew the host's certificate; only a path of exactly that shape (TOKEN in base64url, RFC 8555
+§8.3) is exempt, so `..`, `%2e` or `//` cannot carry another path past the check to a backend
+that would normalise it.
 
 Session resumption keeps working on these hosts, safely. OpenSSL stores the peer certificate and
 the verification result in the session, so a resumed connection carries the identity verified by
@@ -114,6 +118,12 @@ NO_CERTIFICATE = Refusal(400, NO_CERTIFICATE_TEXT)
 CERTIFICATE_ERROR = Refusal(400, CERTIFICATE_ERROR_TEXT)
 MISDIRECTED = Refusal(421, MISDIRECTED_TEXT)
 SUBJECT_MISMATCH = Refusal(403, SUBJECT_MISMATCH_TEXT)
+_ACME_CHALLENGE = re.compile(r"/\.well-known/acme-challenge/[A-Za-z0-9_-]+")  # RFC 8555 §8.3: token is base64url
+
+
+def is_acme_challenge(path: str) -> bool:
+    """An HTTP-01 answer's path, exactly: what the subject pattern lets through (see the theory)."""
+    return _ACME_CHALLENGE.fullmatch(path) is not None
 
 
 def verdict(verify: ClientVerify, has_certificate: bool, error: int) -> Refusal | str:
@@ -170,14 +180,16 @@ def certificate_headers(
 
 
 def answer_for(
-    auth: ClientAuth, error: int, leaf: PresentedCertificate | None
+    auth: ClientAuth, error: int, leaf: PresentedCertificate | None, judge_subject: bool = True
 ) -> Refusal | tuple[tuple[bytes, bytes], ...]:
     """A connection's answer for its own host: the verdict's refusal (to the error page if the host
-    has one), the subject pattern's 403, or the headers for the backend."""
+    has one), the subject pattern's 403 (unless `judge_subject` is False: an ACME challenge), or
+    the headers for the backend."""
     decided = verdict(auth.verify, leaf is not None, error)
     if isinstance(decided, Refusal):
         return to_error_page(decided, auth)
-    if auth.match_subject is not None and not subject_matches(auth.match_subject, leaf.subject_dn if leaf else b""):
+    subject_dn = leaf.subject_dn if leaf is not None else b""
+    if judge_subject and auth.match_subject is not None and not subject_matches(auth.match_subject, subject_dn):
         return SUBJECT_MISMATCH
     return certificate_headers(decided, leaf, auth.pass_certificate)
 
@@ -294,23 +306,27 @@ class ClientVerification:
     """What the handshake of one connection established, set once on the connection (ClientSide
     `client_verification`) when its context belongs to a host with client auth."""
 
-    __slots__ = ("auth", "error", "leaf_pem", "_answer")
+    __slots__ = ("auth", "error", "leaf_pem", "_answers")
 
     def __init__(self, auth: ClientAuth, error: int, leaf_pem: bytes | None) -> None:
         self.auth = auth
         self.error = error
         self.leaf_pem = leaf_pem
-        self._answer: Refusal | tuple[tuple[bytes, bytes], ...] | None = None
+        # [ACME challenge, any other path]: each decided on its first request (the certificate and
+        # the host's settings do not change on a connection)
+        self._answers: list[Refusal | tuple[tuple[bytes, bytes], ...] | None] = [None, None]
 
-    def answer(self, host_auth: ClientAuth) -> Refusal | tuple[tuple[bytes, bytes], ...]:
-        """A Refusal, or the headers for the backend, for a request to a host with `host_auth`
-        (decided on the first request: the certificate and the host's settings do not change)."""
+    def answer(self, host_auth: ClientAuth, path: str) -> Refusal | tuple[tuple[bytes, bytes], ...]:
+        """A Refusal, or the headers for the backend, for a request for `path` to a host with
+        `host_auth`."""
         if host_auth != self.auth:
             return MISDIRECTED
-        if self._answer is None:
+        judge_subject = not is_acme_challenge(path)
+        answer = self._answers[judge_subject]
+        if answer is None:
             leaf = presented(self.leaf_pem) if self.leaf_pem is not None else None
-            self._answer = answer_for(self.auth, self.error, leaf)
-        return self._answer
+            answer = self._answers[judge_subject] = answer_for(self.auth, self.error, leaf, judge_subject)
+        return answer
 
 
 def verification_of(connection: SSL.Connection) -> ClientVerification | None:
@@ -324,10 +340,10 @@ def verification_of(connection: SSL.Connection) -> ClientVerification | None:
     return ClientVerification(auth, int(lib.SSL_get_verify_result(connection._ssl)), leaf_pem)  # type: ignore[attr-defined]
 
 
-def plaintext_answer(host_auth: ClientAuth) -> Refusal | tuple[tuple[bytes, bytes], ...]:
+def plaintext_answer(host_auth: ClientAuth, path: str) -> Refusal | tuple[tuple[bytes, bytes], ...]:
     """A request for a host with client auth on a plaintext listener: as a connection without a
     certificate."""
-    return answer_for(host_auth, lib.X509_V_OK, None)
+    return answer_for(host_auth, lib.X509_V_OK, None, not is_acme_challenge(path))
 
 
 def to_error_page(refusal: Refusal, auth: ClientAuth) -> Refusal:

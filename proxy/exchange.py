@@ -311,15 +311,16 @@ async def _proxy_with_policy(
 def _client_certificate(
     client: ClientSide, host_auth: ClientAuth, head: RequestHead
 ) -> tuple[client_auth.Refusal | None, RequestHead]:
-    """A host with client auth: the refusal (400 per its verify mode, 421 on a connection not
-    made for it), or the head carrying the certificate's headers (proxy/client_auth.py)."""
+    """A host with client auth: the refusal (400 per its verify mode, 403 for a subject its pattern
+    does not match, 421 on a connection not made for it), or the head carrying the certificate's
+    headers (proxy/client_auth.py)."""
     verification = client.client_verification
     if verification is not None:
-        answer = verification.answer(host_auth)
+        answer = verification.answer(host_auth, head.path)
     elif client.listener.tls:
         answer = client_auth.MISDIRECTED  # the connection's SNI chose a context without client auth
     else:
-        answer = client_auth.plaintext_answer(host_auth)
+        answer = client_auth.plaintext_answer(host_auth, head.path)
     if isinstance(answer, client_auth.Refusal):
         return answer, head
     return None, dataclasses.replace(head, vouched=answer)

@@ -146,6 +146,19 @@ async def test_the_403_is_not_sent_to_the_error_page(setup: Setup, protocol: str
     assert (refused["status"], refused["body"]) == REFUSED and "location" not in refused["headers"]
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_an_acme_http01_path_skips_the_pattern_and_nothing_else_does(setup: Setup, protocol: str) -> None:
+    """ingress-nginx (since 1.10.1) lets /.well-known/acme-challenge/ past match-cn so cert-manager
+    can renew; a path that only starts like one (`..` kept with --path-as-is) is judged."""
+    token = "/.well-known/acme-challenge/LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
+    assert seen(await curl(setup.port, setup.ca_file, protocol, "team.test", token, *setup.carol.options()))["path_qs"] == token
+    sneaked = await curl(
+        setup.port, setup.ca_file, protocol, "team.test", "/.well-known/acme-challenge/../admin", "--path-as-is", *setup.carol.options()
+    )
+    assert (sneaked["status"], sneaked["body"]) == REFUSED
+    assert (await curl(setup.port, setup.ca_file, protocol, "team.test", token))["status"] == 400  # verify on still asks
+
+
 def _keep_alive(setup: Setup, host: str, client: Client, requests: int) -> list[bytes]:
     """`requests` GETs one after another on one TLS connection (the keep-alive path)."""
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
@@ -176,13 +189,20 @@ async def test_every_request_of_a_kept_alive_connection_is_judged(setup: Setup) 
     assert [json.loads(response.partition(b"\r\n\r\n")[2])["path_qs"] for response in served] == ["/0", "/1", "/2"]
 
 
-async def test_the_plain_http_listener_judges_the_empty_subject(setup: Setup) -> None:
-    """No TLS, no certificate: as `optional` without one (nginx: $ssl_client_s_dn is empty)."""
+async def _plain(setup: Setup, host: str, path: str) -> tuple[int, bytes]:
     process = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "-H", "Host: optional.test",
-        f"http://{LOOPBACK}:{setup.process.ports.http}/", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        "curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "-H", f"Host: {host}",
+        f"http://{LOOPBACK}:{setup.process.ports.http}{path}", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, err
     body, _, status = out.rpartition(b"\n")
-    assert (int(status), body) == REFUSED
+    return int(status), body
+
+
+async def test_the_plain_http_listener_judges_the_empty_subject(setup: Setup) -> None:
+    """No TLS, no certificate: as `optional` without one (nginx: $ssl_client_s_dn is empty), but
+    an ACME HTTP-01 answer (which comes over plain HTTP) passes."""
+    assert await _plain(setup, "optional.test", "/") == REFUSED
+    challenge = await _plain(setup, "optional.test", "/.well-known/acme-challenge/abc-DEF_123")
+    assert challenge[0] == 200 and json.loads(challenge[1])["path_qs"] == "/.well-known/acme-challenge/abc-DEF_123"

@@ -151,31 +151,61 @@ def test_a_subject_pattern_is_judged_after_the_verdict_and_never_redirected():
     alice = ca.issue_cert("alice.test", common_name="alice").cert_chain_pems[0].bytes()
     only_bob = ClientAuth(ca_pem, ON, match_subject=re.compile("CN=bob"), error_page="https://example.test/help")
     only_alice = ClientAuth(ca_pem, OPTIONAL, match_subject=re.compile("CN=alice"))
-    assert client_auth.ClientVerification(only_bob, OK, alice).answer(only_bob) is SUBJECT_MISMATCH  # 403, no 302
+    assert client_auth.ClientVerification(only_bob, OK, alice).answer(only_bob, "/") is SUBJECT_MISMATCH  # 403, no 302
     assert SUBJECT_MISMATCH.status == 403 and SUBJECT_MISMATCH.body == b"client certificate unauthorized"
     # the verdict first: a missing or bad certificate keeps its 400 (here the error page's 302)
-    assert client_auth.ClientVerification(only_bob, OK, None).answer(only_bob).status == 302
-    assert client_auth.ClientVerification(only_bob, EXPIRED, alice).answer(only_bob).status == 302
-    headers = dict(client_auth.ClientVerification(only_alice, OK, alice).answer(only_alice))
+    assert client_auth.ClientVerification(only_bob, OK, None).answer(only_bob, "/").status == 302
+    assert client_auth.ClientVerification(only_bob, EXPIRED, alice).answer(only_bob, "/").status == 302
+    headers = dict(client_auth.ClientVerification(only_alice, OK, alice).answer(only_alice, "/"))
     assert headers[b"ssl-client-verify"] == b"SUCCESS" and headers[b"ssl-client-subject-dn"].startswith(b"CN=alice")
     # optional without a certificate: the empty DN does not match, so 403 (nginx's server-level if)
-    assert client_auth.ClientVerification(only_alice, OK, None).answer(only_alice) is SUBJECT_MISMATCH
-    assert client_auth.plaintext_answer(only_alice) is SUBJECT_MISMATCH
+    assert client_auth.ClientVerification(only_alice, OK, None).answer(only_alice, "/") is SUBJECT_MISMATCH
+    assert client_auth.plaintext_answer(only_alice, "/") is SUBJECT_MISMATCH
     # optional_no_ca lets an unknown issuer through: its (unverified) subject is what is matched
     no_ca = ClientAuth(ca_pem, NO_CA, match_subject=re.compile("CN=alice"))
-    unknown = dict(client_auth.ClientVerification(no_ca, UNKNOWN_ISSUER, alice).answer(no_ca))
+    unknown = dict(client_auth.ClientVerification(no_ca, UNKNOWN_ISSUER, alice).answer(no_ca, "/"))
     assert unknown[b"ssl-client-verify"].startswith(b"FAILED:")
+
+
+@pytest.mark.parametrize(
+    ("path", "exempt"),
+    [
+        ("/.well-known/acme-challenge/LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0", True),
+        ("/.well-known/acme-challenge/abc_-9", True),
+        ("/.well-known/acme-challenge/", False),  # no token
+        ("/.well-known/acme-challenge/../admin", False),  # a backend would normalise it to /admin
+        ("/.well-known/acme-challenge/%2e%2e/admin", False),
+        ("/.well-known/acme-challenge/a/b", False),
+        ("//.well-known/acme-challenge/a", False),
+        ("/.well-known/acme-challenge/a.b", False),  # "." is not base64url
+        ("/admin/.well-known/acme-challenge/a", False),
+        ("http://team.test/.well-known/acme-challenge/a", False),  # absolute form: judged
+    ],
+)
+def test_only_an_acme_http01_path_of_exactly_that_shape_skips_the_subject_pattern(path, exempt):
+    ca = trustme.CA()
+    carol = ca.issue_cert("carol.test", common_name="carol").cert_chain_pems[0].bytes()
+    only_alice = ClientAuth(ca.cert_pem.bytes(), OPTIONAL, match_subject=re.compile("CN=alice"))
+    assert client_auth.is_acme_challenge(path) is exempt
+    verification = client_auth.ClientVerification(only_alice, OK, carol)
+    answered = verification.answer(only_alice, path)
+    assert (answered is SUBJECT_MISMATCH) is not exempt
+    assert verification.answer(only_alice, "/") is SUBJECT_MISMATCH  # the connection's other requests stay judged
+    assert (client_auth.plaintext_answer(only_alice, path) is SUBJECT_MISMATCH) is not exempt
+    # only the pattern is skipped: the verify mode's 400s still apply to a challenge path
+    required = ClientAuth(ca.cert_pem.bytes(), ON, match_subject=re.compile("CN=alice"))
+    assert client_auth.plaintext_answer(required, path) is NO_CERTIFICATE
 
 
 def test_an_error_page_turns_the_certificate_refusals_into_a_redirect():
     ca_pem = trustme.CA().cert_pem.bytes()
     paged = ClientAuth(ca_pem, ON, error_page="https://example.test/cert-help")
-    missing = client_auth.ClientVerification(paged, lib.X509_V_OK, None).answer(paged)
+    missing = client_auth.ClientVerification(paged, lib.X509_V_OK, None).answer(paged, "/")
     assert missing == client_auth.Refusal(302, b"", b"Location: https://example.test/cert-help\r\n")
-    assert client_auth.plaintext_answer(paged) == missing
+    assert client_auth.plaintext_answer(paged, "/") == missing
     plain = ClientAuth(ca_pem, ON)
-    assert client_auth.ClientVerification(plain, lib.X509_V_OK, None).answer(plain) is NO_CERTIFICATE
-    assert client_auth.ClientVerification(paged, lib.X509_V_OK, None).answer(plain) is MISDIRECTED  # never redirected
+    assert client_auth.ClientVerification(plain, lib.X509_V_OK, None).answer(plain, "/") is NO_CERTIFICATE
+    assert client_auth.ClientVerification(paged, lib.X509_V_OK, None).answer(plain, "/") is MISDIRECTED  # never redirected
 
 
 def test_a_bundle_that_does_not_parse_is_refused_with_the_reason():
@@ -253,11 +283,11 @@ def test_only_a_client_auth_host_asks_and_its_verdict_is_recorded(cas, version):
     assert verification is not None and verification.error == lib.X509_V_OK and verification.leaf_pem is not None
     server, _ = _connect(cache, b"b.test", version, cas["two"].issue_cert("mallory"))
     verification = verification_of(server.connection)
-    assert verification is not None and verification.answer(_auth(cas["one"])) is CERTIFICATE_ERROR
+    assert verification is not None and verification.answer(_auth(cas["one"]), "/") is CERTIFICATE_ERROR
     server, _ = _connect(cache, b"b.test", version)
     verification = verification_of(server.connection)
-    assert verification is not None and verification.answer(_auth(cas["one"])) is NO_CERTIFICATE
-    assert verification.answer(_auth(cas["two"])) is MISDIRECTED  # verified for other settings
+    assert verification is not None and verification.answer(_auth(cas["one"]), "/") is NO_CERTIFICATE
+    assert verification.answer(_auth(cas["two"]), "/") is MISDIRECTED  # verified for other settings
 
 
 @VERSIONS
@@ -274,7 +304,7 @@ def test_depth_counts_the_intermediates_between_the_client_and_a_bundle_ca(cas, 
         server, _ = _connect(cache, b"b.test", version, bob)
         verification = verification_of(server.connection)
         assert verification is not None
-        answer = verification.answer(_auth(root, depth=depth))
+        answer = verification.answer(_auth(root, depth=depth), "/")
         answers[depth] = answer if isinstance(answer, client_auth.Refusal) else dict(answer)[b"ssl-client-verify"]
     assert answers == {0: CERTIFICATE_ERROR, 1: b"SUCCESS", 2: b"SUCCESS"}
 
