@@ -341,6 +341,11 @@ class CryptoSettings:
     propquery: str | None = None
     provider_path: str | None = None
 
+    @property
+    def reaches_key_stores(self) -> bool:
+        """Whether keys may come from outside files (an engine's or a provider's store: an HSM)."""
+        return self.engine is not None or bool(self.providers)
+
 
 # ---- TLS policy (issue 10): what every context offers; checked by config/tls_policy.py -------
 

@@ -10,7 +10,10 @@ per request), and at drain and exit (`flush()`). A process killed hard loses at 
 tenth of a second of lines, which is the price nginx's `access_log ... buffer= flush=` pays too.
 
 Lines are text (`client listener protocol "METHOD hostTARGET" status backend durationms`) or JSON
-objects with the same fields, chosen per request by the configuration that served it.
+objects with the same fields, chosen per request by the configuration that served it. `client` is
+the decided client address, the one the policies judged (`exchange.exchange`): a trusted
+X-Forwarded-For's hop, else a PROXY header's source, else the TCP peer — ingress-nginx's
+`$remote_addr` after its real-ip module.
 """
 
 from __future__ import annotations

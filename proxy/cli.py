@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 if TYPE_CHECKING:
     from ingress_watch.snapshot import Snapshot  # imported lazily: standalone mode never loads the Kubernetes client
+    from proxy.workers import WorkerStart  # imported lazily: after PROMETHEUS_MULTIPROC_DIR is set
 
 LOG = logging.getLogger("ingress_proxy")
 _HEADER_LOGGING_LIBRARIES = ("hpack", "h2")
@@ -211,9 +212,10 @@ def _serve_kubernetes_workers(args: argparse.Namespace) -> int:
         feed = bind_feed(Path(private))
         feed_path = Path(private) / FEED_SOCKET_NAME
 
-        def run_worker(index: int, ticket_keys: bytes) -> int:
+        def run_worker(start: WorkerStart) -> int:
             feed.close()
-            return uvloop.run(run_proxy(listeners, FeedSource(feed_path), ticket_keys, index == 0, sockets))
+            source = FeedSource(feed_path)
+            return uvloop.run(run_proxy(listeners, source, start.ticket_keys, start.index == 0, sockets, start.key_loading))
 
         def run_watcher() -> int:
             for sock in sockets.values():
@@ -263,7 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 1
     if args.workers == 1:
-        return _serve_routes_file_worker(args.routes, loaded, None, True, {})
+        return _serve_routes_file_worker(args.routes, loaded, None, {})
     with tempfile.TemporaryDirectory(prefix="ingress-proxy-metrics-") as metrics_directory:
         # Before prometheus_client is imported (proxy.server imports the metrics), or every worker
         # keeps its samples to itself and /metrics shows only the admin worker's.
@@ -276,18 +278,20 @@ def _serve(args: argparse.Namespace) -> int:
         except ListenerError as error:
             print(error, file=sys.stderr)
             return 1
-        return run_workers(
-            args.workers, lambda index, keys: _serve_routes_file_worker(args.routes, loaded, keys, index == 0, sockets)
-        )
+        return run_workers(args.workers, lambda start: _serve_routes_file_worker(args.routes, loaded, start, sockets))
 
 
 def _serve_routes_file_worker(
-    path: Path, loaded: LoadedRoutes, ticket_keys: bytes | None, with_admin: bool, sockets: dict[str, socket.socket]
+    path: Path, loaded: LoadedRoutes, start: WorkerStart | None, sockets: dict[str, socket.socket]
 ) -> int:
+    """One process serving the routes file: the only one (`start` None), or a --workers worker."""
     from config.file_source import RoutesFileSource
     from proxy.server import run_proxy
 
-    return uvloop.run(run_proxy(loaded.listeners, RoutesFileSource(path, loaded), ticket_keys, with_admin, sockets))
+    source = RoutesFileSource(path, loaded)
+    if start is None:
+        return uvloop.run(run_proxy(loaded.listeners, source))
+    return uvloop.run(run_proxy(loaded.listeners, source, start.ticket_keys, start.index == 0, sockets, start.key_loading))
 
 
 def _add_kubernetes_arguments(serve: argparse.ArgumentParser) -> None:

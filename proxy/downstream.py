@@ -164,9 +164,7 @@ class ClientConnection(FlowControlled):
         try:
             parsed = self._proxy_header.feed(data)
         except ProxyHeaderError as error:
-            count_refusal(self.listener.name, self.client_ip, error.reason)
-            self._proxy_header = None
-            self.transport.abort()
+            self._refuse_proxy_header(error.reason)
             return b""
         if parsed is None:
             return b""
@@ -177,6 +175,23 @@ class ClientConnection(FlowControlled):
         if self.tls is None and self._handshake_timer is not None:
             self._handshake_timer.cancel()  # plain HTTP: the header was the whole handshake
         return rest
+
+    def _proxy_header_input_ended(self) -> None:
+        """FIN before the PROXY header was complete: close now, not at the handshake timeout."""
+        assert self._proxy_header is not None and self.transport is not None
+        try:
+            self._proxy_header.input_ended()
+        except ProxyHeaderError as error:
+            self._refuse_proxy_header(error.reason)
+            return
+        self._proxy_header = None
+        self.transport.abort()  # it sent nothing at all (a TCP health check): nothing to count
+
+    def _refuse_proxy_header(self, reason: str) -> None:
+        assert self.transport is not None
+        count_refusal(self.listener.name, self.client_ip, reason)
+        self._proxy_header = None
+        self.transport.abort()
 
     def _peer_closed(self) -> None:
         if self.read_eof:
@@ -308,8 +323,7 @@ class ClientConnection(FlowControlled):
 
     def _handshake_expired(self) -> None:
         if self._proxy_header is not None and self.transport is not None:
-            count_refusal(self.listener.name, self.client_ip, "no complete PROXY header within the handshake timeout")
-            self.transport.abort()
+            self._refuse_proxy_header("no complete PROXY header within the handshake timeout")
         elif self.tls is not None and self.tls.state is TlsState.HANDSHAKING and self.transport is not None:
             metrics.TLS_HANDSHAKE_FAILURES.labels("timeout").inc()
             self.transport.abort()
@@ -547,6 +561,9 @@ class ClientConnection(FlowControlled):
             self.sweeper.watch(self, min(self._idle_deadline, self._head_deadline or self._idle_deadline))
 
     def eof_received(self) -> bool | None:
+        if self._proxy_header is not None:
+            self._proxy_header_input_ended()
+            return None  # aborted: nothing of this connection is left to answer
         keep_open = super().eof_received()
         if self._fast and self._in_flight is None:
             self.loop.call_soon(self._next_request)  # after any plaintext that came with the close

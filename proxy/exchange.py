@@ -161,7 +161,9 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     loop = asyncio.get_running_loop()
     started = loop.time()
     generation = state.generation
-    client_ip, real_ip, forwarded_for = client.client_ip, b"", b""  # the peer, or a PROXY header's source
+    # The decided client: the peer, or a PROXY header's source, or a trusted X-Forwarded-For's hop.
+    # Policies judge it and the access log names it; computed here once, nowhere else.
+    client_ip, real_ip, forwarded_for = client.client_ip, b"", b""
     if generation.configuration.real_ip is not None:  # trusted X-Forwarded-For (config.model.RealIp)
         real_ip, forwarded_for = route_policy.forwarded_client(generation.configuration.real_ip, client_ip, head)
         client_ip = real_ip
@@ -209,19 +211,29 @@ async def exchange(client: ClientSide, state: ServingState, head: RequestHead) -
     else:
         status = 404 if outcome is RouteOutcome.NOT_FOUND else 503  # NO_ENDPOINTS
         keep = _answer(client, head, status, hsts, grpc)
-    record_exchange(client, head, generation, host_label, backend, status, loop.time() - started)
+    record_exchange(client, client_ip, head, generation, host_label, backend, status, loop.time() - started)
     return keep
 
 
 def record_exchange(
-    client: ClientSide, head: RequestHead, generation: Generation, host_label: str, backend: str | None, status: int, elapsed: float
+    client: ClientSide,
+    client_ip: bytes,
+    head: RequestHead,
+    generation: Generation,
+    host_label: str,
+    backend: str | None,
+    status: int,
+    elapsed: float,
 ) -> None:
-    """The request's metrics and access-log line: one record for every path that answers one."""
+    """The request's metrics and access-log line: one record for every path that answers one.
+    `client_ip` is the decided client `exchange` judged (ingress-nginx's `$remote_addr`); the
+    paths that route no request with a trusted X-Forwarded-For (`decisions.route_outcome` sends
+    those to `exchange`) pass the connection's own, which is then the decided one."""
     backend_label = backend or "-"
     metrics.REQUESTS.record(host_label, backend_label, status, client.protocol, elapsed)
     if ACCESS_LOG.enabled:
         ACCESS_LOG.record(
-            (client.client_ip, client.listener.name, client.protocol, head.host, head.method, head.target, status,
+            (client_ip, client.listener.name, client.protocol, head.host, head.method, head.target, status,
              backend_label, elapsed, generation.configuration.access_log_json)
         )  # fmt: skip
 
@@ -247,7 +259,8 @@ async def proxy_routed(
     status, keep = await _proxy(
         client, state, head, backend, candidates, timeouts, hsts, in_flight=in_flight, in_flight_timeout=in_flight_timeout
     )
-    record_exchange(client, head, generation, host_label, backend, status, asyncio.get_running_loop().time() - started)
+    elapsed = asyncio.get_running_loop().time() - started
+    record_exchange(client, client.client_ip, head, generation, host_label, backend, status, elapsed)  # HTTP1_PLAIN: nothing trusted
     return keep
 
 

@@ -158,7 +158,8 @@ class FastExchange:
         )
         client.upstream = None
         state.balancer.release(upstream)
-        record_exchange(client, head, self.generation, self.host_label, self.backend, response.status, client.loop.time() - self.started)
+        elapsed = client.loop.time() - self.started
+        record_exchange(client, client.client_ip, head, self.generation, self.host_label, self.backend, response.status, elapsed)
         metrics.FAST_PATH.served += 1
         client.fast_done(http1_connection_continues(head, plan.keep_alive, state.draining))
 

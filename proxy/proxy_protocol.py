@@ -7,7 +7,10 @@ client's TCP stream to us can prepend one header saying who the client was. On a
 requires it, the connection must start with that header; whatever follows it is the client's own
 stream (the TLS ClientHello, or HTTP/1.1 on the plain listener). `ProxyHeaderReader` is fed the
 connection's first reads as they come (a header may arrive split at any byte) and answers: not
-yet (None), or the parsed `ProxyHeader` plus the bytes after it, or a `ProxyHeaderError`.
+yet (None), or the parsed `ProxyHeader` plus the bytes after it, or a `ProxyHeaderError`. When the
+peer's input ends (FIN) before that answer, the shell says so (`input_ended`): a header cut short
+is refused at once, not left to the handshake timeout; a connection that sent nothing at all is
+only closed (see `input_ended` for why it is not a refusal).
 
 Required-or-refused, never guessed: a connection whose first bytes cannot begin either signature
 is refused at once (it does not wait for 107 bytes of a TLS ClientHello), a header that breaks
@@ -88,6 +91,16 @@ class ProxyHeaderReader:
         if buffer[:1] == b"P":
             return _v1(buffer)
         return _v2(buffer)
+
+    def input_ended(self) -> None:
+        """The peer closed its side before `feed` answered. Raises ProxyHeaderError when part of
+        a header came: a header cut short is refused like a bad one, at once (no more can come).
+        Returns when nothing came at all: connect-then-close is what TCP health checks do (a
+        balancer's, a kubelet tcpSocket probe), so the shell closes it without counting a refusal."""
+        if self._buffer:
+            raise ProxyHeaderError(
+                f"the connection ended after {len(self._buffer)} bytes, inside the PROXY header"
+            )
 
 
 def _v1(buffer: bytes) -> tuple[ProxyHeader, bytes] | None:

@@ -15,7 +15,8 @@ address fails at start with one line naming the address (`ListenerError`, exit s
 of silently taking half the traffic. SO_REUSEADDR stays on so a restart is not refused while old
 connections sit in TIME_WAIT; Linux still refuses a bind next to a listening socket. `--workers`
 shares listeners by inheritance instead (proxy/workers.py): the master binds, workers get the
-sockets as `inherited`.
+sockets as `inherited`, and a lock (`key_loading`) under which they load keys in turn, so that no
+two workers log in to one HSM token at once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import signal
 import socket
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 from config.crypto import CryptoRuntime, CryptoSetupError
 from config.model import Address, Configuration, Listeners, Problem
@@ -39,7 +41,7 @@ from proxy.downstream import ClientConnection
 from proxy.tls.libssl import TICKET_KEYS_LENGTH
 from proxy.router import Router
 from proxy.serving import Generation, Listener
-from proxy.upstream_tls import UpstreamContextCache
+from proxy.upstream_tls import UpstreamContextCache, UpstreamTransport
 
 LOG = logging.getLogger("ingress_proxy")
 LISTEN_BACKLOG = 1024
@@ -51,10 +53,15 @@ class ListenerError(Exception):
 
 class ProxyServer:
     def __init__(
-        self, listeners: Listeners, ticket_keys: bytes | None = None, inherited: Mapping[str, socket.socket] | None = None
+        self,
+        listeners: Listeners,
+        ticket_keys: bytes | None = None,
+        inherited: Mapping[str, socket.socket] | None = None,
+        key_loading: AbstractContextManager[None] | None = None,
     ) -> None:
         self.listeners = listeners
         self._inherited = dict(inherited or {})  # listener name → socket bound by the --workers master
+        self._key_loading = key_loading or nullcontext()  # held while a publish loads keys (proxy/workers.py)
         self.https_port = listeners.https.port
         self.ticket_keys = ticket_keys or os.urandom(TICKET_KEYS_LENGTH)
         self.balancer = Balancer()
@@ -84,6 +91,25 @@ class ProxyServer:
 
     def publish(self, configuration: Configuration) -> tuple[Problem, ...]:
         problems: list[Problem] = []
+        # Keys an engine or provider holds (an HSM token) load one --workers worker at a time.
+        with self._key_loading if configuration.crypto.reaches_key_stores else nullcontext():
+            configuration, tls, transports = self._build_crypto(configuration, problems)
+        number = self._generation.number + 1 if self._generation else 1
+        self.balancer.set_backends(configuration.routes.backends, transports)
+        self._generation = Generation(number, configuration, Router(configuration.routes), tls)
+        metrics.CONFIG_GENERATION.set(number)
+        published, self._next_publish = self._next_publish, asyncio.Event()
+        published.set()
+        for problem in problems:
+            LOG.warning("%s", problem)
+        return tuple(problems)
+
+    def _build_crypto(
+        self, configuration: Configuration, problems: list[Problem]
+    ) -> tuple[Configuration, TlsContexts, dict[str, UpstreamTransport]]:
+        """The crypto runtime (restarted when its settings changed), the listeners' TLS contexts and
+        the backends' transports for `configuration`; what fails is appended to `problems`. Returns
+        the configuration with the crypto settings actually in force."""
         crypto = self._crypto
         if crypto is None or crypto.settings != configuration.crypto:
             try:
@@ -99,17 +125,9 @@ class ProxyServer:
                     metrics.ENGINE_UP.labels(configuration.crypto.engine.id).set(crypto.engine_status == "loaded")
         tls = self._contexts.build(configuration, crypto.use_private_key)
         problems.extend(tls.problems)
-        number = self._generation.number + 1 if self._generation else 1
         transports, transport_problems = self._upstream_contexts.build(configuration.routes.backends, crypto.use_private_key)
         problems.extend(transport_problems)
-        self.balancer.set_backends(configuration.routes.backends, transports)
-        self._generation = Generation(number, configuration, Router(configuration.routes), tls)
-        metrics.CONFIG_GENERATION.set(number)
-        published, self._next_publish = self._next_publish, asyncio.Event()
-        published.set()
-        for problem in problems:
-            LOG.warning("%s", problem)
-        return tuple(problems)
+        return configuration, tls, transports
 
     def update_endpoints(self, backend: str, endpoints: tuple[Address, ...]) -> None:
         self.balancer.update_endpoints(backend, endpoints)
@@ -227,11 +245,12 @@ async def run_proxy(
     ticket_keys: bytes | None = None,
     with_admin: bool = True,
     inherited: Mapping[str, socket.socket] | None = None,
+    key_loading: AbstractContextManager[None] | None = None,
 ) -> int:
     """A process's main coroutine: admin listener, route source, data plane, drain on SIGTERM."""
     from proxy.admin import start_admin
 
-    server = ProxyServer(listeners, ticket_keys, inherited)
+    server = ProxyServer(listeners, ticket_keys, inherited, key_loading)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

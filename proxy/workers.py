@@ -17,6 +17,15 @@ drained. Session-ticket keys are generated once in the master and inherited, so 
 by one worker resumes in any other. Metrics use prometheus-client's multiprocess mode so the
 admin listener (run by worker 0) reports all workers.
 
+Workers take turns loading keys (`KeyLoadingLock`): every worker logs in to the same HSM token
+after fork, and SoftHSM2's file store is not safe for concurrent logins from several processes —
+each C_Login rewrites the token file, and a process reading it meanwhile finds no token, or a PIN
+"not initialised" (4 concurrent `pkcs11-tool --login` runs: 36 of 160 failed; in turn: none). A
+worker that lost that race left the key's certificate out and served the default certificate for
+its hosts. Signing with keys already loaded is unaffected (150 handshakes during a loop of foreign
+logins: all signed), so only the crypto part of a publish holds the lock — the runtime's start
+and the key loads, and only when an engine or a provider is configured (proxy/server.py).
+
 In Kubernetes mode the master also supervises one *watcher* child (`run_watcher`): the only
 process that talks to the API server; it feeds every worker over proxy/generation_feed.py. A
 dead watcher is restarted whatever its exit status (the workers keep serving their last
@@ -25,11 +34,15 @@ generation meanwhile); only the workers' status 1 (configuration or engine error
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import logging
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable
+from types import TracebackType
 
 from proxy.tls.libssl import TICKET_KEYS_LENGTH
 
@@ -40,10 +53,35 @@ RESTART_BACKOFF_SECONDS = 1.0  # a worker that keeps crashing is restarted at mo
 WATCHER = -1  # the index the watcher child has among the workers' indexes
 
 
-def run_workers(count: int, run_worker: Callable[[int, bytes], int], run_watcher: Callable[[], int] | None = None) -> int:
-    """Fork `count` workers running `run_worker(index, ticket_keys)` (and one `run_watcher()`, if
-    given); returns the exit status."""
+class KeyLoadingLock:
+    """Held by one process at a time, among those forked after it was made: an unlinked file with
+    a POSIX record lock (lockf). Such locks belong to a process, so forked workers exclude each
+    other although they share the descriptor, and a worker that dies lets go of it."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()
+
+    def __enter__(self) -> None:
+        fcntl.lockf(self._file.fileno(), fcntl.LOCK_EX)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        fcntl.lockf(self._file.fileno(), fcntl.LOCK_UN)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerStart:
+    """What a worker inherits from the master besides the listeners."""
+
+    index: int
+    ticket_keys: bytes  # shared, so a session ticket from one worker resumes in any other
+    key_loading: KeyLoadingLock  # held while a publish loads keys: workers load them in turn
+
+
+def run_workers(count: int, run_worker: Callable[[WorkerStart], int], run_watcher: Callable[[], int] | None = None) -> int:
+    """Fork `count` workers running `run_worker(start)` (and one `run_watcher()`, if given);
+    returns the exit status."""
     ticket_keys = os.urandom(TICKET_KEYS_LENGTH)
+    key_loading = KeyLoadingLock()
     children: dict[int, int] = {}  # pid → worker index, or WATCHER
     stopping = False
     last_start: dict[int, float] = {}
@@ -59,7 +97,10 @@ def run_workers(count: int, run_worker: Callable[[int, bytes], int], run_watcher
                 signal.signal(signum, signal.SIG_DFL)
             code = 1
             try:
-                code = run_watcher() if run_watcher is not None and index == WATCHER else run_worker(index, ticket_keys)
+                if run_watcher is not None and index == WATCHER:
+                    code = run_watcher()
+                else:
+                    code = run_worker(WorkerStart(index, ticket_keys, key_loading))
             finally:
                 os._exit(code)
         children[pid] = index

@@ -125,6 +125,25 @@ def test_incomplete_headers_wait_for_more(prefix: bytes) -> None:
     assert read(prefix) is None
 
 
+@pytest.mark.parametrize("prefix", [b"P", b"PROXY TCP4 192.0.2.7 10.0.0.1 51234 44", b"PROXY UNKNOWN\r", V2_SIGNATURE[:5],
+                                    V2_SIGNATURE + b"\x21\x11\x00", v2("192.0.2.7")[:-1]])  # fmt: skip
+def test_input_ending_inside_a_header_refuses_it(prefix: bytes) -> None:
+    """FIN after part of a header: no more can come, so it is refused now (the shell counts it)."""
+    reader = ProxyHeaderReader()
+    assert reader.feed(prefix) is None
+    with pytest.raises(ProxyHeaderError, match=f"ended after {len(prefix)} bytes, inside the PROXY header"):
+        reader.input_ended()
+
+
+@pytest.mark.parametrize("pieces", [(), (b"",)])
+def test_input_ending_before_any_byte_is_no_refusal(pieces: tuple[bytes, ...]) -> None:
+    """Connect, then close, having sent nothing: a TCP health check, closed but not refused."""
+    reader = ProxyHeaderReader()
+    for piece in pieces:
+        assert reader.feed(piece) is None
+    assert reader.input_ended() is None
+
+
 def test_a_bare_tls_client_is_refused_on_its_first_byte() -> None:
     """No waiting for 107 bytes: 0x16 (a TLS record) can begin neither signature."""
     with pytest.raises(ProxyHeaderError):
@@ -178,6 +197,19 @@ def test_truncated_headers_never_parse(address: str, encode, data) -> None:  # t
     wire = encode(address)
     cut = data.draw(st.integers(0, len(wire) - 1))
     assert read(wire[:cut]) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(addresses, encoders, st.data())
+def test_any_truncation_then_input_ended_is_refused(address: str, encode, data) -> None:  # type: ignore[no-untyped-def]
+    """Every cut of a valid header, fed in two pieces split anywhere, then FIN: refused, never waited for."""
+    wire = encode(address)
+    cut = data.draw(st.integers(1, len(wire) - 1))
+    split = data.draw(st.integers(0, cut))
+    reader = ProxyHeaderReader()
+    assert reader.feed(wire[:split]) is None and reader.feed(wire[split:cut]) is None
+    with pytest.raises(ProxyHeaderError, match="inside the PROXY header"):
+        reader.input_ended()
 
 
 @settings(max_examples=500, deadline=None)
