@@ -44,6 +44,7 @@ FIXTURE_ENGINE_SOURCE = REPO / "tests" / "engine" / "async_engine" / "async_engi
 FIXTURE_ENGINE_ID = "asyncfixture"
 FIXTURE_PROVIDER_SOURCE = REPO / "tests" / "engine" / "async_provider" / "async_provider.c"
 FIXTURE_PROVIDER_NAME = "testoffload"
+FIXTURE_POOL_HEADER = REPO / "tests" / "engine" / "offload_pool.h"  # the worker pool both sources include
 # How each fixture is told where to run its worker threads (see their C sources).
 WORKER_CPU_VARIABLES = {"engine": "ASYNCFIXTURE_WORKER_CPU", "provider": "TESTOFFLOAD_WORKER_CPU"}
 Offload = Literal["engine", "provider"]
@@ -372,8 +373,9 @@ def build_fixture(workdir: Path, offload: Offload) -> Path:
     library = workdir / f"{name}.so"
     if library.exists():
         return library
-    if not source.exists():
-        raise ProxyUnavailable(f"no async fixture {offload}: {source} is missing")
+    for input_file in (source, FIXTURE_POOL_HEADER):
+        if not input_file.exists():
+            raise ProxyUnavailable(f"no async fixture {offload}: {input_file} is missing")
     compiled = subprocess.run(
         ["gcc", "-shared", "-fPIC", "-O2", "-Wno-deprecated-declarations", str(source), "-o", str(library),
          "-lcrypto", "-lpthread"],

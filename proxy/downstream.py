@@ -68,6 +68,7 @@ LOG = logging.getLogger("ingress_proxy")
 _FLUSH_AT = 64 * 1024  # flush a streamed body every 64 KiB: four TLS records, one write
 TUNNEL_IDLE_SECONDS = 3600.0  # an upgraded (WebSocket) connection may be quiet this long
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+HANDSHAKE_ABANDONED = "closed by the client"  # the handshake-failure reason when its FIN came first
 
 # Connections whose TLS handshake is paused in an async engine job: OpenSSL still owns their
 # stack, so they must outlive a vanished client until the job finishes (shared/NOTES.md §1).
@@ -308,6 +309,9 @@ class ClientConnection(FlowControlled):
             # and a paused connection must not be dropped): apply it now that the job is back.
             self._handshake_expired()
             return
+        if self.read_eof and self.tls.state is TlsState.HANDSHAKING:  # the client closed while it ran
+            self._handshake_abandoned()
+            return
         self._write_tls_output()
         self._after_handshake_step()
         if plaintext:
@@ -320,6 +324,14 @@ class ClientConnection(FlowControlled):
         if self.transport is not None and self.tls is not None:
             self._write_tls_output()  # the alert, if OpenSSL queued one
             self.transport.close()
+
+    def _handshake_abandoned(self) -> None:
+        """The client closed its side before the handshake ended: it can never send its Finished,
+        so let go now instead of at the handshake timeout. (While a job is paused in the engine the
+        connection waits for it; `_async_job_ready` comes back here.)"""
+        metrics.TLS_HANDSHAKE_FAILURES.labels(HANDSHAKE_ABANDONED).inc()
+        if self.transport is not None:
+            self.transport.abort()
 
     def _handshake_expired(self) -> None:
         if self._proxy_header is not None and self.transport is not None:
@@ -564,6 +576,9 @@ class ClientConnection(FlowControlled):
         if self._proxy_header is not None:
             self._proxy_header_input_ended()
             return None  # aborted: nothing of this connection is left to answer
+        if self.tls is not None and self.tls.state is TlsState.HANDSHAKING:
+            self._handshake_abandoned()
+            return None
         keep_open = super().eof_received()
         if self._fast and self._in_flight is None:
             self.loop.call_soon(self._next_request)  # after any plaintext that came with the close

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -114,15 +114,27 @@ def _configuration(ca: trustme.CA, address: Address, protocol: BackendProtocol =
 
 
 @pytest.fixture
-async def channel(ca: trustme.CA, start_proxy, grpc_backend: GrpcBackend) -> AsyncIterator[grpc.Channel]:
+def open_channel(ca: trustme.CA) -> Iterator[Callable[[int], grpc.Channel]]:
+    """gRPC channels to the proxy's port, closed when the test ends. A channel left to the garbage
+    collector can be collected in the child of a later test's fork, before its exec, and deadlock
+    there on a lock one of grpc's threads held (seen: nghttp's subprocess in test_http2_clients)."""
+    opened: list[grpc.Channel] = []
+
+    def open_(port: int) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+        options = [("grpc.ssl_target_name_override", "grpc.test"), ("grpc.default_authority", "grpc.test")]
+        opened.append(grpc.secure_channel(f"{LOOPBACK}:{port}", credentials, options=options))
+        return opened[-1]
+
+    yield open_
+    for channel in opened:
+        channel.close()
+
+
+@pytest.fixture
+async def channel(ca: trustme.CA, start_proxy, grpc_backend: GrpcBackend, open_channel) -> AsyncIterator[grpc.Channel]:
     proxy = await start_proxy(_configuration(ca, grpc_backend.address))
-    yield _channel(ca, proxy.https_port)
-
-
-def _channel(ca: trustme.CA, port: int) -> grpc.Channel:
-    credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
-    options = [("grpc.ssl_target_name_override", "grpc.test"), ("grpc.default_authority", "grpc.test")]
-    return grpc.secure_channel(f"{LOOPBACK}:{port}", credentials, options=options)
+    yield open_channel(proxy.https_port)
 
 
 async def test_unary_with_metadata_and_trailers(channel: grpc.Channel, grpc_backend: GrpcBackend) -> None:
@@ -204,9 +216,9 @@ async def test_client_cancel_reaches_the_backend(channel: grpc.Channel, grpc_bac
     assert await asyncio.to_thread(grpc_backend.recorder.cancelled.wait, 20)
 
 
-async def test_many_concurrent_calls_share_the_pooled_connection(ca: trustme.CA, start_proxy, grpc_backend: GrpcBackend) -> None:
+async def test_many_concurrent_calls_share_the_pooled_connection(ca: trustme.CA, start_proxy, grpc_backend: GrpcBackend, open_channel) -> None:
     proxy = await start_proxy(_configuration(ca, grpc_backend.address))
-    call = _channel(ca, proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
+    call = open_channel(proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
     with futures.ThreadPoolExecutor(8) as pool:
         results = await asyncio.to_thread(lambda: list(pool.map(lambda n: call(b"%d" % n, timeout=30), range(40))))
     assert results == [b"echo:%d" % n for n in range(40)]
@@ -214,11 +226,11 @@ async def test_many_concurrent_calls_share_the_pooled_connection(ca: trustme.CA,
     assert len(pools) == 1 and len(pools[0].connections) == 1  # 8 at a time fit the backend's stream limit
 
 
-async def test_the_backends_max_concurrent_streams_is_respected(ca: trustme.CA, start_proxy) -> None:
+async def test_the_backends_max_concurrent_streams_is_respected(ca: trustme.CA, start_proxy, open_channel) -> None:
     server, backend = _start_server(max_streams=2)
     try:
         proxy = await start_proxy(_configuration(ca, backend.address))
-        endless = _channel(ca, proxy.https_port).unary_stream(f"/{SERVICE}/Endless")
+        endless = open_channel(proxy.https_port).unary_stream(f"/{SERVICE}/Endless")
 
         def hold_six() -> int:
             streams = [endless(b"", timeout=30) for _ in range(6)]
@@ -234,25 +246,25 @@ async def test_the_backends_max_concurrent_streams_is_respected(ca: trustme.CA, 
         server.stop(grace=None)
 
 
-async def test_no_endpoint_is_a_grpc_shaped_unavailable(ca: trustme.CA, start_proxy) -> None:
+async def test_no_endpoint_is_a_grpc_shaped_unavailable(ca: trustme.CA, start_proxy, open_channel) -> None:
     backend = Backend("grpc", (), BackendProtocol.H2C)
     routes = RouteTable((VirtualHost("grpc.test", (PathRule("/", PathType.PREFIX, "grpc"),)),), (backend,))
     proxy = await start_proxy(Configuration(routes=routes, certificates=(certificate_for(ca, "grpc.test"),), timeouts=Timeouts(drain=2.0)))
-    call = _channel(ca, proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
+    call = open_channel(proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
     with pytest.raises(grpc.RpcError) as raised:
         await asyncio.to_thread(call, b"x", timeout=20)
     assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "503" in raised.value.details()
 
 
-async def test_a_refused_backend_connection_is_a_grpc_shaped_unavailable(ca: trustme.CA, start_proxy) -> None:
+async def test_a_refused_backend_connection_is_a_grpc_shaped_unavailable(ca: trustme.CA, start_proxy, open_channel) -> None:
     import socket
 
     with socket.socket() as unused:
         unused.bind((LOOPBACK, 0))
         address = Address(LOOPBACK, unused.getsockname()[1])  # nothing listens once closed
     proxy = await start_proxy(_configuration(ca, address))
-    call = _channel(ca, proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
+    call = open_channel(proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
     with pytest.raises(grpc.RpcError) as raised:
         await asyncio.to_thread(call, b"x", timeout=20)
     assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -272,7 +284,7 @@ async def test_grpc_over_http1_gets_a_clear_error(ca: trustme.CA, start_proxy, g
     assert grpc_backend.recorder.metadata == {}  # nothing half-forwarded
 
 
-async def test_h2_backend_over_tls_verified(ca: trustme.CA, start_proxy) -> None:
+async def test_h2_backend_over_tls_verified(ca: trustme.CA, start_proxy, open_channel) -> None:
     backend_ca = trustme.CA()
     issued = backend_ca.issue_cert("grpc.backend.test")
     credentials = grpc.ssl_server_credentials([(issued.private_key_pem.bytes(), issued.cert_chain_pems[0].bytes())])
@@ -280,7 +292,7 @@ async def test_h2_backend_over_tls_verified(ca: trustme.CA, start_proxy) -> None
     try:
         tls = UpstreamTls(ca_pem=backend_ca.cert_pem.bytes(), verify=True, server_name="grpc.backend.test")
         proxy = await start_proxy(_configuration(ca, backend.address, BackendProtocol.H2, tls))
-        call = _channel(ca, proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
+        call = open_channel(proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
         assert await asyncio.to_thread(call, b"tls", timeout=20) == b"echo:tls"
     finally:
         server.stop(grace=None)

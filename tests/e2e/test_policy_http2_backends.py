@@ -24,7 +24,7 @@ from config.model import (
     Timeouts, VirtualHost,
 )  # fmt: skip
 from tests.conftest import LOOPBACK, RunningProxy, certificate_for
-from tests.e2e.test_grpc_backends import SERVICE, _channel, _start_server
+from tests.e2e.test_grpc_backends import SERVICE, _start_server, open_channel  # noqa: F401 (open_channel: a fixture)
 from tests.e2e.test_route_policy import PROTOCOLS, curl
 
 pytestmark = pytest.mark.e2e
@@ -175,7 +175,7 @@ async def test_a_body_of_unknown_length_over_the_limit_gets_413_and_never_comple
     assert small["status"] == 200 and json.loads(small["body"])["body_size"] == LIMIT
 
 
-async def test_grpc_metadata_is_edited_by_the_routes_policy(ca: trustme.CA, start_proxy) -> None:
+async def test_grpc_metadata_is_edited_by_the_routes_policy(ca: trustme.CA, start_proxy, open_channel) -> None:
     server, backend = _start_server()
     try:
         policy = RoutePolicy(request_headers=HeaderEdits(set=(("x-tenant", "blue"),), remove=("x-secret",)))
@@ -183,7 +183,7 @@ async def test_grpc_metadata_is_edited_by_the_routes_policy(ca: trustme.CA, star
             (VirtualHost("grpc.test", (PathRule("/", P, "grpc", policy),)),), (Backend("grpc", (backend.address,), BackendProtocol.H2C),)
         )
         proxy = await start_proxy(Configuration(routes=routes, certificates=(certificate_for(ca, "grpc.test"),), timeouts=Timeouts(drain=2.0)))
-        call = _channel(ca, proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
+        call = open_channel(proxy.https_port).unary_unary(f"/{SERVICE}/Unary")
         metadata = (("x-tenant", "red"), ("x-secret", "s"), ("x-kept", "k"))
         assert await asyncio.to_thread(call, b"hi", timeout=20, metadata=metadata) == b"echo:hi"
         seen = backend.recorder.metadata

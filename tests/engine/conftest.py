@@ -27,6 +27,7 @@ from proxy.tls.offload import enable_async_mode
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE_ENGINE_SOURCE = Path(__file__).parent / "async_engine" / "async_engine.c"
 FIXTURE_PROVIDER_SOURCE = Path(__file__).parent / "async_provider" / "async_provider.c"
+OFFLOAD_POOL_HEADER = Path(__file__).parent / "offload_pool.h"  # the worker pool both fixtures include
 FIXTURE_PROVIDER_NAME = "testoffload"  # sorts after "default": see async_provider.c
 BUILD_DIR = REPO / "tests" / "fixtures" / "build"  # gitignored
 PKCS11_ENGINE = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
@@ -49,10 +50,11 @@ COUNTER_NAMES = (
 )
 
 
-def _build(source: Path, library: Path) -> Path:
-    """gcc `source` into `library` (again only when the source is newer)."""
+def _build(library: Path, source: Path, *headers: Path) -> Path:
+    """gcc `source` into `library` (again only when the source or a header it includes is newer)."""
     library.parent.mkdir(parents=True, exist_ok=True)
-    if not library.exists() or library.stat().st_mtime < source.stat().st_mtime:
+    newest_input = max(path.stat().st_mtime for path in (source, *headers))
+    if not library.exists() or library.stat().st_mtime < newest_input:
         partial = library.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(
             ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Wno-deprecated-declarations",
@@ -64,11 +66,11 @@ def _build(source: Path, library: Path) -> Path:
 
 
 def build_fixture_engine(build_dir: Path = BUILD_DIR) -> Path:
-    return _build(FIXTURE_ENGINE_SOURCE, build_dir / f"{FIXTURE_ENGINE_ID}.so")
+    return _build(build_dir / f"{FIXTURE_ENGINE_ID}.so", FIXTURE_ENGINE_SOURCE, OFFLOAD_POOL_HEADER)
 
 
 def build_fixture_provider(build_dir: Path = BUILD_DIR) -> Path:
-    return _build(FIXTURE_PROVIDER_SOURCE, build_dir / f"{FIXTURE_PROVIDER_NAME}.so")
+    return _build(build_dir / f"{FIXTURE_PROVIDER_NAME}.so", FIXTURE_PROVIDER_SOURCE, OFFLOAD_POOL_HEADER)
 
 
 PROVIDER_COUNTER_NAMES = (

@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 
 from config.crypto import CryptoSetupError
 from config.model import Address, Certificate, Configuration, CryptoSettings, EngineSettings, Listeners, PathType
+from proxy.downstream import HANDSHAKE_ABANDONED
 from proxy.server import ProxyServer
 from tests.conftest import simple_configuration
 from tests.e2e.helpers import open_raw, read_response
@@ -27,6 +28,10 @@ def _handshakes(key_source: str, version: str = "TLSv1.3") -> float:
 
 def _async_pauses() -> float:
     return REGISTRY.get_sample_value("ingress_proxy_tls_async_pauses_total") or 0.0
+
+
+def _handshake_failures(reason: str) -> float:
+    return REGISTRY.get_sample_value("ingress_proxy_tls_handshake_failures_total", {"reason": reason}) or 0.0
 
 
 def _certificate(identity: ServerIdentity, host: str) -> Certificate:
@@ -96,6 +101,44 @@ async def test_proxy_parks_16_handshakes_on_the_async_engine(
     counters = engine_probe.counters()
     assert counters["peak_in_flight"] == clients and counters["offloaded"] == clients
     assert _async_pauses() - pauses_before >= clients
+
+
+async def test_a_client_that_closes_while_its_handshake_is_parked_is_let_go_when_the_job_is_back(
+    start_proxy, engine_probe: FixtureEngineProbe, ca: trustme.CA, software_rsa: ServerIdentity
+) -> None:
+    """The FIN comes while the signature is parked in the engine: the connection waits for the job
+    (a paused job must not be dropped), then ends the handshake as closed by the client."""
+    configuration = simple_configuration(
+        {}, {}, certificates=(_certificate(software_rsa, "localhost"),), crypto=engine_probe.settings(algorithms=("RSA",))
+    )
+    proxy = await start_proxy(configuration)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    client = client_tls.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    abandoned = _handshake_failures(HANDSHAKE_ABANDONED)
+    offloaded = engine_probe.counters()["offloaded"]
+    engine_probe.set_gate(False)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port)
+        writer.write(outgoing.read())  # the ClientHello: the proxy's signature parks at the gate
+        async with asyncio.timeout(15):
+            while engine_probe.counters()["in_flight"] < 1:
+                await asyncio.sleep(0.01)
+            writer.write_eof()
+            while not any(connection.read_eof for connection in proxy.server.connections):
+                await asyncio.sleep(0.01)
+        assert _handshake_failures(HANDSHAKE_ABANDONED) == abandoned  # still waiting for its job
+    finally:
+        engine_probe.set_gate(True)
+    async with asyncio.timeout(15):
+        await reader.read()  # the server's flight, if any, then the close
+        while proxy.server.connections:
+            await asyncio.sleep(0.01)
+    writer.close()
+    assert _handshake_failures(HANDSHAKE_ABANDONED) == abandoned + 1
+    assert engine_probe.counters()["offloaded"] == offloaded + 1 and engine_probe.counters()["in_flight"] == 0
 
 
 async def test_route_only_reload_keeps_the_engine_and_warns_once(

@@ -19,6 +19,7 @@ from OpenSSL import SSL
 
 from tests.hostile.clients import SERVER_NAME, exchange, read_until_closed
 from tests.hostile.conftest import TIMEOUTS
+from proxy.downstream import HANDSHAKE_ABANDONED
 from tests.hostile.proxy_process import LOOPBACK
 
 SLACK = 1.0
@@ -183,3 +184,20 @@ def test_flood_of_half_handshakes(hostile_proxy, trusted_client):
     assert honest_seconds < 1.0
     assert open_after == 0 and closed == FLOOD
     assert growth < 64 * 2**20
+
+
+@pytest.mark.parametrize("sent", [b"", client_hello()[:100], client_hello()], ids=["nothing", "part-of-a-hello", "whole-hello"])
+def test_a_client_that_closes_mid_handshake_is_let_go_at_once(hostile_proxy, trusted_client, sent):
+    """Its FIN ends the handshake then and there (it can never send its Finished): counted as closed
+    by the client, not left to the handshake timeout (whose counter does not move)."""
+    abandoned = hostile_proxy.metric("ingress_proxy_tls_handshake_failures_total", reason=HANDSHAKE_ABANDONED)
+    timeouts = hostile_proxy.metric("ingress_proxy_tls_handshake_failures_total", reason="timeout")
+    with socket.create_connection((LOOPBACK, hostile_proxy.ports.https)) as sock:
+        sock.sendall(sent)
+        sock.shutdown(socket.SHUT_WR)
+        received, closed = read_until_closed(sock, TIMEOUTS["handshake"] * 5)
+    assert closed
+    assert received[:1] in (b"", b"\x16"), received[:20]  # nothing, or the ServerHello it had answered
+    assert hostile_proxy.metric("ingress_proxy_tls_handshake_failures_total", reason=HANDSHAKE_ABANDONED) == abandoned + 1
+    assert hostile_proxy.metric("ingress_proxy_tls_handshake_failures_total", reason="timeout") == timeouts
+    assert_honest_client_served(hostile_proxy, trusted_client)

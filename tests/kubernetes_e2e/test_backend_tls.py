@@ -150,8 +150,8 @@ async def test_grpc_backend_by_annotation(cluster: Cluster, start_controller: St
             grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes()),
             options=[("grpc.ssl_target_name_override", "grpc.example"), ("grpc.default_authority", "grpc.example")],
         )
-        call = channel.unary_unary("/test.Echo/Unary")
-        assert await asyncio.to_thread(call, b"hi", timeout=20) == b"k8s:hi", controller.log()
-        channel.close()
+        with channel:  # closed even when the call fails: see tests/e2e/test_grpc_backends.open_channel
+            call = channel.unary_unary("/test.Echo/Unary")
+            assert await asyncio.to_thread(call, b"hi", timeout=20) == b"k8s:hi", controller.log()
     finally:
         server.stop(grace=None)

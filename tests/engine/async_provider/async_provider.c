@@ -15,33 +15,22 @@
  *     `default`, which is activated before this provider, so unqualified fetches find it first.
  *   - SIGNATURE "RSA" and "ECDSA" are digest-sign only (all TLS needs): init, update and
  *     parameters (PSS padding, salt length) go to an EVP_MD_CTX of the private context; the final
- *     signature runs on a worker thread. Inside an ASYNC_JOB (SSL_MODE_ASYNC) the job pauses with
- *     ASYNC_pause_job until the work is done; the job's ASYNC_WAIT_CTX owns one non-blocking
- *     eventfd (closed by its cleanup when the SSL object is freed); a worker marks the work done
- *     BEFORE writing the eventfd, so a resumed job never finds the fd readable with nothing done;
- *     a spurious resume pauses again; the fd's signal is taken (one read) before returning. Outside a job the
- *     signature runs synchronously on the caller's thread.
- *   - Errors raised on a worker land on the worker's error queue: cleared there; the caller gets
- *     a generic error on its own queue.
+ *     signature is a job for ../offload_pool.h (shared with the engine fixture): inside an
+ *     ASYNC_JOB (SSL_MODE_ASYNC) it runs on the pool's worker threads while the job pauses, with
+ *     the wait-fd hand-off, error handling and counters described there; outside a job it runs
+ *     synchronously on the caller's thread.
  *   - TESTOFFLOAD_WORKER_CPU=<n> pins the worker threads to CPU n.
- *   - Counters (signatures by kind, offloaded, pauses, jobs in flight and their peak, synchronous,
- *     keys loaded) and a "gate" that holds workers back are plain exported C functions for tests
+ *   - Counters (signatures by kind, keys loaded, and the pool's: offloaded, pauses, jobs in flight
+ *     and their peak, synchronous) and the pool's gate are plain exported C functions for tests
  *     (ctypes), so tests prove concurrency with counts instead of timing.
  *
  * Build: gcc -shared -fPIC -O2 async_provider.c -o testoffload.so -lcrypto -lpthread
+ *        (it includes ../offload_pool.h)
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <poll.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
-#include <unistd.h>
 
-#include <openssl/async.h>
 #include <openssl/bio.h>
 #include <openssl/core.h>
 #include <openssl/core_dispatch.h>
@@ -53,18 +42,17 @@
 #include <openssl/pem.h>
 #include <openssl/provider.h>
 
-#define WORKER_COUNT 2
-#define PROPERTIES "provider=testoffload"
-#define STORE_SCHEME "testoffload"
-
-static const char WAIT_FD_KEY = 0; /* its address keys our fd in each ASYNC_WAIT_CTX */
-
-/* Counters, exported in this order by testoffload_counters. */
+/* Counters, exported in this order by testoffload_counters (the names offload_pool.h needs are among them). */
 enum counter {
     C_SIGNATURES, C_RSA_SIGN, C_EC_SIGN, C_OFFLOADED, C_PAUSES, C_IN_FLIGHT, C_PEAK_IN_FLIGHT,
     C_SYNCHRONOUS, C_KEYS_LOADED, C_COUNT
 };
-static atomic_llong counters[C_COUNT];
+
+#include "../offload_pool.h"
+
+#define PROPERTIES "provider=testoffload"
+#define STORE_SCHEME "testoffload"
+static const char *const WORKER_CPU_VARIABLE = "TESTOFFLOAD_WORKER_CPU";
 
 struct provider {
     OSSL_LIB_CTX *private_context; /* only OpenSSL's default provider: where the math happens */
@@ -84,216 +72,25 @@ struct signing {
 };
 
 struct work {
+    struct offload_job job; /* first: the pool hands it back to perform */
     EVP_MD_CTX *digest;
     unsigned char *signature;
     size_t *length;
     const unsigned char *data; /* NULL: finish what update gave (DigestSignFinal) */
     size_t data_length;
-    int result;
-    int wake_fd;
-    atomic_int done;      /* set by the worker once result is final */
-    atomic_int signalled; /* set by the worker after writing wake_fd */
-    struct work *next;
 };
 
-static pthread_mutex_t queue_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t queue_changed = PTHREAD_COND_INITIALIZER;
-static struct work *queue_head, *queue_tail;
-static int gate_open = 1;
-static int stopping;
-static pthread_t workers[WORKER_COUNT];
-static int workers_started;
-
-void testoffload_counters(long long *out, int count)
-{
-    for (int i = 0; i < count && i < C_COUNT; i++)
-        out[i] = atomic_load(&counters[i]);
-}
-
-void testoffload_reset_counters(void)
-{
-    for (int i = 0; i < C_COUNT; i++)
-        if (i != C_IN_FLIGHT)
-            atomic_store(&counters[i], 0);
-    atomic_store(&counters[C_PEAK_IN_FLIGHT], atomic_load(&counters[C_IN_FLIGHT]));
-}
-
+void testoffload_counters(long long *out, int count) { offload_pool_counters(out, count); }
+void testoffload_reset_counters(void) { offload_pool_reset_counters(); }
 /* Closed gate: workers take no work, so every submitted job stays paused until it opens. */
-void testoffload_set_gate(int open)
-{
-    pthread_mutex_lock(&queue_lock);
-    gate_open = open;
-    pthread_cond_broadcast(&queue_changed);
-    pthread_mutex_unlock(&queue_lock);
-}
+void testoffload_set_gate(int open) { offload_pool_set_gate(open); }
 
-/* ---- worker threads ------------------------------------------------------------------------ */
-
-static void perform(struct work *w)
+static int perform(struct offload_job *job)
 {
+    struct work *w = (struct work *)job;
     if (w->data != NULL)
-        w->result = EVP_DigestSign(w->digest, w->signature, w->length, w->data, w->data_length);
-    else
-        w->result = EVP_DigestSignFinal(w->digest, w->signature, w->length);
-}
-
-/* TESTOFFLOAD_WORKER_CPU=<n> pins the worker threads to CPU n (the bench puts them on the core the proxy does
- * not use, as an accelerator would sit beside the CPU). */
-static void pin_worker(void)
-{
-    const char *cpu = getenv("TESTOFFLOAD_WORKER_CPU");
-    if (cpu == NULL || *cpu == '\0')
-        return;
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(atoi(cpu), &set);
-    pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-}
-
-static void *worker_main(void *unused)
-{
-    (void)unused;
-    pin_worker();
-    for (;;) {
-        pthread_mutex_lock(&queue_lock);
-        while (!stopping && (queue_head == NULL || !gate_open))
-            pthread_cond_wait(&queue_changed, &queue_lock);
-        if (queue_head == NULL) { /* stopping with nothing left */
-            pthread_mutex_unlock(&queue_lock);
-            return NULL;
-        }
-        struct work *w = queue_head;
-        queue_head = w->next;
-        if (queue_head == NULL)
-            queue_tail = NULL;
-        pthread_mutex_unlock(&queue_lock);
-
-        perform(w);
-        if (w->result != 1)
-            ERR_clear_error(); /* this thread's queue; the job raises its own error */
-        int fd = w->wake_fd;
-        atomic_store(&w->done, 1);
-        uint64_t one = 1;
-        while (write(fd, &one, sizeof one) < 0 && errno == EINTR)
-            ;
-        atomic_store(&w->signalled, 1);
-    }
-}
-
-static void enqueue(struct work *w)
-{
-    pthread_mutex_lock(&queue_lock);
-    w->next = NULL;
-    if (queue_tail)
-        queue_tail->next = w;
-    else
-        queue_head = w;
-    queue_tail = w;
-    pthread_cond_signal(&queue_changed);
-    pthread_mutex_unlock(&queue_lock);
-}
-
-static void close_wait_fd(ASYNC_WAIT_CTX *ctx, const void *key, OSSL_ASYNC_FD fd, void *custom)
-{
-    (void)ctx, (void)key, (void)custom;
-    close(fd);
-}
-
-static int wait_fd_for(ASYNC_JOB *job)
-{
-    ASYNC_WAIT_CTX *ctx = ASYNC_get_wait_ctx(job);
-    OSSL_ASYNC_FD fd;
-    void *custom;
-    if (ctx == NULL)
-        return -1;
-    if (ASYNC_WAIT_CTX_get_fd(ctx, &WAIT_FD_KEY, &fd, &custom))
-        return fd;
-    fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    if (!ASYNC_WAIT_CTX_set_wait_fd(ctx, &WAIT_FD_KEY, fd, NULL, close_wait_fd)) {
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-/* One read takes an eventfd's whole count (and EAGAIN when there is none): whether it took a signal. */
-static int take_signal(int fd)
-{
-    uint64_t value;
-    ssize_t got;
-    while ((got = read(fd, &value, sizeof value)) < 0 && errno == EINTR)
-        ;
-    return got > 0;
-}
-
-static void note_in_flight(long long delta)
-{
-    long long now = atomic_fetch_add(&counters[C_IN_FLIGHT], delta) + delta;
-    long long peak = atomic_load(&counters[C_PEAK_IN_FLIGHT]);
-    while (now > peak && !atomic_compare_exchange_weak(&counters[C_PEAK_IN_FLIGHT], &peak, now))
-        ;
-}
-
-static int run(struct work *w)
-{
-    ASYNC_JOB *job = ASYNC_get_current_job();
-    int fd = job ? wait_fd_for(job) : -1;
-    if (fd < 0) {
-        atomic_fetch_add(&counters[C_SYNCHRONOUS], 1);
-        perform(w);
-        return w->result;
-    }
-    w->wake_fd = fd;
-    atomic_init(&w->done, 0);
-    atomic_init(&w->signalled, 0);
-    atomic_fetch_add(&counters[C_OFFLOADED], 1);
-    note_in_flight(1);
-    enqueue(w);
-    /* This wait fd has one writer: our work's worker, once. A read that took a signal after a
-     * pause took that write, so the fd is quiet again and nothing is left to drain; a job that
-     * found the work done without reading (done before the first pause, or an early resume)
-     * takes the signal once it is written. One read per pause, not three. */
-    int taken = 0;
-    while (!atomic_load(&w->done)) {
-        atomic_fetch_add(&counters[C_PAUSES], 1);
-        if (!ASYNC_pause_job()) { /* cannot pause: block on the fd instead */
-            struct pollfd readable = {.fd = fd, .events = POLLIN};
-            poll(&readable, 1, 100);
-        }
-        taken = take_signal(fd);
-    }
-    while (!atomic_load(&w->signalled))
-        sched_yield(); /* the worker is between "done" and its write (w lives on our stack): microseconds */
-    if (!taken)
-        take_signal(fd);
-    note_in_flight(-1);
-    if (w->result != 1)
-        ERR_raise(ERR_LIB_PROV, ERR_R_INTERNAL_ERROR);
-    return w->result;
-}
-
-static int start_workers(void)
-{
-    pthread_mutex_lock(&queue_lock);
-    stopping = 0;
-    pthread_mutex_unlock(&queue_lock);
-    for (; workers_started < WORKER_COUNT; workers_started++)
-        if (pthread_create(&workers[workers_started], NULL, worker_main, NULL) != 0)
-            return 0;
-    return 1;
-}
-
-static void stop_workers(void)
-{
-    pthread_mutex_lock(&queue_lock);
-    stopping = 1;
-    pthread_cond_broadcast(&queue_changed);
-    pthread_mutex_unlock(&queue_lock);
-    for (int i = 0; i < workers_started; i++)
-        pthread_join(workers[i], NULL);
-    workers_started = 0;
+        return EVP_DigestSign(w->digest, w->signature, w->length, w->data, w->data_length) == 1;
+    return EVP_DigestSignFinal(w->digest, w->signature, w->length) == 1;
 }
 
 /* ---- KEYMGMT -------------------------------------------------------------------------------- */
@@ -494,9 +291,9 @@ static int offload(struct signing *signing, unsigned char *signature, size_t *le
     *length = size;
     atomic_fetch_add(&counters[C_SIGNATURES], 1);
     atomic_fetch_add(&counters[signing->key->is_rsa ? C_RSA_SIGN : C_EC_SIGN], 1);
-    struct work w = {.digest = signing->digest, .signature = signature, .length = length, .data = data,
-                     .data_length = data_length};
-    return run(&w) == 1;
+    struct work w = {.job.perform = perform, .digest = signing->digest, .signature = signature,
+                     .length = length, .data = data, .data_length = data_length};
+    return offload_pool_run(&w.job, ERR_LIB_PROV);
 }
 
 static int digest_sign_final(void *ctx, unsigned char *signature, size_t *length, size_t size)
@@ -669,7 +466,7 @@ static const OSSL_ALGORITHM *query_operation(void *provctx, int operation_id, in
 static void teardown(void *provctx)
 {
     struct provider *provider = provctx;
-    stop_workers();
+    offload_pool_stop();
     OSSL_PROVIDER_unload(provider->software);
     OSSL_LIB_CTX_free(provider->private_context);
     free(provider);
@@ -690,8 +487,7 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in, 
         return 0;
     provider->private_context = OSSL_LIB_CTX_new();
     provider->software = provider->private_context ? OSSL_PROVIDER_load(provider->private_context, "default") : NULL;
-    if (provider->software == NULL || !start_workers()) {
-        stop_workers();
+    if (provider->software == NULL || !offload_pool_start(WORKER_CPU_VARIABLE)) {
         OSSL_LIB_CTX_free(provider->private_context);
         free(provider);
         return 0;
