@@ -153,9 +153,10 @@ class PresentedCertificate:
     issuer_dn: bytes
 
 
-def presented(leaf_pem: bytes) -> PresentedCertificate:
-    leaf = crypto.load_certificate(crypto.FILETYPE_PEM, leaf_pem)
-    return PresentedCertificate(leaf_pem, name_rfc2253(leaf), name_rfc2253(leaf, issuer=True))
+def presented(leaf: crypto.X509) -> PresentedCertificate:
+    """From the X509 the handshake kept (parsing a PEM again costs ~6× the printing)."""
+    pem = crypto.dump_certificate(crypto.FILETYPE_PEM, leaf)
+    return PresentedCertificate(pem, name_rfc2253(leaf), name_rfc2253(leaf, issuer=True))
 
 
 def subject_matches(pattern: re.Pattern[str], subject_dn: bytes) -> bool:
@@ -180,7 +181,7 @@ def certificate_headers(
 
 
 def answer_for(
-    auth: ClientAuth, error: int, leaf: PresentedCertificate | None, judge_subject: bool = True
+    auth: ClientAuth, error: int, leaf: PresentedCertificate | None, judge_subject: bool
 ) -> Refusal | tuple[tuple[bytes, bytes], ...]:
     """A connection's answer for its own host: the verdict's refusal (to the error page if the host
     has one), the subject pattern's 403 (unless `judge_subject` is False: an ACME challenge), or
@@ -306,12 +307,12 @@ class ClientVerification:
     """What the handshake of one connection established, set once on the connection (ClientSide
     `client_verification`) when its context belongs to a host with client auth."""
 
-    __slots__ = ("auth", "error", "leaf_pem", "_answers")
+    __slots__ = ("auth", "error", "leaf", "_answers")
 
-    def __init__(self, auth: ClientAuth, error: int, leaf_pem: bytes | None) -> None:
+    def __init__(self, auth: ClientAuth, error: int, leaf: crypto.X509 | None) -> None:
         self.auth = auth
         self.error = error
-        self.leaf_pem = leaf_pem
+        self.leaf = leaf  # the client's certificate (OpenSSL's peer certificate), None if it sent none
         # [ACME challenge, any other path]: each decided on its first request (the certificate and
         # the host's settings do not change on a connection)
         self._answers: list[Refusal | tuple[tuple[bytes, bytes], ...] | None] = [None, None]
@@ -321,10 +322,10 @@ class ClientVerification:
         `host_auth`."""
         if host_auth != self.auth:
             return MISDIRECTED
-        judge_subject = not is_acme_challenge(path)
+        judge_subject = self.auth.match_subject is None or not is_acme_challenge(path)  # no regex without a pattern
         answer = self._answers[judge_subject]
         if answer is None:
-            leaf = presented(self.leaf_pem) if self.leaf_pem is not None else None
+            leaf = presented(self.leaf) if self.leaf is not None else None
             answer = self._answers[judge_subject] = answer_for(self.auth, self.error, leaf, judge_subject)
         return answer
 
@@ -336,8 +337,7 @@ def verification_of(connection: SSL.Connection) -> ClientVerification | None:
     if auth is None:
         return None
     peer = connection.get_peer_certificate()
-    leaf_pem = crypto.dump_certificate(crypto.FILETYPE_PEM, peer) if peer is not None else None
-    return ClientVerification(auth, int(lib.SSL_get_verify_result(connection._ssl)), leaf_pem)  # type: ignore[attr-defined]
+    return ClientVerification(auth, int(lib.SSL_get_verify_result(connection._ssl)), peer)  # type: ignore[attr-defined]
 
 
 def plaintext_answer(host_auth: ClientAuth, path: str) -> Refusal | tuple[tuple[bytes, bytes], ...]:

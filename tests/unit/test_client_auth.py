@@ -80,7 +80,7 @@ def test_server_name_from_the_client_hello(extension, expected):
 def test_certificate_headers_as_ingress_nginx_sends_them():
     ca = trustme.CA(organization_name="Test CA")
     leaf_pem = ca.issue_cert("alice@example.test", common_name="alice").cert_chain_pems[0].bytes()
-    leaf = client_auth.presented(leaf_pem)
+    leaf = client_auth.presented(_x509(leaf_pem))
     headers = dict(client_auth.certificate_headers("SUCCESS", leaf, pass_certificate=True))
     assert headers[b"ssl-client-verify"] == b"SUCCESS"
     assert headers[b"ssl-client-subject-dn"].startswith(b"CN=alice")
@@ -90,6 +90,10 @@ def test_certificate_headers_as_ingress_nginx_sends_them():
     without = dict(client_auth.certificate_headers("SUCCESS", leaf, pass_certificate=False))
     assert b"ssl-client-cert" not in without and b"ssl-client-subject-dn" in without
     assert client_auth.certificate_headers("NONE", None, pass_certificate=True) == ((b"ssl-client-verify", b"NONE"),)
+
+
+def _x509(pem: bytes) -> crypto.X509:
+    return crypto.load_certificate(crypto.FILETYPE_PEM, pem)
 
 
 def _leaf_with_subject(subject: str) -> bytes:
@@ -123,7 +127,7 @@ def _leaf_with_subject(subject: str) -> bytes:
 def test_the_subject_dn_is_printed_as_nginx_prints_ssl_client_s_dn(rfc4514, nginx_form):
     """OpenSSL's XN_FLAG_RFC2253 print, the one nginx uses for $ssl_client_s_dn (and `openssl x509
     -nameopt RFC2253`): the header value and the text the subject pattern is searched in."""
-    leaf = client_auth.presented(_leaf_with_subject(rfc4514))
+    leaf = client_auth.presented(_x509(_leaf_with_subject(rfc4514)))
     assert leaf.subject_dn == nginx_form and leaf.issuer_dn == nginx_form  # self-signed
 
 
@@ -148,7 +152,7 @@ def test_subject_pattern_table(pattern, subject_dn, matches):
 def test_a_subject_pattern_is_judged_after_the_verdict_and_never_redirected():
     ca = trustme.CA()
     ca_pem = ca.cert_pem.bytes()
-    alice = ca.issue_cert("alice.test", common_name="alice").cert_chain_pems[0].bytes()
+    alice = _x509(ca.issue_cert("alice.test", common_name="alice").cert_chain_pems[0].bytes())
     only_bob = ClientAuth(ca_pem, ON, match_subject=re.compile("CN=bob"), error_page="https://example.test/help")
     only_alice = ClientAuth(ca_pem, OPTIONAL, match_subject=re.compile("CN=alice"))
     assert client_auth.ClientVerification(only_bob, OK, alice).answer(only_bob, "/") is SUBJECT_MISMATCH  # 403, no 302
@@ -184,7 +188,7 @@ def test_a_subject_pattern_is_judged_after_the_verdict_and_never_redirected():
 )
 def test_only_an_acme_http01_path_of_exactly_that_shape_skips_the_subject_pattern(path, exempt):
     ca = trustme.CA()
-    carol = ca.issue_cert("carol.test", common_name="carol").cert_chain_pems[0].bytes()
+    carol = _x509(ca.issue_cert("carol.test", common_name="carol").cert_chain_pems[0].bytes())
     only_alice = ClientAuth(ca.cert_pem.bytes(), OPTIONAL, match_subject=re.compile("CN=alice"))
     assert client_auth.is_acme_challenge(path) is exempt
     verification = client_auth.ClientVerification(only_alice, OK, carol)
@@ -280,7 +284,7 @@ def test_only_a_client_auth_host_asks_and_its_verdict_is_recorded(cas, version):
     assert server.connection.get_peer_certificate() is None
     server, _ = _connect(cache, b"b.test", version, alice)
     verification = verification_of(server.connection)
-    assert verification is not None and verification.error == lib.X509_V_OK and verification.leaf_pem is not None
+    assert verification is not None and verification.error == lib.X509_V_OK and verification.leaf is not None
     server, _ = _connect(cache, b"b.test", version, cas["two"].issue_cert("mallory"))
     verification = verification_of(server.connection)
     assert verification is not None and verification.answer(_auth(cas["one"]), "/") is CERTIFICATE_ERROR
@@ -321,12 +325,12 @@ def test_a_resumed_session_carries_the_verified_identity_and_never_crosses_hosts
     again, _ = _connect(cache, b"b.test", version, session=from_b)  # no certificate offered this time
     assert again.resumed
     verification = verification_of(again.connection)
-    assert verification is not None and verification.leaf_pem is not None and verification.error == lib.X509_V_OK
+    assert verification is not None and verification.leaf is not None and verification.error == lib.X509_V_OK
 
     on_c, _ = _connect(cache, b"c.test", version, session=from_b)  # another CA's host: full handshake
     assert not on_c.resumed
     verification = verification_of(on_c.connection)
-    assert verification is not None and verification.leaf_pem is None
+    assert verification is not None and verification.leaf is None
 
     on_a, _ = _connect(cache, b"a.test", version, session=from_b)
     assert not on_a.resumed
@@ -337,7 +341,7 @@ def test_a_resumed_session_carries_the_verified_identity_and_never_crosses_hosts
     on_b, _ = _connect(cache, b"b.test", version, alice, session=from_a)
     assert not on_b.resumed
     verification = verification_of(on_b.connection)
-    assert verification is not None and verification.leaf_pem is not None  # asked afresh
+    assert verification is not None and verification.leaf is not None  # asked afresh
 
 
 def test_hosts_without_client_auth_keep_their_contexts(cas):
