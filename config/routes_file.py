@@ -816,6 +816,12 @@ class _Checker:
             self.report(node, f"{where}: {error.problem} ({error.fix})")
             return None
 
+    def checked_text(self, fields: Mapping[str, yaml.Node], key: str, where: str, check: Callable[[str], _V]) -> _V | None:
+        """`check` of the string at `fields[key]`; None when the key is absent or (reported) wrong."""
+        node = fields.get(key)
+        text = self.text(node, f"{where}.{key}") if node is not None else None
+        return self.checked(node, f"{where}.{key}", check, text) if node is not None and text is not None else None
+
     def host_pattern(self, node: yaml.Node, where: str, allow_any: bool) -> str | None:
         if allow_any and _is_null(node):
             return ""
@@ -1383,26 +1389,16 @@ class _Checker:
             flag = self.flag(fields["pass_certificate"], f"{where}.pass_certificate")
             pass_certificate = flag is True
             usable = usable and flag is not None
-        error_page = None
-        if "error_page" in fields:
-            page_node = fields["error_page"]
-            text = self.text(page_node, f"{where}.error_page")
-            if text is not None:
-                error_page = self.checked(page_node, f"{where}.error_page", client_auth_rules.check_error_page, text)
-            usable = usable and error_page is not None
-        match_subject = None
-        if "match_subject" in fields:
-            pattern_node = fields["match_subject"]
-            text = self.text(pattern_node, f"{where}.match_subject")
-            if text is not None:
-                match_subject = self.checked(pattern_node, f"{where}.match_subject", client_auth_rules.compile_match_subject, text)
-            if match_subject is not None:
-                try:
-                    client_auth_rules.check_match_subject_with(verify)
-                except ValueError as error:
-                    self.report(pattern_node, f"{where}.match_subject: {error}")
-                    usable = False
-            usable = usable and match_subject is not None
+        error_page = self.checked_text(fields, "error_page", where, client_auth_rules.check_error_page)
+        usable = usable and (error_page is not None or "error_page" not in fields)
+        match_subject = self.checked_text(fields, "match_subject", where, client_auth_rules.compile_match_subject)
+        usable = usable and (match_subject is not None or "match_subject" not in fields)
+        if match_subject is not None:
+            try:
+                client_auth_rules.check_match_subject_with(verify)
+            except ValueError as error:
+                self.report(fields["match_subject"], f"{where}.match_subject: {error}")
+                usable = False
         if not usable:
             return _REFUSED
         return client_auth_rules.client_auth(ca_pem, verify, depth, pass_certificate, error_page, match_subject)
