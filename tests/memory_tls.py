@@ -17,18 +17,21 @@ def pending(connection: SSL.Connection) -> bytes:
 
 
 def handshake(server: ServerTls, client: SSL.Connection) -> None:
-    """Pump flights both ways until the server is OPEN and nothing is left to send."""
+    """Pump flights both ways until the server is OPEN and nothing is left to send. Raises the
+    server's TlsFailure (its alert, if any, delivered to the client first) or the client's SSL.Error."""
     for _ in range(10):
         try:
             client.do_handshake()
         except SSL.WantReadError:
             pass
         to_server = pending(client)
-        if to_server:
-            server.receive(to_server)
-        to_client = server.outgoing()
-        if to_client:
-            client.bio_write(to_client)
+        try:
+            if to_server:
+                server.receive(to_server)
+        finally:
+            to_client = server.outgoing()
+            if to_client:
+                client.bio_write(to_client)  # the alert too, when the server broke off
         if server.state is TlsState.OPEN and not to_server and not to_client:
             return
     raise AssertionError(f"handshake did not finish: {server.state}")

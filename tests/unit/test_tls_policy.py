@@ -33,7 +33,7 @@ from proxy.contexts import ContextCache, choose_protocol, offered_protocols
 from proxy.stapling import OcspMismatch, StapledResponse
 from proxy.tls import ServerTls, TlsFailure, TlsState
 from tests.conftest import certificate_for
-from tests.memory_tls import pending
+from tests.memory_tls import handshake
 from tests.unit.test_contexts import install_pem_key
 
 # ---- the checks, as tables ----------------------------------------------------------------------
@@ -250,25 +250,6 @@ def new_client(
     return client
 
 
-def pump(server: ServerTls, client: SSL.Connection) -> None:
-    """Run the handshake to its end; raises the server's TlsFailure or the client's SSL.Error."""
-    for _ in range(10):
-        try:
-            client.do_handshake()
-        except SSL.WantReadError:
-            pass
-        to_server = pending(client)
-        if to_server:
-            try:
-                server.receive(to_server)
-            finally:
-                client.bio_write(server.outgoing() or b"")  # the alert too, when the server broke off
-        if server.state is TlsState.OPEN and not to_server:
-            client.do_handshake()
-            return
-    raise AssertionError(f"handshake did not finish: {server.state}")
-
-
 def build(ca: trustme.CA, policy: TlsPolicy = TlsPolicy(), *certificates: Certificate) -> SSL.Context:
     certificates = certificates or (certificate_for(ca, "policy.test", key_type=trustme.KeyType.RSA),)
     cache = ContextCache(b"k" * 80)
@@ -289,7 +270,7 @@ def build(ca: trustme.CA, policy: TlsPolicy = TlsPolicy(), *certificates: Certif
 def test_default_policy_refuses_what_mozilla_intermediate_excludes(ca, client, refused):
     server = ServerTls(build(ca))
     with pytest.raises((TlsFailure, SSL.Error)):
-        pump(server, new_client(**client))
+        handshake(server, new_client(**client))
     assert server.state is TlsState.BROKEN, refused
 
 
@@ -303,17 +284,17 @@ def test_default_policy_refuses_what_mozilla_intermediate_excludes(ca, client, r
 )
 def test_default_policy_serves_ecdhe_aead(ca, version, ciphers, negotiated):
     server, client = ServerTls(build(ca)), new_client(version=version, ciphers=ciphers)
-    pump(server, client)
+    handshake(server, client)
     assert server.connection.get_cipher_name() == negotiated
 
 
 def test_a_configured_policy_is_what_the_context_offers(ca):
     policy = TlsPolicy(min_version=TlsVersion.TLS1_3, ciphersuites="TLS_CHACHA20_POLY1305_SHA256", curves="P-384")
     server, client = ServerTls(build(ca, policy)), new_client()
-    pump(server, client)
+    handshake(server, client)
     assert (server.version, server.connection.get_cipher_name()) == ("TLSv1.3", "TLS_CHACHA20_POLY1305_SHA256")
     with pytest.raises((TlsFailure, SSL.Error)):
-        pump(ServerTls(build(ca, policy)), new_client(version=SSL.TLS1_2_VERSION))
+        handshake(ServerTls(build(ca, policy)), new_client(version=SSL.TLS1_2_VERSION))
 
 
 def test_a_changed_policy_rebuilds_the_contexts(ca):
@@ -332,7 +313,7 @@ def test_a_changed_policy_rebuilds_the_contexts(ca):
 def test_alpn_without_overlap_is_the_fatal_no_application_protocol_alert(ca):
     server, client = ServerTls(build(ca)), new_client(alpn=[b"foo", b"spdy/3"])
     with pytest.raises(TlsFailure):
-        pump(server, client)
+        handshake(server, client)
     assert server.state is TlsState.BROKEN
     with pytest.raises(SSL.Error, match="no application protocol"):  # the alert reached the client
         client.do_handshake()
@@ -348,7 +329,7 @@ def test_alpn_without_overlap_is_the_fatal_no_application_protocol_alert(ca):
 )
 def test_alpn_selection_over_the_configured_list(ca, ours, offered, negotiated):
     server, client = ServerTls(build(ca, TlsPolicy(alpn=ours))), new_client(alpn=offered)
-    pump(server, client)
+    handshake(server, client)
     assert server.state is TlsState.OPEN
     assert client.get_alpn_proto_negotiated() == negotiated
 
@@ -419,7 +400,7 @@ def test_the_context_staples_for_clients_that_ask(ca, window, stapled):
     der = ocsp_response(ca, leaf_pem, *window)
     context = build(ca, TlsPolicy(), dataclasses.replace(certificate, ocsp_response=der))
     seen: list[bytes] = []
-    pump(ServerTls(context), new_client(ocsp_seen=seen))
+    handshake(ServerTls(context), new_client(ocsp_seen=seen))
     assert seen == [der if stapled else b""]
 
 
@@ -436,7 +417,7 @@ def test_another_certificates_response_is_reported_once_and_not_stapled(ca):
     ]
     assert cache.build(configuration, install_pem_key).problems == (), "a kept context is not reported again"
     seen: list[bytes] = []
-    pump(ServerTls(first.precise["policy.test"]), new_client(ocsp_seen=seen))
+    handshake(ServerTls(first.precise["policy.test"]), new_client(ocsp_seen=seen))
     assert seen == [b""]
 
 
