@@ -126,6 +126,12 @@ def is_acme_challenge(path: str) -> bool:
     return _ACME_CHALLENGE.fullmatch(path) is not None
 
 
+def judges_subject(auth: ClientAuth, path: str) -> bool:
+    """Whether `answer_for` applies the host's subject pattern to a request for `path`: not to an
+    ACME challenge. A host without a pattern runs no regex for it."""
+    return auth.match_subject is None or not is_acme_challenge(path)
+
+
 def verdict(verify: ClientVerify, has_certificate: bool, error: int) -> Refusal | str:
     """The answer for a request on a host with client auth: a Refusal, or the ssl-client-verify
     value it goes upstream with (SUCCESS, NONE, FAILED:<reason>). `error`: OpenSSL's verification
@@ -322,7 +328,7 @@ class ClientVerification:
         `host_auth`."""
         if host_auth != self.auth:
             return MISDIRECTED
-        judge_subject = self.auth.match_subject is None or not is_acme_challenge(path)  # no regex without a pattern
+        judge_subject = judges_subject(self.auth, path)
         answer = self._answers[judge_subject]
         if answer is None:
             leaf = presented(self.leaf) if self.leaf is not None else None
@@ -343,7 +349,7 @@ def verification_of(connection: SSL.Connection) -> ClientVerification | None:
 def plaintext_answer(host_auth: ClientAuth, path: str) -> Refusal | tuple[tuple[bytes, bytes], ...]:
     """A request for a host with client auth on a plaintext listener: as a connection without a
     certificate."""
-    return answer_for(host_auth, lib.X509_V_OK, None, not is_acme_challenge(path))
+    return answer_for(host_auth, lib.X509_V_OK, None, judges_subject(host_auth, path))
 
 
 def to_error_page(refusal: Refusal, auth: ClientAuth) -> Refusal:
