@@ -195,7 +195,9 @@ async def test_every_one_of_six_workers_loads_the_token_keys(softhsm_token: Soft
     started = b""
     try:
         while started.count(b"listening for https") < 6:  # each worker says so after its first publish
-            started += await asyncio.wait_for(process.stderr.readline(), 60)
+            line = await asyncio.wait_for(process.stderr.readline(), 60)
+            assert line, f"the proxy stopped before six workers published:\n{started.decode()}"
+            started += line
     finally:
         code, rest = await stop(process)
     stderr = started.decode() + rest
