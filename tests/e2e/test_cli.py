@@ -16,14 +16,9 @@ import pytest
 import trustme
 
 from tests.e2e.helpers import tls_client_context
+from tests.ports import free_port
 
 INGRESS_PROXY = str(Path(sys.executable).with_name("ingress-proxy"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_routes(path: Path, https: int, admin: int, backend: str, cert: Path, key: Path, prefix: str = "/") -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import certificate_files, free_port, https_get, start, stop, wait_ready, write_routes
+from tests.e2e.test_cli import certificate_files, https_get, start, stop, wait_ready, write_routes
+from tests.ports import free_port
 
 __all__ = ["certificate_files"]  # a fixture, imported to be used here
 

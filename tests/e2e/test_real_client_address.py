@@ -32,7 +32,8 @@ import trustme
 
 from proxy import fast_path
 from tests.hostile.backends import BackendZoo
-from tests.hostile.proxy_process import LOOPBACK, Ports, ProxyProcess, free_port, routes_document, write_certificate
+from tests.hostile.proxy_process import LOOPBACK, Ports, ProxyProcess, routes_document, write_certificate
+from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import free_port, stop, wait_ready
+from tests.e2e.test_cli import stop, wait_ready
 from tests.engine.conftest import PKCS11_SPY_MODULE, REPO, SOFTHSM_MODULE, USER_PIN, SoftHsmToken
+from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
 INGRESS_PROXY = str(Path(sys.executable).with_name("ingress-proxy"))

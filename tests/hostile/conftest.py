@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, settings
 
 from tests.hostile.backends import BackendZoo
 from tests.hostile.clients import SERVER_NAME
-from tests.hostile.proxy_process import LOOPBACK, Ports, ProxyProcess, free_port, routes_document, write_certificate
+from tests.hostile.proxy_process import LOOPBACK, Ports, ProxyProcess, routes_document, write_certificate
+from tests.ports import free_port
 
 settings.register_profile("default", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("fuzz", max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

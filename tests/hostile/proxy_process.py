@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,18 +22,13 @@ from pathlib import Path
 import trustme
 import yaml
 
+from tests.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 PROXY_COMMAND = str(REPO / ".venv" / "bin" / "ingress-proxy")
 LOOPBACK = "127.0.0.1"
 START_SECONDS = 20.0
 START_ATTEMPTS = 3
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (the routes file needs real numbers, not 0)."""
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import ssl
 import sys
 import time
@@ -27,6 +26,7 @@ from aiohttp import web
 from kubernetes_asyncio import client, config
 
 from tests.fake_apiserver import FakeApiServer
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / ".venv" / "bin" / "ingress-proxy"
@@ -34,12 +34,6 @@ START_TIMEOUT = 15.0  # process start + initial LIST of every kind, on a loaded 
 STOP_TIMEOUT = 10.0
 
 T = TypeVar("T")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 async def eventually(probe: Callable[[], Awaitable[T]], accept: Callable[[T], bool], timeout: float, what: str) -> float:

@@ -15,7 +15,8 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.kubernetes_e2e.conftest import Cluster, StartController, eventually, free_port, http_get
+from tests.kubernetes_e2e.conftest import Cluster, StartController, eventually, http_get
+from tests.ports import free_port
 from tests.kubernetes_e2e.objects import endpoint_slice, ingress, ingress_class, service
 
 CHANGE_DEADLINE = 5.0  # generous: the machine is shared; the controller debounces, then publishes

@@ -15,11 +15,11 @@ from tests.kubernetes_e2e.conftest import (
     StartController,
     backend_of,
     eventually,
-    free_port,
     http_get,
     open_cluster,
 )
 from tests.kubernetes_e2e.objects import endpoint_slice, ingress, ingress_class, service
+from tests.ports import free_port
 
 CONVERGENCE_DEADLINE = 5.0  # after an API fault, the proxy serves the cluster's state within this
 INGRESSES = next(resource for resource in RESOURCES if resource.kind == "Ingress")
